@@ -1,0 +1,272 @@
+"""The model directory on disk: config.json + model.safetensors (+ tokenizer.json). Spec: docs/FORMAT.md.
+
+Reading never trusts a size: the safetensors header is parsed and checked here (offsets inside
+the file, no overlaps, byte length = shape x dtype size) before the data region is memory-mapped,
+and every tensor is checked against the name/dtype/shape list the caller expects.
+"""
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError, FormatError, UsageError
+
+FORMAT_VERSION = 1
+ACTIVATIONS = ("silu", "relu2", "gelu_tanh")
+SCHEMES = ("f32", "f16", "ternary", "binary", "onebit", "lut", "vq")
+MAX_HEADER = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
+DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8,
+          "I32": np.int32, "I64": np.int64, "F64": np.float64}
+
+
+@dataclass
+class Config:
+    """Everything the engine needs to know about a model (config.json)."""
+    vocab_size: int
+    dim: int                     # hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int                 # intermediate size of the gated MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, {"type": "linear", "factor"} or llama3 {"type": "llama3", ...}
+    max_seq_len: int = 2048
+    activation: str = "silu"     # gate activation: silu (SwiGLU), relu2 (squared ReLU, BitNet 2B4T), gelu_tanh
+    sub_norms: bool = False      # RMSNorm before o_proj and down_proj (BitNet b1.58 2B4T, 1bitLLM)
+    tie_embeddings: bool = True  # head = embed.weight (no head.* tensors)
+    embed_dtype: str = "f32"     # storage of embed.weight: f32 or f16 (computed in f32)
+    quant: dict = field(default_factory=lambda: {"scheme": "f32"})      # block linears
+    quant_overrides: dict = field(default_factory=dict)                 # "layers.3.down" -> scheme
+    head_quant: dict = field(default_factory=lambda: {"scheme": "f32"})
+    bos_token_id: int | None = None
+    eos_token_ids: list = field(default_factory=list)
+    add_bos: bool = False        # prepend bos_token_id to prompts
+    chat_template: str | None = None  # a Jinja template (HF style), or None
+    architecture: str = "llama"
+    family: str = ""             # where it came from (informational)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d, source="config.json"):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}")
+        try:
+            config = cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        config.validate(source)
+        return config
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def scheme_of(self, name):
+        """The quantization scheme of linear `name` (e.g. "layers.0.q", "head")."""
+        if name == "head":
+            return self.head_quant
+        return self.quant_overrides.get(name, self.quant)
+
+    def validate(self, source="config.json"):
+        def need(ok, what):
+            if not ok:
+                raise ConfigError(f"{source}: {what}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            need(is_int(v) and 0 < v <= 1 << 24, f"{name} must be a positive integer, got {v!r}")
+        need(self.format_version == FORMAT_VERSION,
+             f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+        need(self.architecture == "llama", f"architecture must be 'llama', got {self.architecture!r}")
+        need(self.n_heads % self.n_kv_heads == 0,
+             f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                 f"{name} must be a positive number, got {v!r}")
+        need(self.embed_dtype in ("f32", "f16"), f"embed_dtype must be 'f32' or 'f16', got {self.embed_dtype!r}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("sub_norms", "tie_embeddings", "add_bos"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+        rs = self.rope_scaling
+        need(rs is None or (isinstance(rs, dict) and rs.get("type") in ("linear", "llama3")),
+             f"rope_scaling must be null or have type 'linear' or 'llama3', got {rs!r}")
+        if rs is not None:
+            keys = ("factor",) if rs["type"] == "linear" else (
+                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            for k in keys:
+                v = rs.get(k)
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                     f"rope_scaling.{k} must be a positive number, got {v!r}")
+        ids = ([self.bos_token_id] if self.bos_token_id is not None else []) + list(self.eos_token_ids) \
+            if isinstance(self.eos_token_ids, list) else None
+        need(ids is not None and all(is_int(i) and 0 <= i < self.vocab_size for i in ids),
+             f"bos_token_id / eos_token_ids must be token ids below vocab_size {self.vocab_size}")
+        need(not self.add_bos or self.bos_token_id is not None, "add_bos is true but bos_token_id is null")
+        need(self.chat_template is None or isinstance(self.chat_template, str), "chat_template must be a string")
+        need(isinstance(self.quant_overrides, dict), "quant_overrides must be an object")
+        for where, spec in [("quant", self.quant), ("head_quant", self.head_quant)] + \
+                [(f"quant_overrides.{k}", v) for k, v in self.quant_overrides.items()]:
+            validate_scheme(spec, f"{source}: {where}")
+        need(not self.tie_embeddings or self.head_quant.get("scheme") == "f32",
+             "tie_embeddings needs head_quant f32 (a quantized head is stored as head.* tensors)")
+
+
+def validate_scheme(spec, where):
+    """Check one scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
+    allowed = {"f32": set(), "f16": set(), "ternary": {"per_row"}, "binary": {"group_rows", "ln"},
+               "onebit": {"post_ln"}, "lut": {"bits", "group_rows"}, "vq": {"bits", "group_rows"}}
+    if not isinstance(spec, dict) or spec.get("scheme") not in allowed:
+        raise ConfigError(f"{where}: scheme must be one of {SCHEMES}, got {spec!r}")
+    extra = set(spec) - {"scheme"} - allowed[spec["scheme"]]
+    if extra:
+        raise ConfigError(f"{where}: unknown parameter(s) {sorted(extra)} for scheme {spec['scheme']!r}")
+    for k in ("per_row", "ln", "post_ln"):
+        if k in spec and not isinstance(spec[k], bool):
+            raise ConfigError(f"{where}: {k} must be true or false")
+    g = spec.get("group_rows")
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+        raise ConfigError(f"{where}: group_rows must be a positive integer or null, got {g!r}")
+    valid_bits = {"lut": (1, 2, 3, 4, 6, 8), "vq": (1, 2, 3, 4)}.get(spec["scheme"])
+    if valid_bits and spec.get("bits") not in valid_bits:
+        raise ConfigError(f"{where}: bits must be one of {valid_bits}, got {spec.get('bits')!r}")
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def load_config(model_dir):
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found (is {model_dir!r} a tinybit model directory?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read JSON: {e}") from None
+    return Config.from_dict(d, source=path)
+
+
+def read_safetensors(path):
+    """Parse and check a safetensors file; return {name: read-only array} memory-mapped from it."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: file too short for a safetensors header ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object")
+    header.pop("__metadata__", None)
+    start, data_len = 8 + n, size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
+    tensors, spans = {}, []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+            raise FormatError(f"{where}: dtype must be one of {sorted(DTYPES)}, got {info!r:.80}")
+        shape, offs = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_len):
+            raise FormatError(f"{where}: data_offsets {offs!r:.80} outside the data region ({data_len} bytes)")
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        if offs[1] - offs[0] != math.prod(shape) * dtype.itemsize:
+            raise FormatError(f"{where}: byte length {offs[1] - offs[0]} != shape {shape} x {dtype.itemsize} bytes")
+        spans.append((offs[0], offs[1], name))
+        arr = data[offs[0]:offs[1]].view(dtype).reshape(shape)
+        if not arr.flags.aligned:
+            arr = arr.copy()
+        tensors[name] = arr
+    spans.sort()
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise FormatError(f"{path}: tensors {an!r} and {bn!r} overlap")
+    return tensors
+
+
+def check_tensors(tensors, expected, path):
+    """Every expected tensor present with its dtype and shape; no unexpected tensors.
+    expected: {name: (numpy dtype, shape tuple)}."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise FormatError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for name, (dtype, shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != np.dtype(dtype) or t.shape != tuple(shape):
+            raise FormatError(f"{path}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
+                              f"expected {np.dtype(dtype)} {list(shape)}")
+        if t.dtype.kind == "f" and not np.all(np.isfinite(t)):
+            raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
+
+
+def load_tokenizer(model_dir):
+    """The HF `tokenizers` tokenizer in tokenizer.json, or None if the file is absent."""
+    from tokenizers import Tokenizer
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a plain Exception for malformed files
+        raise FormatError(f"{path}: not a valid tokenizer: {str(e)[:200]}") from None
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None):
+    """Write config.json, model.safetensors (and tokenizer.json) into model_dir (created; must not
+    exist). Files are written into a temporary sibling directory that is renamed into place only
+    when complete, so an interrupted save never leaves a partial model directory."""
+    from safetensors.numpy import save_file
+    config.validate("config")
+    model_dir = os.path.abspath(model_dir)
+    if os.path.exists(model_dir):
+        raise UsageError(f"{model_dir}: already exists; not overwritten")
+    parent = os.path.dirname(model_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tinybit-tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "tinybit"})
+        if tokenizer_json is not None:
+            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(tokenizer_json)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        os.rename(tmp, model_dir)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+
+
+def _rmtree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""Linear layers, one row per quantization scheme: the one seam a new scheme plugs into.
+
+A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arrays}.
+    tensor_specs(spec, n_out, n_in) -> {suffix: (dtype, shape)}   what a model file must hold
+    quantize(w, spec)               -> {suffix: array}            float W (n_out, n_in) -> stored tensors
+    make(spec, tensors, n_out, n_in)-> layer                      (tensors already validated)
+    apply(layer, x)                 -> y                          x (tokens, n_in) f32 -> (tokens, n_out) f32
+    apply(layer, x, ref=True)       -> y, through the plain NumPy reference kernels
+    dequantize(layer)               -> W (n_out, n_in) f32        what the layer effectively multiplies by
+
+Schemes (spec = {"scheme": name, **params}), and what y is:
+    f32, f16  y = x W^T (float32 arithmetic)
+    ternary   BitNet b1.58: x_q, sx = absmax8(x); y = (x_q W~^T) * gamma / sx          gamma per tensor or per row (per_row)
+    binary    BitNet:       x_q, sx = absmax8(LN(x) if ln else x); y = (x_q W~^T) * beta / sx   beta per group of rows
+    onebit    OneBit:       y = [(x ⊙ g) Sign(W)^T] ⊙ h, then LayerNorm without affine over outputs if post_ln
+    lut       palettized:   y[o] = sum_k lut[o, k] * (sum of x_j with idx[o, j] = k)   (weight-only, float x)
+    vq        2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs
+"""
+import numpy as np
+
+from . import kernels, pack, quant
+
+LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
+
+
+def _groups(n_out, group_rows):
+    return -(-n_out // group_rows) if group_rows else 1
+
+
+def tensor_specs(spec, n_out, n_in):
+    """{suffix: (dtype, shape)} of the tensors that store one linear of this scheme."""
+    s = spec["scheme"]
+    if s in ("f32", "f16"):
+        return {"weight": (np.float32 if s == "f32" else np.float16, (n_out, n_in))}
+    if s == "ternary":
+        return {"w_packed": (np.uint8, (n_out, 2 * pack.plane_row_bytes(n_in))),
+                "scale": (np.float32, (n_out if spec.get("per_row") else 1,))}
+    if s == "binary":
+        return {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
+                "scale": (np.float32, (_groups(n_out, spec.get("group_rows")),))}
+    if s == "onebit":
+        return {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
+                "g": (np.float32, (n_in,)), "h": (np.float32, (n_out,))}
+    if s == "lut":
+        bits = spec["bits"]
+        return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(n_in, bits))),
+                "lut": (np.float32, (_groups(n_out, spec.get("group_rows")), 2 ** bits))}
+    if s == "vq":
+        bits = spec["bits"]
+        return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(-(-n_in // 2), 2 * bits))),
+                "codebook": (np.float32, (_groups(n_out, spec.get("group_rows")), 2 ** (2 * bits), 2))}
+    raise ValueError(f"unknown scheme {s!r}")
+
+
+def quantize(w, spec, onebit_method="svd"):
+    """Quantize a float weight (n_out, n_in) with the data-free quantizer of the scheme."""
+    s = spec["scheme"]
+    if s in ("f32", "f16"):
+        return {"weight": np.asarray(w, dtype=np.float32 if s == "f32" else np.float16)}
+    if s == "ternary":
+        w_t, gamma = quant.ternarize(w, per_row=spec.get("per_row", False))
+        return {"w_packed": pack.pack_ternary(w_t), "scale": gamma}
+    if s == "binary":
+        w_sign, _alpha, beta = quant.binarize(w, group_rows=spec.get("group_rows"))
+        return {"w_packed": pack.pack_binary(w_sign), "scale": beta}
+    if s == "onebit":
+        w_sign, g, h = quant.onebit_svid(w, method=onebit_method)
+        return {"w_packed": pack.pack_binary(w_sign), "g": g, "h": h}
+    if s == "lut":
+        w_idx, lut = quant.lut_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
+        return {"w_idx": pack.pack_indices(w_idx, spec["bits"]), "lut": lut}
+    if s == "vq":
+        w_idx, codebook = quant.vq_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
+        return {"w_idx": pack.pack_indices(w_idx, 2 * spec["bits"]), "codebook": codebook}
+    raise ValueError(f"unknown scheme {s!r}")
+
+
+def make(spec, tensors, n_out, n_in):
+    layer = {"scheme": spec, "n_out": n_out, "n_in": n_in}
+    for suffix in tensor_specs(spec, n_out, n_in):
+        t = tensors[suffix]
+        layer[suffix] = t.astype(np.float32) if t.dtype == np.float16 else t  # f16 weights computed in f32
+    return layer
+
+
+def layer_norm(x, eps=LN_EPS):
+    """LayerNorm without affine parameters over the last axis: (x - E[x]) / sqrt(Var[x] + eps)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + np.float32(eps))).astype(np.float32)
+
+
+def apply(layer, x, ref=False):
+    """y = layer(x): x (tokens, n_in) float32 -> (tokens, n_out) float32."""
+    spec = layer["scheme"]
+    s = spec["scheme"]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k = kernels
+    if s in ("f32", "f16"):
+        return x @ layer["weight"].T
+    if s == "ternary":
+        x_q, sx = quant.absmax_quantize(x)  # (tokens, n_in) int8, (tokens, 1) f32
+        acc = (k.ternary_matmul_ref if ref else k.ternary_matmul)(layer["w_packed"], x_q)
+        return acc * (layer["scale"] / sx)  # scale (1,) or (n_out,): gamma multiplies
+    if s == "binary":
+        x_q, sx = quant.absmax_quantize(layer_norm(x) if spec.get("ln") else x)
+        acc = (k.binary_matmul_ref if ref else k.binary_matmul)(layer["w_packed"], x_q)
+        g = spec.get("group_rows")
+        beta = np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
+        return acc * (beta / sx)
+    if s == "onebit":
+        y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
+        y = y * layer["h"]
+        return layer_norm(y) if spec.get("post_ln") else y
+    if s == "lut":
+        f = k.lut_matmul_ref if ref else k.lut_matmul
+        return f(layer["w_idx"], spec["bits"], layer["lut"], spec.get("group_rows"), x)
+    if s == "vq":
+        f = k.vq_matmul_ref if ref else k.vq_matmul
+        return f(layer["w_idx"], spec["bits"], layer["codebook"], spec.get("group_rows"), x)
+    raise ValueError(f"unknown scheme {s!r}")
+
+
+def dequantize(layer):
+    """The float matrix W (n_out, n_in) this layer multiplies by (activation quantization aside)."""
+    spec, n_out, n_in = layer["scheme"], layer["n_out"], layer["n_in"]
+    s, g = spec["scheme"], spec.get("group_rows")
+    if s in ("f32", "f16"):
+        return np.asarray(layer["weight"], dtype=np.float32)
+    if s == "ternary":
+        return quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], n_in), layer["scale"])
+    if s == "binary":
+        return quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["scale"], g)
+    if s == "onebit":
+        return quant.onebit_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["g"], layer["h"])
+    if s == "lut":
+        idx = pack.unpack_indices(layer["w_idx"], n_in, spec["bits"])
+        return quant.lut_dequantize(idx, layer["lut"], g)
+    if s == "vq":
+        idx = pack.unpack_indices(layer["w_idx"], -(-n_in // 2), 2 * spec["bits"])
+        return quant.vq_dequantize(idx, layer["codebook"], n_in, g)
+    raise ValueError(f"unknown scheme {s!r}")
+

@@ -1,0 +1,236 @@
+"""The transformer forward pass: embed -> blocks (norm, rope, attention, mlp) -> head. One sequence.
+
+One implementation covers the LLaMA family and its low-bit relatives through a few config
+switches (the schemes of the linears live in linear.py):
+    LLaMA / SmolLM      RMSNorm pre-norms, rotary (HF rotate-half), GQA, SwiGLU (silu)
+    BitNet b1.58 2B4T   + sub_norms (RMSNorm before o_proj and down_proj), relu2 gate, ternary linears
+    1bitLLM b1.58       + sub_norms, silu gate, full MHA, ternary linears
+    BitNet (binary)     binary linears with LayerNorm before activation quantization (scheme "ln")
+    OneBit              onebit linears with a LayerNorm over outputs (scheme "post_ln")
+All activations are float32 (squared ReLU overflows float16).
+
+Canonical tensor names (docs/FORMAT.md):
+    embed.weight (vocab, dim)                        norm.weight (dim,)        head.* (if untied)
+    layers.{i}.attn_norm.weight (dim,)               layers.{i}.ffn_norm.weight (dim,)
+    layers.{i}.{q,k,v,o}.*   attention linears       layers.{i}.{gate,up,down}.*   MLP linears
+    layers.{i}.attn_sub_norm.weight (n_heads*head_dim,)   layers.{i}.ffn_sub_norm.weight (ffn_dim,)  (sub_norms)
+"""
+import math
+import os
+
+import numpy as np
+
+from . import io, linear
+
+
+def linear_shapes(config):
+    """[(name, n_out, n_in)] of every linear of the model, head included."""
+    c = config
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = []
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes += [(p + "q", q_dim, c.dim), (p + "k", kv_dim, c.dim), (p + "v", kv_dim, c.dim),
+                   (p + "o", c.dim, q_dim), (p + "gate", c.ffn_dim, c.dim), (p + "up", c.ffn_dim, c.dim),
+                   (p + "down", c.dim, c.ffn_dim)]
+    if not c.tie_embeddings:
+        shapes.append(("head", c.vocab_size, c.dim))
+    return shapes
+
+
+def expected_tensors(config):
+    """{name: (dtype, shape)} of every tensor a model file of this config holds, and nothing else."""
+    c = config
+    f32 = np.float32
+    out = {"embed.weight": (np.float16 if c.embed_dtype == "f16" else f32, (c.vocab_size, c.dim)),
+           "norm.weight": (f32, (c.dim,))}
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        out[p + "attn_norm.weight"] = (f32, (c.dim,))
+        out[p + "ffn_norm.weight"] = (f32, (c.dim,))
+        if c.sub_norms:
+            out[p + "attn_sub_norm.weight"] = (f32, (c.n_heads * c.head_dim,))
+            out[p + "ffn_sub_norm.weight"] = (f32, (c.ffn_dim,))
+    for name, n_out, n_in in linear_shapes(c):
+        for suffix, spec in linear.tensor_specs(c.scheme_of(name), n_out, n_in).items():
+            out[f"{name}.{suffix}"] = spec
+    return out
+
+
+def quantize_tensors(config, float_tensors, onebit_method="svd", progress=None):
+    """Canonical float tensors (linears as "{name}.weight" (n_out, n_in)) -> the stored tensors of
+    `config`: each linear quantized by its scheme (linear.quantize), everything else float32
+    (embed.weight as config.embed_dtype). progress(i, n, name) is called before each linear."""
+    out = {}
+    shapes = linear_shapes(config)
+    linear_names = {name for name, _, _ in shapes}
+    for key, t in float_tensors.items():
+        if key.rsplit(".", 1)[0] not in linear_names:
+            out[key] = np.asarray(t, dtype=np.float16 if key == "embed.weight" and config.embed_dtype == "f16"
+                                  else np.float32)
+    for i, (name, _, _) in enumerate(shapes):
+        if progress:
+            progress(i, len(shapes), name)
+        for suffix, t in linear.quantize(float_tensors[name + ".weight"], config.scheme_of(name),
+                                         onebit_method=onebit_method).items():
+            out[f"{name}.{suffix}"] = t
+    return out
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d)."""
+    return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
+
+
+def gate_activation(x, name):
+    if name == "silu":  # x * sigmoid(x), sigmoid written with tanh so it never overflows
+        return x * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x))
+    if name == "relu2":  # squared ReLU (BitNet b1.58 2B4T)
+        return np.square(np.maximum(x, 0))
+    if name == "gelu_tanh":
+        return np.float32(0.5) * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    raise ValueError(name)
+
+
+def rope_inv_freq(config):
+    """Rotary inverse frequencies (head_dim/2,), with HF's 'linear' or 'llama3' scaling."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs["type"] == "linear":
+        return inv_freq / rs["factor"]
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, blended, scaled)
+
+
+def rope(x, cos, sin):
+    """HF rotate-half rotary embedding. x (T, heads, hd); cos, sin (T, hd/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention(q, k, v, start):
+    """Causal grouped-query attention. q (T, H, hd) at positions start..start+T-1;
+    k, v (S, KV, hd) for positions 0..S-1, S = start + T. -> (T, H * hd)."""
+    T, H, hd = q.shape
+    S, KV, _ = k.shape
+    group = H // KV  # query heads per KV head: head h uses KV head h // group
+    qg = q.reshape(T, KV, group, hd).transpose(1, 2, 0, 3)  # (KV, group, T, hd)
+    scores = qg @ k.transpose(1, 2, 0)[:, None] * np.float32(hd ** -0.5)  # (KV, group, T, S)
+    future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S) causal mask
+    scores = np.where(future, -np.inf, scores)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    out = probs @ v.transpose(1, 0, 2)[:, None]  # (KV, group, T, hd)
+    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated: k, v (n_layers, max_len, n_kv_heads, head_dim)."""
+
+    def __init__(self, config, max_len):
+        shape = (config.n_layers, max_len, config.n_kv_heads, config.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.length = 0  # positions filled
+
+    @property
+    def max_len(self):
+        return self.k.shape[1]
+
+
+class Model:
+    """A loaded model: config, weights (memory-mapped), tokenizer. forward() runs it over a cache."""
+
+    def __init__(self, config, tensors, tokenizer=None, ref=False):
+        self.config, self.tokenizer, self.ref = config, tokenizer, ref
+        c = config
+        self.embed = tensors["embed.weight"]  # (vocab, dim) f32 or f16
+        self.norm = tensors["norm.weight"]
+        by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
+        for key, t in tensors.items():
+            name, suffix = key.rsplit(".", 1)
+            by_linear.setdefault(name, {})[suffix] = t
+        self.linears = {name: linear.make(c.scheme_of(name), by_linear[name], n_out, n_in)
+                        for name, n_out, n_in in linear_shapes(c)}
+        if c.tie_embeddings:
+            self.linears["head"] = linear.make({"scheme": "f32"}, {"weight": self.embed.astype(np.float32, copy=False)},
+                                               c.vocab_size, c.dim)
+        self.norms = {k: v for k, v in tensors.items() if k.endswith("norm.weight")}
+        self.inv_freq = rope_inv_freq(c)
+
+    def new_cache(self, max_len=None):
+        return KVCache(self.config, max_len or self.config.max_seq_len)
+
+    def _linear(self, name, x):
+        return linear.apply(self.linears[name], x, ref=self.ref)
+
+    def forward(self, tokens, cache, last_only=False):
+        """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
+        Returns logits (T, vocab) float32, or (1, vocab) for the last position if last_only."""
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T, start = len(tokens), cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
+        angles = np.arange(start, start + T)[:, None] * self.inv_freq[None, :]  # (T, hd/2) in float64
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        x = self.embed[tokens].astype(np.float32)  # (T, dim)
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+            h = rms_norm(x, self.norms[p + "attn_norm.weight"], c.norm_eps)
+            q = self._linear(p + "q", h).reshape(T, c.n_heads, c.head_dim)
+            k = self._linear(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
+            v = self._linear(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
+            cache.k[i, start:start + T] = rope(k, cos, sin)
+            cache.v[i, start:start + T] = v
+            a = attention(rope(q, cos, sin), cache.k[i, :start + T], cache.v[i, :start + T], start)
+            if c.sub_norms:
+                a = rms_norm(a, self.norms[p + "attn_sub_norm.weight"], c.norm_eps)
+            x = x + self._linear(p + "o", a)
+            # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
+            h = rms_norm(x, self.norms[p + "ffn_norm.weight"], c.norm_eps)
+            m = gate_activation(self._linear(p + "gate", h), c.activation) * self._linear(p + "up", h)
+            if c.sub_norms:
+                m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
+            x = x + self._linear(p + "down", m)
+        cache.length = start + T
+        if last_only:
+            x = x[-1:]
+        return self._linear("head", rms_norm(x, self.norm, c.norm_eps))
+
+    def logits(self, token_ids):
+        """Logits (len, vocab) float32 of every position of token_ids, computed without a prior cache."""
+        token_ids = np.asarray(token_ids).reshape(-1)
+        return self.forward(token_ids, self.new_cache(max(len(token_ids), 1)))
+
+    def generate(self, prompt, **kwargs):
+        """Text continuation of `prompt` (a string, or token ids); see tinybit.generate.generate."""
+        from .generate import generate
+        return generate(self, prompt, **kwargs)
+
+
+def load(path, threads=None, ref=False):
+    """Load a tinybit model directory: config.json, model.safetensors (memory-mapped), tokenizer.json."""
+    from . import kernels
+    config = io.load_config(path)
+    st_path = os.path.join(path, "model.safetensors")
+    tensors = io.read_safetensors(st_path)
+    io.check_tensors(tensors, expected_tensors(config), st_path)
+    if threads is not None:
+        kernels.set_threads(threads)
+    return Model(config, tensors, tokenizer=io.load_tokenizer(path), ref=ref)

@@ -1,0 +1,194 @@
+"""Bit layouts: integer weight codes <-> packed uint8 arrays (the spec is docs/FORMAT.md).
+
+All packing is row by row along the input axis: a weight matrix (n_out, n_in) becomes a
+uint8 array (n_out, bytes_per_row). Rows are never mixed, so a kernel reads one row's bytes
+contiguously. Columns past n_in are padding; every unpack function takes n_in, returns the
+exact (n_out, n_in) shape, and rejects illegal codes and non-zero padding with PackError.
+
+Layouts:
+- planes (kernel layout, ternary and binary): blocks of BLOCK = 256 weights; a plane is
+  32 bytes per block where byte j, bit p holds weight 32 p + j of the block. Binary: one
+  plane, bit 1 = +1, bit 0 = -1 (32 bytes / 256 weights). Ternary: per block a "nonzero"
+  plane then a "negative" plane (64 bytes / 256 weights); a negative bit on a zero weight
+  is illegal. Padding weights are 0 (ternary) or bit 0 (binary, cancelled by zero inputs).
+- 2-bit codes: 4 per byte, weight 4k+i in bits 2i..2i+1 of byte k, code = t + 1
+  (0 -> -1, 1 -> 0, 2 -> +1, 3 illegal); padding code 1.
+- base-3: 5 trits per byte, byte k = sum_i (t[5k+i] + 1) * 3^i in 0..242 (243..255 illegal);
+  padding trit 1 (weight 0). 1.6 bits per weight.
+- n-bit indices (LUT and VQ codes): each row is a bit string, index m in bits
+  m*n .. m*n + n - 1, least significant bit first; bit t of the row is bit t % 8 of byte t // 8.
+  Rows are padded with index 0 to a multiple of 8 indices, so a row is n * ceil(n_idx / 8) bytes.
+"""
+import numpy as np
+
+from .errors import FormatError
+
+BLOCK = 256  # weights per plane block
+PLANE_BYTES = BLOCK // 8  # 32
+
+
+class PackError(FormatError):
+    """A packed array has the wrong shape/dtype, an illegal code or non-zero padding."""
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _check_packed(packed, row_bytes, what):
+    """Check a packed array is 2-D uint8 with `row_bytes` bytes per row; return its row count."""
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 2:
+        raise PackError(f"{what}: expected a 2-D uint8 array, got "
+                        f"{getattr(packed, 'dtype', type(packed))} {getattr(packed, 'shape', '')}")
+    if packed.shape[1] != row_bytes:
+        raise PackError(f"{what}: expected {row_bytes} bytes per row, got shape {packed.shape}")
+    return packed.shape[0]
+
+
+def _check_codes(w, allowed, what):
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise PackError(f"{what}: expected a 2-D code matrix, got shape {w.shape}")
+    if not np.isin(w, allowed).all():
+        raise PackError(f"{what}: codes must be in {list(allowed)}")
+    return w
+
+
+# --- bit planes (the kernel layout) ---------------------------------------------------------
+
+def plane_row_bytes(n_in):
+    """Bytes of one plane over a row of n_in weights (padded to whole 256-weight blocks)."""
+    return _ceil_div(n_in, BLOCK) * PLANE_BYTES
+
+
+def _to_plane(bits):
+    """(n_out, n_in) bool -> (n_out, n_blocks, 32) uint8; byte j bit p = weight 32p + j of the block."""
+    n_out, n_in = bits.shape
+    n_blocks = _ceil_div(n_in, BLOCK)
+    padded = np.zeros((n_out, n_blocks * BLOCK), dtype=np.uint8)
+    padded[:, :n_in] = bits
+    b = padded.reshape(n_out, n_blocks, 8, PLANE_BYTES)  # [o, block, p, j]
+    return (b << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)
+
+
+def _from_plane(plane):
+    """(n_out, n_blocks, 32) uint8 -> (n_out, n_blocks * 256) uint8 bits."""
+    n_out, n_blocks, _ = plane.shape
+    bits = (plane[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [o, block, p, j]
+    return bits.reshape(n_out, n_blocks * BLOCK)
+
+
+def pack_binary(w_sign):
+    """w_sign (n_out, n_in) in {-1, +1} -> w_packed (n_out, n_blocks * 32) uint8 (bit 1 = +1)."""
+    w_sign = _check_codes(w_sign, (-1, 1), "binary weights")
+    return _to_plane(w_sign > 0).reshape(w_sign.shape[0], -1)
+
+
+def unpack_binary(w_packed, n_in):
+    """Inverse of pack_binary: -> (n_out, n_in) int8 in {-1, +1}."""
+    n_out = _check_packed(w_packed, plane_row_bytes(n_in), "binary planes")
+    bits = _from_plane(w_packed.reshape(n_out, -1, PLANE_BYTES))
+    if bits[:, n_in:].any():
+        raise PackError("binary planes: padding bits past n_in must be 0")
+    return (bits[:, :n_in].astype(np.int8) * 2 - 1)
+
+
+def pack_ternary(w_t):
+    """w_t (n_out, n_in) in {-1, 0, +1} -> w_packed (n_out, n_blocks * 64) uint8:
+    per 256-weight block, 32 bytes of the nonzero plane then 32 bytes of the negative plane."""
+    w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
+    planes = np.stack([_to_plane(w_t != 0), _to_plane(w_t < 0)], axis=2)  # (n_out, n_blocks, 2, 32)
+    return planes.reshape(w_t.shape[0], -1)
+
+
+def unpack_ternary(w_packed, n_in):
+    """Inverse of pack_ternary: -> (n_out, n_in) int8 in {-1, 0, +1}."""
+    n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), "ternary planes")
+    planes = w_packed.reshape(n_out, -1, 2, PLANE_BYTES)
+    nonzero, negative = _from_plane(planes[:, :, 0]), _from_plane(planes[:, :, 1])
+    if (negative & ~nonzero & 1).any():
+        raise PackError("ternary planes: a negative bit is set on a zero weight (illegal code)")
+    if nonzero[:, n_in:].any():
+        raise PackError("ternary planes: padding weights past n_in must be 0")
+    w_t = nonzero.astype(np.int8) * (1 - 2 * negative.astype(np.int8))
+    return w_t[:, :n_in]
+
+
+# --- 2-bit codes, 4 per byte ------------------------------------------------------------------
+
+def pack_ternary_2bit(w_t):
+    """w_t (n_out, n_in) in {-1, 0, +1} -> (n_out, ceil(n_in / 4)) uint8, code t + 1 in bits 2i..2i+1."""
+    w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
+    n_out, n_in = w_t.shape
+    codes = np.ones((n_out, _ceil_div(n_in, 4) * 4), dtype=np.uint8)  # padding code 1 = weight 0
+    codes[:, :n_in] = w_t + 1
+    c = codes.reshape(n_out, -1, 4)
+    return (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
+
+
+def unpack_ternary_2bit(w_packed, n_in):
+    n_out = _check_packed(w_packed, _ceil_div(n_in, 4), "ternary 2-bit codes")
+    codes = (w_packed[:, :, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    codes = codes.reshape(n_out, -1)
+    if (codes == 3).any():
+        raise PackError("ternary 2-bit codes: code 3 is illegal (0 -> -1, 1 -> 0, 2 -> +1)")
+    if (codes[:, n_in:] != 1).any():
+        raise PackError("ternary 2-bit codes: padding past n_in must be code 1 (weight 0)")
+    return codes[:, :n_in].astype(np.int8) - 1
+
+
+# --- base 3, 5 trits per byte (1.6 bits per weight) -------------------------------------------
+
+_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def pack_ternary_base3(w_t):
+    """w_t (n_out, n_in) in {-1, 0, +1} -> (n_out, ceil(n_in / 5)) uint8, byte = sum (t_i + 1) 3^i."""
+    w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
+    n_out, n_in = w_t.shape
+    trits = np.ones((n_out, _ceil_div(n_in, 5) * 5), dtype=np.uint8)
+    trits[:, :n_in] = w_t + 1
+    return (trits.reshape(n_out, -1, 5) * _POW3).sum(axis=2, dtype=np.uint8)
+
+
+def unpack_ternary_base3(w_packed, n_in):
+    n_out = _check_packed(w_packed, _ceil_div(n_in, 5), "ternary base-3")
+    if (w_packed > 242).any():
+        raise PackError("ternary base-3: byte values above 242 (3^5 - 1) are illegal")
+    trits = (w_packed[:, :, None] // _POW3) % 3
+    trits = trits.reshape(n_out, -1)
+    if (trits[:, n_in:] != 1).any():
+        raise PackError("ternary base-3: padding past n_in must be trit 1 (weight 0)")
+    return trits[:, :n_in].astype(np.int8) - 1
+
+
+# --- n-bit indices (LUT palettization, VQ codes) ---------------------------------------------
+
+def index_row_bytes(n_idx, bits):
+    return _ceil_div(n_idx, 8) * bits
+
+
+def pack_indices(idx, bits):
+    """idx (n_out, n_idx) with 0 <= idx < 2^bits -> (n_out, bits * ceil(n_idx / 8)) uint8, LSB-first bit string."""
+    if not 1 <= bits <= 8:
+        raise PackError(f"index bits must be in 1..8, got {bits}")
+    idx = np.asarray(idx)
+    if idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= 2 ** bits)):
+        raise PackError(f"indices: expected a 2-D array of values in [0, {2 ** bits}), got shape {idx.shape}")
+    n_out, n_idx = idx.shape
+    padded = np.zeros((n_out, _ceil_div(n_idx, 8) * 8), dtype=np.uint8)
+    padded[:, :n_idx] = idx
+    bits_ = (padded[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (n_out, n_pad, bits)
+    return np.packbits(bits_.reshape(n_out, -1), axis=1, bitorder="little")
+
+
+def unpack_indices(w_packed, n_idx, bits):
+    """Inverse of pack_indices: -> (n_out, n_idx) uint8."""
+    if not 1 <= bits <= 8:
+        raise PackError(f"index bits must be in 1..8, got {bits}")
+    n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), f"{bits}-bit indices")
+    b = np.unpackbits(w_packed, axis=1, bitorder="little").reshape(n_out, -1, bits)
+    idx = (b << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    if idx[:, n_idx:].any():
+        raise PackError(f"{bits}-bit indices: padding past {n_idx} indices must be 0")
+    return idx[:, :n_idx]
