@@ -1,0 +1,304 @@
+"""The forward pass against an independent float computation, the KV cache, sampling, the CLI."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinybit
+from tinybit import generate, linear, quant
+from tinybit.errors import ConfigError, FormatError, UsageError
+from util import random_float_tensors, save_random_model, tiny_config
+
+# (name, config overrides): every architecture and scheme the engine supports
+ARCHS = {
+    "llama-f32-gqa-untied": dict(tie_embeddings=False),
+    "llama-f16-mha": dict(quant={"scheme": "f16"}, n_kv_heads=4, embed_dtype="f16"),
+    "bitnet-2b4t": dict(quant={"scheme": "ternary"}, sub_norms=True, activation="relu2", rope_theta=500000.0),
+    "1bitllm": dict(quant={"scheme": "ternary"}, sub_norms=True, n_kv_heads=4),
+    "ternary-per-row-gqa4": dict(quant={"scheme": "ternary", "per_row": True}, n_heads=8, n_kv_heads=2, head_dim=6),
+    "bitnet-binary-subln": dict(quant={"scheme": "binary", "ln": True, "group_rows": 16}),
+    "onebit": dict(quant={"scheme": "onebit", "post_ln": True}),
+    "onebit-plain-gelu": dict(quant={"scheme": "onebit"}, activation="gelu_tanh"),
+    "lut4-rows": dict(quant={"scheme": "lut", "bits": 4, "group_rows": 1}),
+    "lut3-tensor": dict(quant={"scheme": "lut", "bits": 3}, tie_embeddings=False,
+                        head_quant={"scheme": "lut", "bits": 8}),
+    "vq2-oddin": dict(quant={"scheme": "vq", "bits": 2, "group_rows": 8}, dim=47, head_dim=10),
+    "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: save_random_model(str(root / name), tiny_config(**over), seed=i)
+            for i, (name, over) in enumerate(ARCHS.items())}
+
+
+# --- an independent float forward pass, written from the papers' formulas -------------------------
+
+def fake_quant(x):
+    """x -> x_q / sx: what a W1.58A8 / W1A8 layer sees of its input."""
+    x_q, sx = quant.absmax_quantize(x)
+    return x_q.astype(np.float32) / sx
+
+
+def independent_logits(m, ids):
+    """Float64 forward on the dequantized weights, token-by-token attention loops."""
+    c = m.config
+
+    def lin(name, x):
+        layer = m.linears[name]
+        spec = layer["scheme"]
+        w = linear.dequantize(layer).astype(np.float64)
+        if spec["scheme"] in ("ternary", "binary"):
+            x = x.astype(np.float32)
+            if spec.get("ln"):
+                x = ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)).astype(np.float32)
+            x = fake_quant(x)
+        y = x.astype(np.float64) @ w.T
+        if spec.get("post_ln"):
+            y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
+        return y
+
+    def rms(x, w):
+        return w * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.norm_eps)
+
+    def rotate(x, pos):  # rotate-half: pairs (j, j + hd/2) turn by pos * inv_freq[j]
+        half = c.head_dim // 2
+        z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * pos * m.inv_freq)
+        return np.concatenate([z.real, z.imag], axis=-1)
+
+    act = {"silu": lambda v: v / (1 + np.exp(-v)), "relu2": lambda v: np.maximum(v, 0) ** 2,
+           "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))}[c.activation]
+    T = len(ids)
+    x = m.embed[ids].astype(np.float64)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        h = rms(x, m.norms[p + "attn_norm.weight"])
+        q = lin(p + "q", h).reshape(T, c.n_heads, c.head_dim)
+        k = lin(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
+        v = lin(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
+        q = np.stack([rotate(q[t], t) for t in range(T)])
+        k = np.stack([rotate(k[t], t) for t in range(T)])
+        a = np.zeros((T, c.n_heads, c.head_dim))
+        for t in range(T):
+            for hh in range(c.n_heads):
+                kv = hh // (c.n_heads // c.n_kv_heads)
+                s = k[:t + 1, kv] @ q[t, hh] / np.sqrt(c.head_dim)
+                w = np.exp(s - s.max())
+                a[t, hh] = (w / w.sum()) @ v[:t + 1, kv]
+        a = a.reshape(T, -1)
+        if c.sub_norms:
+            a = rms(a, m.norms[p + "attn_sub_norm.weight"])
+        x = x + lin(p + "o", a)
+        h = rms(x, m.norms[p + "ffn_norm.weight"])
+        g = act(lin(p + "gate", h)) * lin(p + "up", h)
+        if c.sub_norms:
+            g = rms(g, m.norms[p + "ffn_sub_norm.weight"])
+        x = x + lin(p + "down", g)
+    return lin("head", rms(x, m.norm))
+
+
+IDS = [1, 17, 5, 33, 8, 60, 2, 11, 42]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_forward_equals_independent_float_computation(models, arch):
+    m = tinybit.load(models[arch])
+    got = m.logits(IDS)
+    want = independent_logits(m, IDS)
+    assert got.dtype == np.float32 and got.shape == (len(IDS), m.config.vocab_size)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("arch", ["bitnet-2b4t", "bitnet-binary-subln", "onebit", "lut3-tensor", "vq2-oddin"])
+def test_fast_kernels_equal_reference_path(models, arch):
+    fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
+    a, b = fast.logits(IDS), ref.logits(IDS)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows"])
+def test_kv_cache_decode_equals_full_recompute(models, arch):
+    m = tinybit.load(models[arch])
+    full = m.logits(IDS)
+    # token by token: each step's logits equal the full recomputation at that position
+    cache = m.new_cache(len(IDS))
+    steps = np.concatenate([m.forward([t], cache) for t in IDS])
+    assert np.abs(steps - full).max() <= 1e-5 * np.abs(full).max()
+    # prefill then decode equals token by token
+    cache = m.new_cache(len(IDS))
+    pre = m.forward(IDS[:5], cache)
+    dec = np.concatenate([m.forward([t], cache) for t in IDS[5:]])
+    assert np.abs(np.concatenate([pre, dec]) - steps).max() <= 1e-5 * np.abs(full).max()
+    # last_only returns the last row
+    cache = m.new_cache(len(IDS))
+    assert np.allclose(m.forward(IDS, cache, last_only=True), full[-1:], rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_cache_overflow_is_an_error(models):
+    m = tinybit.load(models["bitnet-2b4t"])
+    with pytest.raises(ValueError):
+        m.forward(IDS, m.new_cache(3))
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_greedy_is_argmax():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        logits = rng.standard_normal(100).astype(np.float32)
+        assert generate.sample(logits, temperature=0) == int(np.argmax(logits))
+
+
+def test_top_k_and_top_p_never_sample_outside_the_set():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal(50)
+    top5 = set(np.argsort(-logits)[:5])
+    for _ in range(300):
+        assert generate.sample(logits, 1.0, top_k=5, rng=rng) in top5
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    nucleus = set(order[:np.searchsorted(np.cumsum(p[order]), 0.5) + 1])
+    for _ in range(300):
+        assert generate.sample(logits, 1.0, top_p=0.5, rng=rng) in nucleus
+    # a token far more likely than the rest: top_p below its mass leaves only it
+    peaked = np.zeros(10)
+    peaked[3] = 20
+    assert all(generate.sample(peaked, 1.0, top_p=0.9, rng=rng) == 3 for _ in range(50))
+
+
+def test_sampling_follows_the_distribution():
+    rng = np.random.default_rng(2)
+    logits = np.log(np.array([0.5, 0.3, 0.2]))
+    counts = np.bincount([generate.sample(logits, 1.0, rng=rng) for _ in range(4000)], minlength=3)
+    assert np.allclose(counts / 4000, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_fixed_seed_is_deterministic(models):
+    m = tinybit.load(models["bitnet-2b4t"])
+    a = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
+    b = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
+    c = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=8)
+    assert a == b and len(a) <= 12
+    assert a != c or len(a) < 3  # another seed gives another sample (a tiny model could stop early)
+
+
+def test_greedy_generation_follows_logits(models):
+    m = tinybit.load(models["llama-f32-gqa-untied"])
+    out = m.generate(IDS[:3], max_new_tokens=6, temperature=0)
+    ids = list(IDS[:3])
+    for t in out:
+        assert t == int(np.argmax(m.logits(ids)[-1]))
+        ids.append(t)
+    eos = m.config.eos_token_ids
+    assert len(out) == 6 or int(np.argmax(m.logits(ids)[-1])) in eos
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                    dict(max_new_tokens=-1)])
+def test_bad_sampling_parameters_are_usage_errors(models, kwargs):
+    m = tinybit.load(models["bitnet-2b4t"])
+    with pytest.raises(UsageError):
+        m.generate(IDS[:3], **{"max_new_tokens": 4, **kwargs})
+
+
+def test_prompt_limits(models):
+    m = tinybit.load(models["bitnet-2b4t"])
+    assert m.generate(IDS[:3], max_new_tokens=0) == []
+    with pytest.raises(UsageError):
+        m.generate([], max_new_tokens=4)
+    with pytest.raises(UsageError):
+        m.generate([5] * (m.config.max_seq_len + 1), max_new_tokens=1)
+    # generation stops at the end of the context
+    assert len(m.generate([5] * (m.config.max_seq_len - 2), max_new_tokens=10, temperature=0)) <= 2
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_load_rejects_bad_directories(tmp_path, models):
+    with pytest.raises(FormatError, match="config.json"):
+        tinybit.load(str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"vocab_size": 0}')
+    with pytest.raises(ConfigError):
+        tinybit.load(str(bad))
+
+
+# --- the command line, end to end, with a real (tiny) tokenizer ------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, trainers
+    tok = Tokenizer(tm.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    config = tiny_config(vocab_size=tok.get_vocab_size(), quant={"scheme": "ternary"}, sub_norms=True,
+                         activation="relu2", bos_token_id=1, eos_token_ids=[2], add_bos=True, chat_template=template)
+    path = str(tmp_path_factory.mktemp("cli") / "model")
+    return save_random_model(path, config, tokenizer_json=tok.to_str())
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "tinybit.generate", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cli_generates_and_reports_stats(cli_model):
+    r = run_cli("--model", cli_model, "-p", "def fibonacci(n):", "-n", "8", "--seed", "3", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert "prefill" in r.stderr and "decode" in r.stderr and "tok/s" in r.stderr and "peak RSS" in r.stderr
+    r2 = run_cli("--model", cli_model, "-p", "def fibonacci(n):", "-n", "8", "--seed", "3", "-t", "2")
+    assert r2.stdout == r.stdout  # same seed => same output, whatever the thread count
+
+
+def test_cli_greedy_equals_api(cli_model):
+    m = tinybit.load(cli_model)
+    want = m.generate("def f", max_new_tokens=8, temperature=0)
+    r = run_cli("--model", cli_model, "-p", "def f", "-n", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
+def test_cli_chat_and_stop(cli_model):
+    m = tinybit.load(cli_model)
+    ids = generate.encode_prompt(m, "hi", chat=True)
+    assert m.tokenizer.decode(ids, skip_special_tokens=False).startswith("<s>")
+    assert "assistant:" in m.tokenizer.decode(ids)
+    full = m.generate("def", max_new_tokens=16, temperature=0)
+    if len(full) > 2:
+        stop = full[1:3]
+        cut = m.generate("def", max_new_tokens=16, temperature=0, stop=[stop])
+        assert cut == full[:full.find(stop)]
+    r = run_cli("--model", cli_model, "-p", "hi", "--chat", "-n", "4", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["-n", "abc"], "max-new-tokens"),
+    (["--bogus"], "--bogus"),
+    (["-t", "0"], "--threads"),
+])
+def test_cli_bad_flags_one_line_exit_2(cli_model, args, words):
+    r = run_cli("--model", cli_model, "-p", "x", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_missing_or_invalid_model_one_line_exit_2(tmp_path):
+    for path in (str(tmp_path / "nope"), str(tmp_path)):
+        r = run_cli("--model", path, "-p", "x")
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -1,0 +1,92 @@
+"""Perplexity of a model on a text, with sliding windows:
+
+    python -m tinybit.eval --model PATH --text FILE [--ctx 512] [--max-tokens N]
+
+The text is tokenized once. Windows of `ctx` tokens start every `stride` tokens (default ctx/2);
+each window scores only the tokens the previous window did not (the first window scores all
+but its first token), each with the window's preceding tokens as context, as in the usual
+sliding-window perplexity. perplexity = exp(mean negative log-likelihood over scored tokens).
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from .errors import TinybitError, UsageError
+from .generate import OneLineParser
+
+
+def log_softmax(logits):
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def perplexity(model, ids, ctx=512, stride=None):
+    """(perplexity, number of scored tokens) of token ids under the model."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ctx = min(ctx, model.config.max_seq_len)
+    stride = stride or max(ctx // 2, 1)
+    if len(ids) < 2:
+        raise UsageError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
+    if not 0 < stride <= ctx:
+        raise UsageError(f"stride must be in 1..ctx ({ctx}), got {stride}")
+    nll, scored, done = 0.0, 0, 1  # done: tokens 0..done-1 already scored (token 0 never is)
+    for start in range(0, len(ids) - 1, stride):
+        window = ids[start:start + ctx]
+        logp = log_softmax(model.logits(window))  # (len, vocab): row t predicts window[t + 1]
+        first = max(done - start, 1)  # first position in the window not scored yet
+        targets = window[first:]
+        nll -= logp[np.arange(first - 1, len(window) - 1), targets].sum()
+        scored += len(targets)
+        done = start + len(window)
+        if done >= len(ids):
+            break
+    return math.exp(nll / scored), scored
+
+
+def main(argv=None):
+    from .model import load
+    ap = OneLineParser(prog="tinybit.eval", description="Perplexity of a tinybit model on a text file.")
+    ap.add_argument("--model", "-m", required=True)
+    ap.add_argument("--text", required=True, help="a UTF-8 text file")
+    ap.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    ap.add_argument("--stride", type=int, default=None, help="window step (default ctx/2)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.ctx < 2:
+            raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
+        model = load(args.model, threads=args.threads)
+        if model.tokenizer is None:
+            raise UsageError(f"{args.model}: has no tokenizer.json")
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text {args.text}: cannot read as UTF-8 text: {e}") from None
+        ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+        if model.config.add_bos:
+            ids = [model.config.bos_token_id] + ids
+        ids = ids[:args.max_tokens] if args.max_tokens else ids
+        t0 = time.perf_counter()
+        ppl, n = perplexity(model, ids, args.ctx, args.stride)
+        dt = time.perf_counter() - t0
+        print(f"perplexity: {ppl:.4f}")
+        print(f"tokens: {n} scored of {len(ids)} | {len(ids) / dt:.1f} tok/s | ctx {min(args.ctx, model.config.max_seq_len)} "
+              f"| {os.path.basename(os.path.normpath(args.model))}")
+        return 0
+    except TinybitError as e:
+        if args.debug:
+            raise
+        print(f"tinybit.eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

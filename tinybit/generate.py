@@ -1,0 +1,218 @@
+"""Sampling, streaming text generation, and the command line:
+
+    python -m tinybit.generate [--model PATH] -p "def fibonacci(n):" -n 64 --temperature 0
+
+Prefill runs the whole prompt through the model at once (GEMM kernels); each new token is
+then one decode step over the KV cache (GEMV kernels). Stats go to stderr, text to stdout.
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+from .errors import TinybitError, UsageError
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+DEFAULT_MODEL = os.path.join(MODELS_DIR, "stdlib-b158")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
+    """Next token id from logits (vocab,).
+    temperature 0: argmax (greedy). Otherwise softmax(logits / temperature), restricted to the
+    top_k most likely tokens (0: all), then to the smallest set whose probability reaches top_p
+    (nucleus), renormalised, and sampled with `rng` (a numpy Generator)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")  # most likely first
+    if top_k > 0:
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1  # smallest prefix with mass >= top_p
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(p), p=p)])
+
+
+def check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def encode_prompt(model, prompt, chat=False):
+    """Token ids of a prompt string (chat: wrapped in the model's chat template)."""
+    c, tok = model.config, model.tokenizer
+    if tok is None:
+        raise UsageError("this model has no tokenizer.json: pass token ids instead of text")
+    if chat:
+        if not c.chat_template:
+            raise UsageError("--chat: this model has no chat template")
+        import jinja2
+        template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(c.chat_template)
+        bos = tok.id_to_token(c.bos_token_id) if c.bos_token_id is not None else ""
+        eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
+        prompt = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                 bos_token=bos, eos_token=eos)
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+    else:
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+    if c.add_bos and (not ids or ids[0] != c.bos_token_id):
+        ids = [c.bos_token_id] + ids
+    return ids
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None):
+    """Yield new token ids one by one: prefill the prompt, then decode over the KV cache.
+    Stops at an end-of-sequence token (not yielded), after max_new_tokens, or when prompt and
+    output fill the model's context (max_seq_len tokens)."""
+    c = model.config
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if len(prompt_ids) == 0:
+        raise UsageError("empty prompt: give at least one token")
+    if len(prompt_ids) > c.max_seq_len:
+        raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len}")
+    n_new = min(max_new_tokens, c.max_seq_len - len(prompt_ids))  # prompt + output stay within the context
+    if n_new == 0:
+        return
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(len(prompt_ids) + n_new)
+    t0 = time.perf_counter()
+    logits = model.forward(prompt_ids, cache, last_only=True)[0]
+    if stats is not None:
+        stats.update(prefill_tokens=len(prompt_ids), prefill_s=time.perf_counter() - t0, decode_tokens=0, decode_s=0.0)
+    for i in range(n_new):
+        token = sample(logits, temperature, top_k, top_p, rng)
+        if token in c.eos_token_ids:
+            return
+        yield token
+        if i + 1 == n_new:
+            return
+        t0 = time.perf_counter()
+        logits = model.forward([token], cache, last_only=True)[0]
+        if stats is not None:
+            stats["decode_tokens"] += 1
+            stats["decode_s"] += time.perf_counter() - t0
+
+
+def stream_text(model, token_iter, stop=()):
+    """Turn a stream of token ids into a stream of text pieces. Text is emitted once it decodes
+    to complete characters; generation ends at the first stop string (which is not emitted)."""
+    ids, emitted = [], ""
+    for token in token_iter:
+        ids.append(token)
+        text = model.tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+            if cut > len(emitted):
+                yield text[len(emitted):cut]
+            return
+        # hold back a tail that could still grow into a stop string
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if len(text) - hold > len(emitted):
+            yield text[len(emitted):len(text) - hold]
+            emitted = text[:len(text) - hold]
+    text = model.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, seed=None,
+             stream=False, chat=False, stop=(), stats=None):
+    """Continue `prompt` (text, or a list of token ids) and return the new text, or with
+    stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
+    A model without a tokenizer takes and returns token ids."""
+    prompt_ids = encode_prompt(model, prompt, chat=chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats)
+    if model.tokenizer is None:
+        return tokens if stream else list(tokens)
+    pieces = stream_text(model, tokens, stop)
+    return pieces if stream else "".join(pieces)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    ap = OneLineParser(prog="tinybit.generate", description="Generate text with a tinybit model.")
+    ap.add_argument("--model", "-m", default=None, help=f"model directory (default: {DEFAULT_MODEL})")
+    ap.add_argument("-p", "--prompt", default=None, help="prompt text (default: read standard input)")
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=40, help="0 = no limit")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=None, help="same seed => same output")
+    ap.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"argument -t/--threads: must be >= 1, got {args.threads}")
+    return args
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv=None):
+    from .model import load
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    stats, out = {}, sys.stdout
+    try:
+        path = args.model or DEFAULT_MODEL
+        if args.model is None and not os.path.isdir(path):
+            raise UsageError(f"no default model at {path}: pass --model PATH (see README.md)")
+        if not os.path.isdir(path):
+            raise UsageError(f"--model: {path} is not a directory")
+        t0 = time.perf_counter()
+        model = load(path, threads=args.threads)
+        load_s = time.perf_counter() - t0
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        try:
+            for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                  args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats):
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        out.write("\n")
+        pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
+        print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
+              f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
+              f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB",
+              file=sys.stderr)
+        return 0
+    except TinybitError as e:
+        if args.debug:
+            raise
+        print(f"tinybit.generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
