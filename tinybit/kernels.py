@@ -8,10 +8,32 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 - binary_matmul_f32(w_packed, x): binary planes x float32 -> float32 (OneBit, W1A16).
 - lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
+- set_threads(n): threads of the Numba kernels (default: all cores).
+
+How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.md):
+- Plane layouts: per 256-weight block, byte j bit p of a 32-byte plane is weight 32 p + j, so
+  bit p of the 32 bytes w[0:32] selects among the 32 consecutive inputs x[32 p : 32 p + 32].
+  The inner loop `for j in range(32)` is one AVX-512 vector: `vptestmb` turns bit p of 32 bytes
+  into a mask, then masked int16 moves / adds (`vpaddw`) apply it. No multiplies: the
+  weight-times-activation step is additions, subtractions, selects and bit tests only.
+- int16 lanes are flushed into int32 lanes every FLUSH_BLOCKS blocks, before they can overflow,
+  so the integer kernels are exact for any n_in. Scales are never applied here (the caller does).
+- 4 output rows per pass share each activation load and the per-block loop overhead.
+  GEMM (many tokens) runs the same loop per token over 4 rows whose packed bytes stay in L1,
+  so each weight row is read from memory once per call, not once per token.
+- Threads: prange over chunks of output rows; the chunk count is an argument (numba's
+  get_num_threads() inside a cached function would make it uncacheable).
+- Numba pitfalls avoided: slices are taken outside the vector loop (a computed signed index makes
+  numba emit negative-index wraparound that blocks vectorization); both operands of a select are
+  loaded unconditionally; bit tests are written `np.uint8(w & bit) != 0` (byte-wide vptestmb).
+- Every function is @njit(cache=True) and compiled lazily on first call (no eager signatures).
 """
+import numba
 import numpy as np
+from numba import njit, prange
 
 from . import pack
+from .errors import UsageError
 
 
 # --- NumPy references: unpack, then the textbook product --------------------------------------
@@ -64,3 +86,402 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
     buckets = np.einsum("tpd,opk->tokd", xp, onehot)  # (tokens, n_out, k, 2)
     cb = codebook[_row_groups(idx.shape[0], group_rows)]  # (n_out, k, 2)
     return (buckets * cb).sum((-1, -2)).astype(np.float32)
+
+
+# --- fast Numba kernels ------------------------------------------------------------------------
+
+BLOCK = pack.BLOCK  # 256 weights per plane block
+PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 32 lanes
+ROWS = 4  # output rows per pass of the plane kernels
+# An int16 lane adds 8 terms per block (bits p = 0..7), each |term| <= 128 (x_q = -128 negated):
+FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks, then the int16 lanes are added into int32 lanes
+X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
+
+
+def set_threads(n=None):
+    """Run the kernels on n threads (None: all the cores numba sees, its default)."""
+    n_max = numba.config.NUMBA_NUM_THREADS
+    n = n_max if n is None else n
+    if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
+        raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
+    numba.set_num_threads(int(n))
+
+
+def _n_chunks(n_out):
+    """Row chunks per call: one per thread (a chunk is a run of whole 4-row groups)."""
+    return max(1, min(numba.get_num_threads(), -(-n_out // ROWS)))
+
+
+@njit(cache=True)
+def _chunk(c, n_chunks, n_out):
+    """Rows [r0, r1) of chunk c of n_chunks: n_out split into runs of whole ROWS-row groups."""
+    groups = -(-n_out // ROWS)
+    r0 = c * groups // n_chunks * ROWS
+    r1 = (c + 1) * groups // n_chunks * ROWS
+    return min(r0, n_out), min(r1, n_out)
+
+
+@njit(cache=True)
+def _token_tile(tokens, bytes_per_token):
+    """Tokens per GEMM tile: as many as fit X_TILE_BYTES (each tile sweeps all rows once)."""
+    return max(1, min(tokens, X_TILE_BYTES // bytes_per_token))
+
+
+# ternary: per block, plane nz (w != 0) then plane ng (w < 0); y = sum over nz of (ng ? -x : x)
+
+@njit(cache=True, inline="always")
+def _ternary_lane(wb, j, xb, xnb):
+    """Lane j of one block: sum_p w[32p + j] * x[32p + j], |sum| <= 8 * 128.
+    wb (64,) uint8 = nz plane, ng plane; xb, xnb (256,) int16 = x, -x of the block."""
+    nz = wb[j]
+    ng = wb[PLANE + j]
+    s = np.int16(0)
+    for p in range(8):
+        bit = np.uint8(1 << p)
+        vp = xb[PLANE * p + j]  # load both, then select (a select of two loads becomes a gather)
+        vn = xnb[PLANE * p + j]
+        s += (vn if np.uint8(ng & bit) != 0 else vp) if np.uint8(nz & bit) != 0 else np.int16(0)
+    return s
+
+
+@njit(cache=True, inline="always")
+def _ternary_dot4(w0, w1, w2, w3, xt, xnt, acc16, acc32):
+    """acc32[q, j] = sum over the lanes j of row q's blocks: 4 rows . 1 token.
+    w0..w3 (nb*64,) uint8 rows; xt, xnt (nb*256,) int16 = x, -x; acc16, acc32 (4, 32) scratch."""
+    nb = w0.shape[0] // (2 * PLANE)
+    acc32[:] = 0
+    for b0 in range(0, nb, FLUSH_BLOCKS):
+        acc16[:] = 0
+        for b in range(b0, min(b0 + FLUSH_BLOCKS, nb)):
+            o, e = 2 * PLANE * b, 2 * PLANE * (b + 1)  # slices outside the vector loop
+            wb0, wb1, wb2, wb3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
+            xb, xnb = xt[BLOCK * b:BLOCK * (b + 1)], xnt[BLOCK * b:BLOCK * (b + 1)]
+            a0, a1, a2, a3 = acc16[0], acc16[1], acc16[2], acc16[3]
+            for j in range(PLANE):  # one 32 x int16 vector
+                a0[j] += _ternary_lane(wb0, j, xb, xnb)
+                a1[j] += _ternary_lane(wb1, j, xb, xnb)
+                a2[j] += _ternary_lane(wb2, j, xb, xnb)
+                a3[j] += _ternary_lane(wb3, j, xb, xnb)
+        acc32 += acc16
+
+
+@njit(cache=True)
+def _ternary_rows(w, xp, xn, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*64) uint8 planes; xp, xn (tokens, nb*256) int16
+    = x, -x zero-padded; y (tokens, n_out) int32. 4 rows per pass; GEMM: tiles of tokens."""
+    acc16 = np.zeros((ROWS, PLANE), np.int16)  # lane j of row q, flushed every FLUSH_BLOCKS
+    acc32 = np.zeros((ROWS, PLANE), np.int32)
+    last = r1 - 1
+    tile = _token_tile(xp.shape[0], 4 * xp.shape[1])
+    for t0 in range(0, xp.shape[0], tile):
+        for r in range(r0, r1, ROWS):
+            # a short last pass repeats row r1 - 1; only real rows are stored
+            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            for t in range(t0, min(t0 + tile, xp.shape[0])):
+                _ternary_dot4(w0, w1, w2, w3, xp[t], xn[t], acc16, acc32)
+                for q in range(min(ROWS, r1 - r)):
+                    y[t, r + q] = acc32[q].sum()
+
+
+@njit(cache=True, parallel=True)
+def _ternary_par(w, xp, xn, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _ternary_rows(w, xp, xn, y, r0, r1)
+
+
+# binary: one plane, bit 1 = +1, 0 = -1; y = S1 - (sum(x) - S1) = S1 + S1 - sum(x), S1 = sum over bit 1
+
+@njit(cache=True, inline="always")
+def _binary_lane(wb, j, xb):
+    """Lane j of one block: sum of x[32p + j] over the p whose bit is 1, |sum| <= 8 * 128."""
+    m = wb[j]
+    s = np.int16(0)
+    for p in range(8):
+        v = xb[PLANE * p + j]
+        s += v if np.uint8(m & np.uint8(1 << p)) != 0 else np.int16(0)
+    return s
+
+
+@njit(cache=True, inline="always")
+def _binary_dot4(w0, w1, w2, w3, xt, acc16, acc32):
+    """acc32[q, j] = lane j of S1 of row q: 4 rows . 1 token. w0..w3 (nb*32,) uint8; xt (nb*256,) int16."""
+    nb = w0.shape[0] // PLANE
+    acc32[:] = 0
+    for b0 in range(0, nb, FLUSH_BLOCKS):
+        acc16[:] = 0
+        for b in range(b0, min(b0 + FLUSH_BLOCKS, nb)):
+            o, e = PLANE * b, PLANE * (b + 1)
+            wb0, wb1, wb2, wb3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
+            xb = xt[BLOCK * b:BLOCK * (b + 1)]
+            a0, a1, a2, a3 = acc16[0], acc16[1], acc16[2], acc16[3]
+            for j in range(PLANE):
+                a0[j] += _binary_lane(wb0, j, xb)
+                a1[j] += _binary_lane(wb1, j, xb)
+                a2[j] += _binary_lane(wb2, j, xb)
+                a3[j] += _binary_lane(wb3, j, xb)
+        acc32 += acc16
+
+
+@njit(cache=True)
+def _binary_rows(w, x, xsum, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) int16 zero-padded;
+    xsum (tokens,) int64 = sum(x); y (tokens, n_out) int32."""
+    acc16 = np.zeros((ROWS, PLANE), np.int16)
+    acc32 = np.zeros((ROWS, PLANE), np.int32)
+    last = r1 - 1
+    tile = _token_tile(x.shape[0], 2 * x.shape[1])
+    for t0 in range(0, x.shape[0], tile):
+        for r in range(r0, r1, ROWS):
+            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            for t in range(t0, min(t0 + tile, x.shape[0])):
+                _binary_dot4(w0, w1, w2, w3, x[t], acc16, acc32)
+                for q in range(min(ROWS, r1 - r)):
+                    s1 = acc32[q].sum()
+                    y[t, r + q] = s1 + s1 - xsum[t]
+
+
+@njit(cache=True, parallel=True)
+def _binary_par(w, x, xsum, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _binary_rows(w, x, xsum, y, r0, r1)
+
+
+# binary x float32 (OneBit): the same with float32 lanes (no overflow, no flush)
+
+@njit(cache=True, inline="always")
+def _binary_lane_f32(wb, j, xb, s):
+    """s + sum of x[32p + j] over the p whose bit is 1 (float32, in order p = 0..7)."""
+    m = wb[j]
+    for p in range(8):
+        v = xb[PLANE * p + j]
+        s = s + v if np.uint8(m & np.uint8(1 << p)) != 0 else s  # masked add: s where the bit is 0
+    return s
+
+
+@njit(cache=True, inline="always")
+def _binary_f32_dot4(w0, w1, w2, w3, xt, acc):
+    """acc[q, j] = lane j of S1 of row q (float32): 4 rows . 1 token. xt (nb*256,) float32."""
+    nb = w0.shape[0] // PLANE
+    acc[:] = 0
+    for b in range(nb):
+        o, e = PLANE * b, PLANE * (b + 1)
+        wb0, wb1, wb2, wb3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
+        xb = xt[BLOCK * b:BLOCK * (b + 1)]
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        for j in range(PLANE):  # two 16 x float32 vectors
+            a0[j] = _binary_lane_f32(wb0, j, xb, a0[j])
+            a1[j] = _binary_lane_f32(wb1, j, xb, a1[j])
+            a2[j] = _binary_lane_f32(wb2, j, xb, a2[j])
+            a3[j] = _binary_lane_f32(wb3, j, xb, a3[j])
+
+
+@njit(cache=True)
+def _binary_f32_rows(w, x, xsum, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) float32 zero-padded;
+    xsum (tokens,) float64 = sum(x); y (tokens, n_out) float32. Lanes sum in float32, rows in float64."""
+    acc = np.zeros((ROWS, PLANE), np.float32)
+    last = r1 - 1
+    tile = _token_tile(x.shape[0], 4 * x.shape[1])
+    for t0 in range(0, x.shape[0], tile):
+        for r in range(r0, r1, ROWS):
+            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            for t in range(t0, min(t0 + tile, x.shape[0])):
+                _binary_f32_dot4(w0, w1, w2, w3, x[t], acc)
+                for q in range(min(ROWS, r1 - r)):
+                    s1 = 0.0
+                    for j in range(PLANE):
+                        s1 += acc[q, j]
+                    y[t, r + q] = s1 + s1 - xsum[t]
+
+
+@njit(cache=True, parallel=True)
+def _binary_f32_par(w, x, xsum, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _binary_f32_rows(w, x, xsum, y, r0, r1)
+
+
+# LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
+# per bucket. The scatter-add is scalar; 4 (LUT) or 2 (VQ) copies of the buckets, used in turn,
+# keep consecutive adds into the same bucket from waiting on each other.
+
+@njit(cache=True)
+def _unpack_row(wr, nbits, idx):
+    """One row's LSB-first nbits-bit indices -> idx (8 * len(wr) / nbits,) uint8.
+    Every 8 indices are nbits bytes = one little-endian integer of 8 * nbits <= 64 bits."""
+    mask = (1 << nbits) - 1
+    for g in range(idx.shape[0] // 8):
+        v = 0
+        for i in range(nbits):
+            v |= np.int64(wr[nbits * g + i]) << (8 * i)
+        for q in range(8):
+            idx[8 * g + q] = (v >> (nbits * q)) & mask
+
+
+@njit(cache=True)
+def _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1):
+    """Rows r0..r1-1 of y[t, o] = sum_k lut[g(o), k] * (sum of x[t, j] over j with index k).
+    w (n_out, nbits*n_pad/8) uint8; lut (n_groups, 2^nbits) float32; x (tokens, n_pad) float32
+    zero-padded (padding indices are 0); y (tokens, n_out) float32. Sums in float64."""
+    k = 1 << nbits
+    n_pad = w.shape[1] // nbits * 8  # a multiple of 8
+    idx = np.empty(n_pad, np.uint8)
+    sums = np.empty((4, k))  # input j adds into copy j % 4
+    for r in range(r0, r1):
+        _unpack_row(w[r], nbits, idx)
+        g = r // group_rows if group_rows > 0 else 0
+        for t in range(x.shape[0]):
+            xt = x[t]
+            sums[:] = 0.0
+            for j in range(0, n_pad, 4):
+                sums[0, idx[j]] += xt[j]
+                sums[1, idx[j + 1]] += xt[j + 1]
+                sums[2, idx[j + 2]] += xt[j + 2]
+                sums[3, idx[j + 3]] += xt[j + 3]
+            acc = 0.0
+            for c in range(k):
+                acc += lut[g, c] * (sums[0, c] + sums[1, c] + sums[2, c] + sums[3, c])
+            y[t, r] = acc
+
+
+@njit(cache=True, parallel=True)
+def _lut_par(w, nbits, lut, group_rows, x, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1)
+
+
+@njit(cache=True)
+def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
+    """Rows r0..r1-1 of y[t, o] = sum_k c[k, 0] S0[k] + c[k, 1] S1[k], S0/S1 = sums of the
+    even/odd inputs of the pairs coded k. w (n_out, nbits*n_pairs/8) uint8 (nbits = 2 * bits);
+    codebook (n_groups, 2^nbits, 2) float32; x (tokens, 2*n_pairs) float32 zero-padded."""
+    k = 1 << nbits
+    n_pairs = w.shape[1] // nbits * 8  # a multiple of 8
+    idx = np.empty(n_pairs, np.uint8)
+    sums = np.empty((2, k, 2))  # pair m adds into copy m % 2; [.., 0] even input, [.., 1] odd
+    for r in range(r0, r1):
+        _unpack_row(w[r], nbits, idx)
+        g = r // group_rows if group_rows > 0 else 0
+        for t in range(x.shape[0]):
+            xt = x[t]
+            sums[:] = 0.0
+            for m in range(0, n_pairs, 2):
+                c0, c1 = idx[m], idx[m + 1]
+                sums[0, c0, 0] += xt[2 * m]
+                sums[0, c0, 1] += xt[2 * m + 1]
+                sums[1, c1, 0] += xt[2 * m + 2]
+                sums[1, c1, 1] += xt[2 * m + 3]
+            acc = 0.0
+            for c in range(k):
+                acc += (codebook[g, c, 0] * (sums[0, c, 0] + sums[1, c, 0])
+                        + codebook[g, c, 1] * (sums[0, c, 1] + sums[1, c, 1]))
+            y[t, r] = acc
+
+
+@njit(cache=True, parallel=True)
+def _vq_par(w, nbits, codebook, group_rows, x, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1)
+
+
+# --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
+
+def _check_packed(w, row_bytes, what):
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
+        raise pack.PackError(f"{what}: expected a 2-D uint8 array with {row_bytes} bytes per row, got "
+                             f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    return np.ascontiguousarray(w)
+
+
+def _check_x(x, dtype=None):
+    x = np.asarray(x)
+    if x.ndim != 2 or (dtype is not None and x.dtype != dtype):
+        raise UsageError(f"activations: expected a 2-D (tokens, n_in) {dtype or ''} array, "
+                         f"got {x.dtype} {x.shape}")
+    return x
+
+
+def _padded(x, n_pad, dtype):
+    """(tokens, n_in) -> (tokens, n_pad) of dtype, zeros past n_in."""
+    out = np.zeros((x.shape[0], n_pad), dtype)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def _group_rows(group_rows, n_out, table, what):
+    """group_rows as an int (0 = one table for the tensor); check the table has a row per group."""
+    g = int(group_rows or 0)
+    n_groups = -(-n_out // g) if g else 1
+    if g < 0 or table.shape[0] < n_groups:
+        raise UsageError(f"{what}: {table.shape[0]} groups for {n_out} rows with group_rows={group_rows}")
+    return g
+
+
+def ternary_matmul(w_packed, x_q):
+    """Same as ternary_matmul_ref: (n_out, n_blocks*64) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
+    x_q = _check_x(x_q, np.int8)
+    w = _check_packed(w_packed, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes")
+    xp = _padded(x_q, w.shape[1] // (2 * PLANE) * BLOCK, np.int16)
+    y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
+    _ternary_par(w, xp, -xp, y, _n_chunks(w.shape[0]))
+    return y
+
+
+def binary_matmul(w_packed, x_q):
+    """Same as binary_matmul_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
+    x_q = _check_x(x_q, np.int8)
+    w = _check_packed(w_packed, pack.plane_row_bytes(x_q.shape[1]), "binary planes")
+    x = _padded(x_q, w.shape[1] // PLANE * BLOCK, np.int16)
+    y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
+    _binary_par(w, x, x.sum(axis=1, dtype=np.int64), y, _n_chunks(w.shape[0]))
+    return y
+
+
+def binary_matmul_f32(w_packed, x):
+    """Same as binary_matmul_f32_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) float32 -> (tokens, n_out)
+    float32. Exact for integer-valued x with partial sums below 2^24; else float32 lane sums."""
+    x = _check_x(x)
+    w = _check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
+    xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _binary_f32_par(w, xf, xf.sum(axis=1, dtype=np.float64), y, _n_chunks(w.shape[0]))
+    return y
+
+
+def lut_matmul(w_idx, bits, lut, group_rows, x):
+    """Same as lut_matmul_ref: w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32,
+    group_rows None/0 (one LUT) or rows per LUT row, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
+    if bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+        raise UsageError(f"lut bits must be in 1..8, got {bits!r}")
+    x = _check_x(x)
+    w = _check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
+    lut = np.ascontiguousarray(lut, dtype=np.float32)
+    if lut.ndim != 2 or lut.shape[1] != 2 ** bits:
+        raise UsageError(f"lut: expected (n_groups, {2 ** bits}), got {lut.shape}")
+    g = _group_rows(group_rows, w.shape[0], lut, "lut")
+    xf = _padded(x, w.shape[1] // bits * 8, np.float32)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _lut_par(w, bits, lut, g, xf, y, _n_chunks(w.shape[0]))
+    return y
+
+
+def vq_matmul(w_idx, bits, codebook, group_rows, x):
+    """Same as vq_matmul_ref: w_idx (n_out, 2*bits*ceil(n_pairs/8)) uint8 codes of input pairs,
+    codebook (n_groups, 2^(2 bits), 2) float32, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
+    if bits not in (1, 2, 3, 4):
+        raise UsageError(f"vq bits must be in 1..4 (2*bits-bit codes), got {bits!r}")
+    x = _check_x(x)
+    nbits = 2 * bits
+    w = _check_packed(w_idx, pack.index_row_bytes(-(-x.shape[1] // 2), nbits), f"{nbits}-bit codes")
+    cb = np.ascontiguousarray(codebook, dtype=np.float32)
+    if cb.ndim != 3 or cb.shape[1:] != (2 ** nbits, 2):
+        raise UsageError(f"codebook: expected (n_groups, {2 ** nbits}, 2), got {cb.shape}")
+    g = _group_rows(group_rows, w.shape[0], cb, "codebook")
+    xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _vq_par(w, nbits, cb, g, xf, y, _n_chunks(w.shape[0]))
+    return y

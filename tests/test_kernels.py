@@ -1,0 +1,254 @@
+"""The fast Numba kernels equal their NumPy references (`*_ref`) bit for bit, on any shape,
+for 1 and 2 threads; the integer kernels cannot overflow; the hot loops contain no multiply.
+
+JIT time is kept small: each kernel has one type signature (the wrappers convert and pad the
+inputs), so the whole file compiles every kernel once. Subprocess tests use a fresh
+NUMBA_CACHE_DIR (cached code can't be inspected, and NUMBA_BOUNDSCHECK needs a fresh compile).
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinybit import kernels, pack
+from tinybit.errors import TinybitError
+
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tokens (1 = GEMV, more = GEMM), n_out (not a multiple of the 4 rows per pass), n_in (odd sizes,
+# below and above the 256-weight block and the 8-index byte group)
+SHAPES = st.tuples(st.integers(1, 5), st.integers(1, 11), st.integers(1, 700))
+FAST = settings(max_examples=25, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _all_threads_after():
+    yield
+    kernels.set_threads()
+
+
+def per_thread_count(test):
+    """Run the test for 1 and 2 threads (its first argument sets them)."""
+    return pytest.mark.parametrize("threads", THREADS, ids=[f"{n}T" for n in THREADS])(test)
+
+
+def _float_ok(y, ref, x):
+    """Random float inputs: the summation order differs, so allow rtol 1e-5 of the result plus
+    1e-5 of the scale of the sum (sum of |x|), the bound of a float32 sum of those terms."""
+    scale = np.abs(x).astype(np.float64).sum(axis=1, keepdims=True)
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= 1e-5 * np.abs(ref) + 1e-5 * scale + 1e-30)
+
+
+# --- every kernel equals its reference ----------------------------------------------------------
+
+@per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
+def test_ternary_equals_ref(threads, shape, seed):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    y = kernels.ternary_matmul(w, x_q)
+    assert y.dtype == np.int32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.ternary_matmul_ref(w, x_q))
+
+
+@per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
+def test_binary_equals_ref(threads, shape, seed):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    y = kernels.binary_matmul(w, x_q)
+    assert y.dtype == np.int32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.binary_matmul_ref(w, x_q))
+
+
+@per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
+def test_binary_f32_equals_ref(threads, shape, seed):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)  # exact sums
+    y = kernels.binary_matmul_f32(w, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.binary_matmul_f32_ref(w, x_int))
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.binary_matmul_f32(w, x), kernels.binary_matmul_f32_ref(w, x), x)
+
+
+@per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1), bits=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       group_rows=st.sampled_from([None, 0, 1, 3]))
+def test_lut_equals_ref(threads, shape, seed, bits, group_rows):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w = pack.pack_indices(rng.integers(0, 2 ** bits, (n_out, n_in)), bits)
+    n_groups = -(-n_out // group_rows) if group_rows else 1
+    lut_int = rng.integers(-50, 51, (n_groups, 2 ** bits)).astype(np.float32)
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)
+    y = kernels.lut_matmul(w, bits, lut_int, group_rows, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.lut_matmul_ref(w, bits, lut_int, group_rows, x_int))
+    lut = rng.standard_normal((n_groups, 2 ** bits)).astype(np.float32)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.lut_matmul(w, bits, lut, group_rows, x),
+              kernels.lut_matmul_ref(w, bits, lut, group_rows, x), x * np.abs(lut).max())
+
+
+@per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1), bits=st.sampled_from([1, 2, 3, 4]),
+       group_rows=st.sampled_from([None, 0, 2]))
+def test_vq_equals_ref(threads, shape, seed, bits, group_rows):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    k = 2 ** (2 * bits)
+    w = pack.pack_indices(rng.integers(0, k, (n_out, -(-n_in // 2))), 2 * bits)
+    n_groups = -(-n_out // group_rows) if group_rows else 1
+    cb_int = rng.integers(-50, 51, (n_groups, k, 2)).astype(np.float32)
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)
+    y = kernels.vq_matmul(w, bits, cb_int, group_rows, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.vq_matmul_ref(w, bits, cb_int, group_rows, x_int))
+    cb = rng.standard_normal((n_groups, k, 2)).astype(np.float32)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.vq_matmul(w, bits, cb, group_rows, x),
+              kernels.vq_matmul_ref(w, bits, cb, group_rows, x), x * np.abs(cb).max())
+
+
+@per_thread_count
+def test_gemm_rows_equal_gemv(threads):
+    """Many tokens (token tiles of the GEMM path) give exactly the per-token GEMV results."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(1)
+    w = pack.pack_ternary(rng.integers(-1, 2, (37, 2000)))
+    x_q = rng.integers(-128, 128, (70, 2000)).astype(np.int8)
+    y = kernels.ternary_matmul(w, x_q)
+    np.testing.assert_array_equal(y[[0, 33, 69]], np.concatenate(
+        [kernels.ternary_matmul(w, x_q[t:t + 1]) for t in (0, 33, 69)]))
+    np.testing.assert_array_equal(y, kernels.ternary_matmul_ref(w, x_q))
+
+
+# --- overflow: int16 lanes are flushed before they can overflow ---------------------------------
+
+@per_thread_count
+@pytest.mark.parametrize("x_val", [127, -127, -128])
+@pytest.mark.parametrize("w_val", [1, -1])
+def test_integer_kernels_exact_at_extremes(threads, x_val, w_val):
+    kernels.set_threads(threads)
+    n_in = 17920  # 70 blocks: more than two int16 flush periods
+    x_q = np.full((2, n_in), x_val, np.int8)
+    w = np.full((5, n_in), w_val)
+    expect = np.full((2, 5), x_val * w_val * n_in, np.int64)
+    np.testing.assert_array_equal(kernels.ternary_matmul(pack.pack_ternary(w), x_q), expect)
+    np.testing.assert_array_equal(kernels.binary_matmul(pack.pack_binary(w), x_q), expect)
+
+
+def test_empty_and_bad_inputs():
+    w = pack.pack_ternary(np.ones((3, 10), np.int64))
+    assert kernels.ternary_matmul(w, np.zeros((0, 10), np.int8)).shape == (0, 3)
+    with pytest.raises(TinybitError):
+        kernels.ternary_matmul(w, np.zeros((1, 300), np.int8))  # wrong n_in for the packed rows
+    with pytest.raises(TinybitError):
+        kernels.ternary_matmul(w, np.zeros((1, 10), np.int16))  # activations must be int8
+    with pytest.raises(TinybitError):
+        kernels.lut_matmul(pack.pack_indices(np.zeros((5, 8), np.int64), 2), 2,
+                           np.zeros((1, 4), np.float32), 2, np.zeros((1, 8), np.float32))  # 1 LUT, 3 groups
+    with pytest.raises(TinybitError):
+        kernels.set_threads(0)
+
+
+# --- subprocess checks: multiply-free machine code, bounds-checked run -------------------------
+
+def _run(code, **env):
+    """Run `code` in a fresh interpreter with a fresh, empty numba cache; return its stdout."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        e = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=REPO, **env)
+        p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+VECTOR_MULTIPLY = re.compile(
+    r"\b(vpmull[wdq]|vpmulh\w*|vpmul[u]?dq|vpmaddubsw|vpmaddwd|vpdpbusds?|vpdpwssds?"
+    r"|vmul[ps][sd]|vf[n]?m(add|sub)\w*)\b")
+
+
+def test_plane_kernels_are_multiply_free():
+    """The compiled row kernels (GEMV and GEMM use the same ones) contain no multiply instruction
+    on vectors or floats anywhere in the function (only scalar imul for row/index arithmetic),
+    and do contain vector adds (vpaddw for int16 lanes, vaddps for float32): not vacuous."""
+    out = _run("""
+        import json, numpy as np
+        from tinybit import kernels as k
+        rng = np.random.default_rng(0)
+        w2, w1 = rng.integers(0, 256, (6, 128), np.uint8), rng.integers(0, 256, (6, 64), np.uint8)
+        asm = {}
+        for tokens in (1, 3):  # GEMV, GEMM: same compiled function
+            x16 = rng.integers(-128, 128, (tokens, 512)).astype(np.int16)
+            xf = x16.astype(np.float32)
+            k._ternary_rows(w2, x16, -x16, np.zeros((tokens, 6), np.int32), 0, 6)
+            k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
+            k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
+        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows):
+            sigs = f.inspect_asm()
+            assert len(sigs) == 1, sigs.keys()
+            asm[f.__name__] = list(sigs.values())[0]
+        print(json.dumps(asm))
+    """)
+    import json
+    asm = json.loads(out)
+    for name, text in asm.items():
+        code = [ln.split("#")[0] for ln in text.splitlines() if ln.startswith("\t") and not ln.startswith("\t.")]
+        body = "\n".join(code)
+        assert len(code) > 100, name
+        bad = sorted({m.group(0) for m in VECTOR_MULTIPLY.finditer(body)})
+        assert not bad, f"{name}: multiply instructions {bad}"
+        add = "vaddps" if "f32" in name else "vpaddw"
+        assert re.search(rf"\b{add}\b.*zmm", body), f"{name}: no {add} on zmm registers (not vectorized?)"
+
+
+def test_kernels_under_boundscheck():
+    """NUMBA_BOUNDSCHECK=1 (fresh compile): no out-of-bounds access, results still equal the refs."""
+    out = _run("""
+        import numpy as np
+        from tinybit import kernels as k, pack
+        rng = np.random.default_rng(0)
+        for tokens, n_out, n_in in [(1, 5, 300), (3, 9, 513)]:
+            x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+            x = rng.integers(-99, 100, (tokens, n_in)).astype(np.float32)
+            wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
+            wb = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
+            assert (k.ternary_matmul(wt, x_q) == k.ternary_matmul_ref(wt, x_q)).all()
+            assert (k.binary_matmul(wb, x_q) == k.binary_matmul_ref(wb, x_q)).all()
+            assert (k.binary_matmul_f32(wb, x) == k.binary_matmul_f32_ref(wb, x)).all()
+            wi = pack.pack_indices(rng.integers(0, 8, (n_out, n_in)), 3)
+            lut = rng.integers(-9, 10, (n_out, 8)).astype(np.float32)
+            assert (k.lut_matmul(wi, 3, lut, 1, x) == k.lut_matmul_ref(wi, 3, lut, 1, x)).all()
+            wv = pack.pack_indices(rng.integers(0, 16, (n_out, -(-n_in // 2))), 4)
+            cb = rng.integers(-9, 10, (1, 16, 2)).astype(np.float32)
+            assert (k.vq_matmul(wv, 2, cb, None, x) == k.vq_matmul_ref(wv, 2, cb, None, x)).all()
+        print("ok")
+    """, NUMBA_BOUNDSCHECK="1")
+    assert out.strip() == "ok"
