@@ -1,0 +1,884 @@
+#!/usr/bin/env python3
+"""Convert a checkpoint into a tinybit model directory (docs/convert.md).
+
+    python tools/convert.py SRC OUT [--scheme S] [--group-size G] [--head-scheme S] [--family F]
+                            [--config CONFIG.json] [--embed-dtype f32|f16] [--force] [--debug]
+
+SRC is a Hugging Face model directory (config.json + model.safetensors, sharded *.safetensors with
+an index, or pytorch_model.bin read with torch.load(weights_only=True)), a raw state-dict file
+(.safetensors / .pt / .pth / .bin) together with --config, or a llama .gguf file.
+
+Families (detected from the config, --family overrides):
+    bitnet        microsoft/bitnet-b1.58-2B-4T, packed (autobitlinear, offline): weight_scale MULTIPLIES
+    bitnet-bf16   microsoft/bitnet-b1.58-2B-4T-bf16 master weights (autobitlinear, online)
+    hf-bitlinear  HF1BitLLM Llama3-8B-1.58 / Falcon3-*-1.58bit, packed (bitlinear): weight_scale DIVIDES
+    1bitllm       1bitLLM/bitnet_b1_58-* fp16 masters (model_type llama + inner_attn_ln / ffn_layernorm)
+    onebit        OneBit bitllama (sign + weight_scale h + input_factor g, LayerNorm after the product)
+    llama         any float LLaMA-family checkpoint, post-training quantized with --scheme
+
+Everything is checked before anything is written; the output appears (renamed from a temporary
+directory) only when complete. Errors are tinybit.errors.TinybitError subclasses; the CLI prints
+one line `convert.py: error: ...` and exits 2 (--debug shows the traceback).
+torch is imported only to read .bin/.pt/.pth files.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tinybit import io, linear, pack  # noqa: E402
+from tinybit import model as tbmodel  # noqa: E402
+from tinybit.errors import ConfigError, FormatError, TinybitError, UsageError  # noqa: E402
+
+FAMILIES = ("bitnet", "bitnet-bf16", "hf-bitlinear", "1bitllm", "onebit", "llama")
+FAMILY_INFO = {
+    "bitnet": "BitNet b1.58 2B4T packed (autobitlinear, offline; weight_scale multiplies)",
+    "bitnet-bf16": "BitNet b1.58 2B4T master weights (autobitlinear, online; ternarized at conversion)",
+    "hf-bitlinear": "HF 'bitnet' packed (bitlinear; weight_scale = 1/mean|W| divides)",
+    "1bitllm": "1bitLLM bitnet_b1_58 fp16 master weights (ternarized at conversion)",
+    "onebit": "OneBit bitllama (sign, g, h, LayerNorm after the product)",
+    "llama": "float LLaMA-family checkpoint",
+}
+SCHEME_NAMES = ("ternary", "ternary-row", "binary", "onebit", "onebit-svd", "onebit-nmf",
+                "lut1", "lut2", "lut3", "lut4", "lut6", "lut8", "vq1", "vq2", "vq3", "vq4", "f16", "f32")
+EPS = 1e-5  # transformers' clamp of mean|W| in BitNet weight quantization
+PROJ = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+        "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+LAYER_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight",    # BitNet 2B4T
+               "mlp.ffn_sub_norm.weight": "ffn_sub_norm.weight",
+               "self_attn.inner_attn_ln.weight": "attn_sub_norm.weight",    # 1bitLLM
+               "mlp.ffn_layernorm.weight": "ffn_sub_norm.weight"}
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+LLAMA3_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- source tensors -----------------------------------------------------------------------------
+
+class Ref:
+    """One source tensor: name, shape, dtype kind ("float" or a NumPy int dtype) and a loader.
+    load() returns float32 for float tensors (bf16/f16/f64 widened) and checks NaN/Inf."""
+
+    def __init__(self, name, shape, dtype, loader):
+        self.name, self.shape, self.dtype, self._loader = name, tuple(int(d) for d in shape), dtype, loader
+
+    @property
+    def is_float(self):
+        return self.dtype in ("F32", "F16", "BF16", "F64")
+
+    def load(self):
+        a = self._loader()
+        if self.is_float:
+            a = np.asarray(a, dtype=np.float32)
+            if not np.all(np.isfinite(a)):
+                raise FormatError(f"tensor {self.name!r} contains NaN or Inf")
+        return a
+
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8,
+             "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32,
+             "I64": np.int64, "BOOL": np.bool_}
+
+
+def bf16_to_f32(u16):
+    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors_refs(path):
+    """{name: Ref} of a safetensors file (BF16 included), memory-mapped, header checked."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(io.MAX_HEADER, size - 8):
+                raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header must be a JSON object")
+    header.pop("__metadata__", None)
+    start, data_len = 8 + n, size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len > 0 \
+        else np.zeros(0, np.uint8)
+    refs = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
+            raise FormatError(f"{where}: unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        shape, offs = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise FormatError(f"{where}: bad shape {shape!r:.80}")
+        dt = np.dtype(ST_DTYPES[info["dtype"]])
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_len and offs[1] - offs[0] == math.prod(shape) * dt.itemsize):
+            raise FormatError(f"{where}: data_offsets {offs!r:.80} do not match shape {shape} in {data_len} data bytes")
+
+        def loader(o=offs, dt=dt, shape=shape, kind=info["dtype"]):
+            a = np.array(data[o[0]:o[1]]).view(dt).reshape(shape)
+            return bf16_to_f32(a) if kind == "BF16" else a
+        refs[name] = Ref(name, shape, info["dtype"], loader)
+    return refs
+
+
+def read_torch_refs(path):
+    """{name: Ref} of a torch state dict read with torch.load(weights_only=True) (never plain pickle)."""
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(f"{path}: reading .bin/.pt/.pth files needs torch (pip install torch), "
+                         "or convert the file to .safetensors first") from None
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found") from None
+    except Exception as e:  # weights_only refuses anything that is not plain tensors/containers
+        raise FormatError(f"{path}: cannot be read as a weights-only torch state dict: {str(e).splitlines()[0][:200]}") \
+            from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and len(sd) == 1 and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise FormatError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+             torch.bool: "BOOL"}
+    refs = {}
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise FormatError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in names:
+            raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+
+        def loader(t=t):
+            return (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
+        refs[name] = Ref(name, t.shape, names[t.dtype], loader)
+    return refs
+
+
+def read_weight_file(path):
+    if path.endswith(".safetensors"):
+        return read_safetensors_refs(path)
+    if path.endswith((".bin", ".pt", ".pth")):
+        return read_torch_refs(path)
+    raise UsageError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pt or .pth)")
+
+
+def read_json(path, required=False):
+    if not os.path.exists(path):
+        if required:
+            raise FormatError(f"{path}: not found")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read JSON: {e}") from None
+
+
+class Source:
+    """What a checkpoint provides: HF-style config dict, {hf_name: Ref}, tokenizer material."""
+
+    def __init__(self, hf_config, refs, where, tokenizer_json=None, tokenizer_config=None,
+                 generation_config=None, chat_template=None, add_bos=None, notes=()):
+        self.hf_config, self.refs, self.where = hf_config, refs, where
+        self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config or {}
+        self.generation_config = generation_config or {}
+        self.chat_template, self.add_bos, self.notes = chat_template, add_bos, list(notes)
+
+
+def read_hf_dir(src, config_path=None):
+    config = read_json(config_path or os.path.join(src, "config.json"), required=True)
+    weights = []
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = read_json(os.path.join(src, index_name))
+        if index is not None:
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict):
+                raise FormatError(f"{os.path.join(src, index_name)}: no weight_map")
+            weights = sorted(set(wm.values()))
+            break
+        if os.path.exists(os.path.join(src, single)):
+            weights = [single]
+            break
+    if not weights:
+        weights = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    if not weights:
+        raise FormatError(f"{src}: no model.safetensors, *.safetensors, pytorch_model.bin or index file")
+    refs = {}
+    for w in weights:
+        for name, ref in read_weight_file(os.path.join(src, w)).items():
+            if name in refs:
+                raise FormatError(f"{src}: tensor {name!r} appears in more than one weight file")
+            refs[name] = ref
+    tok_json = None
+    tok_path = os.path.join(src, "tokenizer.json")
+    if os.path.exists(tok_path):
+        with open(tok_path, encoding="utf-8") as f:
+            tok_json = f.read()
+        try:
+            from tokenizers import Tokenizer
+            Tokenizer.from_str(tok_json)
+        except Exception as e:
+            raise FormatError(f"{tok_path}: not a valid tokenizer: {str(e)[:200]}") from None
+    tok_cfg = read_json(os.path.join(src, "tokenizer_config.json")) or {}
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja = os.path.join(src, "chat_template.jinja")
+    if template is None and os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    ct_json = read_json(os.path.join(src, "chat_template.json"))
+    if template is None and isinstance(ct_json, dict):
+        template = ct_json.get("chat_template")
+    add_bos = tok_cfg.get("add_bos_token") if isinstance(tok_cfg.get("add_bos_token"), bool) else None
+    return Source(config, refs, src, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
+                  generation_config=read_json(os.path.join(src, "generation_config.json")),
+                  chat_template=template if isinstance(template, str) else None, add_bos=add_bos)
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+def unpermute_qk(w, n_head):
+    """Inverse of llama.cpp's convert_hf_to_gguf permute (HF rotate-half rows -> interleaved pairs)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("reading .gguf files needs the gguf package (pip install gguf)") from None
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found") from None
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable GGUF file: {str(e)[:200]}") from None
+
+    def field(key, default=None):
+        f = reader.get_field(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise UsageError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
+                         "convert the original Hugging Face checkpoint instead")
+    a = arch + "."
+    n_head = field(a + "attention.head_count")
+    n_kv = field(a + "attention.head_count_kv", n_head)
+    dim = field(a + "embedding_length")
+    if not all(isinstance(v, int) for v in (n_head, n_kv, dim)):
+        raise FormatError(f"{path}: missing llama.attention.head_count / head_count_kv / embedding_length")
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = field("tokenizer.ggml.tokens")
+    emb = tensors.get("token_embd.weight")
+    vocab = field(a + "vocab_size") or (len(tokens) if tokens else None) or (int(emb.shape[1]) if emb else None)
+    head_dim = field(a + "attention.key_length") or dim // n_head
+    rope_dim = field(a + "rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise UsageError(f"{path}: partial rotary (rope.dimension_count {rope_dim} != head_dim {head_dim}) "
+                         "is not supported")
+    hf = {"model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
+          "intermediate_size": field(a + "feed_forward_length"), "num_hidden_layers": field(a + "block_count"),
+          "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": head_dim,
+          "rms_norm_eps": field(a + "attention.layer_norm_rms_epsilon", 1e-5),
+          "rope_theta": field(a + "rope.freq_base", 10000.0),
+          "max_position_embeddings": field(a + "context_length", 2048), "hidden_act": "silu",
+          "tie_word_embeddings": "output.weight" not in tensors,
+          "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+          "eos_token_id": [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
+                           if i is not None]}
+    stype = field(a + "rope.scaling.type")
+    if stype not in (None, "none"):
+        if stype != "linear":
+            raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": field(a + "rope.scaling.factor")}
+    refs = {}
+    qtypes = gguf.GGMLQuantizationType
+    for name, t in tensors.items():
+        if name == "rope_freqs.weight":
+            raise UsageError(f"{path}: tensor 'rope_freqs.weight' (llama3 rope scaling factors) is not supported; "
+                             "convert the Hugging Face checkpoint instead")
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if m and m.group(2) in GGUF_LAYER:
+            hf_name = f"model.layers.{m.group(1)}.{GGUF_LAYER[m.group(2)]}.weight"
+        elif name in GGUF_NAMES:
+            hf_name = GGUF_NAMES[name]
+        else:
+            raise FormatError(f"{path}: unexpected tensor {name!r}")
+        shape = tuple(int(d) for d in reversed(list(t.shape)))  # ggml ne0 is the fastest (input) axis
+        perm = n_head if m and m.group(2) == "attn_q" else n_kv if m and m.group(2) == "attn_k" else None
+
+        def loader(t=t, perm=perm, shape=shape, name=name):
+            if t.tensor_type in (qtypes.F32, qtypes.F16, qtypes.F64):
+                w = np.asarray(t.data, dtype=np.float32)
+            else:
+                try:
+                    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+                except Exception as e:
+                    raise FormatError(f"{path}: tensor {name!r} of type {t.tensor_type.name} cannot be "
+                                      f"dequantized: {str(e)[:120]}") from None
+            w = w.reshape(shape)
+            return unpermute_qk(w, perm) if perm else w
+        refs[hf_name] = Ref(f"{hf_name} ({name} in {os.path.basename(path)})", shape, "F32", loader)
+    tok_json, notes = None, []
+    if tokens:
+        tok_json, note = gguf_tokenizer_json(field, tokens)
+        if note:
+            notes.append(note)
+    return Source(hf, refs, path, tokenizer_json=tok_json, chat_template=field("tokenizer.chat_template"),
+                  add_bos=field("tokenizer.ggml.add_bos_token"), notes=notes)
+
+
+def gguf_tokenizer_json(field, tokens):
+    """tokenizer.json text built from GGUF tokenizer metadata, or (None, why not)."""
+    model = field("tokenizer.ggml.model")
+    pre = field("tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        return None, (f"tokenizer: GGUF tokenizer model {model!r} is not rebuilt (only byte-level BPE 'gpt2'); "
+                      "copy tokenizer.json from the original Hugging Face repository into the output")
+    if pre not in ("default", "gpt2", "llama-bpe", "llama3"):
+        return None, (f"tokenizer: GGUF pre-tokenizer {pre!r} is not known to this converter; "
+                      "copy tokenizer.json from the original Hugging Face repository into the output")
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    merges = [tuple(m.split(" ", 1)) for m in (field("tokenizer.ggml.merges") or [])]
+    llama3 = pre in ("llama-bpe", "llama3")
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=llama3))
+    if llama3:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PRE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    types = field("tokenizer.ggml.token_type") or []
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty == 3]
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types) if ty == 4]
+    if special:
+        tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+    return tk.to_str(), None
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def read_source(args):
+    src = args.src
+    if os.path.isdir(src):
+        return read_hf_dir(src, args.config)
+    if not os.path.exists(src):
+        raise UsageError(f"{src}: no such file or directory")
+    if src.endswith(".gguf"):
+        if args.config:
+            raise UsageError("--config is not used with .gguf input (the GGUF metadata is the config)")
+        return read_gguf(src)
+    if not args.config:
+        raise UsageError(f"{src}: a raw state-dict file needs --config CONFIG.json (a Hugging Face config.json)")
+    config = read_json(args.config, required=True)
+    return Source(config, read_weight_file(src), src)
+
+
+def detect_family(src):
+    c = src.hf_config
+    qc = c.get("quantization_config") or {}
+    mt = c.get("model_type")
+    archs = c.get("architectures") or []
+    if mt == "bitllama":
+        return "onebit"
+    if qc.get("quant_method") == "bitnet":
+        if qc.get("linear_class", "bitlinear") == "autobitlinear":
+            return "bitnet-bf16" if qc.get("quantization_mode", "offline") == "online" else "bitnet"
+        return "hf-bitlinear"
+    if qc:
+        raise UsageError(f"{src.where}: quantization_config with quant_method {qc.get('quant_method')!r} "
+                         "is not supported")
+    if "BitnetForCausalLM" in archs or "weight_bits" in c or any("inner_attn_ln" in n for n in src.refs):
+        return "1bitllm"
+    if mt == "bitnet":
+        raise UsageError(f"{src.where}: model_type 'bitnet' without a quantization_config; "
+                         "pass --family bitnet-bf16 (master weights) or --family bitnet (packed)")
+    if mt in ("llama", "mistral") or src.where.endswith(".gguf"):
+        return "llama"
+    raise UsageError(f"{src.where}: model_type {mt!r} is not supported; pass --family llama if it is "
+                     "a plain LLaMA-architecture checkpoint")
+
+
+def parse_scheme(name, group, flag="--scheme"):
+    """--scheme name (+ --group-size) -> (tinybit scheme dict, onebit method)."""
+    g = {"group_rows": group} if group else {}
+    m = re.fullmatch(r"(lut|vq)(\d)", name or "")
+    if m:
+        bits = int(m.group(2))
+        spec = {"scheme": m.group(1), "bits": bits, **g}
+        io.validate_scheme(spec, flag)
+        return spec, None
+    if name in ("binary",):
+        return {"scheme": "binary", **g}, None
+    if group:
+        raise UsageError(f"--group-size applies to binary, lut* and vq* schemes, not {name!r}")
+    if name in ("ternary", "ternary-row"):
+        return {"scheme": "ternary", **({"per_row": True} if name == "ternary-row" else {})}, None
+    if name in ("onebit", "onebit-svd", "onebit-nmf"):
+        return {"scheme": "onebit", "post_ln": False}, ("nmf" if name == "onebit-nmf" else "svd")
+    if name in ("f16", "f32"):
+        return {"scheme": name}, None
+    raise UsageError(f"{flag}: unknown scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}")
+
+
+def _int(c, key, default=None, where="config.json"):
+    v = c.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive integer, got {v!r}")
+    return v
+
+
+def rope_from_hf(c, where):
+    """(rope_theta, tinybit rope_scaling) from rope_parameters (transformers 5) or rope_theta/rope_scaling."""
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_parameters" in c and any(isinstance(v, dict) for v in rp.values()):
+        raise ConfigError(f"{where}: per-layer-type rope_parameters are not supported")
+    rp = dict(rp) if isinstance(rp, dict) else dict(c.get("rope_scaling") or {})
+    theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    if rtype in ("default", None):
+        return float(theta), None
+    if rtype == "linear":
+        return float(theta), {"type": "linear", "factor": rp.get("factor")}
+    if rtype == "llama3":
+        return float(theta), {"type": "llama3", **{k: rp.get(k) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    raise ConfigError(f"{where}: rope type {rtype!r} is not supported (default, linear, llama3)")
+
+
+ACT = {"silu": "silu", "swish": "silu", "relu2": "relu2", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def token_ids(src, vocab):
+    """bos id, eos id list, with generation_config.json taking precedence; ids outside the vocab dropped."""
+    c, g = src.hf_config, src.generation_config
+    bos = g.get("bos_token_id", c.get("bos_token_id"))
+    eos = g.get("eos_token_id", c.get("eos_token_id"))
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    ok = lambda i: isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab  # noqa: E731
+    for i in [bos] + eos:
+        if i is not None and not ok(i):
+            src.notes.append(f"token id {i!r} from the config is outside the vocabulary ({vocab}); dropped")
+    return (bos if ok(bos) else None), [i for i in dict.fromkeys(eos) if ok(i)]
+
+
+def build_config(src, family, args):
+    c, where = src.hf_config, src.where
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ConfigError(f"{where}: {key} is true; biases are not supported")
+    act = c.get("hidden_act", "relu2" if family in ("bitnet", "bitnet-bf16") else "silu")
+    if act not in ACT:
+        raise ConfigError(f"{where}: hidden_act {act!r} is not supported ({', '.join(ACT)})")
+    n_heads = _int(c, "num_attention_heads", where=where)
+    dim = _int(c, "hidden_size", where=where)
+    head_dim = c.get("head_dim") or dim // n_heads
+    theta, scaling = rope_from_hf(c, where)
+    vocab = _int(c, "vocab_size", where=where)
+    bos, eos = token_ids(src, vocab)
+    add_bos = src.add_bos if src.add_bos is not None else False
+    sw = c.get("sliding_window")
+    if isinstance(sw, int) and sw < int(c.get("max_position_embeddings", 2048)):
+        src.notes.append(f"sliding_window {sw} is ignored: tinybit attends to the whole context "
+                         f"(identical for sequences up to {sw} tokens)")
+    quant = {"scheme": "ternary"}
+    if family == "onebit":
+        quant = {"scheme": "onebit", "post_ln": True}
+    elif family == "llama":
+        quant = args.block_spec
+    try:
+        config = io.Config(
+            vocab_size=vocab, dim=dim, n_layers=_int(c, "num_hidden_layers", where=where), n_heads=n_heads,
+            n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+            ffn_dim=_int(c, "intermediate_size", where=where), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=int(c.get("max_position_embeddings", 2048)),
+            activation=ACT[act], sub_norms=family in ("bitnet", "bitnet-bf16", "1bitllm"),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)), embed_dtype=args.embed_dtype,
+            quant=quant, bos_token_id=bos, eos_token_ids=eos, add_bos=bool(add_bos and bos is not None),
+            chat_template=src.chat_template, family=family)
+        config.validate(where)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return config
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+def group_source(src, config):
+    """Sort the source tensors into canonical plain tensors and linears; refuse unknown names."""
+    plain, lin = {}, {}
+    for name, ref in src.refs.items():
+        if IGNORED.search(name):
+            continue
+        n = name[len("model."):] if name.startswith("model.") else name
+        target = None
+        if n == "embed_tokens.weight":
+            target = ("plain", "embed.weight")
+        elif n == "norm.weight":
+            target = ("plain", "norm.weight")
+        elif n == "lm_head.weight":
+            target = ("linear", "head", "weight")
+        else:
+            m = re.fullmatch(r"layers\.(\d+)\.(.+)", n)
+            if m and int(m.group(1)) < config.n_layers:
+                i, rest = m.group(1), m.group(2)
+                if rest in LAYER_NORMS:
+                    target = ("plain", f"layers.{i}.{LAYER_NORMS[rest]}")
+                else:
+                    mod, _, suffix = rest.rpartition(".")
+                    if mod in PROJ and suffix in ("weight", "weight_scale", "input_factor"):
+                        target = ("linear", f"layers.{i}.{PROJ[mod]}", suffix)
+        if target is None:
+            raise FormatError(f"{src.where}: unexpected tensor {name!r}")
+        if target[0] == "plain":
+            if target[1] in plain:
+                raise FormatError(f"{src.where}: tensors {plain[target[1]].name!r} and {name!r} both map to "
+                                  f"{target[1]!r}")
+            plain[target[1]] = ref
+        else:
+            lin.setdefault(target[1], {})[target[2]] = ref
+    return plain, lin
+
+
+def check_shape(ref, shape, what=""):
+    if ref.shape != tuple(shape):
+        raise FormatError(f"tensor {ref.name!r} has shape {list(ref.shape)}, expected {list(shape)}{what}")
+
+
+def unpack_hf_2bit(ref, n_out, n_in):
+    """HF 'bitnet' packing: uint8 (ceil(n_out/4), n_in), row i*R+p in bits 2i of packed row p; code = t + 1."""
+    if ref.dtype not in ("U8", "I8"):
+        raise FormatError(f"tensor {ref.name!r}: packed ternary weights must be uint8, got {ref.dtype}")
+    r = -(-n_out // 4)
+    check_shape(ref, (r, n_in), " (packed 2-bit, 4 output rows per byte)")
+    p = np.asarray(ref.load()).view(np.uint8)
+    codes = ((p[None] >> np.array([0, 2, 4, 6], np.uint8)[:, None, None]) & 3).reshape(4 * r, n_in)[:n_out]
+    bad = np.argwhere(codes == 3)
+    if len(bad):
+        row, col = bad[0]
+        raise FormatError(f"tensor {ref.name!r}: illegal 2-bit code 3 (valid: 0 -> -1, 1 -> 0, 2 -> +1) at "
+                          f"weight row {row}, column {col} ({len(bad)} such code(s))")
+    return codes.astype(np.int8) - 1
+
+
+def scalar_scale(ref):
+    if math.prod(ref.shape) != 1:
+        raise FormatError(f"tensor {ref.name!r} has shape {list(ref.shape)}, expected a single value [1]")
+    if not ref.is_float:
+        raise FormatError(f"tensor {ref.name!r} must be a float, got {ref.dtype}")
+    v = float(ref.load().reshape(-1)[0])
+    if v <= 0:
+        raise FormatError(f"tensor {ref.name!r} = {v}: a weight scale must be positive")
+    return v
+
+
+def ternarize_hf(w):
+    """transformers' WeightQuant / 1bitLLM weight_quant in float32: s = 1/clamp(mean|W|, 1e-5),
+    T = clip(round(W*s), -1, 1), W_eff = T / s. Returns T (int8) and gamma = float32(1/s)."""
+    w = np.asarray(w, dtype=np.float32)
+    mean = np.float32(np.abs(w, dtype=np.float64).mean() if w.size else 0.0)
+    s = np.float32(1.0) / np.maximum(mean, np.float32(EPS))
+    t = np.clip(np.rint(w * s), -1, 1).astype(np.int8)
+    return t, np.float32(np.float32(1.0) / s)
+
+
+def float_weight(parts, n_out, n_in, name):
+    ref = parts.get("weight")
+    if ref is None:
+        raise FormatError(f"missing tensor for linear {name!r} (its .weight)")
+    check_shape(ref, (n_out, n_in))
+    if not ref.is_float:
+        raise FormatError(f"tensor {ref.name!r}: expected float weights, got {ref.dtype}")
+    return ref.load()
+
+
+def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
+    """-> (stored {suffix: array}, spec used, float reference W or None for the error report)."""
+    extra = sorted(set(parts) - {"weight"} - ({"weight_scale"} if family in ("bitnet", "hf-bitlinear") else set())
+                   - ({"weight_scale", "input_factor"} if family == "onebit" else set()))
+    if extra:
+        raise FormatError(f"unexpected tensor {parts[extra[0]].name!r} for a {family} checkpoint")
+    if name == "head" or spec["scheme"] == "f32" and family not in ("bitnet", "hf-bitlinear", "onebit"):
+        w = float_weight(parts, n_out, n_in, name)
+        if spec["scheme"] == "f32":
+            return {"weight": w}, spec, None
+        return linear.quantize(w, spec, onebit_method=onebit_method), spec, w
+    if family in ("bitnet", "hf-bitlinear"):
+        ref = parts.get("weight")
+        if ref is not None and ref.is_float and "weight_scale" not in parts:  # a module left unquantized
+            return {"weight": float_weight(parts, n_out, n_in, name)}, {"scheme": "f32"}, None
+        if ref is None or "weight_scale" not in parts:
+            miss = "weight" if ref is None else "weight_scale"
+            raise FormatError(f"missing tensor for linear {name!r} ({miss})")
+        t = unpack_hf_2bit(ref, n_out, n_in)
+        ws = scalar_scale(parts["weight_scale"])
+        gamma = np.float32(ws) if family == "bitnet" else np.float32(1.0) / np.float32(ws)
+        return {"w_packed": pack.pack_ternary(t), "scale": np.array([gamma], np.float32)}, spec, None
+    if family in ("bitnet-bf16", "1bitllm"):
+        w = float_weight(parts, n_out, n_in, name)
+        t, gamma = ternarize_hf(w)
+        return {"w_packed": pack.pack_ternary(t), "scale": np.array([gamma], np.float32)}, spec, w
+    if family == "onebit":
+        for k in ("weight", "weight_scale", "input_factor"):
+            if k not in parts:
+                raise FormatError(f"missing tensor for linear {name!r} ({k})")
+        ref = parts["weight"]
+        if ref.is_float:
+            check_shape(ref, (n_out, n_in))
+            sign = np.where(ref.load() < 0, -1, 1).astype(np.int8)  # OneBit's packer maps sign 0 to +1
+        else:
+            if n_in % 8:
+                raise FormatError(f"tensor {ref.name!r}: packed OneBit signs need in_features % 8 == 0")
+            check_shape(ref, (n_out, n_in // 8), " (packed OneBit signs, 8 inputs per byte)")
+            if ref.dtype not in ("I8", "U8"):
+                raise FormatError(f"tensor {ref.name!r}: packed OneBit signs must be int8, got {ref.dtype}")
+            b = np.asarray(ref.load()).view(np.uint8)
+            bits = (b[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1  # LSB-first along the input axis
+            sign = (1 - 2 * bits.reshape(n_out, n_in).astype(np.int8)).astype(np.int8)  # bit 1 = -1
+        h, g = parts["weight_scale"], parts["input_factor"]
+        check_shape(h, (n_out,))
+        check_shape(g, (n_in,))
+        return {"w_packed": pack.pack_binary(sign), "g": g.load(), "h": h.load()}, spec, None
+    # llama PTQ
+    w = float_weight(parts, n_out, n_in, name)
+    return linear.quantize(w, spec, onebit_method=onebit_method), spec, w
+
+
+def convert_weights(src, config, family, args):
+    plain, lin = group_source(src, config)
+    c = config
+    # plain tensors: norms and the embedding
+    expected_plain = {k: shape for k, (_, shape) in tbmodel.expected_tensors(c).items()
+                      if k == "embed.weight" or k.endswith("norm.weight")}
+    hf_names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    for k in expected_plain:
+        if k not in plain:
+            raise FormatError(f"{src.where}: missing tensor {hf_names.get(k, k)!r} (tinybit {k!r})")
+    out = {}
+    for k, shape in expected_plain.items():
+        check_shape(plain[k], shape)
+        if not plain[k].is_float:
+            raise FormatError(f"tensor {plain[k].name!r}: expected floats, got {plain[k].dtype}")
+        out[k] = plain[k].load().astype(np.float16 if k == "embed.weight" and c.embed_dtype == "f16" else np.float32)
+    extra = sorted(set(plain) - set(expected_plain))
+    if extra:
+        raise FormatError(f"{src.where}: unexpected tensor {plain[extra[0]].name!r} for family {family}")
+    # tied head: a stored lm_head must be the embedding
+    head_spec = args.head_spec
+    if c.tie_embeddings and "head" in lin:
+        h = lin.pop("head")
+        if set(h) != {"weight"} or h["weight"].shape != (c.vocab_size, c.dim) or \
+                not np.array_equal(h["weight"].load(), plain["embed.weight"].load()):
+            raise FormatError(f"unexpected tensor {h['weight'].name!r}: tie_word_embeddings is true but it "
+                              "differs from the embedding")
+    if c.tie_embeddings and head_spec["scheme"] != "f32":  # a quantized head is stored untied
+        c.tie_embeddings = False
+        embed = plain["embed.weight"]
+        lin["head"] = {"weight": Ref(f"{embed.name} (as the untied head)", embed.shape, "F32", embed.load)}
+    c.head_quant = head_spec
+    shapes = tbmodel.linear_shapes(c)
+    names = {n for n, _, _ in shapes}
+    for name in sorted(set(lin) - names):
+        raise FormatError(f"{src.where}: unexpected tensor {next(iter(lin[name].values())).name!r}")
+    for name in names:
+        if name not in lin:
+            hf = "lm_head.weight" if name == "head" else name
+            raise FormatError(f"{src.where}: missing tensor(s) for linear {name!r} "
+                              f"(e.g. {hf if name == 'head' else 'model.' + hf + '...'})")
+    stats = []
+    t0 = time.time()
+    for i, (name, n_out, n_in) in enumerate(shapes):
+        spec = head_spec if name == "head" else c.quant
+        log(f"convert: [{i + 1}/{len(shapes)}] {name} ({n_out}x{n_in}, {spec['scheme']})")
+        stored, used, w = convert_linear(family, name, lin[name], n_out, n_in, spec, args.onebit_method)
+        if used != spec and name != "head":
+            c.quant_overrides[name] = used
+        for suffix, t in stored.items():
+            out[f"{name}.{suffix}"] = t
+        err = None
+        if w is not None:
+            w_hat = linear.dequantize(linear.make(used, stored, n_out, n_in))
+            nw = float(np.linalg.norm(w.astype(np.float64)))
+            err = float(np.linalg.norm((w_hat - w).astype(np.float64))) / nw if nw > 0 else 0.0
+        stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()), err, used["scheme"]))
+    log(f"convert: {len(shapes)} linears in {time.time() - t0:.1f}s")
+    io.check_tensors(out, tbmodel.expected_tensors(c), "converted model")
+    return out, stats
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def _is_replaceable(path):
+    """--force only replaces an existing tinybit model directory (or an empty directory)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    entries = os.listdir(path)
+    return not entries or ("config.json" in entries and "model.safetensors" in entries)
+
+
+def write_output(out_dir, config, tensors, tokenizer_json, force):
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.lexists(out_dir):
+        io.save_model(out_dir, config, tensors, tokenizer_json=tokenizer_json)
+        return
+    parent, base = os.path.split(out_dir)
+    tag = f"{os.getpid()}-{int(time.time() * 1000) % 10 ** 9}"
+    new, old = os.path.join(parent, f".{base}.new-{tag}"), os.path.join(parent, f".{base}.old-{tag}")
+    io.save_model(new, config, tensors, tokenizer_json=tokenizer_json)
+    try:
+        os.rename(out_dir, old)
+    except OSError as e:
+        shutil.rmtree(new, ignore_errors=True)
+        raise UsageError(f"{out_dir}: cannot replace: {e}") from None
+    try:
+        os.rename(new, out_dir)
+    except OSError as e:
+        os.rename(old, out_dir)
+        shutil.rmtree(new, ignore_errors=True)
+        raise UsageError(f"{out_dir}: cannot replace: {e}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def report(src, out_dir, config, family, tensors, stats):
+    n_params = sum(math.prod(t.shape) for k, t in tensors.items()
+                   if k.rsplit(".", 1)[0] not in {s[0] for s in stats})
+    lin_params = sum(s[1] for s in stats)
+    lin_bytes = sum(s[2] for s in stats)
+    total_bytes = sum(t.nbytes for t in tensors.values())
+    total_params = n_params + lin_params
+    lines = [f"converted {src.where} -> {out_dir}",
+             f"  family: {family} ({FAMILY_INFO[family]})",
+             f"  scheme: {json.dumps(config.quant)}"
+             + (f", {len(config.quant_overrides)} override(s)" if config.quant_overrides else "")
+             + f"; head: {'tied to embed' if config.tie_embeddings else json.dumps(config.head_quant)}",
+             f"  parameters: {total_params:,} ({lin_params:,} in linears)",
+             f"  bytes: {total_bytes:,} ({lin_bytes:,} in linears, scales and tables included)",
+             f"  bits per weight: linears {8 * lin_bytes / max(lin_params, 1):.3f}, "
+             f"all tensors {8 * total_bytes / max(total_params, 1):.3f}"]
+    errs = [s for s in stats if s[3] is not None]
+    if errs:
+        lines.append("  relative weight error ||W - Q(W)|| / ||W||:")
+        by_layer = {}
+        for name, _, _, err, _ in errs:
+            layer, _, lname = name.rpartition(".")
+            by_layer.setdefault(layer or "head", []).append(f"{lname} {err:.4f}")
+        for layer, items in by_layer.items():
+            lines.append(f"    {layer}: " + "  ".join(items))
+        lines.append(f"    mean: {np.mean([s[3] for s in errs]):.4f}")
+    for note in src.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def make_parser():
+    p = _Parser(prog="convert.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="HF model directory, raw state-dict file (with --config) or .gguf file")
+    p.add_argument("out", help="output tinybit model directory (must not exist unless --force)")
+    p.add_argument("--scheme", help=f"PTQ scheme for float checkpoints: {', '.join(SCHEME_NAMES)} (default f32)")
+    p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
+    p.add_argument("--head-scheme", default="f32", help="scheme of the output head (default f32)")
+    p.add_argument("--family", choices=FAMILIES, help="override the detected checkpoint family")
+    p.add_argument("--config", help="HF config.json for a raw state-dict file (or to replace SRC/config.json)")
+    p.add_argument("--embed-dtype", choices=("f32", "f16"), default="f32", help="storage of the embedding")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT (after the new one is complete)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def convert(argv):
+    args = make_parser().parse_args(argv)
+    if args.group_size is not None and args.group_size < 1:
+        raise UsageError(f"--group-size must be a positive integer, got {args.group_size}")
+    out_dir = os.path.abspath(args.out)
+    if os.path.lexists(out_dir):
+        if not args.force:
+            raise UsageError(f"{args.out}: already exists; pass --force to replace it")
+        if not _is_replaceable(out_dir):
+            raise UsageError(f"{args.out}: exists and is not a tinybit model directory; refusing to replace it "
+                             "even with --force")
+    src = read_source(args)
+    family = args.family or detect_family(src)
+    args.onebit_method = "svd"
+    if family == "llama":
+        args.block_spec, method = parse_scheme(args.scheme or "f32", args.group_size)
+        args.onebit_method = method or "svd"
+    else:
+        if args.scheme or args.group_size:
+            raise UsageError(f"--scheme/--group-size apply to float checkpoints (family llama); this is a "
+                             f"{family} checkpoint ({FAMILY_INFO[family]}), converted without loss")
+        args.block_spec = None
+    args.head_spec, head_method = parse_scheme(args.head_scheme, None, "--head-scheme")
+    if head_method and family != "llama":
+        args.onebit_method = head_method
+    config = build_config(src, family, args)
+    tensors, stats = convert_weights(src, config, family, args)
+    write_output(out_dir, config, tensors, src.tokenizer_json, args.force)
+    print(report(src, args.out, config, family, tensors, stats), flush=True)
+    return config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        convert(argv)
+    except TinybitError as e:
+        if debug:
+            raise
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convert.py: interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
