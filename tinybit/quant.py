@@ -75,8 +75,10 @@ def absmax_quantize(x, bits=8, per_token=True):
 
 
 def absmax_dequantize(x_q, scale):
-    """x ~= x_q / scale (float32)."""
-    return (x_q.astype(np.float32) / scale).astype(np.float32)
+    """x ~= x_q / scale (float32). Computed in float64: |x_q / scale| <= gamma, which the clip
+    keeps finite even when a tiny (subnormal) scale has lost precision."""
+    fmax = np.finfo(np.float32).max
+    return np.clip(x_q / np.asarray(scale, dtype=np.float64), -fmax, fmax).astype(np.float32)
 
 
 # --- 2. BitNet: binary weights ---------------------------------------------------------------
@@ -96,6 +98,12 @@ def binarize(w, group_rows=None):
     groups = _row_groups(w.shape[0], group_rows)
     alpha = _group_mean(w, groups)
     beta = _group_mean(np.abs(w), groups)
+    # a mean lies within its group's range; keep float rounding from pushing it outside
+    # (a constant group would otherwise round to just below its value and binarize to +1)
+    lo, hi = np.full(len(alpha), np.inf), np.full(len(alpha), -np.inf)
+    np.minimum.at(lo, groups, w.min(axis=1))
+    np.maximum.at(hi, groups, w.max(axis=1))
+    alpha = np.clip(alpha, lo, hi)
     w_sign = np.where(w - alpha[groups][:, None] > 0, 1, -1).astype(np.int8)
     return w_sign, alpha.astype(np.float32), beta.astype(np.float32)
 
@@ -153,6 +161,8 @@ def onebit_svid(w, method="svd", nmf_iters=100):
         if a.sum() < 0:  # singular vectors have a free sign; the Perron pair is non-negative
             a, b = -a, -b
         a, b = np.maximum(a, 0), np.maximum(b, 0)
+        if b @ b > 0:  # best a for this b: repairs a mixed-sign vector from a repeated singular value
+            a = m @ b / (b @ b)
     elif method == "nmf":
         b = m.mean(axis=0)
         a = np.zeros(m.shape[0])
