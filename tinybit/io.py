@@ -261,6 +261,11 @@ def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.rename(tmp, model_dir)
     except BaseException:
         _rmtree(tmp)

@@ -1,0 +1,95 @@
+"""The default model shipped in models/: it reproduces its training model, it has learned, and it writes Python."""
+import io
+import os
+import re
+import subprocess
+import sys
+import tokenize
+
+import numpy as np
+import pytest
+
+import tinybit
+from tinybit.generate import DEFAULT_MODEL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import stdlib_corpus  # noqa: E402
+
+FIXTURE = os.path.join(ROOT, "tests", "data", "stdlib_b158_reference.npz")
+HELD_OUT_TOKENS = 8192
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinybit.load(DEFAULT_MODEL)
+
+
+def test_logits_equal_the_training_model(model):
+    """tools/train.py's torch model in eval mode (quantized forward) on held-out tokens, exported with
+    the checkpoint; the converted ternary model must give the same logits."""
+    ref = np.load(FIXTURE)
+    got = model.logits(ref["ids"])
+    assert got.shape == ref["logits"].shape
+    assert np.abs(got - ref["logits"]).max() <= 1e-4 * np.abs(ref["logits"]).max()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return stdlib_corpus.split_corpus()
+
+
+def test_held_out_perplexity_beats_a_third_of_unigram(model, corpus, tmp_path):
+    train, held = corpus
+    text = ("\n" + stdlib_corpus.EOT + "\n").join(held)
+    path = tmp_path / "heldout.py.txt"
+    path.write_text(text, encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "tinybit.eval", "--model", DEFAULT_MODEL, "--text", str(path),
+                        "--ctx", "256", "--max-tokens", str(HELD_OUT_TOKENS)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ppl = float(re.search(r"perplexity: ([0-9.]+)", r.stdout).group(1))
+    # unigram model of the training split (add-one smoothing), scored on the same held-out tokens
+    tok = model.tokenizer
+    counts = np.ones(model.config.vocab_size)
+    for enc in tok.encode_batch(train, add_special_tokens=False):
+        counts += np.bincount(enc.ids, minlength=len(counts))
+    held_ids = tok.encode(text, add_special_tokens=False).ids[1:HELD_OUT_TOKENS]  # token 0 is never scored
+    unigram = float(np.exp(-np.mean(np.log(counts[held_ids] / counts.sum()))))
+    print(f"held-out perplexity {ppl:.2f}, unigram {unigram:.2f}")
+    assert ppl <= unigram / 3
+
+
+def accepted_by_tokenize(text, strict=False):
+    """Python's tokenize accepts the text up to its last complete line (there must be one).
+
+    tokenize reads line by line; a wrong indentation or a bad token raises at that line. The one
+    error it can only raise at the end of input, "EOF in multi-line statement/string", means the
+    text was cut inside an open bracket or string: our cut after 64 tokens, not the model's. It is
+    excused unless strict=True (then the cut text must also close every bracket and string)."""
+    if "\n" not in text:
+        return False
+    text = text[:text.rindex("\n") + 1]
+    try:
+        list(tokenize.generate_tokens(io.StringIO(text).readline))
+        return True
+    except tokenize.TokenError as e:
+        return not strict and str(e.args[0]).startswith("EOF in multi-line")
+    except (IndentationError, SyntaxError):
+        return False
+
+
+def test_accepted_by_tokenize_rejects_what_it_should():
+    assert accepted_by_tokenize("x = 1\ny")
+    assert not accepted_by_tokenize("no complete line")
+    assert not accepted_by_tokenize("if x:\n        y\n    z\n")  # dedent to no outer level
+    assert accepted_by_tokenize("f(a,\n  b")  # cut inside a bracket: excused...
+    assert not accepted_by_tokenize("f(a,\n  b", strict=True)  # ...but not when strict
+
+
+def test_samples_after_def_are_python(model):
+    texts = ["def " + model.generate("def ", max_new_tokens=64, seed=seed) for seed in range(20)]
+    ok = sum(accepted_by_tokenize(t) for t in texts)
+    strict = sum(accepted_by_tokenize(t, strict=True) for t in texts)
+    print(f"{ok}/20 samples accepted by tokenize ({strict}/20 also closing every bracket and string)")
+    assert ok >= 16
