@@ -297,6 +297,12 @@ def test_cli_bad_flags_one_line_exit_2(cli_model, args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr
 
 
+def test_cli_invalid_utf8_prompt_one_line_exit_2(cli_model):
+    r = subprocess.run([sys.executable, "-m", "tinybit.generate", "--model", cli_model, "-n", "2"],
+                       input=b"def \xff\xfe(", capture_output=True, timeout=300)
+    assert r.returncode == 2 and b"UTF-8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_cli_missing_or_invalid_model_one_line_exit_2(tmp_path):
     for path in (str(tmp_path / "nope"), str(tmp_path)):
         r = run_cli("--model", path, "-p", "x")

@@ -192,7 +192,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         model = load(path, threads=args.threads)
         load_s = time.perf_counter() - t0
-        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        prompt = args.prompt if args.prompt is not None else sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes arrive as lone surrogates
+            raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
         try:
             for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                   args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats):
