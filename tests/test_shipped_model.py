@@ -41,7 +41,7 @@ def corpus():
 
 def test_held_out_perplexity_beats_a_third_of_unigram(model, corpus, tmp_path):
     train, held = corpus
-    text = ("\n" + stdlib_corpus.EOT + "\n").join(held)
+    text = stdlib_corpus.held_out_text()
     path = tmp_path / "heldout.py.txt"
     path.write_text(text, encoding="utf-8")
     r = subprocess.run([sys.executable, "-m", "tinybit.eval", "--model", DEFAULT_MODEL, "--text", str(path),

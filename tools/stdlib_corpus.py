@@ -59,3 +59,16 @@ def encode_corpus(tok, texts):
     return np.array(ids, dtype=np.int32)
 
 
+
+
+def held_out_text():
+    """The held-out files joined by <|endoftext|> separators (the text tinybit.eval scores)."""
+    return ("\n" + EOT + "\n").join(split_corpus()[1])
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tools/stdlib_corpus.py OUT.txt   (writes the held-out split)")
+    with open(sys.argv[1], "w", encoding="utf-8") as f:
+        f.write(held_out_text())
