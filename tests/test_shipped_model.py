@@ -1,10 +1,8 @@
-"""The default model shipped in models/: it reproduces its training model, it has learned, and it writes Python."""
-import io
+"""The default model shipped in models/: it reproduces its training model, and it has learned."""
 import os
 import re
 import subprocess
 import sys
-import tokenize
 
 import numpy as np
 import pytest
@@ -59,37 +57,3 @@ def test_held_out_perplexity_beats_a_third_of_unigram(model, corpus, tmp_path):
     print(f"held-out perplexity {ppl:.2f}, unigram {unigram:.2f}")
     assert ppl <= unigram / 3
 
-
-def accepted_by_tokenize(text, strict=False):
-    """Python's tokenize accepts the text up to its last complete line (there must be one).
-
-    tokenize reads line by line; a wrong indentation or a bad token raises at that line. The one
-    error it can only raise at the end of input, "EOF in multi-line statement/string", means the
-    text was cut inside an open bracket or string: our cut after 64 tokens, not the model's. It is
-    excused unless strict=True (then the cut text must also close every bracket and string)."""
-    if "\n" not in text:
-        return False
-    text = text[:text.rindex("\n") + 1]
-    try:
-        list(tokenize.generate_tokens(io.StringIO(text).readline))
-        return True
-    except tokenize.TokenError as e:
-        return not strict and str(e.args[0]).startswith("EOF in multi-line")
-    except (IndentationError, SyntaxError):
-        return False
-
-
-def test_accepted_by_tokenize_rejects_what_it_should():
-    assert accepted_by_tokenize("x = 1\ny")
-    assert not accepted_by_tokenize("no complete line")
-    assert not accepted_by_tokenize("if x:\n        y\n    z\n")  # dedent to no outer level
-    assert accepted_by_tokenize("f(a,\n  b")  # cut inside a bracket: excused...
-    assert not accepted_by_tokenize("f(a,\n  b", strict=True)  # ...but not when strict
-
-
-def test_samples_after_def_are_python(model):
-    texts = ["def " + model.generate("def ", max_new_tokens=64, seed=seed) for seed in range(20)]
-    ok = sum(accepted_by_tokenize(t) for t in texts)
-    strict = sum(accepted_by_tokenize(t, strict=True) for t in texts)
-    print(f"{ok}/20 samples accepted by tokenize ({strict}/20 also closing every bracket and string)")
-    assert ok >= 16
