@@ -57,3 +57,13 @@ def test_held_out_perplexity_beats_a_third_of_unigram(model, corpus, tmp_path):
     print(f"held-out perplexity {ppl:.2f}, unigram {unigram:.2f}")
     assert ppl <= unigram / 3
 
+
+
+def test_corpus_encoding_and_split(model):
+    """The training corpus helpers: each file is followed by <|endoftext|>, the split is by path hash."""
+    eot = model.tokenizer.token_to_id(stdlib_corpus.EOT)
+    ids = stdlib_corpus.encode_corpus(model.tokenizer, ["def f():\n    pass\n", "x = 1\n"])
+    assert ids.dtype == np.int32 and list(ids).count(eot) == 2 and ids[-1] == eot
+    assert stdlib_corpus.is_held_out("json/decoder.py") == stdlib_corpus.is_held_out("json/decoder.py")
+    held = sum(stdlib_corpus.is_held_out(f"pkg/mod{i}.py") for i in range(2000))
+    assert 50 <= held <= 150  # about HELD_OUT_PERCENT = 5 %

@@ -7,7 +7,6 @@ each window scores only the tokens the previous window did not (the first window
 but its first token), each with the window's preceding tokens as context, as in the usual
 sliding-window perplexity. perplexity = exp(mean negative log-likelihood over scored tokens).
 """
-import argparse
 import math
 import os
 import sys
@@ -15,8 +14,8 @@ import time
 
 import numpy as np
 
-from .errors import TinybitError, UsageError
-from .generate import OneLineParser
+from .errors import UsageError
+from .generate import OneLineParser, exit_on_error
 
 
 def log_softmax(logits):
@@ -49,7 +48,6 @@ def perplexity(model, ids, ctx=512, stride=None):
 
 
 def main(argv=None):
-    from .model import load
     ap = OneLineParser(prog="tinybit.eval", description="Perplexity of a tinybit model on a text file.")
     ap.add_argument("--model", "-m", required=True)
     ap.add_argument("--text", required=True, help="a UTF-8 text file")
@@ -59,33 +57,33 @@ def main(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_on_error("tinybit.eval", args.debug, lambda: run(args))
+
+
+def run(args):
+    """Load the model, tokenize the text, print its perplexity."""
+    from .model import load
+    if args.ctx < 2:
+        raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
+    model = load(args.model, threads=args.threads)
+    if model.tokenizer is None:
+        raise UsageError(f"{args.model}: has no tokenizer.json")
     try:
-        if args.ctx < 2:
-            raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
-        model = load(args.model, threads=args.threads)
-        if model.tokenizer is None:
-            raise UsageError(f"{args.model}: has no tokenizer.json")
-        try:
-            with open(args.text, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--text {args.text}: cannot read as UTF-8 text: {e}") from None
-        ids = model.tokenizer.encode(text, add_special_tokens=False).ids
-        if model.config.add_bos:
-            ids = [model.config.bos_token_id] + ids
-        ids = ids[:args.max_tokens] if args.max_tokens else ids
-        t0 = time.perf_counter()
-        ppl, n = perplexity(model, ids, args.ctx, args.stride)
-        dt = time.perf_counter() - t0
-        print(f"perplexity: {ppl:.4f}")
-        print(f"tokens: {n} scored of {len(ids)} | {len(ids) / dt:.1f} tok/s | ctx {min(args.ctx, model.config.max_seq_len)} "
-              f"| {os.path.basename(os.path.normpath(args.model))}")
-        return 0
-    except TinybitError as e:
-        if args.debug:
-            raise
-        print(f"tinybit.eval: error: {e}", file=sys.stderr)
-        return 2
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--text {args.text}: cannot read as UTF-8 text: {e}") from None
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    if model.config.add_bos:
+        ids = [model.config.bos_token_id] + ids
+    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    t0 = time.perf_counter()
+    ppl, n = perplexity(model, ids, args.ctx, args.stride)
+    dt = time.perf_counter() - t0
+    print(f"perplexity: {ppl:.4f}")
+    print(f"tokens: {n} scored of {len(ids)} | {len(ids) / dt:.1f} tok/s | ctx {min(args.ctx, model.config.max_seq_len)} "
+          f"| {os.path.basename(os.path.normpath(args.model))}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,9 +67,7 @@ def encode_prompt(model, prompt, chat=False):
         eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
         prompt = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
                                  bos_token=bos, eos_token=eos)
-        ids = tok.encode(prompt, add_special_tokens=False).ids
-    else:
-        ids = tok.encode(prompt, add_special_tokens=False).ids
+    ids = tok.encode(prompt, add_special_tokens=False).ids
     if c.add_bos and (not ids or ids[0] != c.bos_token_id):
         ids = [c.bos_token_id] + ids
     return ids
@@ -175,47 +173,58 @@ def parse_args(argv):
     return args
 
 
+def exit_on_error(prog, debug, body):
+    """Run body() and return its exit code; a TinybitError becomes one line on stderr and exit
+    code 2 (with debug, the traceback instead)."""
+    try:
+        return body()
+    except TinybitError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main(argv=None):
-    from .model import load
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
+
+
+def run(args):
+    """Load the model, stream the continuation to stdout, stats to stderr."""
+    from .model import load
     stats, out = {}, sys.stdout
+    path = args.model or DEFAULT_MODEL
+    if args.model is None and not os.path.isdir(path):
+        raise UsageError(f"no default model at {path}: pass --model PATH (see README.md)")
+    if not os.path.isdir(path):
+        raise UsageError(f"--model: {path} is not a directory")
+    t0 = time.perf_counter()
+    model = load(path, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    prompt = args.prompt if args.prompt is not None else sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     try:
-        path = args.model or DEFAULT_MODEL
-        if args.model is None and not os.path.isdir(path):
-            raise UsageError(f"no default model at {path}: pass --model PATH (see README.md)")
-        if not os.path.isdir(path):
-            raise UsageError(f"--model: {path} is not a directory")
-        t0 = time.perf_counter()
-        model = load(path, threads=args.threads)
-        load_s = time.perf_counter() - t0
-        prompt = args.prompt if args.prompt is not None else sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # undecodable bytes arrive as lone surrogates
-            raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
-        try:
-            for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                  args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats):
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
-        out.write("\n")
-        pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
-        print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
-              f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
-              f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB",
-              file=sys.stderr)
-        return 0
-    except TinybitError as e:
-        if args.debug:
-            raise
-        print(f"tinybit.generate: error: {e}", file=sys.stderr)
-        return 2
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes arrive as lone surrogates
+        raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
+    try:
+        for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+    out.write("\n")
+    pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
+    print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
+          f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
+          f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB",
+          file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

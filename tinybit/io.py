@@ -111,9 +111,9 @@ class Config:
                 v = rs.get(k)
                 need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                      f"rope_scaling.{k} must be a positive number, got {v!r}")
-        ids = ([self.bos_token_id] if self.bos_token_id is not None else []) + list(self.eos_token_ids) \
-            if isinstance(self.eos_token_ids, list) else None
-        need(ids is not None and all(is_int(i) and 0 <= i < self.vocab_size for i in ids),
+        need(isinstance(self.eos_token_ids, list), "eos_token_ids must be a list of token ids")
+        ids = self.eos_token_ids + ([] if self.bos_token_id is None else [self.bos_token_id])
+        need(all(is_int(i) and 0 <= i < self.vocab_size for i in ids),
              f"bos_token_id / eos_token_ids must be token ids below vocab_size {self.vocab_size}")
         need(not self.add_bos or self.bos_token_id is not None, "add_bos is true but bos_token_id is null")
         need(self.chat_template is None or isinstance(self.chat_template, str), "chat_template must be a string")

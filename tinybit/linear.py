@@ -123,7 +123,7 @@ def apply(layer, x, ref=False):
 
 def dequantize(layer):
     """The float matrix W (n_out, n_in) this layer multiplies by (activation quantization aside)."""
-    spec, n_out, n_in = layer["scheme"], layer["n_out"], layer["n_in"]
+    spec, n_in = layer["scheme"], layer["n_in"]
     s, g = spec["scheme"], spec.get("group_rows")
     if s in ("f32", "f16"):
         return np.asarray(layer["weight"], dtype=np.float32)

@@ -7,6 +7,8 @@ import hashlib
 import os
 import sysconfig
 
+import numpy as np
+
 HELD_OUT_PERCENT = 5
 EOT = "<|endoftext|>"
 
