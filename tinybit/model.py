@@ -186,32 +186,42 @@ class Model:
         T, start = len(tokens), cache.length
         if start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
-        angles = np.arange(start, start + T)[:, None] * self.inv_freq[None, :]  # (T, hd/2) in float64
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         x = self.embed[tokens].astype(np.float32)  # (T, dim)
+        cos, sin = self.rope_tables(start, T)
         for i in range(c.n_layers):
-            p = f"layers.{i}."
-            # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-            h = rms_norm(x, self.norms[p + "attn_norm.weight"], c.norm_eps)
-            q = self._linear(p + "q", h).reshape(T, c.n_heads, c.head_dim)
-            k = self._linear(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
-            v = self._linear(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
-            cache.k[i, start:start + T] = rope(k, cos, sin)
-            cache.v[i, start:start + T] = v
-            a = attention(rope(q, cos, sin), cache.k[i, :start + T], cache.v[i, :start + T], start)
-            if c.sub_norms:
-                a = rms_norm(a, self.norms[p + "attn_sub_norm.weight"], c.norm_eps)
-            x = x + self._linear(p + "o", a)
-            # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
-            h = rms_norm(x, self.norms[p + "ffn_norm.weight"], c.norm_eps)
-            m = gate_activation(self._linear(p + "gate", h), c.activation) * self._linear(p + "up", h)
-            if c.sub_norms:
-                m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
-            x = x + self._linear(p + "down", m)
+            x = self.block(i, x, cache, cos, sin)
         cache.length = start + T
         if last_only:
             x = x[-1:]
         return self._linear("head", rms_norm(x, self.norm, c.norm_eps))
+
+    def rope_tables(self, start, T):
+        """cos, sin (T, head_dim/2) float32 of positions start..start+T-1."""
+        angles = np.arange(start, start + T)[:, None] * self.inv_freq[None, :]  # in float64
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def block(self, i, x, cache, cos, sin):
+        """Transformer block i over x (T, dim) at positions cache.length.. ; writes its keys and
+        values into the cache (cache.length is advanced by forward, after the last block)."""
+        c, p = self.config, f"layers.{i}."
+        T, start = len(x), cache.length
+        # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+        h = rms_norm(x, self.norms[p + "attn_norm.weight"], c.norm_eps)
+        q = self._linear(p + "q", h).reshape(T, c.n_heads, c.head_dim)
+        k = self._linear(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
+        v = self._linear(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
+        cache.k[i, start:start + T] = rope(k, cos, sin)
+        cache.v[i, start:start + T] = v
+        a = attention(rope(q, cos, sin), cache.k[i, :start + T], cache.v[i, :start + T], start)
+        if c.sub_norms:
+            a = rms_norm(a, self.norms[p + "attn_sub_norm.weight"], c.norm_eps)
+        x = x + self._linear(p + "o", a)
+        # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
+        h = rms_norm(x, self.norms[p + "ffn_norm.weight"], c.norm_eps)
+        m = gate_activation(self._linear(p + "gate", h), c.activation) * self._linear(p + "up", h)
+        if c.sub_norms:
+            m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
+        return x + self._linear(p + "down", m)
 
     def logits(self, token_ids):
         """Logits (len, vocab) float32 of every position of token_ids, computed without a prior cache."""
