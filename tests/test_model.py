@@ -121,6 +121,15 @@ def test_fast_kernels_equal_reference_path(models, arch):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin"])
+def test_weight_only_prefill_path_equals_reference(models, arch):
+    """From linear.DEQUANT_MIN_TOKENS tokens on, lut/vq layers multiply by the dequantized weight."""
+    fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
+    ids = (IDS * 8)[:linear.DEQUANT_MIN_TOKENS + 3]
+    a, b = fast.logits(ids), ref.logits(ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
 @pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows"])
 def test_kv_cache_decode_equals_full_recompute(models, arch):
     m = tinybit.load(models[arch])

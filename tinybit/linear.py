@@ -21,6 +21,10 @@ import numpy as np
 from . import kernels, pack, quant
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
+# Weight-only schemes (lut, vq) run many-token inputs (prefill, perplexity windows) as one float32
+# BLAS product with the dequantized weight: the same y, summed in another order, and far faster
+# than bucket sums once the unpack is shared by this many tokens.
+DEQUANT_MIN_TOKENS = 32
 
 
 def _groups(n_out, group_rows):
@@ -112,6 +116,8 @@ def apply(layer, x, ref=False):
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]
         return layer_norm(y) if spec.get("post_ln") else y
+    if s in ("lut", "vq") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
+        return x @ dequantize(layer).T
     if s == "lut":
         f = k.lut_matmul_ref if ref else k.lut_matmul
         return f(layer["w_idx"], spec["bits"], layer["lut"], spec.get("group_rows"), x)

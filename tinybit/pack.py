@@ -84,12 +84,26 @@ def pack_binary(w_sign):
     return _to_plane(w_sign > 0).reshape(w_sign.shape[0], -1)
 
 
+def _plane_padding_mask(n_in):
+    """(32,) uint8: the bits of the last block's plane that hold padding positions (>= n_in),
+    all 0 when n_in fills whole blocks. Byte j, bit p is position 32 p + j of the block."""
+    pos = PLANE_BYTES * np.arange(8)[:, None] + np.arange(PLANE_BYTES)  # (8 bits p, 32 bytes j)
+    pad = pos >= (n_in % BLOCK or BLOCK)
+    return (pad.astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=0, dtype=np.uint8)
+
+
+def check_binary_planes(w_packed, n_in, what="binary planes"):
+    """Raise PackError unless w_packed is a legal binary-plane array for rows of n_in weights:
+    (n_out, 32 * ceil(n_in / 256)) uint8 with padding bits 0 (only the last block holds padding)."""
+    n_out = _check_packed(w_packed, plane_row_bytes(n_in), what)
+    if n_out and n_in and (w_packed[:, -PLANE_BYTES:] & _plane_padding_mask(n_in)).any():
+        raise PackError(f"{what}: padding bits past n_in ({n_in}) must be 0")
+
+
 def unpack_binary(w_packed, n_in):
     """Inverse of pack_binary: -> (n_out, n_in) int8 in {-1, +1}."""
-    n_out = _check_packed(w_packed, plane_row_bytes(n_in), "binary planes")
-    bits = _from_plane(w_packed.reshape(n_out, -1, PLANE_BYTES))
-    if bits[:, n_in:].any():
-        raise PackError("binary planes: padding bits past n_in must be 0")
+    check_binary_planes(w_packed, n_in)
+    bits = _from_plane(w_packed.reshape(w_packed.shape[0], -1, PLANE_BYTES))
     return (bits[:, :n_in].astype(np.int8) * 2 - 1)
 
 
@@ -101,15 +115,23 @@ def pack_ternary(w_t):
     return planes.reshape(w_t.shape[0], -1)
 
 
+def check_ternary_planes(w_packed, n_in, what="ternary planes"):
+    """Raise PackError unless w_packed is a legal ternary-plane array for rows of n_in weights:
+    (n_out, 64 * ceil(n_in / 256)) uint8, no negative bit on a zero weight (negative & ~nonzero = 0,
+    byte-wise over every block), padding weights 0 (nonzero bits of the last block's padding)."""
+    n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), what)
+    planes = w_packed.reshape(n_out, -1, 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
+    if (planes[:, :, 1] & ~planes[:, :, 0]).any():
+        raise PackError(f"{what}: a negative bit is set on a zero weight (illegal code)")
+    if n_out and n_in and (planes[:, -1, 0] & _plane_padding_mask(n_in)).any():
+        raise PackError(f"{what}: padding weights past n_in ({n_in}) must be 0")
+
+
 def unpack_ternary(w_packed, n_in):
     """Inverse of pack_ternary: -> (n_out, n_in) int8 in {-1, 0, +1}."""
-    n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), "ternary planes")
-    planes = w_packed.reshape(n_out, -1, 2, PLANE_BYTES)
+    check_ternary_planes(w_packed, n_in)
+    planes = w_packed.reshape(w_packed.shape[0], -1, 2, PLANE_BYTES)
     nonzero, negative = _from_plane(planes[:, :, 0]), _from_plane(planes[:, :, 1])
-    if (negative & ~nonzero & 1).any():
-        raise PackError("ternary planes: a negative bit is set on a zero weight (illegal code)")
-    if nonzero[:, n_in:].any():
-        raise PackError("ternary planes: padding weights past n_in must be 0")
     w_t = nonzero.astype(np.int8) * (1 - 2 * negative.astype(np.int8))
     return w_t[:, :n_in]
 
@@ -182,13 +204,30 @@ def pack_indices(idx, bits):
     return np.packbits(bits_.reshape(n_out, -1), axis=1, bitorder="little")
 
 
+def check_indices(w_packed, n_idx, bits, what=None):
+    """Raise PackError unless w_packed is a legal array of n_idx bits-bit indices per row:
+    (n_out, bits * ceil(n_idx / 8)) uint8 whose padding bits (bits * n_idx and above) are 0.
+    Every bits-bit value is a legal index; the padding lies in each row's last `bits` bytes."""
+    if not 1 <= bits <= 8:
+        raise PackError(f"index bits must be in 1..8, got {bits}")
+    what = what or f"{bits}-bit indices"
+    n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), what)
+    if n_out and n_idx % 8:
+        pad = np.arange(8 * bits) >= bits * (n_idx % 8)  # (8 * bits,) bits of the last 8-index group
+        if (w_packed[:, -bits:] & np.packbits(pad, bitorder="little")).any():
+            raise PackError(f"{what}: padding past {n_idx} indices must be 0")
+
+
 def unpack_indices(w_packed, n_idx, bits):
     """Inverse of pack_indices: -> (n_out, n_idx) uint8."""
     if not 1 <= bits <= 8:
         raise PackError(f"index bits must be in 1..8, got {bits}")
     n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), f"{bits}-bit indices")
-    b = np.unpackbits(w_packed, axis=1, bitorder="little").reshape(n_out, -1, bits)
-    idx = (b << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    # every 8 indices fill `bits` bytes: read them as one little-endian word, then shift out each index
+    groups = w_packed.reshape(n_out, -1, bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
+    word = (groups << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=2, dtype=np.uint64)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    idx = ((word[:, :, None] >> shifts) & np.uint64(2 ** bits - 1)).astype(np.uint8).reshape(n_out, -1)
     if idx[:, n_idx:].any():
         raise PackError(f"{bits}-bit indices: padding past {n_idx} indices must be 0")
     return idx[:, :n_idx]
