@@ -1,8 +1,10 @@
 """The default model shipped in models/: it reproduces its training model, and it has learned."""
+import io
 import os
 import re
 import subprocess
 import sys
+import tokenize
 
 import numpy as np
 import pytest
@@ -57,6 +59,37 @@ def test_held_out_perplexity_beats_a_third_of_unigram(model, corpus, tmp_path):
     print(f"held-out perplexity {ppl:.2f}, unigram {unigram:.2f}")
     assert ppl <= unigram / 3
 
+
+def python_lines_ok(text):
+    """(ok, why): text cut after its last newline tokenizes with Python's tokenize module with no
+    error and no ERRORTOKEN. Only running out of text inside an open bracket or triple-quoted
+    string (where the 64-token cut fell) is excused."""
+    text = text[:text.rfind("\n") + 1]
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type == tokenize.ERRORTOKEN:
+                return False, f"error token {t.string!r} on line {t.start[0]}"
+    except tokenize.TokenError as e:
+        return "EOF in multi-line" in str(e.args[0]), str(e.args[0])
+    except SyntaxError as e:  # IndentationError included
+        return False, f"{type(e).__name__}: {e.msg}"
+    return True, ""
+
+
+def test_python_lines_ok():
+    assert python_lines_ok("def f(x):\n    return x\n")[0]
+    assert python_lines_ok("def f(x):\n    return (x,\n        1")[0]  # cut inside brackets
+    assert python_lines_ok("def f(x):\n    return x\n  y = 1\n")[0] is False  # unindent to no level
+    assert python_lines_ok("def f(x):\n    s = 'abc\n")[0] is False  # unterminated string
+    assert python_lines_ok("x = 1 $ 2\n")[0] is False
+
+
+def test_samples_after_def_are_python(model):
+    """20 seeded samples of 64 tokens after "def " with the default sampling settings: at least 16
+    must be Python that tokenizes up to their last complete line."""
+    results = [python_lines_ok("def " + model.generate("def ", max_new_tokens=64, seed=seed)) for seed in range(20)]
+    print(f"{sum(ok for ok, _ in results)} / 20 samples tokenize;", [why for ok, why in results if not ok])
+    assert sum(ok for ok, _ in results) >= 16
 
 
 def test_corpus_encoding_and_split(model):

@@ -262,6 +262,9 @@ def export(args):
     with open(os.path.join(args.workdir, "tokenizer.json")) as f, \
             open(os.path.join(args.export, "tokenizer.json"), "w") as g:
         g.write(f.read())
+    # every training file follows an <|endoftext|>: prompts start with it too (the document start)
+    with open(os.path.join(args.export, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "bos_token": EOT, "eos_token": EOT}, f, indent=2)
     # the training model's own eval-mode logits on held-out text: the fixture the engine must reproduce
     held = np.load(os.path.join(args.workdir, "heldout.npy")).astype(np.int64)
     starts = np.linspace(0, len(held) - REFERENCE_TOKENS, REFERENCE_CANDIDATES).astype(np.int64)
