@@ -828,6 +828,8 @@ def make_parser():
     p.add_argument("--config", help="HF config.json for a raw state-dict file (or to replace SRC/config.json)")
     p.add_argument("--embed-dtype", choices=("f32", "f16"), default="f32", help="storage of the embedding")
     p.add_argument("--force", action="store_true", help="replace an existing OUT (after the new one is complete)")
+    p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
+                   help="output format: a tinybit model directory, or a llama.cpp GGUF file (tools/gguf_export.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -859,7 +861,11 @@ def convert(argv):
         args.onebit_method = head_method
     config = build_config(src, family, args)
     tensors, stats = convert_weights(src, config, family, args)
-    write_output(out_dir, config, tensors, src.tokenizer_json, args.force)
+    if args.to == "gguf":
+        import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
+        gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json)
+    else:
+        write_output(out_dir, config, tensors, src.tokenizer_json, args.force)
     print(report(src, args.out, config, family, tensors, stats), flush=True)
     return config
 
