@@ -259,7 +259,11 @@ def test_tokenizer_must_be_byte_level_bpe(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     c = llama_cfg(quant_overrides={})
     tensors = stored(c)
-    for tok, needle in [(tk.to_str(), "'WordLevel'"), (None, "needs tokenizer.json")]:
+    no_merges = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())},
+                                     merges=[]))
+    no_merges.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for tok, needle in [(tk.to_str(), "'WordLevel'"), (None, "needs tokenizer.json"),
+                        (no_merges.to_str(), "no BPE merges")]:
         with pytest.raises(UsageError, match=needle):
             gguf_export.write_gguf(str(tmp_path / "m.gguf"), c, tensors, tok)
     assert os.listdir(tmp_path) == []

@@ -171,6 +171,8 @@ def tokenizer_metadata(tokenizer_json, vocab_size):
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     token_types = [types.get(i, 4) for i in range(vocab_size)]
     merges = [mg if isinstance(mg, str) else " ".join(mg) for mg in m.get("merges", [])]
+    if not merges:  # gguf drops an empty array, and llama.cpp refuses a BPE vocabulary without merges
+        raise UsageError("GGUF export: tokenizer.json has no BPE merges; llama.cpp needs tokenizer.ggml.merges")
     return pre, tokens, token_types, merges
 
 
