@@ -28,9 +28,11 @@ def perplexity(model, ids, ctx=512, stride=None):
     """(perplexity, number of scored tokens) of token ids under the model."""
     ids = np.asarray(ids, dtype=np.int64)
     ctx = min(ctx, model.config.max_seq_len)
-    stride = stride or max(ctx // 2, 1)
+    stride = max(ctx // 2, 1) if stride is None else stride
     if len(ids) < 2:
         raise UsageError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
+    if ids.min() < 0 or ids.max() >= model.config.vocab_size:
+        raise UsageError(f"token ids must be in 0..{model.config.vocab_size - 1}, got {ids.min()}..{ids.max()}")
     if not 0 < stride <= ctx:
         raise UsageError(f"stride must be in 1..ctx ({ctx}), got {stride}")
     nll, scored, done = 0.0, 0, 1  # done: tokens 0..done-1 already scored (token 0 never is)
@@ -52,8 +54,8 @@ def main(argv=None):
     ap.add_argument("--model", "-m", required=True)
     ap.add_argument("--text", required=True, help="a UTF-8 text file")
     ap.add_argument("--ctx", type=int, default=512, help="window length in tokens")
-    ap.add_argument("--stride", type=int, default=None, help="window step (default ctx/2)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    ap.add_argument("--stride", type=int, default=None, help="window step, 1..ctx (default ctx/2)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N >= 2 tokens of the text")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -65,18 +67,28 @@ def run(args):
     from .model import load
     if args.ctx < 2:
         raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
-    model = load(args.model, threads=args.threads)
-    if model.tokenizer is None:
-        raise UsageError(f"{args.model}: has no tokenizer.json")
+    if args.stride is not None and not 1 <= args.stride <= args.ctx:
+        raise UsageError(f"--stride must be in 1..--ctx ({args.ctx}), got {args.stride}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2 (perplexity scores token 1 onwards), got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"-t/--threads must be >= 1, got {args.threads}")
+    if not os.path.isdir(args.model):
+        raise UsageError(f"--model: {args.model} is not a directory")
     try:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--text {args.text}: cannot read as UTF-8 text: {e}") from None
+    model = load(args.model, threads=args.threads)
+    if model.tokenizer is None:
+        raise UsageError(f"{args.model}: has no tokenizer.json")
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids
     if model.config.add_bos:
         ids = [model.config.bos_token_id] + ids
-    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    ids = ids[:args.max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"--text {args.text}: {len(ids)} token(s); perplexity needs at least 2")
     t0 = time.perf_counter()
     ppl, n = perplexity(model, ids, args.ctx, args.stride)
     dt = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .errors import TinybitError, UsageError
+from .errors import FormatError, TinybitError, UsageError
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 DEFAULT_MODEL = os.path.join(MODELS_DIR, "stdlib-b158")
@@ -26,6 +26,8 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     temperature 0: argmax (greedy). Otherwise softmax(logits / temperature), restricted to the
     top_k most likely tokens (0: all), then to the smallest set whose probability reaches top_p
     (nucleus), renormalised, and sampled with `rng` (a numpy Generator)."""
+    if np.isnan(logits).any() or not np.isfinite(logits.max()):
+        raise FormatError("the model's logits are NaN or Inf: its weights or scales overflow float32")
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
@@ -62,11 +64,15 @@ def encode_prompt(model, prompt, chat=False):
         if not c.chat_template:
             raise UsageError("--chat: this model has no chat template")
         import jinja2
-        template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(c.chat_template)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
         bos = tok.id_to_token(c.bos_token_id) if c.bos_token_id is not None else ""
         eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
-        prompt = template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                 bos_token=bos, eos_token=eos)
+        try:  # the template comes with the model: sandboxed (as transformers does), so it cannot run code
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            prompt = env.from_string(c.chat_template).render(messages=[{"role": "user", "content": prompt}],
+                                                             add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        except jinja2.TemplateError as e:
+            raise FormatError(f"config.json: chat_template: {str(e).splitlines()[0][:200]}") from None
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if c.add_bos and (not ids or ids[0] != c.bos_token_id):
         ids = [c.bos_token_id] + ids
@@ -75,16 +81,36 @@ def encode_prompt(model, prompt, chat=False):
 
 # --- generation ---------------------------------------------------------------------------------
 
-def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None):
+def truncate_prompt(prompt_ids, keep, bos_token_id=None):
+    """The last max(keep, 1) tokens of prompt_ids; a leading bos_token_id (not None) stays first."""
+    keep = max(keep, 1)
+    if len(prompt_ids) <= keep:
+        return list(prompt_ids)
+    head = [bos_token_id] if keep >= 2 and bos_token_id is not None and prompt_ids[0] == bos_token_id else []
+    return head + list(prompt_ids[len(prompt_ids) - keep + len(head):])
+
+
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None, truncate=False):
     """Yield new token ids one by one: prefill the prompt, then decode over the KV cache.
+    With truncate, a prompt that leaves no room for max_new_tokens keeps its last
+    max_seq_len - max_new_tokens tokens (truncate_prompt) instead of being an error.
     Stops at an end-of-sequence token (not yielded), after max_new_tokens, or when prompt and
     output fill the model's context (max_seq_len tokens)."""
     c = model.config
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if len(prompt_ids) == 0:
         raise UsageError("empty prompt: give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < c.vocab_size]
+    if bad:
+        raise UsageError(f"prompt token id {bad[0]} is outside the vocabulary (0..{c.vocab_size - 1})")
+    if truncate and len(prompt_ids) + max_new_tokens > c.max_seq_len:
+        n_prompt = len(prompt_ids)
+        prompt_ids = truncate_prompt(prompt_ids, c.max_seq_len - max_new_tokens, c.bos_token_id if c.add_bos else None)
+        if stats is not None:
+            stats["truncated"] = n_prompt - len(prompt_ids)
     if len(prompt_ids) > c.max_seq_len:
-        raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len}")
+        raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len} "
+                         "(--truncate keeps its end)")
     n_new = min(max_new_tokens, c.max_seq_len - len(prompt_ids))  # prompt + output stay within the context
     if n_new == 0:
         return
@@ -133,12 +159,14 @@ def stream_text(model, token_iter, stop=()):
 
 
 def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, seed=None,
-             stream=False, chat=False, stop=(), stats=None):
+             stream=False, chat=False, stop=(), stats=None, truncate=False):
     """Continue `prompt` (text, or a list of token ids) and return the new text, or with
     stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
+    truncate: keep the end of a prompt too long for the context (generate_tokens).
     A model without a tokenizer takes and returns token ids."""
     prompt_ids = encode_prompt(model, prompt, chat=chat) if isinstance(prompt, str) else [int(t) for t in prompt]
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats)
+    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats,
+                             truncate=truncate)
     if model.tokenizer is None:
         return tokens if stream else list(tokens)
     pieces = stream_text(model, tokens, stop)
@@ -158,7 +186,8 @@ def parse_args(argv):
     ap = OneLineParser(prog="tinybit.generate", description="Generate text with a tinybit model.")
     ap.add_argument("--model", "-m", default=None, help=f"model directory (default: {DEFAULT_MODEL})")
     ap.add_argument("-p", "--prompt", default=None, help="prompt text (default: read standard input)")
-    ap.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=128,
+                    help="at most this many new tokens (0: none; fewer when the context fills up)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=40, help="0 = no limit")
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -166,6 +195,9 @@ def parse_args(argv):
     ap.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ap.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    ap.add_argument("--truncate", action="store_true",
+                    help="a prompt longer than the context minus -n keeps only its last tokens (after BOS) "
+                         "instead of being an error")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -175,7 +207,7 @@ def parse_args(argv):
 
 def exit_on_error(prog, debug, body):
     """Run body() and return its exit code; a TinybitError becomes one line on stderr and exit
-    code 2 (with debug, the traceback instead)."""
+    code 2 (with debug, the traceback instead); Ctrl-C is one line and exit code 130."""
     try:
         return body()
     except TinybitError as e:
@@ -183,6 +215,9 @@ def exit_on_error(prog, debug, body):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def peak_rss_mb():
@@ -213,18 +248,23 @@ def run(args):
         raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
     try:
         for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats):
+                              args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats,
+                              truncate=args.truncate):
             out.write(piece)
             out.flush()
-    except KeyboardInterrupt:
+        code = 0
+    except KeyboardInterrupt:  # Ctrl-C: keep what was generated, report, exit 130
+        code = 130
         print("\n[interrupted]", file=sys.stderr)
     out.write("\n")
+    if stats.get("truncated"):
+        print(f"prompt truncated: dropped its first {stats['truncated']} tokens (--truncate)", file=sys.stderr)
     pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
     print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
           f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
           f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB",
           file=sys.stderr)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

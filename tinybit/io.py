@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -16,9 +17,12 @@ import numpy as np
 from .errors import ConfigError, FormatError, UsageError
 
 FORMAT_VERSION = 1
+MAX_LAYERS = 4096  # more layers than any released model; bounds the tensor list a config implies
 ACTIVATIONS = ("silu", "relu2", "gelu_tanh")
 SCHEMES = ("f32", "f16", "ternary", "binary", "onebit", "lut", "vq")
+TMP_PREFIX = ".tinybit-tmp-"  # save_model's temporary directories: TMP_PREFIX + PID + "-" + random
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
+LINEAR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(q|k|v|o|gate|up|down)")
 DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8,
           "I32": np.int32, "I64": np.int64, "F64": np.float64}
 
@@ -87,7 +91,8 @@ class Config:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)
             need(is_int(v) and 0 < v <= 1 << 24, f"{name} must be a positive integer, got {v!r}")
-        need(self.format_version == FORMAT_VERSION,
+        need(self.n_layers <= MAX_LAYERS, f"n_layers must be at most {MAX_LAYERS}, got {self.n_layers}")
+        need(is_int(self.format_version) and self.format_version == FORMAT_VERSION,
              f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
         need(self.architecture == "llama", f"architecture must be 'llama', got {self.architecture!r}")
         need(self.n_heads % self.n_kv_heads == 0,
@@ -111,6 +116,9 @@ class Config:
                 v = rs.get(k)
                 need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                      f"rope_scaling.{k} must be a positive number, got {v!r}")
+            if rs["type"] == "llama3":  # the blend divides by high - low
+                need(rs["high_freq_factor"] > rs["low_freq_factor"],
+                     f"rope_scaling.high_freq_factor must exceed low_freq_factor, got {rs!r}")
         need(isinstance(self.eos_token_ids, list), "eos_token_ids must be a list of token ids")
         ids = self.eos_token_ids + ([] if self.bos_token_id is None else [self.bos_token_id])
         need(all(is_int(i) and 0 <= i < self.vocab_size for i in ids),
@@ -118,6 +126,11 @@ class Config:
         need(not self.add_bos or self.bos_token_id is not None, "add_bos is true but bos_token_id is null")
         need(self.chat_template is None or isinstance(self.chat_template, str), "chat_template must be a string")
         need(isinstance(self.quant_overrides, dict), "quant_overrides must be an object")
+        for k in self.quant_overrides:
+            m = LINEAR_NAME.fullmatch(k)
+            need(m and int(m.group(1)) < self.n_layers,
+                 f"quant_overrides: {k!r} is not a block linear of this model (layers.I.q|k|v|o|gate|up|down, "
+                 f"I < {self.n_layers})")
         for where, spec in [("quant", self.quant), ("head_quant", self.head_quant)] + \
                 [(f"quant_overrides.{k}", v) for k, v in self.quant_overrides.items()]:
             validate_scheme(spec, f"{source}: {where}")
@@ -129,7 +142,7 @@ def validate_scheme(spec, where):
     """Check one scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
     allowed = {"f32": set(), "f16": set(), "ternary": {"per_row"}, "binary": {"group_rows", "ln"},
                "onebit": {"post_ln"}, "lut": {"bits", "group_rows"}, "vq": {"bits", "group_rows"}}
-    if not isinstance(spec, dict) or spec.get("scheme") not in allowed:
+    if not isinstance(spec, dict) or not isinstance(spec.get("scheme"), str) or spec["scheme"] not in allowed:
         raise ConfigError(f"{where}: scheme must be one of {SCHEMES}, got {spec!r}")
     extra = set(spec) - {"scheme"} - allowed[spec["scheme"]]
     if extra:
@@ -141,7 +154,8 @@ def validate_scheme(spec, where):
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
         raise ConfigError(f"{where}: group_rows must be a positive integer or null, got {g!r}")
     valid_bits = {"lut": (1, 2, 3, 4, 6, 8), "vq": (1, 2, 3, 4)}.get(spec["scheme"])
-    if valid_bits and spec.get("bits") not in valid_bits:
+    bits = spec.get("bits")
+    if valid_bits and (not isinstance(bits, int) or isinstance(bits, bool) or bits not in valid_bits):
         raise ConfigError(f"{where}: bits must be one of {valid_bits}, got {spec.get('bits')!r}")
 
 
@@ -154,8 +168,8 @@ def load_config(model_dir):
             d = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{path}: not found (is {model_dir!r} a tinybit model directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8 or a huge integer
+        raise FormatError(f"{path}: cannot read JSON: {str(e)[:200]}") from None
     return Config.from_dict(d, source=path)
 
 
@@ -173,8 +187,10 @@ def read_safetensors(path):
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not valid JSON: {e}") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a huge integer, deep nesting
+        raise FormatError(f"{path}: header is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object")
     header.pop("__metadata__", None)
@@ -183,11 +199,12 @@ def read_safetensors(path):
     tensors, spans = {}, []
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             raise FormatError(f"{where}: dtype must be one of {sorted(DTYPES)}, got {info!r:.80}")
         shape, offs = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise FormatError(f"{where}: shape must be a list of at most 8 non-negative integers, got {shape!r:.80}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_len):
             raise FormatError(f"{where}: data_offsets {offs!r:.80} outside the data region ({data_len} bytes)")
@@ -224,32 +241,48 @@ def check_tensors(tensors, expected, path):
             raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
 
 
-def load_tokenizer(model_dir):
-    """The HF `tokenizers` tokenizer in tokenizer.json, or None if the file is absent."""
+def load_tokenizer(model_dir, vocab_size=None):
+    """The HF `tokenizers` tokenizer in tokenizer.json, or None if the file is absent. Every token
+    id it can produce must be below the model's vocab_size (default: read from config.json),
+    else a prompt could index past the embedding."""
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
-        return Tokenizer.from_file(path)
+        tok = Tokenizer.from_file(path)
+        top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
         raise FormatError(f"{path}: not a valid tokenizer: {str(e)[:200]}") from None
+    vocab_size = load_config(model_dir).vocab_size if vocab_size is None else vocab_size
+    if top >= vocab_size:
+        raise FormatError(f"{path}: token id {top} is outside the model's vocabulary "
+                          f"(vocab_size {vocab_size} in config.json)")
+    return tok
 
 
 # --- writing ----------------------------------------------------------------------------------
 
 def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None):
     """Write config.json, model.safetensors (and tokenizer.json) into model_dir (created; must not
-    exist). Files are written into a temporary sibling directory that is renamed into place only
-    when complete, so an interrupted save never leaves a partial model directory."""
+    exist). Files are written into a temporary sibling directory `.tinybit-tmp-PID-*` that is
+    renamed into place only when complete, so an interrupted save never leaves a partial model
+    directory. A process killed outright (SIGKILL, power loss) leaves its temporary directory
+    behind; the next save_model into the same parent removes those whose process is gone.
+    Any failure to write (no permission, disk full) is a UsageError naming model_dir."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     config.validate("config")
     model_dir = os.path.abspath(model_dir)
-    if os.path.exists(model_dir):
+    if os.path.lexists(model_dir):
         raise UsageError(f"{model_dir}: already exists; not overwritten")
     parent = os.path.dirname(model_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tinybit-tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(parent)
+        tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise UsageError(f"{model_dir}: cannot create the model directory: {e.strerror or e} ({e.filename})") from None
     try:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2)
@@ -267,9 +300,30 @@ def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.rename(tmp, model_dir)
+    except (OSError, SafetensorError) as e:
+        _rmtree(tmp)
+        raise UsageError(f"{model_dir}: cannot write the model: {getattr(e, 'strerror', None) or e}") from None
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def _remove_stale_temps(parent):
+    """Remove parent/.tinybit-tmp-PID-* directories left by save_model processes that no longer run."""
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-\w+", name)
+        if m and os.path.isdir(os.path.join(parent, name)) and not _process_alive(int(m.group(1))):
+            _rmtree(os.path.join(parent, name))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # alive but another user's / not a pid: keep
+        return True
+    return True
 
 
 def _rmtree(path):

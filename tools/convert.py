@@ -145,18 +145,24 @@ def read_torch_refs(path):
     except ImportError:
         raise UsageError(f"{path}: reading .bin/.pt/.pth files needs torch (pip install torch), "
                          "or convert the file to .safetensors first") from None
+    import warnings
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
     except Exception as e:  # weights_only refuses anything that is not plain tensors/containers
-        raise FormatError(f"{path}: cannot be read as a weights-only torch state dict: {str(e).splitlines()[0][:200]}") \
-            from None
+        # torch's message is a paragraph; keep its one specific line ("Trying to load unsupported GLOBAL ...")
+        generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if not ln.startswith(generic)), lines[0] if lines else type(e).__name__)
+        raise FormatError(f"{path}: cannot be read as a weights-only torch state dict: {reason[:200]}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and len(sd) == 1 and isinstance(sd.get(key), dict):
             sd = sd[key]
