@@ -377,7 +377,7 @@ def gguf_tokenizer_json(field, tokens):
     if model != "gpt2":
         return None, (f"tokenizer: GGUF tokenizer model {model!r} is not rebuilt (only byte-level BPE 'gpt2'); "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
-    if pre not in ("default", "gpt2", "llama-bpe", "llama3"):
+    if pre not in ("default", "gpt2", "llama-bpe", "llama3", "smollm"):
         return None, (f"tokenizer: GGUF pre-tokenizer {pre!r} is not known to this converter; "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -388,6 +388,12 @@ def gguf_tokenizer_json(field, tokens):
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_PRE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":
+        # llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM: split off every \p{N} char, then the GPT-2 regex
+        # (= SmolLM's own tokenizer.json: Digits(individual_digits) then ByteLevel(use_regex))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
