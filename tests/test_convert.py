@@ -195,6 +195,10 @@ def test_float_llama_gqa_head_dim_128(tmp_path, tie, kv, rope):
         assert not out_cfg["tie_embeddings"] and out_cfg["head_quant"] == {"scheme": "lut", "bits": 8}
         logits = tinybit.load(str(tmp_path / "out8"), ref=True).logits([3, 4, 5])
         assert np.abs(logits - hf_logits(m, [3, 4, 5])).max() < 0.05 * np.abs(logits).max()
+        run(tmp_path / "hf", tmp_path / "outi8", "--head-scheme", "int8")
+        assert json.loads((tmp_path / "outi8" / "config.json").read_text())["head_quant"] == {"scheme": "int8"}
+        logits = tinybit.load(str(tmp_path / "outi8")).logits([3, 4, 5])
+        assert np.abs(logits - hf_logits(m, [3, 4, 5])).max() < 0.02 * np.abs(logits).max()
 
 
 def dequantized_llama(m, out_dir):

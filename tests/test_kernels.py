@@ -136,6 +136,22 @@ def test_vq_equals_ref(threads, shape, seed, bits, group_rows):
 
 
 @per_thread_count
+@FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
+def test_int8_equals_ref(threads, shape, seed):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)  # exact sums (< 2^24)
+    y = kernels.int8_matmul(w, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.int8_matmul_ref(w, x_int))
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.int8_matmul(w, x), kernels.int8_matmul_ref(w, x), x * 127)
+
+
+@per_thread_count
 def test_gemm_rows_equal_gemv(threads):
     """Many tokens (token tiles of the GEMM path) give exactly the per-token GEMV results."""
     kernels.set_threads(threads)
@@ -249,6 +265,8 @@ def test_kernels_under_boundscheck():
             wv = pack.pack_indices(rng.integers(0, 16, (n_out, -(-n_in // 2))), 4)
             cb = rng.integers(-9, 10, (1, 16, 2)).astype(np.float32)
             assert (k.vq_matmul(wv, 2, cb, None, x) == k.vq_matmul_ref(wv, 2, cb, None, x)).all()
+            w8 = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+            assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()
         print("ok")
     """, NUMBA_BOUNDSCHECK="1")
     assert out.strip() == "ok"

@@ -24,6 +24,7 @@ ARCHS = {
     "lut4-rows": dict(quant={"scheme": "lut", "bits": 4, "group_rows": 1}),
     "lut3-tensor": dict(quant={"scheme": "lut", "bits": 3}, tie_embeddings=False,
                         head_quant={"scheme": "lut", "bits": 8}),
+    "ternary-int8-head": dict(quant={"scheme": "ternary"}, tie_embeddings=False, head_quant={"scheme": "int8"}),
     "vq2-oddin": dict(quant={"scheme": "vq", "bits": 2, "group_rows": 8}, dim=47, head_dim=10),
     "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
@@ -114,14 +115,15 @@ def test_forward_equals_independent_float_computation(models, arch):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("arch", ["bitnet-2b4t", "bitnet-binary-subln", "onebit", "lut3-tensor", "vq2-oddin"])
+@pytest.mark.parametrize("arch", ["bitnet-2b4t", "bitnet-binary-subln", "onebit", "lut3-tensor", "vq2-oddin",
+                                  "ternary-int8-head"])
 def test_fast_kernels_equal_reference_path(models, arch):
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
     a, b = fast.logits(IDS), ref.logits(IDS)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin"])
+@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head"])
 def test_weight_only_prefill_path_equals_reference(models, arch):
     """From linear.DEQUANT_MIN_TOKENS tokens on, lut/vq layers multiply by the dequantized weight."""
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)

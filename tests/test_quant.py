@@ -395,6 +395,7 @@ WEIGHT_QUANTIZERS = {
     "onebit-nmf": lambda w: quant.onebit_svid(w, "nmf"),
     "lut": lambda w: quant.lut_quantize(w, 2),
     "vq": lambda w: quant.vq_quantize(w, 1),
+    "int8": lambda w: quant.int8_rows(w),
 }
 
 
@@ -686,3 +687,23 @@ def test_bitnet_layer_variance_matches_float_layer(seed):
     theory = math.erfc(math.sqrt(2 / math.pi) / 2 / math.sqrt(2)) * 2 / math.pi
     assert abs(y_ter.var() / var_float - theory) <= 0.05
     assert 0.3 <= y_ter.var() / var_float <= 2.0
+
+
+# --- int8 rows --------------------------------------------------------------------------------------
+
+@given(w=matrices())
+def test_int8_rows_round_to_the_nearest_step(w):
+    """Codes in [-127, 127], each row's largest |w| coded +-127, and every weight within half a step
+    (max|w_row| / 127, float64) of its dequantized value (plus the float32 rounding of the scale)."""
+    w_q, scale = quant.int8_rows(w)
+    assert w_q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (w.shape[0],)
+    assert np.abs(w_q.astype(np.int64)).max() <= 127
+    w64 = w.astype(np.float64)
+    gamma = np.abs(w64).max(axis=1)
+    nonzero = gamma > 0
+    assert np.all(np.abs(w_q[nonzero]).max(axis=1) == 127)
+    assert np.all(w_q[~nonzero] == 0)
+    step = gamma[:, None] / 127
+    err = np.abs(w64 - w_q.astype(np.float64) * scale.astype(np.float64)[:, None])
+    assert np.all(err <= step * (0.5 + 127 * 2.0 ** -23))
+    np.testing.assert_array_equal(quant.int8_dequantize(w_q, scale), (w_q * scale[:, None]).astype(np.float32))

@@ -8,6 +8,7 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 - binary_matmul_f32(w_packed, x): binary planes x float32 -> float32 (OneBit, W1A16).
 - lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
+- int8_matmul(w_q, x): int8 weights x float32 (weight-only int8 head; multiplies, 1 byte/weight).
 - set_threads(n): threads of the Numba kernels (default: all cores).
 
 How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.md):
@@ -86,6 +87,11 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
     buckets = np.einsum("tpd,opk->tokd", xp, onehot)  # (tokens, n_out, k, 2)
     cb = codebook[_row_groups(idx.shape[0], group_rows)]  # (n_out, k, 2)
     return (buckets * cb).sum((-1, -2)).astype(np.float32)
+
+
+def int8_matmul_ref(w_q, x):
+    """(n_out, n_in) int8, (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W_q^T."""
+    return (x.astype(np.float64) @ w_q.T.astype(np.float64)).astype(np.float32)
 
 
 # --- fast Numba kernels ------------------------------------------------------------------------
@@ -388,6 +394,29 @@ def _vq_par(w, nbits, codebook, group_rows, x, y, n_chunks):
         _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1)
 
 
+# int8 rows x float32: a dot product per row (reads 1 byte per weight); "reassoc" lets LLVM split
+# the sum over vector lanes (the float32 sum order is then its own; integer sums stay exact)
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _int8_rows(w, x, y, r0, r1):
+    """Rows r0..r1-1 of y = x W^T. w (n_out, n_in) int8, x (tokens, n_in) float32, y (tokens, n_out)."""
+    for r in range(r0, r1):
+        wr = w[r]
+        for t in range(x.shape[0]):
+            xt = x[t]
+            s = np.float32(0)
+            for j in range(wr.shape[0]):
+                s += np.float32(wr[j]) * xt[j]
+            y[t, r] = s
+
+
+@njit(cache=True, parallel=True)
+def _int8_par(w, x, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _int8_rows(w, x, y, r0, r1)
+
+
 # --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
 
 def _check_packed(w, row_bytes, what):
@@ -484,4 +513,15 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
     _vq_par(w, nbits, cb, g, xf, y, _n_chunks(w.shape[0]))
+    return y
+
+
+def int8_matmul(w_q, x):
+    """Same as int8_matmul_ref (float32 lane sums): w_q (n_out, n_in) int8, x (tokens, n_in) float32."""
+    x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
+    if not isinstance(w_q, np.ndarray) or w_q.dtype != np.int8 or w_q.ndim != 2 or w_q.shape[1] != x.shape[1]:
+        raise UsageError(f"int8 weights: expected a 2-D int8 array with {x.shape[1]} columns, got "
+                         f"{getattr(w_q, 'dtype', type(w_q))} {getattr(w_q, 'shape', '')}")
+    y = np.empty((x.shape[0], w_q.shape[0]), np.float32)
+    _int8_par(np.ascontiguousarray(w_q), x, y, _n_chunks(w_q.shape[0]))
     return y

@@ -15,13 +15,15 @@ Schemes (spec = {"scheme": name, **params}), and what y is:
     onebit    OneBit:       y = [(x ⊙ g) Sign(W)^T] ⊙ h, then LayerNorm without affine over outputs if post_ln
     lut       palettized:   y[o] = sum_k lut[o, k] * (sum of x_j with idx[o, j] = k)   (weight-only, float x)
     vq        2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs
+    int8      int8 rows:    y = (x W_q^T) * scale, scale = max|w_row| / 127 per row   (weight-only, float x;
+                            a smaller output head: 1 byte per weight)
 """
 import numpy as np
 
 from . import kernels, pack, quant
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
-# Weight-only schemes (lut, vq) run many-token inputs (prefill, perplexity windows) as one float32
+# Weight-only schemes (lut, vq, int8) run many-token inputs (prefill, perplexity windows) as one float32
 # BLAS product with the dequantized weight: the same y, summed in another order, and far faster
 # than bucket sums once the unpack is shared by this many tokens.
 DEQUANT_MIN_TOKENS = 32
@@ -45,6 +47,8 @@ def tensor_specs(spec, n_out, n_in):
     if s == "onebit":
         return {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
                 "g": (np.float32, (n_in,)), "h": (np.float32, (n_out,))}
+    if s == "int8":
+        return {"w_q": (np.int8, (n_out, n_in)), "scale": (np.float32, (n_out,))}
     if s == "lut":
         bits = spec["bits"]
         return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(n_in, bits))),
@@ -70,6 +74,9 @@ def quantize(w, spec, onebit_method="svd"):
     if s == "onebit":
         w_sign, g, h = quant.onebit_svid(w, method=onebit_method)
         return {"w_packed": pack.pack_binary(w_sign), "g": g, "h": h}
+    if s == "int8":
+        w_q, scale = quant.int8_rows(w)
+        return {"w_q": w_q, "scale": scale}
     if s == "lut":
         w_idx, lut = quant.lut_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
         return {"w_idx": pack.pack_indices(w_idx, spec["bits"]), "lut": lut}
@@ -116,8 +123,10 @@ def apply(layer, x, ref=False):
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]
         return layer_norm(y) if spec.get("post_ln") else y
-    if s in ("lut", "vq") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
+    if s in ("lut", "vq", "int8") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
         return x @ dequantize(layer).T
+    if s == "int8":
+        return (k.int8_matmul_ref if ref else k.int8_matmul)(layer["w_q"], x) * layer["scale"]
     if s == "lut":
         f = k.lut_matmul_ref if ref else k.lut_matmul
         return f(layer["w_idx"], spec["bits"], layer["lut"], spec.get("group_rows"), x)
@@ -139,6 +148,8 @@ def dequantize(layer):
         return quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["scale"], g)
     if s == "onebit":
         return quant.onebit_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["g"], layer["h"])
+    if s == "int8":
+        return quant.int8_dequantize(layer["w_q"], layer["scale"])
     if s == "lut":
         idx = pack.unpack_indices(layer["w_idx"], n_in, spec["bits"])
         return quant.lut_dequantize(idx, layer["lut"], g)

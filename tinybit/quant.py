@@ -323,3 +323,20 @@ def vq_dequantize(w_idx, codebook, n_in, group_rows=None):
     groups = _row_groups(w_idx.shape[0], group_rows)
     pairs = codebook[groups[:, None], w_idx]  # (n_out, n_pairs, 2)
     return pairs.reshape(w_idx.shape[0], -1)[:, :n_in].astype(np.float32)
+
+
+# --- 7. int8 rows (weight-only; for the output head) ----------------------------------------------
+
+def int8_rows(w):
+    """Per-row absmax int8 weights: scale = max|w_row| / 127, w_q = rint(w / scale) in [-127, 127].
+    -> w_q (n_out, n_in) int8, scale (n_out,) float32. Dequantize: w ~= w_q * scale.
+    An all-zero row gets codes 0 and scale 1/127."""
+    w = _check_weight(w)
+    gamma = np.abs(w).max(axis=1)  # (n_out,) float64
+    gamma = np.where(gamma > 0, gamma, 1.0)
+    w_q = np.clip(np.rint(w / gamma[:, None] * 127), -127, 127).astype(np.int8)
+    return w_q, (gamma / 127).astype(np.float32)
+
+
+def int8_dequantize(w_q, scale):
+    return (w_q.astype(np.float32) * scale[:, None]).astype(np.float32)
