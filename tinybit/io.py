@@ -19,7 +19,7 @@ from .errors import ConfigError, FormatError, UsageError
 FORMAT_VERSION = 1
 MAX_LAYERS = 4096  # more layers than any released model; bounds the tensor list a config implies
 ACTIVATIONS = ("silu", "relu2", "gelu_tanh")
-SCHEMES = ("f32", "f16", "ternary", "binary", "onebit", "lut", "vq")
+SCHEMES = ("f32", "f16", "ternary", "binary", "onebit", "lut", "vq", "int8")
 TMP_PREFIX = ".tinybit-tmp-"  # save_model's temporary directories: TMP_PREFIX + PID + "-" + random
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
 LINEAR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(q|k|v|o|gate|up|down)")
@@ -141,7 +141,8 @@ class Config:
 def validate_scheme(spec, where):
     """Check one scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
     allowed = {"f32": set(), "f16": set(), "ternary": {"per_row"}, "binary": {"group_rows", "ln"},
-               "onebit": {"post_ln"}, "lut": {"bits", "group_rows"}, "vq": {"bits", "group_rows"}}
+               "onebit": {"post_ln"}, "lut": {"bits", "group_rows"}, "vq": {"bits", "group_rows"},
+               "int8": set()}
     if not isinstance(spec, dict) or not isinstance(spec.get("scheme"), str) or spec["scheme"] not in allowed:
         raise ConfigError(f"{where}: scheme must be one of {SCHEMES}, got {spec!r}")
     extra = set(spec) - {"scheme"} - allowed[spec["scheme"]]

@@ -40,6 +40,9 @@ from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
 from tinybit.errors import ConfigError, FormatError, TinybitError, UsageError  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import calibrate  # noqa: E402  (tools/calibrate.py: GPTQ/GPTVQ error feedback for --calibrate)
+
 FAMILIES = ("bitnet", "bitnet-bf16", "hf-bitlinear", "1bitllm", "onebit", "llama")
 FAMILY_INFO = {
     "bitnet": "BitNet b1.58 2B4T packed (autobitlinear, offline; weight_scale multiplies)",
@@ -50,7 +53,7 @@ FAMILY_INFO = {
     "llama": "float LLaMA-family checkpoint",
 }
 SCHEME_NAMES = ("ternary", "ternary-row", "binary", "onebit", "onebit-svd", "onebit-nmf",
-                "lut1", "lut2", "lut3", "lut4", "lut6", "lut8", "vq1", "vq2", "vq3", "vq4", "f16", "f32")
+                "lut1", "lut2", "lut3", "lut4", "lut6", "lut8", "vq1", "vq2", "vq3", "vq4", "int8", "f16", "f32")
 EPS = 1e-5  # transformers' clamp of mean|W| in BitNet weight quantization
 PROJ = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
         "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
@@ -467,7 +470,7 @@ def parse_scheme(name, group, flag="--scheme"):
         return {"scheme": "ternary", **({"per_row": True} if name == "ternary-row" else {})}, None
     if name in ("onebit", "onebit-svd", "onebit-nmf"):
         return {"scheme": "onebit", "post_ln": False}, ("nmf" if name == "onebit-nmf" else "svd")
-    if name in ("f16", "f32"):
+    if name in ("f16", "f32", "int8"):
         return {"scheme": name}, None
     raise UsageError(f"{flag}: unknown scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}")
 
@@ -840,6 +843,13 @@ def make_parser():
     p.add_argument("--config", help="HF config.json for a raw state-dict file (or to replace SRC/config.json)")
     p.add_argument("--embed-dtype", choices=("f32", "f16"), default="f32", help="storage of the embedding")
     p.add_argument("--force", action="store_true", help="replace an existing OUT (after the new one is complete)")
+    p.add_argument("--calibrate", nargs="+", metavar="FILE",
+                   help="quantize the block linears with GPTQ/GPTVQ error feedback on these text files")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--damp", type=float, default=calibrate.DAMP, help="Hessian damping (default 0.01)")
+    p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets (default 0)")
     p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
                    help="output format: a tinybit model directory, or a llama.cpp GGUF file (tools/gguf_export.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -872,13 +882,31 @@ def convert(argv):
     if head_method and family != "llama":
         args.onebit_method = head_method
     config = build_config(src, family, args)
+    calib_ids, block_spec = None, config.quant
+    if args.calibrate:  # every calibration error is raised here, before any work
+        if family != "llama" or block_spec["scheme"] in ("f32", "f16") or not 0 <= args.damp < math.inf:
+            raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
+                             f"and --damp >= 0 (here: family {family}, scheme {block_spec['scheme']}, damp {args.damp})")
+        calib_ids = calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
+                                               args.calib_len, args.seed,
+                                               config.bos_token_id if config.add_bos else None)
+        config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
     tensors, stats = convert_weights(src, config, family, args)
+    if calib_ids is not None:
+        tensors, calib_stats, calib_lines = calibrate.calibrate_model(
+            config, tensors, calib_ids, block_spec, act_order=not args.no_act_order, damp=args.damp,
+            onebit_method=args.onebit_method)
+        config.quant = block_spec
+        stats = calib_stats + [s for s in stats if s[0] == "head"]
+        io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
     if args.to == "gguf":
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
         gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json)
     else:
         write_output(out_dir, config, tensors, src.tokenizer_json, args.force)
     print(report(src, args.out, config, family, tensors, stats), flush=True)
+    if calib_ids is not None:
+        print("\n".join(calib_lines), flush=True)
     return config
 
 
