@@ -379,6 +379,27 @@ def test_code_checks_are_fast():
         assert ms_per_mb < 20
 
 
+@pytest.mark.parametrize("quant_spec, suffix, corrupt", [
+    ({"scheme": "ternary"}, "w_packed", lambda a: a.__setitem__((0, 32), a[0, 32] | ~a[0, 0])),  # -bit on a 0
+    ({"scheme": "ternary"}, "w_packed", lambda a: a.__setitem__((0, 31), 0x80)),  # weight 224+31 past n_in
+    ({"scheme": "binary"}, "w_packed", lambda a: a.__setitem__((1, 31), 0x80)),  # padding bit set
+    ({"scheme": "onebit"}, "w_packed", lambda a: a.__setitem__((1, 31), 0x80)),
+    ({"scheme": "lut", "bits": 3}, "w_idx", lambda a: a.__setitem__((0, -1), 0xFF)),  # padding index bits
+    ({"scheme": "vq", "bits": 2}, "w_idx", lambda a: a.__setitem__((0, -1), 0xFF)),
+])
+def test_illegal_packed_codes_are_refused_at_load(tmp_path, quant_spec, suffix, corrupt):
+    """Every packed row of layers.1.gate (n_in = dim = 45) has padding: 45 weights of a 256-weight
+    block, 45 indices of 48, 23 pairs of 24."""
+    path = write_model(tmp_path, quant=quant_spec, dim=45, head_dim=10)
+    st_path = os.path.join(path, "model.safetensors")
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(st_path)
+    corrupt(tensors[f"layers.1.gate.{suffix}"])
+    save_file(tensors, st_path)
+    with pytest.raises(FormatError, match=re.escape(f"tensor layers.1.gate.{suffix}")):
+        tinybit.load(path)
+
+
 # --- validation the fuzzer relies on, case by case -----------------------------------------------
 
 @pytest.mark.parametrize("edit, words", [

@@ -3,6 +3,7 @@
 A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arrays}.
     tensor_specs(spec, n_out, n_in) -> {suffix: (dtype, shape)}   what a model file must hold
     quantize(w, spec)               -> {suffix: array}            float W (n_out, n_in) -> stored tensors
+    check_codes(spec, tensors, n_in, where)                       packed codes legal (FormatError if not)
     make(spec, tensors, n_out, n_in)-> layer                      (tensors already validated)
     apply(layer, x)                 -> y                          x (tokens, n_in) f32 -> (tokens, n_out) f32
     apply(layer, x, ref=True)       -> y, through the plain NumPy reference kernels
@@ -84,6 +85,20 @@ def quantize(w, spec, onebit_method="svd"):
         w_idx, codebook = quant.vq_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
         return {"w_idx": pack.pack_indices(w_idx, 2 * spec["bits"]), "codebook": codebook}
     raise ValueError(f"unknown scheme {s!r}")
+
+
+def check_codes(spec, tensors, n_in, where):
+    """Raise pack.PackError (a FormatError) unless the packed arrays of one linear hold only legal
+    codes: no illegal ternary code, zero padding. Shapes and dtypes are checked before (io)."""
+    s = spec["scheme"]
+    if s == "ternary":
+        pack.check_ternary_planes(tensors["w_packed"], n_in, f"{where}.w_packed")
+    elif s in ("binary", "onebit"):
+        pack.check_binary_planes(tensors["w_packed"], n_in, f"{where}.w_packed")
+    elif s == "lut":
+        pack.check_indices(tensors["w_idx"], n_in, spec["bits"], f"{where}.w_idx")
+    elif s == "vq":
+        pack.check_indices(tensors["w_idx"], -(-n_in // 2), 2 * spec["bits"], f"{where}.w_idx")
 
 
 def make(spec, tensors, n_out, n_in):

@@ -241,6 +241,12 @@ def load(path, threads=None, ref=False):
     st_path = os.path.join(path, "model.safetensors")
     tensors = io.read_safetensors(st_path)
     io.check_tensors(tensors, expected_tensors(config), st_path)
+    by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
+    for key, t in tensors.items():
+        name, suffix = key.rsplit(".", 1)
+        by_linear.setdefault(name, {})[suffix] = t
+    for name, n_out, n_in in linear_shapes(config):  # packed codes are legal before a kernel sees them
+        linear.check_codes(config.scheme_of(name), by_linear[name], n_in, f"{st_path}: tensor {name}")
     if threads is not None:
         kernels.set_threads(threads)
-    return Model(config, tensors, tokenizer=io.load_tokenizer(path), ref=ref)
+    return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref)
