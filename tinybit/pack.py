@@ -220,14 +220,11 @@ def check_indices(w_packed, n_idx, bits, what=None):
 
 def unpack_indices(w_packed, n_idx, bits):
     """Inverse of pack_indices: -> (n_out, n_idx) uint8."""
-    if not 1 <= bits <= 8:
-        raise PackError(f"index bits must be in 1..8, got {bits}")
-    n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), f"{bits}-bit indices")
+    check_indices(w_packed, n_idx, bits)
+    n_out = w_packed.shape[0]
     # every 8 indices fill `bits` bytes: read them as one little-endian word, then shift out each index
     groups = w_packed.reshape(n_out, -1, bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
     word = (groups << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=2, dtype=np.uint64)
     shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
     idx = ((word[:, :, None] >> shifts) & np.uint64(2 ** bits - 1)).astype(np.uint8).reshape(n_out, -1)
-    if idx[:, n_idx:].any():
-        raise PackError(f"{bits}-bit indices: padding past {n_idx} indices must be 0")
     return idx[:, :n_idx]
