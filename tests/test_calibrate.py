@@ -1,0 +1,219 @@
+"""Calibrated quantization (tools/calibrate.py, convert.py --calibrate): GPTQ/GPTVQ error feedback.
+
+- on a layer with correlated inputs, feedback beats round-to-nearest on the same grid, for every scheme,
+  and the full calibrated quantizer (feedback + grid fit) beats the data-free quantizer;
+- with H = I and no damping, feedback is round-to-nearest (checked against the quant formulas);
+- the staged model pass computes what Model.block computes;
+- conversions are byte-identical for the same seed; calibration-file errors name the file, write nothing.
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from tinybit import linear, model, quant
+from tinybit.errors import TinybitError
+
+from util import random_float_tensors, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("tinybit_convert", os.path.join(ROOT, "tools", "convert.py"))
+convert = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert)
+calibrate = convert.calibrate
+
+SPECS = {"lut2": {"scheme": "lut", "bits": 2}, "lut3-row": {"scheme": "lut", "bits": 3, "group_rows": 1},
+         "lut4-row": {"scheme": "lut", "bits": 4, "group_rows": 1}, "lut6": {"scheme": "lut", "bits": 6},
+         "vq2": {"scheme": "vq", "bits": 2}, "vq3-g8": {"scheme": "vq", "bits": 3, "group_rows": 8},
+         "ternary": {"scheme": "ternary"}, "ternary-row": {"scheme": "ternary", "per_row": True},
+         "binary": {"scheme": "binary"}, "binary-g8": {"scheme": "binary", "group_rows": 8},
+         "onebit": {"scheme": "onebit", "post_ln": False}}
+
+
+def correlated_layer(n_out=24, n_in=48, n=3000, seed=0):
+    """w (n_out, n_in) float64 and inputs X (n, n_in) with strongly correlated, unequal columns."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((n_in, n_in)) * rng.uniform(0.2, 2.0, n_in)[:, None]
+    x = rng.standard_normal((n, n_in)) @ mix + 0.1 * rng.standard_normal((n, n_in))
+    return rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), x
+
+
+def out_err(w, q, x):
+    return np.linalg.norm(x @ (w - q).T)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_feedback_beats_rounding_on_the_same_grid(name):
+    spec = SPECS[name]
+    w, x = correlated_layer()
+    H = 2 * x.T @ x / len(x)
+    d, grid, round_fn, _, _ = calibrate.scheme_ops(w, spec, "svd")
+    q_fb, _ = calibrate.gptq(w, calibrate.prepare(H, 0.01, d), round_fn(grid))
+    q_rtn = np.concatenate([round_fn(grid)(w[:, u * d:(u + 1) * d], u, np.eye(d))[0]
+                            for u in range(w.shape[1] // d)], axis=1)
+    assert out_err(w, q_fb, x) < 0.9 * out_err(w, q_rtn, x)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_calibrated_beats_data_free(name):
+    spec = SPECS[name]
+    w, x = correlated_layer(seed=1)
+    H = 2 * x.T @ x / len(x)
+    stored, (e_rtn, e_cal) = calibrate.quantize_calibrated(w, H, spec)
+    assert set(stored) == set(linear.tensor_specs(spec, *w.shape))
+    for k, (dtype, shape) in linear.tensor_specs(spec, *w.shape).items():
+        assert stored[k].dtype == dtype and stored[k].shape == shape, k
+    q_cal = linear.dequantize(linear.make(spec, stored, *w.shape))
+    q_free = linear.dequantize(linear.make(spec, linear.quantize(w, spec), *w.shape))
+    assert out_err(w, q_cal, x) < 0.9 * out_err(w, q_free, x)
+    # the reported errors are ||δX|| / ||WX||: e_cal of what is stored
+    assert e_cal == pytest.approx(out_err(w, q_cal, x) / np.linalg.norm(x @ w.T), rel=1e-6)
+    assert e_cal < e_rtn
+
+
+def nearest(values, table):
+    """Independent nearest-entry rounding: argmin |v - t| (first on ties). values (n,), table (n, k)."""
+    return np.abs(values[:, None] - table).argmin(axis=1)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_identity_hessian_no_damping_is_round_to_nearest(name):
+    spec = SPECS[name]
+    w, _ = correlated_layer(seed=2)
+    n_out, n_in = w.shape
+    d, grid, round_fn, _, _ = calibrate.scheme_ops(w, spec, "svd")
+    for act_order in (True, False):
+        q, codes = calibrate.gptq(w, calibrate.prepare(np.eye(n_in), 0.0, d, act_order), round_fn(grid))
+        s = spec["scheme"]
+        g = spec.get("group_rows")
+        rows = np.arange(n_out) // g if g else np.zeros(n_out, dtype=int)
+        if s == "lut":
+            want = np.stack([nearest(w[:, j], grid[rows]) for j in range(n_in)], axis=1)
+            assert np.array_equal(q, grid[rows[:, None], want])
+        elif s == "vq":
+            pairs = w.reshape(n_out, -1, 2)
+            dist = ((pairs[:, :, None, :] - grid[rows][:, None]) ** 2).sum(-1)  # (n_out, n_pairs, k)
+            want = dist.argmin(axis=2)
+            assert np.array_equal(q.reshape(n_out, -1, 2), grid[rows[:, None], want])
+        elif s == "ternary":
+            want = quant.ternarize(w, per_row=spec.get("per_row", False))[0]
+        else:  # binary, onebit: the nearest of ±v is Sign(w), Sign(0) = -1
+            want = np.where(w > 0, 1, -1)
+        assert np.array_equal(codes, want)
+
+
+def test_block_pass_equals_model_block():
+    c = tiny_config(n_layers=2)
+    m = model.Model(c, model.quantize_tensors(c, random_float_tensors(c, seed=3)))
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, (3, 10))
+    x = m.embed[ids].astype(np.float32)
+    got = calibrate.block_pass(m, 1, x, m._linear, chunk=2)
+    for s in range(len(ids)):
+        cache = m.new_cache(10)
+        want = m.block(1, x[s], cache, *m.rope_tables(0, 10))
+        np.testing.assert_allclose(got[s], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ternary-row", "binary-g8", "lut3-row"])
+def test_dense_apply_equals_linear_apply(name):
+    spec = SPECS[name]
+    w, x = correlated_layer(seed=4)
+    layer = linear.make(spec, linear.quantize(w, spec), *w.shape)
+    x = x[:50].astype(np.float32)
+    np.testing.assert_allclose(calibrate.dense_apply(spec, linear.dequantize(layer), x),
+                               linear.apply(layer, x), rtol=1e-4, atol=1e-4)
+
+
+# --- the converter ------------------------------------------------------------------------------
+
+TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+        "and associated documentation files, to deal in the Software without restriction. ") * 8
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random float LLaMA in Hugging Face layout (numpy-written safetensors) with a BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("hf")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (d / "tokenizer.json").write_text(tk.to_str())
+    c = tiny_config(vocab_size=tk.get_vocab_size(), dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, head_dim=16)
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "intermediate_size": c.ffn_dim, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1}))
+    hf = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+          **{v + ".weight": k + ".weight" for k, v in convert.PROJ.items()}}
+    t = {}
+    for name, a in random_float_tensors(c, seed=5).items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            name = f"layers.{i}.{hf[rest]}"
+        else:
+            name = {"embed.weight": "embed_tokens.weight"}.get(name, name)
+        t["model." + name] = a
+    save_file(t, str(d / "model.safetensors"))
+    (d / "calib.txt").write_text(TEXT)
+    return d
+
+
+def run_convert(hf_dir, out, *extra):
+    argv = [str(hf_dir), str(out), "--calibrate", str(hf_dir / "calib.txt"), "--calib-samples", "6",
+            "--calib-len", "24", *map(str, extra)]
+    return convert.convert(argv)
+
+
+@pytest.mark.parametrize("scheme", ["lut3", "vq2", "ternary-row", "onebit"])
+def test_same_seed_same_bytes(hf_dir, tmp_path, capsys, scheme):
+    run_convert(hf_dir, tmp_path / "a", "--scheme", scheme, "--seed", "7")
+    report = capsys.readouterr().out
+    run_convert(hf_dir, tmp_path / "b", "--scheme", scheme, "--seed", "7")
+    run_convert(hf_dir, tmp_path / "c", "--scheme", scheme, "--seed", "8")
+    read = lambda d: (d / "model.safetensors").read_bytes()  # noqa: E731
+    assert read(tmp_path / "a") == read(tmp_path / "b")
+    assert read(tmp_path / "a") != read(tmp_path / "c")
+    assert "round-to-nearest -> feedback" in report and "layers.1: q " in report
+    m = model.load(str(tmp_path / "a"))  # loads and validates as the scheme's ordinary tensors
+    assert np.all(np.isfinite(m.logits([3, 4, 5])))
+
+
+def test_calibrated_conversion_beats_data_free_on_calibration_text(hf_dir, tmp_path):
+    from tinybit.eval import perplexity
+    run_convert(hf_dir, tmp_path / "cal", "--scheme", "lut2")
+    convert.convert([str(hf_dir), str(tmp_path / "free"), "--scheme", "lut2"])
+    convert.convert([str(hf_dir), str(tmp_path / "f32")])
+    ids = model.load(str(tmp_path / "f32")).tokenizer.encode(TEXT).ids[:60]
+    ref = model.load(str(tmp_path / "f32")).logits(ids)
+    diff = {k: np.linalg.norm(model.load(str(tmp_path / k)).logits(ids) - ref) for k in ("cal", "free")}
+    assert diff["cal"] < diff["free"]
+    assert perplexity(model.load(str(tmp_path / "cal")), ids)[0] > 1
+
+
+@pytest.mark.parametrize("case, needle", [("missing", "no such file"), ("empty", "empty file"),
+                                          ("short", "shorter than one sample")])
+def test_calibration_file_errors_name_the_file(hf_dir, tmp_path, capsys, case, needle):
+    path = tmp_path / f"{case}.txt"
+    if case == "empty":
+        path.write_text("  \n")
+    if case == "short":
+        path.write_text("Permission is hereby granted")
+    out = tmp_path / "out"
+    rc = convert.main([str(hf_dir), str(out), "--scheme", "lut4", "--calibrate", str(hf_dir / "calib.txt"),
+                       str(path), "--calib-len", "24"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(path) in err and needle in err, err
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in [path] if p.exists())
+
+
+def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):
+    with pytest.raises(TinybitError, match="--calibrate applies to float checkpoints"):
+        run_convert(hf_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,484 @@
+"""Calibrated quantization: GPTQ / GPTVQ error feedback for every weight scheme (docs/calibrate.md).
+
+NumPy only (no torch). Used by `tools/convert.py --calibrate FILE ...`:
+
+    ids = read_calibration(paths, tokenizer_json, n_samples, length, seed)   # (n_samples, length) token ids
+    tensors, stats, lines = calibrate_model(config, float_tensors, ids, spec)   # block linears quantized
+
+The method (GPTQ, Frantar et al. 2022, arXiv 2210.17323; GPTVQ, van Baalen et al. 2024, arXiv 2402.15319):
+for a linear y = W x whose inputs on the calibration tokens are X (n, n_in),
+
+    H  = 2 XᵀX / n + damp · mean(diag H) · I          (the Hessian of ||W X - Q X||² in W, damped)
+    H⁻¹ = Uᵀ U                                         (U upper triangular: the Cholesky factor of H⁻¹)
+
+the input columns are quantized one unit at a time (a unit is 1 column, or 2 adjacent columns for
+2-D VQ), in order of decreasing diag(H) with act-order, and the rounding error of each column j is
+pushed onto the columns not yet quantized:  e = (w_j - q_j) / U_jj,  W[:, j+1:] -= e ⊗ U[j, j+1:].
+A 2-D VQ unit picks the centroid c that minimises ||(w - c) U_b⁻¹||², U_b the 2x2 block of U on its
+columns (GPTVQ's Hessian-weighted assignment). With H = I nothing is propagated and the result is
+round-to-nearest on the same grid.
+
+The grid is the scheme's own, initialised by the data-free quantizer of tinybit.quant and then fitted to
+the calibrated objective  sum_o (w_o - q_o) H (w_o - q_o)ᵀ  by least squares, the codes held fixed:
+    lut      the LUT of each row group (GPTVQ's codebook update, closed form)
+    vq       the 2-D codebook of each row group (the same, over pairs)
+    ternary  gamma per tensor or per row;   binary  beta per row group
+    onebit   h given (signs, g), then g given (signs, h), alternated
+GPTQ then runs again on the fitted grid, for at most `rounds` passes (fewer when a pass gains < 1%);
+the pass with the lowest calibrated error is kept. Stored tensors are exactly linear.tensor_specs(spec) of the scheme: the model file format
+does not change.
+"""
+import copy
+import math
+import sys
+import time
+
+import numpy as np
+
+from tinybit import linear, pack, quant
+from tinybit import model as tbmodel
+from tinybit.errors import UsageError
+
+DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
+BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
+ROUNDS = 4      # most GPTQ passes; each after the first uses the grid least-squares fitted to the previous codes
+RIDGE = 1e-6    # relative ridge of the least-squares grid fits (keeps an empty LUT entry where it was)
+CHUNK = 8       # calibration sequences per matmul in the model pass
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- calibration data -------------------------------------------------------------------------------
+
+def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_id=None):
+    """Calibration token ids (n_samples, length) int64.
+
+    Each file is read as UTF-8 and tokenized (no special tokens) with the converted model's tokenizer;
+    the token streams are concatenated in the order given and `n_samples` windows of `length` tokens
+    start at offsets drawn with numpy's default_rng(seed). With bos_token_id, each window is bos followed
+    by length - 1 tokens. A missing, unreadable or empty file, or one with fewer tokens than one sample,
+    is a UsageError naming the file."""
+    if n_samples < 1 or length < 2:
+        raise UsageError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {n_samples} and {length}")
+    if tokenizer_json is None:
+        raise UsageError("--calibrate needs the model's tokenizer, and the source has none (no tokenizer.json)")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer_json)
+    need = length - (bos_token_id is not None)
+    streams = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise UsageError(f"--calibrate {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--calibrate {path}: cannot read as UTF-8 text: {e}") from None
+        if not text.strip():
+            raise UsageError(f"--calibrate {path}: empty file")
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if len(ids) < need:
+            raise UsageError(f"--calibrate {path}: {len(ids)} tokens, shorter than one sample "
+                             f"({need} tokens, --calib-len {length})")
+        streams.append(np.asarray(ids, dtype=np.int64))
+    stream = np.concatenate(streams)
+    starts = np.random.default_rng(seed).integers(0, len(stream) - need + 1, size=n_samples)
+    ids = stream[starts[:, None] + np.arange(need)]  # (n_samples, need)
+    if bos_token_id is not None:
+        ids = np.concatenate([np.full((n_samples, 1), bos_token_id, np.int64), ids], axis=1)
+    return ids
+
+
+# --- the GPTQ core ----------------------------------------------------------------------------------
+
+def damped(H, damp):
+    """H + damp · mean(diag H) · I, float64; an input that is always 0 (H_jj = 0) gets H_jj = 1 so the
+    Cholesky factor exists (its column is then rounded on its own and propagates nothing)."""
+    H = np.array(H, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    return H
+
+
+def prepare(H, damp=DAMP, d=1, act_order=True):
+    """What GPTQ needs from a Hessian H (n_in, n_in), computed once for all the linears that share it:
+    (Hd the damped H, units (n_in // d,) the order of the units, cols (n_in,) the original column at each
+    position, U (n_in, n_in) upper triangular with (Hd permuted)⁻¹ = Uᵀ U). With act_order the units go
+    in order of decreasing diag(H) (summed over the unit; stable, so ties keep the stored order)."""
+    Hd = damped(H, damp)
+    n_in = len(Hd)
+    units = np.arange(n_in // d)
+    if act_order:
+        units = np.argsort(-np.diag(Hd).reshape(-1, d).sum(axis=1), kind="stable")
+    cols = (units[:, None] * d + np.arange(d)).ravel()
+    U = np.linalg.cholesky(np.linalg.inv(Hd[np.ix_(cols, cols)])).T
+    return Hd, units, cols, U
+
+
+def gptq(w, prep, round_unit, block=BLOCK):
+    """GPTQ / GPTVQ error feedback over one weight.
+
+    w (n_out, n_in) float; prep = prepare(H, damp, d, act_order); n_in % d == 0.
+    round_unit(w_u (n_out, d), u, U_b (d, d)) -> (q_u (n_out, d), code (n_out,)) rounds unit u (columns
+    u*d .. u*d+d-1 in the original order) of the error-updated weights onto the grid.
+    Returns Q (n_out, n_in) float64, the quantized weights, and codes (n_out, n_in // d) int64."""
+    _, units, cols, U = prep
+    n_out, n_in = w.shape
+    d = n_in // len(units)
+    W = np.asarray(w, dtype=np.float64)[:, cols]  # (n_out, n_in) in processing order (a copy)
+    Q = np.zeros_like(W)
+    codes = np.zeros((n_out, n_in // d), dtype=np.int64)
+    for b0 in range(0, n_in, block):
+        b1 = min(b0 + block, n_in)
+        W1, E1, U1 = W[:, b0:b1].copy(), np.zeros((n_out, b1 - b0)), U[b0:b1, b0:b1]
+        for i in range(0, b1 - b0, d):
+            u = units[(b0 + i) // d]
+            q, codes[:, u] = round_unit(W1[:, i:i + d], u, U1[i:i + d, i:i + d])
+            Q[:, b0 + i:b0 + i + d] = q
+            for c in range(i, i + d):  # e = (w_c - q_c) / U_cc, pushed onto the later columns of the block
+                e = (W1[:, c] - q[:, c - i]) / U1[c, c]
+                W1[:, c:] -= np.outer(e, U1[c, c:])
+                E1[:, c] = e
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]  # the block's errors, onto every later block at once
+    out = np.empty_like(Q)
+    out[:, cols] = Q
+    return out, codes
+
+
+def rtn(w, round_unit, d=1):
+    """Round-to-nearest on the same grid, no feedback: codes (n_out, n_in // d) int64."""
+    eye = np.eye(d)
+    return np.stack([round_unit(w[:, u * d:(u + 1) * d], u, eye)[1] for u in range(w.shape[1] // d)], axis=1)
+
+
+def output_error(delta, H):
+    """sum_o δ_o H δ_oᵀ = (2/n) ||δ X||² for δ (n_out, n_in), H = 2 XᵀX / n (undamped)."""
+    return float(np.einsum("oi,oi->", delta @ H, delta))
+
+
+# --- grids: rounding onto the scheme's values, and their least-squares fit under H -------------------
+
+def _round_table(table_rows):
+    """Nearest entry of each row's sorted table (ties to the lower sorted entry). table_rows (n_out, k)."""
+    order = np.argsort(table_rows, axis=1, kind="stable")
+    srt = np.take_along_axis(table_rows, order, axis=1)
+    mids = (srt[:, 1:] + srt[:, :-1]) / 2  # (n_out, k - 1)
+    rows = np.arange(len(table_rows))
+
+    def round_unit(wu, u, ub):
+        pos = (mids < wu[:, :1]).sum(axis=1)  # = searchsorted(mids_row, w, "left"), as quant._nearest_1d
+        return srt[rows, pos][:, None], order[rows, pos]
+    return round_unit
+
+
+def _round_vq(cb_rows):
+    """GPTVQ assignment: argmin_c ||(w - c) U_b⁻¹||² over each row's 2-D codebook cb_rows (n_out, k, 2)."""
+    rows = np.arange(len(cb_rows))
+
+    def round_unit(wu, u, ub):
+        z = (wu[:, None, :] - cb_rows) @ np.linalg.inv(ub)  # (n_out, k, 2)
+        code = (z * z).sum(axis=-1).argmin(axis=1)  # ties to the lower index, as quant._nearest_2d
+        return cb_rows[rows, code], code
+    return round_unit
+
+
+def _round_ternary(gamma_rows):
+    """RoundClip(w / (gamma + eps), -1, 1) (quant.ternarize) with gamma (n_out,)."""
+    def round_unit(wu, u, ub):
+        code = np.clip(np.rint(wu[:, 0] / (gamma_rows + quant.EPS)), -1, 1).astype(np.int64)
+        return (code * gamma_rows)[:, None], code
+    return round_unit
+
+
+def _round_sign(scale_rows, g=None):
+    """Nearest of ±v, v = scale_rows (n_out,) (binary) or h ⊙ g_u (onebit): code +1 if w·v > 0, else -1
+    (for v >= 0 this is Sign(w) with Sign(0) = -1, the BitNet / OneBit convention)."""
+    def round_unit(wu, u, ub):
+        v = scale_rows if g is None else scale_rows * g[u]
+        code = np.where(wu[:, 0] > 0, 1, -1)
+        code = np.where(v < 0, -code, code)
+        return (code * v)[:, None], code
+    return round_unit
+
+
+def fit_tables(w, H, idx, groups, table, ridge=RIDGE):
+    """Least-squares table of each row group, the assignments held fixed (GPTVQ's codebook update):
+
+        table_g = argmin_c sum_{o in g} (w_o - c[idx_o]) H (w_o - c[idx_o])ᵀ
+        (sum_o P_oᵀ H P_o + λI) c = sum_o P_oᵀ H w_oᵀ + λ c_old,   P_o (n_in, K) the one-hot of idx_o,
+        λ = ridge · mean(diag H)   (an entry no weight uses keeps its old value)
+
+    w (n_out, n_in), H (n_in, n_in), idx (n_out, n_in) in [0, K), groups (n_out,), table (n_groups, K).
+    Cost: n_out · n_in² · K multiply-adds (batched matmuls)."""
+    n_out, n_in = w.shape
+    n_groups, K = table.shape
+    M, r = np.zeros((n_groups, K, K)), np.zeros((n_groups, K))
+    WH = w @ H  # (n_out, n_in)
+    H32, eye32 = H.astype(np.float32), np.eye(K, dtype=np.float32)  # the big products in float32
+    step = max(1, (1 << 22) // (n_in * K))
+    for r0 in range(0, n_out, step):
+        P = eye32[idx[r0:r0 + step]]  # (R, n_in, K)
+        R = len(P)
+        HP = (H32 @ P.transpose(1, 0, 2).reshape(n_in, R * K)).reshape(n_in, R, K).transpose(1, 0, 2)
+        np.add.at(M, groups[r0:r0 + step], P.transpose(0, 2, 1) @ HP)  # P_oᵀ H P_o  (R, K, K)
+        np.add.at(r, groups[r0:r0 + step], (P.transpose(0, 2, 1) @ WH[r0:r0 + step, :, None])[..., 0])
+    eye = np.eye(K)
+    lam = ridge * np.mean(np.diag(H))
+    return np.linalg.solve(M + lam * eye, (r + lam * table)[..., None])[..., 0]
+
+
+def _fit_scale(num, den, old, groups, n_groups):
+    """Least-squares scale per group, s = sum num / sum den, kept at `old` where that is not positive."""
+    nn, dd = np.zeros(n_groups), np.zeros(n_groups)
+    np.add.at(nn, groups, num)
+    np.add.at(dd, groups, den)
+    s = np.divide(nn, dd, out=np.zeros(n_groups), where=dd > 0)
+    return np.where(s > 0, s, old)
+
+
+def _fit_onebit(w, H, sign, g, h, iters=3, ridge=RIDGE):
+    """OneBit value vectors fitted to sum_o (w_o - h_o (s_o ⊙ g)) H (...)ᵀ, the signs S held fixed,
+    by alternating least squares:
+        h_o = (s_o ⊙ g) H w_oᵀ / (s_o ⊙ g) H (s_o ⊙ g)ᵀ
+        [H ⊙ (Sᵀ diag(h²) S) + λI] g = ((W H) ⊙ S)ᵀ h + λ g_old
+    then rescaled to |h| = |g| (the product h gᵀ is unchanged)."""
+    S = sign.astype(np.float64)
+    WH = w @ H
+    lam = ridge * np.mean(np.diag(H))
+    for _ in range(iters):
+        V = S * g  # (n_out, n_in)
+        VH = V @ H
+        num, den = (VH * w).sum(axis=1), (VH * V).sum(axis=1)
+        h = np.divide(num, den, out=h.copy(), where=den > 0)
+        A = H * (S.T @ (S * (h * h)[:, None]))  # (n_in, n_in)
+        g = np.linalg.solve(A + lam * np.eye(len(g)), (WH * S).T @ h + lam * g)
+    nh, ng = np.linalg.norm(h), np.linalg.norm(g)
+    if nh > 0 and ng > 0:
+        h, g = h * np.sqrt(ng / nh), g * np.sqrt(nh / ng)
+    return g, h
+
+
+def _row_groups(n_out, spec):
+    g = spec.get("group_rows")
+    groups = np.arange(n_out) // g if g else np.zeros(n_out, dtype=np.int64)
+    return groups, int(groups[-1]) + 1
+
+
+def scheme_ops(w, spec, onebit_method):
+    """(d, grid, round_fn(grid), fit(codes, grid, H) -> grid, store(codes, grid) -> tensors) of a scheme.
+    w (n_out, n_in) float64 (padded to an even n_in for vq). The initial grid is the data-free quantizer's."""
+    s = spec["scheme"]
+    n_out, n_in = w.shape
+    groups, n_groups = _row_groups(n_out, spec)
+    if s == "lut":
+        bits = spec["bits"]
+        _, lut = quant.lut_quantize(w, bits, group_rows=spec.get("group_rows"))
+        return (1, lut.astype(np.float64), lambda t: _round_table(t[groups]),
+                lambda c, t, H: fit_tables(w, H, c, groups, t),
+                lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), bits), "lut": t.astype(np.float32)})
+    if s == "vq":
+        bits = spec["bits"]
+        _, cb = quant.vq_quantize(w, bits, group_rows=spec.get("group_rows"))  # (n_groups, k, 2)
+        k = cb.shape[1]
+
+        def fit(c, t, H):  # a pair code c selects entries 2c, 2c + 1 of the flattened (2k,) codebook
+            idx = (2 * c[:, :, None] + np.arange(2)).reshape(n_out, -1)  # (n_out, n_in)
+            return fit_tables(w, H, idx, groups, t.reshape(n_groups, 2 * k)).reshape(n_groups, k, 2)
+        return (2, cb.astype(np.float64), lambda t: _round_vq(t[groups]), fit,
+                lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), 2 * bits),
+                              "codebook": t.astype(np.float32)})
+    if s == "ternary":
+        per_row = bool(spec.get("per_row"))
+        _, gamma = quant.ternarize(w, per_row=per_row)
+        tg = np.arange(n_out) if per_row else np.zeros(n_out, dtype=np.int64)
+
+        def fit(c, t, H):  # gamma = sum T H Wᵀ / sum T H Tᵀ over the row (or the tensor)
+            TH = c @ H
+            return _fit_scale((TH * w).sum(axis=1), (TH * c).sum(axis=1), t, tg, len(t))
+        return (1, gamma.astype(np.float64), lambda t: _round_ternary(t[tg]), fit,
+                lambda c, t: {"w_packed": pack.pack_ternary(c.astype(np.int8)), "scale": t.astype(np.float32)})
+    if s == "binary":
+        _, _, beta = quant.binarize(w, group_rows=spec.get("group_rows"))
+
+        def fit(c, t, H):  # beta = sum S H Wᵀ / sum S H Sᵀ over the row group
+            SH = c @ H
+            return _fit_scale((SH * w).sum(axis=1), (SH * c).sum(axis=1), t, groups, n_groups)
+        return (1, beta.astype(np.float64), lambda t: _round_sign(t[groups]), fit,
+                lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)), "scale": t.astype(np.float32)})
+    if s == "onebit":
+        _, g, h = quant.onebit_svid(w, method=onebit_method)
+        return (1, (g.astype(np.float64), h.astype(np.float64)), lambda t: _round_sign(t[1], t[0]),
+                lambda c, t, H: _fit_onebit(w, H, c, t[0], t[1]),
+                lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)),
+                              "g": t[0].astype(np.float32), "h": t[1].astype(np.float32)})
+    raise UsageError(f"--calibrate: scheme {s!r} has no calibrated quantizer")
+
+
+def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, onebit_method="svd", prep=None):
+    """Quantize one float weight w (n_out, n_in) with error feedback under H = 2 XᵀX / n (undamped).
+    prep: prepare(H, damp, d, act_order), when already computed for another linear sharing H.
+    Up to `rounds` GPTQ passes, each on the grid fitted to the previous codes; stops when a pass
+    improves the calibrated error by less than 1%, and keeps the best pass.
+    Returns (tensors, as linear.quantize returns them for `spec`,
+             (rtn_err, err): the relative output error sqrt(δ H δᵀ / w H wᵀ) on the calibration inputs of
+             round-to-nearest on the initial (data-free) grid, and of the result)."""
+    if spec.get("ln") or spec.get("post_ln"):
+        raise UsageError("--calibrate: binary with LayerNorm inputs / onebit with post_ln are not supported")
+    w = quant._check_weight(w)
+    n_out, n_in = w.shape
+    H = np.asarray(H, dtype=np.float64)
+    if spec["scheme"] == "vq" and n_in % 2:  # one zero column pads the last pair; tiny H_jj: it is ~ignored
+        w = np.concatenate([w, np.zeros((n_out, 1))], axis=1)
+        H = np.pad(H, ((0, 1), (0, 1)))
+        H[-1, -1] = 1e-6 * np.mean(np.diag(H[:-1, :-1]))
+    d, grid, round_fn, fit, store = scheme_ops(w, spec, onebit_method)
+    if prep is None or len(prep[0]) != w.shape[1]:
+        prep = prepare(H, damp, d, act_order)
+    Hd = prep[0]
+
+    w0, H0 = w[:, :n_in], H[:n_in, :n_in]
+    ref = max(output_error(w0, H0), 1e-300)
+
+    def rel_err(codes, grid):  # of exactly what is stored (float32 tables, packed codes)
+        q = linear.dequantize(linear.make(spec, store(codes, grid), n_out, n_in))
+        return math.sqrt(output_error(q - w0, H0) / ref)
+
+    rtn_err = rel_err(rtn(w, round_fn(grid), d), grid)
+    best = None
+    for _ in range(rounds):
+        _, codes = gptq(w, prep, round_fn(grid))
+        grid = fit(codes, grid, Hd)
+        err = rel_err(codes, grid)
+        if best is not None and err > 0.99 * best[0]:
+            if err < best[0]:
+                best = (err, codes, grid)
+            break
+        best = (err, codes, grid)
+    err, codes, grid = best
+    return store(codes, grid), (rtn_err, err)
+
+
+# --- the model pass ---------------------------------------------------------------------------------
+
+def _hessian(xs):
+    """H = 2 XᵀX / n over the chunks xs (each (tokens, n_in) float32), accumulated in float64."""
+    H, n = 0.0, 0
+    for x in xs:
+        H = H + (x.T @ x).astype(np.float64)  # (n_in, n_in)
+        n += len(x)
+    return 2 * H / n
+
+
+def block_pass(model, i, X, lin, quantize=None, chunk=CHUNK):
+    """Block i of `model` over X (n_seq, L, dim) float32 at positions 0..L-1 -> (n_seq, L, dim).
+
+    lin(name, x) applies a linear. The linears are applied in groups q,k,v | o | gate,up | down; with
+    `quantize`, quantize(names, H) is called before each group is applied, H = 2 XᵀX / n the Hessian of
+    the group's inputs over all sequences, computed through the groups already applied (so it can
+    quantize them: later groups see their quantized outputs). Same computation as Model.block."""
+    c, p = model.config, f"layers.{i}."
+    n_seq, L, _ = X.shape
+    cos, sin = model.rope_tables(0, L)
+    spans = [slice(s, min(s + chunk, n_seq)) for s in range(0, n_seq, chunk)]
+
+    def norm(x, name):
+        return tbmodel.rms_norm(x, model.norms[p + name], c.norm_eps)
+
+    def flat(a):
+        return a.reshape(-1, a.shape[-1])
+
+    def stage(names, inputs):
+        if quantize is not None:
+            quantize([p + n for n in names], _hessian(flat(inputs(sp)) for sp in spans))
+
+    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+    stage(("q", "k", "v"), lambda sp: norm(X[sp], "attn_norm.weight"))
+    A = np.empty((n_seq, L, c.n_heads * c.head_dim), dtype=np.float32)
+    for sp in spans:
+        h = flat(norm(X[sp], "attn_norm.weight"))
+        q, k, v = (lin(p + n, h).reshape(-1, L, nh, c.head_dim)
+                   for n, nh in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads)))
+        for j in range(len(q)):
+            A[sp.start + j] = tbmodel.attention(tbmodel.rope(q[j], cos, sin), tbmodel.rope(k[j], cos, sin), v[j], 0)
+        if c.sub_norms:
+            A[sp] = norm(A[sp], "attn_sub_norm.weight")
+    stage(("o",), lambda sp: A[sp])
+    X = X.copy()
+    for sp in spans:
+        X[sp] += lin(p + "o", flat(A[sp])).reshape(X[sp].shape)
+    del A
+    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
+    stage(("gate", "up"), lambda sp: norm(X[sp], "ffn_norm.weight"))
+    M = np.empty((n_seq, L, c.ffn_dim), dtype=np.float32)
+    for sp in spans:
+        h = flat(norm(X[sp], "ffn_norm.weight"))
+        m = tbmodel.gate_activation(lin(p + "gate", h), c.activation) * lin(p + "up", h)
+        M[sp] = m.reshape(-1, L, c.ffn_dim)
+        if c.sub_norms:
+            M[sp] = norm(M[sp], "ffn_sub_norm.weight")
+    stage(("down",), lambda sp: M[sp])
+    for sp in spans:
+        X[sp] += lin(p + "down", flat(M[sp])).reshape(X[sp].shape)
+    return X
+
+
+def dense_apply(spec, w_hat, x):
+    """linear.apply(layer, x) of a layer whose dequantized weight is w_hat (n_out, n_in), through BLAS:
+    the same activation quantization (8-bit absmax for ternary/binary), float rounding aside."""
+    if spec["scheme"] in ("ternary", "binary"):
+        x_q, sx = quant.absmax_quantize(x)
+        x = x_q.astype(np.float32) / sx
+    return x @ w_hat.T
+
+
+def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, rounds=ROUNDS,
+                    onebit_method="svd", log=_log):
+    """Quantize the block linears of a model with calibrated error feedback, block after block.
+
+    config: the model's config with float ("f32") block linears; tensors: its tensors (the block linears
+    as "{name}.weight" (n_out, n_in)); ids (n_seq, L) calibration token ids; spec: the block scheme.
+    Each linear's Hessian comes from its inputs computed through the already-quantized earlier linears.
+    Returns (tensors with the block linears stored as `spec`, stats rows (name, params, bytes,
+    weight error, scheme) as tools/convert.py reports them, report lines of the output errors)."""
+    fconf = copy.deepcopy(config)
+    model = tbmodel.Model(fconf, tensors)
+    shapes = {name: (n_out, n_in) for name, n_out, n_in in tbmodel.linear_shapes(fconf) if name != "head"}
+    out = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in shapes}
+    w_hat, stats, errs = {}, [], {}
+
+    def lin(name, x):
+        return dense_apply(spec, w_hat[name], x) if name in w_hat else x @ tensors[name + ".weight"].T
+
+    d = 2 if spec["scheme"] == "vq" else 1
+
+    def quantize(names, H):
+        prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
+        for name in names:
+            n_out, n_in = shapes[name]
+            w = tensors[name + ".weight"]
+            stored, errs[name] = quantize_calibrated(w, H, spec, act_order, damp, rounds, onebit_method, prep)
+            w_hat[name] = linear.dequantize(linear.make(spec, stored, n_out, n_in))
+            out.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
+            nw = float(np.linalg.norm(w.astype(np.float64)))
+            werr = float(np.linalg.norm((w_hat[name] - w).astype(np.float64))) / nw if nw > 0 else 0.0
+            stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()), werr, spec["scheme"]))
+
+    X = model.embed[ids].astype(np.float32)  # (n_seq, L, dim)
+    t0 = time.time()
+    lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
+             f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear",
+             "  relative output error ||WX - QX|| / ||WX|| on the calibration inputs, round-to-nearest -> feedback:"]
+    for i in range(config.n_layers):
+        X = block_pass(model, i, X, lin, quantize)
+        p = f"layers.{i}."
+        items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in shapes if n.startswith(p)]
+        lines.append(f"    layers.{i}: " + "  ".join(items))
+        log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
+    e = np.array(list(errs.values()))
+    lines.append(f"    mean: {e[:, 0].mean():.4f} -> {e[:, 1].mean():.4f}")
+    order = list(shapes)
+    stats.sort(key=lambda s: order.index(s[0]))
+    return out, stats, lines
