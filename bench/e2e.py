@@ -1,0 +1,303 @@
+"""End-to-end benchmark: tinybit prefill and decode on a random-weight ternary model, beside llama.cpp.
+
+    python bench/e2e.py [--shape 2b4t|large] [--threads 1,2] [--json] [--prefill 128] [--decode 128]
+
+Builds a model of the shape with random ternary codes (packed with tinybit.pack; P(0) = 1/3),
+one scale per tensor (1/sqrt(n_in)), norms of ones and a random float32 embedding that is also
+the head (tied, f32: what tinybit multiplies without a copy; its share of the file is printed).
+The shape is the checkpoint's; the block is plain llama (SiLU, no sub-norms), which is what
+llama.cpp's "llama" architecture runs, so both engines compute the same function.
+The model is saved with tinybit.io.save_model to a temporary directory; every measurement runs in
+a fresh process (a first one only warms numba's cache):
+    load_s       tinybit.load (config, safetensors header, mmap, tensor checks)
+    warm_start_s the first forward (1 token) after load, with a warm numba cache
+    prefill      one forward over --prefill random tokens, tok/s
+    decode       --decode single-token forwards after the prefill, tok/s = 1 / median step time
+    peak RSS     resource.getrusage ru_maxrss of that process (mapped weights it touched included),
+                 beside the target 1.2 x model file + KV cache
+When `import llama_cpp` works (the optional llama-cpp-python extra), the same weights are exported
+with tools/gguf_export.py (TQ2_0 linears, F32 tied embedding) and llama.cpp is timed the same way
+(Llama.eval of the prompt, then 1-token evals); the tinybit rows get ratio_vs_llamacpp. Otherwise
+the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a reference
+anchor (not measured here; Q6_K head there, f32 head here).
+--json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
+gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
+seconds of all threads / wall seconds: below the thread count, the machine was busy), and
+ratio_vs_llamacpp when both ran).
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tinybit import io, pack  # noqa: E402
+from tinybit import model as tbmodel  # noqa: E402
+
+SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
+    "2b4t": dict(vocab_size=128256, dim=2560, n_layers=30, n_heads=20, n_kv_heads=5, head_dim=128, ffn_dim=6912),
+    "large": dict(vocab_size=32000, dim=1536, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=96, ffn_dim=4096),
+}
+# llama-bench pp128 / tg128 medians, TQ2_0 (Q6_K tied head), 2-vCPU AMD EPYC Zen 4
+# (shared/reference/llamacpp-measured.md): {shape: {threads: (prefill, decode)}}
+ANCHORS = {"2b4t": {1: (26.8, 18.1), 2: (52.5, 24.9)}, "large": {1: (76.9, 46.0), 2: (148.0, 57.0)}}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def build_config(shape):
+    return io.Config(**SHAPES[shape], max_seq_len=4096, rope_theta=10000.0, activation="silu",
+                     tie_embeddings=True, quant={"scheme": "ternary"}, bos_token_id=0, eos_token_ids=[1],
+                     family=f"random-{shape}")
+
+
+def build_tensors(config, seed=0):
+    """Random stored tensors: ternary planes from uniform codes in {-1, 0, 1}, per-tensor scale."""
+    rng = np.random.default_rng(seed)
+    c = config
+    t = {"embed.weight": rng.standard_normal((c.vocab_size, c.dim), dtype=np.float32),  # (vocab, dim)
+         "norm.weight": np.ones(c.dim, np.float32)}
+    for i in range(c.n_layers):
+        t[f"layers.{i}.attn_norm.weight"] = np.ones(c.dim, np.float32)
+        t[f"layers.{i}.ffn_norm.weight"] = np.ones(c.dim, np.float32)
+    for name, n_out, n_in in tbmodel.linear_shapes(c):
+        codes = rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)       # (n_out, n_in) int8
+        t[name + ".w_packed"] = pack.pack_ternary(codes)                # (n_out, n_in / 4) uint8
+        t[name + ".scale"] = np.array([n_in ** -0.5], np.float32)       # keeps activations O(1)
+    return t
+
+
+def byte_level_bpe(vocab_size):
+    """tokenizer.json of a byte-level BPE with vocab_size tokens and one merge (llama.cpp needs a
+    vocabulary with merges in the GGUF; the benchmark feeds token ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(alphabet + ["\u0120t"])}  # "Ġt" = " t"
+    vocab.update({f"t{i}": i for i in range(len(vocab), vocab_size)})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk.to_str()
+
+
+def prompt(n_vocab, n, seed=1):
+    return np.random.default_rng(seed).integers(2, n_vocab, n).tolist()
+
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak; Linux reports KiB
+
+
+def cpu_s():
+    """CPU seconds (user + system) of this process, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --- child processes: one engine, one thread count ------------------------------------------------
+
+def child_tinybit(model_dir, threads, n_prefill, n_decode, warm_only):
+    import tinybit
+    base_mb = current_rss_mb()  # the interpreter, NumPy, Numba
+    t = time.perf_counter()
+    m = tinybit.load(model_dir, threads=threads)
+    load_s = time.perf_counter() - t
+    cache = m.new_cache(n_prefill + n_decode + 1)
+    t = time.perf_counter()
+    m.forward([2], cache, last_only=True)
+    warm_s = time.perf_counter() - t
+    m.forward(prompt(m.config.vocab_size, 8), m.new_cache(8), last_only=True)  # many-token path, untimed
+    if warm_only:
+        return {}
+    cache = m.new_cache(n_prefill + n_decode)
+    ids = prompt(m.config.vocab_size, n_prefill + n_decode)
+    t = time.perf_counter()
+    m.forward(ids[:n_prefill], cache, last_only=True)
+    prefill_s = time.perf_counter() - t
+    steps, cpu0, wall0 = [], cpu_s(), time.perf_counter()
+    for tok in ids[n_prefill:]:
+        t = time.perf_counter()
+        m.forward([tok], cache, last_only=True)
+        steps.append(time.perf_counter() - t)
+    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=n_prefill / prefill_s,
+                decode_tok_s=1 / float(np.median(steps)), peak_rss_mb=rss_mb(), base_rss_mb=base_mb,
+                decode_cpu_per_wall=(cpu_s() - cpu0) / (time.perf_counter() - wall0))
+
+
+def child_llamacpp(gguf_path, threads, n_prefill, n_decode):
+    import llama_cpp
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_prefill + n_decode + 8, n_batch=n_prefill,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t
+    ids = prompt(llm.n_vocab(), n_prefill + n_decode)
+    t = time.perf_counter()
+    llm.eval([2])
+    warm_s = time.perf_counter() - t
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids[:n_prefill])
+    prefill_s = time.perf_counter() - t
+    steps = []
+    for tok in ids[n_prefill:]:
+        t = time.perf_counter()
+        llm.eval([tok])
+        steps.append(time.perf_counter() - t)
+    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=n_prefill / prefill_s,
+                decode_tok_s=1 / float(np.median(steps)), peak_rss_mb=rss_mb())
+
+
+def run_child(engine, path, threads, args, warm_only=False):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path, "--threads", str(threads),
+           "--prefill", str(args.prefill), "--decode", str(args.decode)] + (["--warm-only"] if warm_only else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"e2e.py: {engine} child failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- parent ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="large", help="model shape (default large)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
+    ap.add_argument("--decode", type=int, default=128, help="decoded tokens (default 128)")
+    ap.add_argument("--workdir", help="where the temporary model goes (default: the system temp dir)")
+    ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.child:
+        engine, path = args.child
+        res = (child_tinybit(path, threads[0], args.prefill, args.decode, args.warm_only) if engine == "tinybit"
+               else child_llamacpp(path, threads[0], args.prefill, args.decode))
+        print(json.dumps(res))
+        return
+    try:
+        import llama_cpp  # noqa: F401
+        have_llamacpp = True
+    except ImportError:
+        have_llamacpp = False
+
+    config = build_config(args.shape)
+    work = tempfile.mkdtemp(prefix="tinybit-e2e-", dir=args.workdir)
+    try:
+        t = time.perf_counter()
+        tensors = build_tensors(config)
+        model_dir = os.path.join(work, "model")
+        io.save_model(model_dir, config, tensors)
+        gguf_path = None
+        if have_llamacpp:
+            sys.path.insert(0, os.path.join(ROOT, "tools"))
+            import gguf_export
+            gguf_path = os.path.join(work, "model.gguf")
+            gguf_export.write_gguf(gguf_path, config, tensors, byte_level_bpe(config.vocab_size))
+        build_s = time.perf_counter() - t
+        head_bytes = tensors["embed.weight"].nbytes
+        del tensors
+        file_bytes = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
+        kv_bytes = 2 * 4 * config.n_layers * (args.prefill + args.decode) * config.n_kv_heads * config.head_dim
+        # bytes read per decoded token: every linear's planes and scales + the f32 head (the embedding row is noise)
+        read_bytes = file_bytes - 4 * config.dim * (2 * config.n_layers + 1)
+        c = config
+        if not args.json:
+            print(f"CPU: {cpu_model()}; shape {args.shape} (dim {c.dim}, ffn {c.ffn_dim}, {c.n_layers} layers, "
+                  f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}); random ternary codes, per-tensor scale, "
+                  f"tied f32 head = {head_bytes / 2**20:.0f} MiB = {100 * head_bytes / file_bytes:.0f}% of the file; "
+                  f"model file {file_bytes / 2**20:.0f} MiB, KV cache {kv_bytes / 2**20:.1f} MiB "
+                  f"({args.prefill + args.decode} positions, f32); built in {build_s:.0f} s; "
+                  f"load average {os.getloadavg()[0]:.2f} (a shared machine: compare cpu/wall with the threads)")
+        if not have_llamacpp:  # to stderr under --json, so stdout stays JSON lines
+            print("llama.cpp was not run (llama-cpp-python not installed); the table compares with the reference "
+                  "anchor measured with llama-bench on a 2-vCPU AMD EPYC Zen 4 (not measured here, Q6_K head there)",
+                  file=sys.stderr if args.json else sys.stdout)
+        run_child("tinybit", model_dir, threads[0], args, warm_only=True)  # fills numba's cache
+        rows = []
+        for n in threads:
+            tb = run_child("tinybit", model_dir, n, args)
+            lc = run_child("llama.cpp", gguf_path, n, args) if have_llamacpp else None
+            for phase in ("prefill", "decode"):
+                tok_s = tb[f"{phase}_tok_s"]
+                row = dict(engine="tinybit", shape=args.shape, threads=n, phase=phase, tok_s=round(tok_s, 2),
+                           ms_per_token=round(1000 / tok_s, 1),
+                           gb_per_s=round(read_bytes * tok_s / 1e9, 2) if phase == "decode" else None,
+                           peak_rss_mb=round(tb["peak_rss_mb"]), base_rss_mb=round(tb["base_rss_mb"]),
+                           load_s=round(tb["load_s"], 3),
+                           warm_start_s=round(tb["warm_start_s"], 3),
+                           cpu_per_wall=round(tb["decode_cpu_per_wall"], 2) if phase == "decode" else None)
+                if lc:
+                    row["ratio_vs_llamacpp"] = round(tok_s / lc[f"{phase}_tok_s"], 3)
+                rows.append(row)
+                if lc:
+                    rows.append(dict(engine="llama.cpp", shape=args.shape, threads=n, phase=phase,
+                                     tok_s=round(lc[f"{phase}_tok_s"], 2),
+                                     ms_per_token=round(1000 / lc[f"{phase}_tok_s"], 1),
+                                     peak_rss_mb=round(lc["peak_rss_mb"]), load_s=round(lc["load_s"], 3),
+                                     warm_start_s=round(lc["warm_start_s"], 3)))
+            if args.json:
+                for r in rows:
+                    print(json.dumps({k: v for k, v in r.items() if v is not None}), flush=True)
+                rows = []
+            else:
+                print_rows(rows, args.shape, have_llamacpp, file_bytes + kv_bytes)
+                rows = []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_rows(rows, shape, have_llamacpp, budget_bytes):
+    ref = "llama.cpp" if have_llamacpp else "anchor*"
+    print(f"\n{'engine':<10} {'thr':>3} {'phase':<8} {'tok/s':>8} {'ms/tok':>8} {'GB/s':>6} "
+          f"{ref + ' tok/s':>16} {'ratio':>6} {'load s':>7} {'warm s':>7} {'peak RSS MB':>12} {'cpu/wall':>8}")
+    lc = {(r["threads"], r["phase"]): r["tok_s"] for r in rows if r["engine"] == "llama.cpp"}
+    for r in rows:
+        if r["engine"] != "tinybit":
+            continue
+        key = (r["threads"], r["phase"])
+        other = lc.get(key) if have_llamacpp else ANCHORS[shape].get(r["threads"], (None, None))[r["phase"] == "decode"]
+        ratio = f"{r['tok_s'] / other:6.3f}" if other else f"{'-':>6}"
+        print(f"{'tinybit':<10} {r['threads']:>3} {r['phase']:<8} {r['tok_s']:>8.2f} {r['ms_per_token']:>8.1f} "
+              f"{r['gb_per_s'] or '-':>6} {other or 0:>16.2f} {ratio} {r['load_s']:>7.3f} "
+              f"{r['warm_start_s']:>7.3f} {r['peak_rss_mb']:>12} {r['cpu_per_wall'] or '-':>8}")
+    for r in rows:
+        if r["engine"] == "llama.cpp":
+            print(f"{'llama.cpp':<10} {r['threads']:>3} {r['phase']:<8} {r['tok_s']:>8.2f} {r['ms_per_token']:>8.1f} "
+                  f"{'':>6} {'':>16} {'':>6} {r['load_s']:>7.3f} {r['warm_start_s']:>7.3f} {r['peak_rss_mb']:>12}")
+    tb = next(r for r in rows if r["engine"] == "tinybit")
+    target = 1.2 * budget_bytes / 2**20
+    print(f"targets: peak RSS {tb['peak_rss_mb']} MB (of which {tb['base_rss_mb']} MB before load: "
+          f"Python, NumPy, Numba) vs 1.2 x (file + KV) = {target:.0f} MB "
+          f"({'ok' if tb['peak_rss_mb'] <= target else 'OVER'}); load {tb['load_s']:.3f} s (< 1 s: "
+          f"{'ok' if tb['load_s'] < 1 else 'OVER'}); first token after warm JIT {tb['warm_start_s']:.3f} s "
+          f"(< 2 s: {'ok' if tb['warm_start_s'] < 2 else 'OVER'})", flush=True)
+    if not have_llamacpp:
+        print("* anchor: llama-bench pp128/tg128 on a 2-vCPU AMD EPYC Zen 4, TQ2_0 + Q6_K head; not measured here")
+
+
+if __name__ == "__main__":
+    main()
