@@ -29,7 +29,9 @@ FAST = settings(max_examples=25, deadline=None)
 
 
 @pytest.fixture(autouse=True)
-def _all_threads_after():
+def _all_threads_after(monkeypatch):
+    """Small test shapes run the parallel kernels too (not only the one-thread path of small work)."""
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)
     yield
     kernels.set_threads()
 

@@ -47,7 +47,10 @@ def fake_quant(x):
 
 
 def independent_logits(m, ids):
-    """Float64 forward on the dequantized weights, token-by-token attention loops."""
+    """Forward on the dequantized weights with token-by-token attention loops, in float64 arithmetic
+    rounded to float32 where the engine's activations live (each linear's output, the residual
+    stream): float32 activations are the definition (as in transformers' BitNet), and a float64
+    residual would move some absmax roundings across a .5 boundary."""
     c = m.config
 
     def lin(name, x):
@@ -62,7 +65,7 @@ def independent_logits(m, ids):
         y = x.astype(np.float64) @ w.T
         if spec.get("post_ln"):
             y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
-        return y
+        return y.astype(np.float32)
 
     def rms(x, w):
         return w * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.norm_eps)
@@ -75,7 +78,7 @@ def independent_logits(m, ids):
     act = {"silu": lambda v: v / (1 + np.exp(-v)), "relu2": lambda v: np.maximum(v, 0) ** 2,
            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))}[c.activation]
     T = len(ids)
-    x = m.embed[ids].astype(np.float64)
+    x = m.embed[ids].astype(np.float32)
     for i in range(c.n_layers):
         p = f"layers.{i}."
         h = rms(x, m.norms[p + "attn_norm.weight"])
@@ -94,12 +97,12 @@ def independent_logits(m, ids):
         a = a.reshape(T, -1)
         if c.sub_norms:
             a = rms(a, m.norms[p + "attn_sub_norm.weight"])
-        x = x + lin(p + "o", a)
+        x = (x + lin(p + "o", a)).astype(np.float32)
         h = rms(x, m.norms[p + "ffn_norm.weight"])
         g = act(lin(p + "gate", h)) * lin(p + "up", h)
         if c.sub_norms:
             g = rms(g, m.norms[p + "ffn_sub_norm.weight"])
-        x = x + lin(p + "down", g)
+        x = (x + lin(p + "down", g)).astype(np.float32)
     return lin("head", rms(x, m.norm))
 
 

@@ -23,7 +23,8 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   GEMM (many tokens) runs the same loop per token over 4 rows whose packed bytes stay in L1,
   so each weight row is read from memory once per call, not once per token.
 - Threads: prange over chunks of output rows; the chunk count is an argument (numba's
-  get_num_threads() inside a cached function would make it uncacheable).
+  get_num_threads() inside a cached function would make it uncacheable). Calls with little work
+  (small layers, one token) run the row function directly, with no parallel region.
 - Numba pitfalls avoided: slices are taken outside the vector loop (a computed signed index makes
   numba emit negative-index wraparound that blocks vectorization); both operands of a select are
   loaded unconditionally; bit tests are written `np.uint8(w & bit) != 0` (byte-wide vptestmb).
@@ -113,9 +114,19 @@ def set_threads(n=None):
     numba.set_num_threads(int(n))
 
 
-def _n_chunks(n_out):
-    """Row chunks per call: one per thread (a chunk is a run of whole 4-row groups)."""
-    return max(1, min(numba.get_num_threads(), -(-n_out // ROWS)))
+# A parallel region costs tens of µs (and far more when another process holds a core): each
+# thread must get at least this many weight x token products, else the call runs on one thread.
+MIN_WORK_PER_THREAD = 1 << 20
+
+
+def _launch(par, rows, args, n_out, work):
+    """par(*args, n_chunks) over row chunks (one per thread, each a run of whole 4-row groups),
+    or rows(*args, 0, n_out) directly when one chunk will do (no parallel region)."""
+    n_chunks = max(1, min(numba.get_num_threads(), -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
+    if n_chunks == 1:
+        rows(*args, 0, n_out)
+    else:
+        par(*args, n_chunks)
 
 
 @njit(cache=True)
@@ -456,7 +467,7 @@ def ternary_matmul(w_packed, x_q):
     w = _check_packed(w_packed, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes")
     xp = _padded(x_q, w.shape[1] // (2 * PLANE) * BLOCK, np.int16)
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
-    _ternary_par(w, xp, -xp, y, _n_chunks(w.shape[0]))
+    _launch(_ternary_par, _ternary_rows, (w, xp, -xp, y), w.shape[0], xp.size * w.shape[0])
     return y
 
 
@@ -466,7 +477,7 @@ def binary_matmul(w_packed, x_q):
     w = _check_packed(w_packed, pack.plane_row_bytes(x_q.shape[1]), "binary planes")
     x = _padded(x_q, w.shape[1] // PLANE * BLOCK, np.int16)
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
-    _binary_par(w, x, x.sum(axis=1, dtype=np.int64), y, _n_chunks(w.shape[0]))
+    _launch(_binary_par, _binary_rows, (w, x, x.sum(axis=1, dtype=np.int64), y), w.shape[0], x.size * w.shape[0])
     return y
 
 
@@ -477,7 +488,8 @@ def binary_matmul_f32(w_packed, x):
     w = _check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
     xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _binary_f32_par(w, xf, xf.sum(axis=1, dtype=np.float64), y, _n_chunks(w.shape[0]))
+    _launch(_binary_f32_par, _binary_f32_rows, (w, xf, xf.sum(axis=1, dtype=np.float64), y), w.shape[0],
+            xf.size * w.shape[0])
     return y
 
 
@@ -494,7 +506,7 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     g = _group_rows(group_rows, w.shape[0], lut, "lut")
     xf = _padded(x, w.shape[1] // bits * 8, np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _lut_par(w, bits, lut, g, xf, y, _n_chunks(w.shape[0]))
+    _launch(_lut_par, _lut_rows, (w, bits, lut, g, xf, y), w.shape[0], xf.size * w.shape[0])
     return y
 
 
@@ -512,7 +524,7 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     g = _group_rows(group_rows, w.shape[0], cb, "codebook")
     xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _vq_par(w, nbits, cb, g, xf, y, _n_chunks(w.shape[0]))
+    _launch(_vq_par, _vq_rows, (w, nbits, cb, g, xf, y), w.shape[0], xf.size * w.shape[0])
     return y
 
 
@@ -523,5 +535,5 @@ def int8_matmul(w_q, x):
         raise UsageError(f"int8 weights: expected a 2-D int8 array with {x.shape[1]} columns, got "
                          f"{getattr(w_q, 'dtype', type(w_q))} {getattr(w_q, 'shape', '')}")
     y = np.empty((x.shape[0], w_q.shape[0]), np.float32)
-    _int8_par(np.ascontiguousarray(w_q), x, y, _n_chunks(w_q.shape[0]))
+    _launch(_int8_par, _int8_rows, (np.ascontiguousarray(w_q), x, y), w_q.shape[0], x.size * w_q.shape[0])
     return y

@@ -127,13 +127,13 @@ def apply(layer, x, ref=False):
     if s == "ternary":
         x_q, sx = quant.absmax_quantize(x)  # (tokens, n_in) int8, (tokens, 1) f32
         acc = (k.ternary_matmul_ref if ref else k.ternary_matmul)(layer["w_packed"], x_q)
-        return acc * (layer["scale"] / sx)  # scale (1,) or (n_out,): gamma multiplies
+        return acc.astype(np.float32) * (layer["scale"] / sx)  # scale (1,) or (n_out,): gamma multiplies
     if s == "binary":
         x_q, sx = quant.absmax_quantize(layer_norm(x) if spec.get("ln") else x)
         acc = (k.binary_matmul_ref if ref else k.binary_matmul)(layer["w_packed"], x_q)
         g = spec.get("group_rows")
         beta = np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
-        return acc * (beta / sx)
+        return acc.astype(np.float32) * (beta / sx)
     if s == "onebit":
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]

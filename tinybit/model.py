@@ -124,32 +124,37 @@ def rope(x, cos, sin):
 
 def attention(q, k, v, start):
     """Causal grouped-query attention. q (T, H, hd) at positions start..start+T-1;
-    k, v (S, KV, hd) for positions 0..S-1, S = start + T. -> (T, H * hd)."""
+    k, v (KV, S, hd) for positions 0..S-1, S = start + T (the cache's layout). -> (T, H * hd)."""
     T, H, hd = q.shape
-    S, KV, _ = k.shape
+    KV, S, _ = k.shape
     group = H // KV  # query heads per KV head: head h uses KV head h // group
-    qg = q.reshape(T, KV, group, hd).transpose(1, 2, 0, 3)  # (KV, group, T, hd)
-    scores = qg @ k.transpose(1, 2, 0)[:, None] * np.float32(hd ** -0.5)  # (KV, group, T, S)
+    # rows (g, t) of KV head k's matrix: one BLAS product per KV head, no broadcast batch axis
+    qg = np.ascontiguousarray(q.reshape(T, KV, group, hd).transpose(1, 2, 0, 3)).reshape(KV, group * T, hd)
+    scores = (qg @ k.transpose(0, 2, 1)).reshape(KV, group, T, S) * np.float32(hd ** -0.5)
     future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S) causal mask
-    scores = np.where(future, -np.inf, scores)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    out = probs @ v.transpose(1, 0, 2)[:, None]  # (KV, group, T, hd)
-    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+    d = np.where(future, -np.inf, scores)
+    d -= d.max(axis=-1, keepdims=True)
+    # softmax; weights below e^-60 of the largest are set to 0: they are far below float32's
+    # resolution of the sum, and as subnormal floats they make exp and the BLAS products ~100x slower
+    weights = np.where(d >= -60, np.exp(np.maximum(d, np.float32(-60))), np.float32(0))
+    probs = weights / weights.sum(axis=-1, keepdims=True)
+    out = probs.reshape(KV, group * T, S) @ v  # (KV, group * T, hd)
+    return out.reshape(KV, group, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated: k, v (n_layers, max_len, n_kv_heads, head_dim)."""
+    """Keys and values of past positions, preallocated: k, v (n_layers, n_kv_heads, max_len, head_dim)
+    (each head's positions are rows of one matrix, as the attention products want them)."""
 
     def __init__(self, config, max_len):
-        shape = (config.n_layers, max_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0  # positions filled
 
     @property
     def max_len(self):
-        return self.k.shape[1]
+        return self.k.shape[2]
 
 
 class Model:
@@ -210,9 +215,9 @@ class Model:
         q = self._linear(p + "q", h).reshape(T, c.n_heads, c.head_dim)
         k = self._linear(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
         v = self._linear(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
-        cache.k[i, start:start + T] = rope(k, cos, sin)
-        cache.v[i, start:start + T] = v
-        a = attention(rope(q, cos, sin), cache.k[i, :start + T], cache.v[i, :start + T], start)
+        cache.k[i, :, start:start + T] = rope(k, cos, sin).transpose(1, 0, 2)
+        cache.v[i, :, start:start + T] = v.transpose(1, 0, 2)
+        a = attention(rope(q, cos, sin), cache.k[i, :, :start + T], cache.v[i, :, :start + T], start)
         if c.sub_norms:
             a = rms_norm(a, self.norms[p + "attn_sub_norm.weight"], c.norm_eps)
         x = x + self._linear(p + "o", a)
