@@ -402,7 +402,8 @@ def block_pass(model, i, X, lin, quantize=None, chunk=CHUNK):
         q, k, v = (lin(p + n, h).reshape(-1, L, nh, c.head_dim)
                    for n, nh in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads)))
         for j in range(len(q)):
-            A[sp.start + j] = tbmodel.attention(tbmodel.rope(q[j], cos, sin), tbmodel.rope(k[j], cos, sin), v[j], 0)
+            kj = tbmodel.rope(k[j], cos, sin).transpose(1, 0, 2)  # (KV, L, hd), the cache's layout
+            A[sp.start + j] = tbmodel.attention(tbmodel.rope(q[j], cos, sin), kj, v[j].transpose(1, 0, 2), 0)
         if c.sub_norms:
             A[sp] = norm(A[sp], "attn_sub_norm.weight")
     stage(("o",), lambda sp: A[sp])
