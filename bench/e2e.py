@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tinybit import io, pack  # noqa: E402
+from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
 
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
@@ -60,10 +60,11 @@ def cpu_model():
         return "unknown"
 
 
-def build_config(shape):
+def build_config(shape, head="f32"):
+    """head f32: the embedding, tied; int8: an untied per-row int8 copy of it (--head-scheme int8)."""
     return io.Config(**SHAPES[shape], max_seq_len=4096, rope_theta=10000.0, activation="silu",
-                     tie_embeddings=True, quant={"scheme": "ternary"}, bos_token_id=0, eos_token_ids=[1],
-                     family=f"random-{shape}")
+                     tie_embeddings=head == "f32", head_quant={"scheme": head}, quant={"scheme": "ternary"},
+                     bos_token_id=0, eos_token_ids=[1], family=f"random-{shape}")
 
 
 def build_tensors(config, seed=0):
@@ -76,6 +77,9 @@ def build_tensors(config, seed=0):
         t[f"layers.{i}.attn_norm.weight"] = np.ones(c.dim, np.float32)
         t[f"layers.{i}.ffn_norm.weight"] = np.ones(c.dim, np.float32)
     for name, n_out, n_in in tbmodel.linear_shapes(c):
+        if name == "head":  # untied: the embedding in the head's scheme
+            t.update({f"head.{k}": v for k, v in linear.quantize(t["embed.weight"], c.head_quant).items()})
+            continue
         codes = rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)       # (n_out, n_in) int8
         t[name + ".w_packed"] = pack.pack_ternary(codes)                # (n_out, n_in / 4) uint8
         t[name + ".scale"] = np.array([n_in ** -0.5], np.float32)       # keeps activations O(1)
@@ -185,6 +189,8 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="large", help="model shape (default large)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--head", choices=("f32", "int8"), default="f32",
+                    help="output head: the tied f32 embedding, or an untied int8 copy (default f32)")
     ap.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens (default 128)")
     ap.add_argument("--workdir", help="where the temporary model goes (default: the system temp dir)")
@@ -204,7 +210,7 @@ def main(argv=None):
     except ImportError:
         have_llamacpp = False
 
-    config = build_config(args.shape)
+    config = build_config(args.shape, args.head)
     work = tempfile.mkdtemp(prefix="tinybit-e2e-", dir=args.workdir)
     try:
         t = time.perf_counter()
@@ -212,23 +218,25 @@ def main(argv=None):
         model_dir = os.path.join(work, "model")
         io.save_model(model_dir, config, tensors)
         gguf_path = None
-        if have_llamacpp:
+        if have_llamacpp and args.head == "f32":  # (gguf_export writes ternary and float tensors)
             sys.path.insert(0, os.path.join(ROOT, "tools"))
             import gguf_export
             gguf_path = os.path.join(work, "model.gguf")
             gguf_export.write_gguf(gguf_path, config, tensors, byte_level_bpe(config.vocab_size))
         build_s = time.perf_counter() - t
-        head_bytes = tensors["embed.weight"].nbytes
+        head_bytes = sum(v.nbytes for k, v in tensors.items() if k.startswith("head.")) or tensors["embed.weight"].nbytes
+        # bytes read per decoded token: every linear's planes and scales + the head (the embedding row is noise)
+        read_bytes = sum(v.nbytes for k, v in tensors.items() if k.startswith(("layers.", "head.")) and
+                         not k.endswith("norm.weight")) + (head_bytes if config.tie_embeddings else 0)
         del tensors
         file_bytes = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
         kv_bytes = 2 * 4 * config.n_layers * (args.prefill + args.decode) * config.n_kv_heads * config.head_dim
-        # bytes read per decoded token: every linear's planes and scales + the f32 head (the embedding row is noise)
-        read_bytes = file_bytes - 4 * config.dim * (2 * config.n_layers + 1)
         c = config
         if not args.json:
             print(f"CPU: {cpu_model()}; shape {args.shape} (dim {c.dim}, ffn {c.ffn_dim}, {c.n_layers} layers, "
                   f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}); random ternary codes, per-tensor scale, "
-                  f"tied f32 head = {head_bytes / 2**20:.0f} MiB = {100 * head_bytes / file_bytes:.0f}% of the file; "
+                  f"{'tied f32' if config.tie_embeddings else args.head} head = {head_bytes / 2**20:.0f} MiB = "
+                  f"{100 * head_bytes / read_bytes:.0f}% of the bytes read per token; "
                   f"model file {file_bytes / 2**20:.0f} MiB, KV cache {kv_bytes / 2**20:.1f} MiB "
                   f"({args.prefill + args.decode} positions, f32); built in {build_s:.0f} s; "
                   f"load average {os.getloadavg()[0]:.2f} (a shared machine: compare cpu/wall with the threads)")
@@ -240,10 +248,10 @@ def main(argv=None):
         rows = []
         for n in threads:
             tb = run_child("tinybit", model_dir, n, args)
-            lc = run_child("llama.cpp", gguf_path, n, args) if have_llamacpp else None
+            lc = run_child("llama.cpp", gguf_path, n, args) if gguf_path else None
             for phase in ("prefill", "decode"):
                 tok_s = tb[f"{phase}_tok_s"]
-                row = dict(engine="tinybit", shape=args.shape, threads=n, phase=phase, tok_s=round(tok_s, 2),
+                row = dict(engine="tinybit", shape=args.shape, threads=n, phase=phase, tok_s=round(tok_s, 2), head=args.head,
                            ms_per_token=round(1000 / tok_s, 1),
                            gb_per_s=round(read_bytes * tok_s / 1e9, 2) if phase == "decode" else None,
                            peak_rss_mb=round(tb["peak_rss_mb"]), base_rss_mb=round(tb["base_rss_mb"]),

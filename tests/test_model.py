@@ -127,8 +127,9 @@ def test_fast_kernels_equal_reference_path(models, arch):
 
 
 @pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head"])
-def test_weight_only_prefill_path_equals_reference(models, arch):
-    """From linear.DEQUANT_MIN_TOKENS tokens on, lut/vq layers multiply by the dequantized weight."""
+def test_many_token_path_equals_reference(models, arch):
+    """Many tokens: lut/vq layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS on),
+    the int8 head runs its kernel over every token."""
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
     ids = (IDS * 8)[:linear.DEQUANT_MIN_TOKENS + 3]
     a, b = fast.logits(ids), ref.logits(ids)

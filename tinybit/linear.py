@@ -24,7 +24,7 @@ import numpy as np
 from . import kernels, pack, quant
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
-# Weight-only schemes (lut, vq, int8) run many-token inputs (prefill, perplexity windows) as one float32
+# The weight-only schemes lut and vq run many-token inputs (prefill, perplexity windows) as one float32
 # BLAS product with the dequantized weight: the same y, summed in another order, and far faster
 # than bucket sums once the unpack is shared by this many tokens.
 DEQUANT_MIN_TOKENS = 32
@@ -138,7 +138,7 @@ def apply(layer, x, ref=False):
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]
         return layer_norm(y) if spec.get("post_ln") else y
-    if s in ("lut", "vq", "int8") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
+    if s in ("lut", "vq") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
         return x @ dequantize(layer).T
     if s == "int8":
         return (k.int8_matmul_ref if ref else k.int8_matmul)(layer["w_q"], x) * layer["scale"]
