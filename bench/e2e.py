@@ -13,7 +13,7 @@ a fresh process (a first one only warms numba's cache):
     warm_start_s the first forward (1 token) after load, with a warm numba cache
     prefill      one forward over --prefill random tokens, tok/s
     decode       --decode single-token forwards after the prefill, tok/s = 1 / median step time
-    peak RSS     resource.getrusage ru_maxrss of that process (mapped weights it touched included),
+    peak RSS     VmHWM of that process (mapped weights it touched included),
                  beside the target 1.2 x model file + KV cache
 When `import llama_cpp` works (the optional llama-cpp-python extra), the same weights are exported
 with tools/gguf_export.py (TQ2_0 linears, F32 tied embedding) and llama.cpp is timed the same way
@@ -104,7 +104,10 @@ def prompt(n_vocab, n, seed=1):
 
 
 def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak; Linux reports KiB
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: after fork + exec it keeps the
+    parent's RSS at the fork, here the benchmark's own copy of the weights."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # KiB
 
 
 def cpu_s():
