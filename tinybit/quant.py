@@ -194,28 +194,41 @@ def kmeans_1d(values, k, iters=30):
 
     Start: if the values take at most k distinct values, those values are the centroids
     (exact, and the table is padded by repeating the largest); otherwise the k quantiles
-    (i + 0.5) / k. Each round moves every centroid to the mean of its values (an empty cluster
-    keeps its centroid), then reassigns every value to its nearest centroid (ties to the lower
-    index), so the squared error never increases and the centroids stay sorted. Stops early
-    when no assignment changes.
+    (i + 0.5) / k, with the smallest and largest value as the end centroids when k >= 4 (an
+    outlier weight keeps a centroid of its own instead of being pulled to the nearest quantile).
+    Each round moves every centroid to the mean of its values (an empty cluster keeps its
+    centroid), then reassigns every value to its nearest centroid (ties to the lower index), so
+    the squared error never increases and the centroids stay sorted. Stops early when no
+    assignment changes. The values are sorted once: a cluster is a run of them, cut at the
+    midpoints between centroids.
     Returns centroids (k,) float64 ascending, idx (len(values),) int64.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
-    distinct = np.unique(v)
+    vs = np.sort(v)
+    distinct = np.unique(vs)
     if len(distinct) <= k:
         centroids = np.concatenate([distinct, np.full(k - len(distinct), distinct[-1])])
         return centroids, np.searchsorted(distinct, v)
-    centroids = np.quantile(v, (np.arange(k) + 0.5) / k)
-    idx = _nearest_1d(v, centroids)
+    centroids = np.quantile(vs, (np.arange(k) + 0.5) / k)
+    if k >= 4:
+        centroids[0], centroids[-1] = vs[0], vs[-1]
+    ends = _cluster_ends(vs, centroids)
     for _ in range(iters):
-        sums = np.bincount(idx, weights=v, minlength=k)
-        counts = np.bincount(idx, minlength=k)
+        starts = np.concatenate([[0], ends])  # cluster i is vs[starts[i]:starts[i] + counts[i]]
+        counts = np.diff(np.concatenate([starts, [len(vs)]]))
+        sums = np.add.reduceat(vs, np.minimum(starts, len(vs) - 1))  # (empty clusters: ignored below)
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
-        new_idx = _nearest_1d(v, centroids)
-        if np.array_equal(new_idx, idx):
+        new_ends = _cluster_ends(vs, centroids)
+        if np.array_equal(new_ends, ends):
             break
-        idx = new_idx
-    return centroids, idx
+        ends = new_ends
+    return centroids, _nearest_1d(v, centroids)
+
+
+def _cluster_ends(vs, centroids):
+    """Where each cluster of the sorted values vs ends: values <= the midpoint after centroid i
+    belong to clusters 0..i (ties to the lower index, as in _nearest_1d)."""
+    return np.searchsorted(vs, (centroids[1:] + centroids[:-1]) / 2, side="right")
 
 
 def _nearest_1d(v, centroids):
