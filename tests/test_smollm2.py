@@ -15,11 +15,11 @@ Asserted:
   - token ids equal the reference on code, digits, unicode, chat-template text and the GPL-3 text;
   - f32 logits equal transformers' on 96 tokens: max|diff| / max|ref| <= 1e-4;
   - `python -m tinybit.eval` perplexity equals exp(mean NLL) of transformers' logits (one window);
-  - `python -m tinybit.generate --chat` greedy answer of the f32 model to "What is the capital of
-    France?" mentions Paris;
-  - the lut4 model (per-tensor 4-bit LUTs) equals transformers run on its dequantized weights (logits
-    within 1e-4, 8 greedy tokens over the KV cache identical). Its chat answer is NOT asserted: PTQ
-    lut4 of this model answers gibberish (measured in docs/quality.md), so "Paris" cannot be asserted.
+  - `python -m tinybit.generate --chat` greedy answers of the f32 model and of the lut4 model (one
+    16-entry LUT per output row, `--scheme lut4 --group-size 1`) to "What is the capital of France?"
+    mention Paris (lut4 with one LUT per tensor answers gibberish: docs/quality.md);
+  - that lut4 model equals transformers run on its dequantized weights (logits within 1e-4, 8 greedy
+    tokens over the KV cache identical).
 """
 import importlib.util
 import math
@@ -62,16 +62,19 @@ def gpl_text():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """scheme -> directory of the GGUF converted with --scheme scheme (each converted once)."""
+    """(scheme, extra flags) -> directory of the GGUF converted with them (each converted once)."""
     done = {}
 
-    def get(scheme):
-        if scheme not in done:
+    def get(scheme, *extra):
+        if (scheme, extra) not in done:
             out = tmp_path_factory.mktemp("smollm2") / scheme
-            assert convert.main([GGUF, str(out), "--scheme", scheme]) == 0
-            done[scheme] = str(out)
-        return done[scheme]
+            assert convert.main([GGUF, str(out), "--scheme", scheme, *extra]) == 0
+            done[scheme, extra] = str(out)
+        return done[scheme, extra]
     return get
+
+
+LUT4_ROWS = ("lut4", "--group-size", "1")  # one 16-entry LUT per output row
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +162,11 @@ HF_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_p
 
 
 def test_lut4_matches_transformers_on_its_dequantized_weights(model_dir, hf_model):
-    """The lut4 model at full size (210 packed 4-bit index tensors + LUTs) computes what transformers
+    """The lut4 model (one LUT per row) at full size (210 packed 4-bit index tensors + LUTs) computes what transformers
     computes with W = lut[idx] put into its own LlamaForCausalLM: logits of 48 tokens (the BLAS path
     for many tokens), and 8 greedy tokens decoded one at a time over the KV cache (the lut kernel)."""
     from tinybit import linear
-    m = tinybit.load(model_dir("lut4"), threads=2)
+    m = tinybit.load(model_dir(*LUT4_ROWS), threads=2)
     ids = m.tokenizer.encode(gpl_text(), add_special_tokens=False).ids[:48]
     saved = {k: v.clone() for k, v in hf_model.state_dict().items() if "_proj" in k}
     try:
@@ -186,8 +189,9 @@ def test_lut4_matches_transformers_on_its_dequantized_weights(model_dir, hf_mode
         hf_model.load_state_dict(saved, strict=False)
 
 
-def test_chat_answer_mentions_paris(model_dir):
-    r = subprocess.run([sys.executable, "-m", "tinybit.generate", "--model", model_dir("f32"), "--chat",
+@pytest.mark.parametrize("scheme", [("f32",), LUT4_ROWS], ids=["f32", "lut4-rows"])
+def test_chat_answer_mentions_paris(model_dir, scheme):
+    r = subprocess.run([sys.executable, "-m", "tinybit.generate", "--model", model_dir(*scheme), "--chat",
                         "-p", "What is the capital of France?", "--temperature", "0", "-n", "24", "-t", "2"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
