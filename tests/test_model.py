@@ -9,7 +9,7 @@ import pytest
 import tinybit
 from tinybit import generate, linear, quant
 from tinybit.errors import ConfigError, FormatError, UsageError
-from util import random_float_tensors, save_random_model, tiny_config
+from util import save_random_model, tiny_config
 
 # (name, config overrides): every architecture and scheme the engine supports
 ARCHS = {

@@ -18,12 +18,10 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
