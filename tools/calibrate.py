@@ -217,14 +217,22 @@ def fit_tables(w, H, idx, groups, table, ridge=RIDGE):
     n_groups, K = table.shape
     M, r = np.zeros((n_groups, K, K)), np.zeros((n_groups, K))
     WH = w @ H  # (n_out, n_in)
-    H32, eye32 = H.astype(np.float32), np.eye(K, dtype=np.float32)  # the big products in float32
+    H32, eye32 = H.astype(np.float32), np.eye(K, dtype=np.float32)  # the big product in float32
     step = max(1, (1 << 22) // (n_in * K))
     for r0 in range(0, n_out, step):
         P = eye32[idx[r0:r0 + step]]  # (R, n_in, K)
         R = len(P)
-        HP = (H32 @ P.transpose(1, 0, 2).reshape(n_in, R * K)).reshape(n_in, R, K).transpose(1, 0, 2)
-        np.add.at(M, groups[r0:r0 + step], P.transpose(0, 2, 1) @ HP)  # P_oᵀ H P_o  (R, K, K)
-        np.add.at(r, groups[r0:r0 + step], (P.transpose(0, 2, 1) @ WH[r0:r0 + step, :, None])[..., 0])
+        HP = (H32 @ P.transpose(1, 0, 2).reshape(n_in, R * K)).reshape(n_in, R, K).transpose(1, 0, 2)  # H P_o
+        # P_oᵀ (H P_o): sum the rows i of H P_o by their index idx_oi (one BLAS call above, sums here;
+        # many small matmuls crawl when BLAS threads share the cores with another process)
+        key = (np.arange(R)[:, None] * K + idx[r0:r0 + step]).ravel()  # (R * n_in,) row o, entry a
+        order = np.argsort(key, kind="stable")
+        first = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+        Mr = np.zeros((R * K, K))
+        Mr[key[order][first]] = np.add.reduceat(HP.reshape(R * n_in, K)[order], first, axis=0)
+        np.add.at(M, groups[r0:r0 + step], Mr.reshape(R, K, K))
+        np.add.at(r, groups[r0:r0 + step],  # P_oᵀ H w_oᵀ
+                  np.bincount(key, weights=WH[r0:r0 + step].ravel(), minlength=R * K).reshape(R, K))
     eye = np.eye(K)
     lam = ridge * np.mean(np.diag(H))
     return np.linalg.solve(M + lam * eye, (r + lam * table)[..., None])[..., 0]
