@@ -212,7 +212,7 @@ def fit_tables(w, H, idx, groups, table, ridge=RIDGE):
         λ = ridge · mean(diag H)   (an entry no weight uses keeps its old value)
 
     w (n_out, n_in), H (n_in, n_in), idx (n_out, n_in) in [0, K), groups (n_out,), table (n_groups, K).
-    Cost: n_out · n_in² · K multiply-adds (batched matmuls)."""
+    Cost: one float32 product H (n_in, n_in) x (n_in, n_out · K), then index sums."""
     n_out, n_in = w.shape
     n_groups, K = table.shape
     M, r = np.zeros((n_groups, K, K)), np.zeros((n_groups, K))
