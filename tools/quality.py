@@ -116,11 +116,16 @@ def measure_row(row, args, gguf):
     ids = list(generate_tokens(m, encode_prompt(m, QUESTION, chat=True), 30, 0.0, 0, 1.0, None, stats))
     bpw, size = bits_per_weight(out)
     return {"row": row, "flags": " ".join(ROWS[row]), "bpw": bpw, "bytes": size, "ppl": ppl,
-            "decode_tps": stats["decode_tokens"] / stats["decode_s"],
+            "decode_tps": stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else None,
             "answer": m.tokenizer.decode(ids, skip_special_tokens=False)}
 
 
 BEGIN, END = "<!-- table: tools/quality.py -->", "<!-- end of table -->"
+
+
+def tps(r):
+    """Decode tok/s, or "-" when the answer ended (end of sequence) after its first token."""
+    return "-" if r["decode_tps"] is None else f"{r['decode_tps']:.1f}"
 
 
 def table_md(results, args):
@@ -142,7 +147,7 @@ def table_md(results, args):
     for r in results:
         ans = r["answer"].replace("\n", "\\n").replace("|", "\\|")
         lines.append(f"| {r['row']} | `{r['flags']}` | {r['bpw']:.3f} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.4g} "
-                     f"| {r['decode_tps']:.1f} | {ans} |")
+                     f"| {tps(r)} | {ans} |")
     return lines
 
 
@@ -182,7 +187,7 @@ def main():
     for row in rows:
         results.append(measure(row, args))
         r = results[-1]
-        print(f"{row}: {r['bpw']:.3f} bits/weight, ppl {r['ppl']:.4g}, decode {r['decode_tps']:.1f} tok/s, "
+        print(f"{row}: {r['bpw']:.3f} bits/weight, ppl {r['ppl']:.4g}, decode {tps(r)} tok/s, "
               f"{r['answer'][:60]!r}", file=sys.stderr)
     write_md(results, args, args.out)
 
