@@ -560,8 +560,9 @@ def test_generate_api_refuses_ids_outside_the_vocabulary(word_model):
 
 def test_ctrl_c_while_streaming_keeps_the_text(tmp_path):
     """SIGINT mid-generation: what was generated stays on stdout, stats are printed, exit 130, no traceback."""
-    config = tiny_config(dim=256, head_dim=64, n_layers=4, ffn_dim=512, vocab_size=200, max_seq_len=4096,
-                         quant={"scheme": "ternary"}, eos_token_ids=[], bos_token_id=None)
+    # big enough that 4000 tokens take minutes (the SIGINT must arrive mid-stream), small to build
+    config = tiny_config(dim=512, head_dim=64, n_heads=8, n_kv_heads=8, n_layers=8, ffn_dim=2048, vocab_size=200,
+                         max_seq_len=4096, quant={"scheme": "ternary"}, eos_token_ids=[], bos_token_id=None)
     path = save_random_model(str(tmp_path / "m"), config, tokenizer_json=word_tokenizer_json(200))
     p = subprocess.Popen([sys.executable, "-m", "tinybit.generate", "--model", path, "-p", "w1 w2 w3", "-n", "4000",
                           "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from . import io, linear
+from .errors import FormatError, QuantError
 
 
 def linear_shapes(config):
@@ -181,7 +182,11 @@ class Model:
         return KVCache(self.config, max_len or self.config.max_seq_len)
 
     def _linear(self, name, x):
-        return linear.apply(self.linears[name], x, ref=self.ref)
+        try:
+            return linear.apply(self.linears[name], x, ref=self.ref)
+        except QuantError:  # absmax of a NaN/Inf input: something upstream overflowed float32
+            raise FormatError(f"the input of {name} is NaN or Inf: the model's weights or scales overflow "
+                              "float32") from None
 
     def forward(self, tokens, cache, last_only=False):
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
