@@ -560,12 +560,15 @@ def test_generate_api_refuses_ids_outside_the_vocabulary(word_model):
 
 def test_ctrl_c_while_streaming_keeps_the_text(tmp_path):
     """SIGINT mid-generation: what was generated stays on stdout, stats are printed, exit 130, no traceback."""
-    # big enough that 4000 tokens take minutes (the SIGINT must arrive mid-stream), small to build
+    # big enough that 4000 tokens take tens of seconds (the SIGINT must arrive mid-stream), small to build
     config = tiny_config(dim=512, head_dim=64, n_heads=8, n_kv_heads=8, n_layers=8, ffn_dim=2048, vocab_size=200,
                          max_seq_len=4096, quant={"scheme": "ternary"}, eos_token_ids=[], bos_token_id=None)
     path = save_random_model(str(tmp_path / "m"), config, tokenizer_json=word_tokenizer_json(200))
     p = subprocess.Popen([sys.executable, "-m", "tinybit.generate", "--model", path, "-p", "w1 w2 w3", "-n", "4000",
-                          "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+                          "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV,
+                         # a shell runs background jobs with SIGINT ignored, and an ignored signal stays
+                         # ignored across exec: give the child the default, as a terminal would
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = p.stdout.read1(4096)  # blocks until the first streamed piece
     assert first, "nothing was streamed"
     p.send_signal(signal.SIGINT)
