@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
+from kernels import cpu_model  # noqa: E402  (bench/kernels.py, beside this script)
 
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
     "2b4t": dict(vocab_size=128256, dim=2560, n_layers=30, n_heads=20, n_kv_heads=5, head_dim=128, ffn_dim=6912),
@@ -49,15 +50,6 @@ SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
 # llama-bench pp128 / tg128 medians, TQ2_0 (Q6_K tied head), 2-vCPU AMD EPYC Zen 4
 # (shared/reference/llamacpp-measured.md): {shape: {threads: (prefill, decode)}}
 ANCHORS = {"2b4t": {1: (26.8, 18.1), 2: (52.5, 24.9)}, "large": {1: (76.9, 46.0), 2: (148.0, 57.0)}}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        return f"{names[0]} x{len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def build_config(shape, head="f32"):
