@@ -38,7 +38,8 @@ if _ROOT not in sys.path:
 
 from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
-from tinybit.errors import ConfigError, FormatError, TinybitError, UsageError  # noqa: E402
+from tinybit.errors import ConfigError, FormatError, UsageError  # noqa: E402
+from tinybit.generate import exit_on_error  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import calibrate  # noqa: E402  (tools/calibrate.py: GPTQ/GPTVQ error feedback for --calibrate)
@@ -911,19 +912,14 @@ def convert(argv):
 
 
 def main(argv=None):
+    """Exit code 0, or 2 with one line naming the problem (the traceback with --debug), 130 on Ctrl-C
+    (the output is written atomically: an interrupted conversion leaves nothing)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    try:
+
+    def run():
         convert(argv)
-    except TinybitError as e:
-        if debug:
-            raise
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert.py: interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+    return exit_on_error("convert.py", "--debug" in argv, run)
 
 
 if __name__ == "__main__":
