@@ -175,12 +175,17 @@ def _round_table(table_rows):
 
 
 def _round_vq(cb_rows):
-    """GPTVQ assignment: argmin_c ||(w - c) U_b⁻¹||² over each row's 2-D codebook cb_rows (n_out, k, 2)."""
+    """GPTVQ assignment: argmin_c ||(w - c) U_b⁻¹||² over each row's 2-D codebook cb_rows (n_out, k, 2).
+    U_b = [[p, q], [0, r]] (a diagonal block of an upper-triangular factor) has the inverse
+    A = [[1/p, -q/(p r)], [0, 1/r]], so z = (w - c) A = (δ0 / p, -δ0 q / (p r) + δ1 / r), δ = w - c."""
     rows = np.arange(len(cb_rows))
+    c0, c1 = cb_rows[..., 0], cb_rows[..., 1]  # (n_out, k)
 
     def round_unit(wu, u, ub):
-        z = (wu[:, None, :] - cb_rows) @ np.linalg.inv(ub)  # (n_out, k, 2)
-        code = (z * z).sum(axis=-1).argmin(axis=1)  # ties to the lower index, as quant._nearest_2d
+        (p, q), r = ub[0], ub[1, 1]
+        d0, d1 = wu[:, :1] - c0, wu[:, 1:] - c1  # (n_out, k)
+        z0, z1 = d0 * (1 / p), d0 * (-q / (p * r)) + d1 * (1 / r)
+        code = (z0 * z0 + z1 * z1).argmin(axis=1)  # ties to the lower index, as quant._nearest_2d
         return cb_rows[rows, code], code
     return round_unit
 
@@ -204,38 +209,49 @@ def _round_sign(scale_rows, g=None):
     return round_unit
 
 
-def fit_tables(w, H, idx, groups, table, ridge=RIDGE):
-    """Least-squares table of each row group, the assignments held fixed (GPTVQ's codebook update):
+def fit_tables(w, H, codes, groups, table, ridge=RIDGE):
+    """Least-squares table of each row group, the codes held fixed (GPTVQ's codebook update).
 
-        table_g = argmin_c sum_{o in g} (w_o - c[idx_o]) H (w_o - c[idx_o])ᵀ
-        (sum_o P_oᵀ H P_o + λI) c = sum_o P_oᵀ H w_oᵀ + λ c_old,   P_o (n_in, K) the one-hot of idx_o,
-        λ = ridge · mean(diag H)   (an entry no weight uses keeps its old value)
+    Code c_ou selects the d-vector table[g, c_ou] for the columns u·d .. u·d + d - 1 of row o (d = 1: a LUT
+    entry, d = 2: a 2-D VQ centroid). With the group's table flattened to c (K = k·d,), row o is P_o c,
+    P_o (n_in, K) one-hot with P_o[u·d + s, c_ou·d + s] = 1, and
 
-    w (n_out, n_in), H (n_in, n_in), idx (n_out, n_in) in [0, K), groups (n_out,), table (n_groups, K).
-    Cost: one float32 product H (n_in, n_in) x (n_in, n_out · K), then index sums."""
+        table_g = argmin_c sum_{o in g} (w_o - P_o c) H (w_o - P_o c)ᵀ
+        (sum_o P_oᵀ H P_o + λI) c = sum_o P_oᵀ H w_oᵀ + λ c_old,   λ = ridge · mean(diag H)
+        (an entry no weight uses keeps its old value)
+
+    w (n_out, n_in), H (n_in, n_in), codes (n_out, n_in // d) in [0, k), groups (n_out,), table (n_groups, k, d).
+    (H P_o)[i, b·d + t] = sum_v H[i, v·d + t] Q_o[v, b], Q_o (n_in / d, k) the one-hot of row o's codes: one
+    float32 product (n_in · d, n_in / d) x (n_in / d, n_out · k), cost n_in² · n_out · k, then index sums."""
     n_out, n_in = w.shape
-    n_groups, K = table.shape
+    n_groups, k, d = table.shape
+    n_u, K = n_in // d, k * d
     M, r = np.zeros((n_groups, K, K)), np.zeros((n_groups, K))
-    WH = w @ H  # (n_out, n_in)
-    H32, eye32 = H.astype(np.float32), np.eye(K, dtype=np.float32)  # the big product in float32
+    WH = (w @ H).reshape(n_out, n_u, d)  # (n_out, n_u, d)
+    Hr = H.reshape(n_in, n_u, d).transpose(0, 2, 1).reshape(n_in * d, n_u).astype(np.float32)  # [(i, t), v] = H[i, v·d + t]
+    eye32 = np.eye(k, dtype=np.float32)
     step = max(1, (1 << 22) // (n_in * K))
     for r0 in range(0, n_out, step):
-        P = eye32[idx[r0:r0 + step]]  # (R, n_in, K)
-        R = len(P)
-        HP = (H32 @ P.transpose(1, 0, 2).reshape(n_in, R * K)).reshape(n_in, R, K).transpose(1, 0, 2)  # H P_o
-        # P_oᵀ (H P_o): sum the rows i of H P_o by their index idx_oi (one BLAS call above, sums here;
+        c = codes[r0:r0 + step]  # (R, n_u)
+        R = len(c)
+        Q = eye32[c.T].reshape(n_u, R * k)  # [v, (o, b)] = Q_o[v, b], the one-hots side by side
+        HP = (Hr @ Q).reshape(n_u, d, d, R, k)  # [u, s, t, o, b] = (H P_o)[u·d + s, b·d + t], in float32
+        # P_oᵀ (H P_o): sum the units u of row o by their code c_ou (one BLAS call above, sums here;
         # many small matmuls crawl when BLAS threads share the cores with another process)
-        key = (np.arange(R)[:, None] * K + idx[r0:r0 + step]).ravel()  # (R * n_in,) row o, entry a
+        key = (np.arange(R)[:, None] * k + c).ravel()  # (R * n_u,) row o, code a
         order = np.argsort(key, kind="stable")
-        first = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
-        Mr = np.zeros((R * K, K))
-        Mr[key[order][first]] = np.add.reduceat(HP.reshape(R * n_in, K)[order], first, axis=0)
-        np.add.at(M, groups[r0:r0 + step], Mr.reshape(R, K, K))
-        np.add.at(r, groups[r0:r0 + step],  # P_oᵀ H w_oᵀ
-                  np.bincount(key, weights=WH[r0:r0 + step].ravel(), minlength=R * K).reshape(R, K))
-    eye = np.eye(K)
+        skey = key[order]
+        first = np.flatnonzero(np.r_[True, skey[1:] != skey[:-1]])
+        o, u = np.divmod(order, n_u)  # the (o, u) sorted by code within each row
+        Mr = np.zeros((R * k, d, d, k))  # [(o, a), s, t, b]
+        Mr[skey[first]] = np.add.reduceat(HP[u, :, :, o], first, axis=0)
+        np.add.at(M, groups[r0:r0 + R], Mr.reshape(R, k, d, d, k).transpose(0, 1, 2, 4, 3).reshape(R, K, K))
+        rr = np.zeros((R * k, d))  # P_oᵀ H w_oᵀ: [(o, a), s]
+        rr[skey[first]] = np.add.reduceat(WH[r0 + o, u], first, axis=0)
+        np.add.at(r, groups[r0:r0 + R], rr.reshape(R, K))
     lam = ridge * np.mean(np.diag(H))
-    return np.linalg.solve(M + lam * eye, (r + lam * table)[..., None])[..., 0]
+    c_new = np.linalg.solve(M + lam * np.eye(K), (r + lam * table.reshape(n_groups, K))[..., None])[..., 0]
+    return c_new.reshape(n_groups, k, d)
 
 
 def _fit_scale(num, den, old, groups, n_groups):
@@ -285,17 +301,13 @@ def scheme_ops(w, spec, onebit_method):
         bits = spec["bits"]
         _, lut = quant.lut_quantize(w, bits, group_rows=spec.get("group_rows"))
         return (1, lut.astype(np.float64), lambda t: _round_table(t[groups]),
-                lambda c, t, H: fit_tables(w, H, c, groups, t),
+                lambda c, t, H: fit_tables(w, H, c, groups, t[..., None])[..., 0],
                 lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), bits), "lut": t.astype(np.float32)})
     if s == "vq":
         bits = spec["bits"]
         _, cb = quant.vq_quantize(w, bits, group_rows=spec.get("group_rows"))  # (n_groups, k, 2)
-        k = cb.shape[1]
-
-        def fit(c, t, H):  # a pair code c selects entries 2c, 2c + 1 of the flattened (2k,) codebook
-            idx = (2 * c[:, :, None] + np.arange(2)).reshape(n_out, -1)  # (n_out, n_in)
-            return fit_tables(w, H, idx, groups, t.reshape(n_groups, 2 * k)).reshape(n_groups, k, 2)
-        return (2, cb.astype(np.float64), lambda t: _round_vq(t[groups]), fit,
+        return (2, cb.astype(np.float64), lambda t: _round_vq(t[groups]),
+                lambda c, t, H: fit_tables(w, H, c, groups, t),
                 lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), 2 * bits),
                               "codebook": t.astype(np.float32)})
     if s == "ternary":
