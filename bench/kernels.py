@@ -4,11 +4,13 @@
 
 Per kernel, shape, thread count and token count (1 = GEMV / decode, 128 = GEMM / prefill):
 time per call in µs (median and min), G weights/s (weights x tokens / median time), GB/s of packed
-weights read, and the ratio to NumPy float32 (time of x @ W.T / kernel time, same threads and tokens).
+weights read, the ratio to NumPy float32 (time of x @ W.T / kernel time, same threads and tokens), and
+for 128 tokens the ratio of G weights/s to the same kernel's 1-token (GEMV) figure: the reuse of each
+weight across tokens that the table GEMM kernels buy (target >= 4 for ternary and binary).
 Weights are streamed from memory: each call uses the next of enough copies of the packed (or
 float32) matrix to exceed 256 MB, so no call finds its weights in the caches.
 --json prints one JSON object per line (kernel, shape, threads, tokens, us_median, us_min,
-gweights_per_s, gb_per_s, ratio_vs_f32) instead of the table.
+gweights_per_s, gb_per_s, ratio_vs_f32, and ratio_vs_gemv for 128 tokens) instead of the table.
 """
 import argparse
 import ctypes
@@ -123,9 +125,10 @@ def main(argv=None):
         if not args.json:
             print(f"\n## W {n_out}x{n_in}")
             print(f"{'kernel':<11} {'thr':>3} {'tok':>4} {'us med':>10} {'us min':>10} "
-                  f"{'Gw/s':>7} {'GB/s':>6} {'x f32':>6}")
+                  f"{'Gw/s':>7} {'GB/s':>6} {'x f32':>6} {'x gemv':>6}")
         for n_thr in threads:
             set_threads(n_thr)
+            gemv = {}  # kernel -> G weights/s at 1 token
             for tokens in (1, GEMM_TOKENS):
                 if args.quick and tokens > 1:
                     todo = [b for b in built if b[0] in ("f32_numpy", "ternary", "binary")]
@@ -142,11 +145,16 @@ def main(argv=None):
                                gweights_per_s=round(n_out * n_in * tokens / med / 1e9, 2),
                                gb_per_s=round(ws[0].nbytes / med / 1e9, 2),
                                ratio_vs_f32=round(f32_med / med, 2))
+                    if tokens == 1:
+                        gemv[name] = row["gweights_per_s"]
+                    elif name in gemv:
+                        row["ratio_vs_gemv"] = round(row["gweights_per_s"] / gemv[name], 2)
                     if args.json:
                         print(json.dumps(row), flush=True)
                     else:
                         print(f"{name:<11} {n_thr:>3} {tokens:>4} {row['us_median']:>10.0f} {row['us_min']:>10.0f} "
-                              f"{row['gweights_per_s']:>7.1f} {row['gb_per_s']:>6.1f} {row['ratio_vs_f32']:>6.2f}",
+                              f"{row['gweights_per_s']:>7.1f} {row['gb_per_s']:>6.1f} {row['ratio_vs_f32']:>6.2f} "
+                              f"{row.get('ratio_vs_gemv', ''):>6}",
                               flush=True)
         del built
     set_threads(numba.config.NUMBA_NUM_THREADS)

@@ -154,8 +154,40 @@ def test_int8_equals_ref(threads, shape, seed):
 
 
 @per_thread_count
+@FAST
+@given(shape=st.tuples(st.integers(1, 140), st.integers(1, 11), st.integers(1, 700)),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_table_gemm_equals_ref(threads, shape, seed):
+    """The table GEMM kernels (tokens on the lanes), forced for any token count: partial and
+    several 128-token tiles, odd n_in, rows not a multiple of anything."""
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
+    wb = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "GEMM_MIN_TOKENS", 1)
+        np.testing.assert_array_equal(kernels.ternary_matmul(wt, x_q), kernels.ternary_matmul_ref(wt, x_q))
+        np.testing.assert_array_equal(kernels.binary_matmul(wb, x_q), kernels.binary_matmul_ref(wb, x_q))
+
+
+@per_thread_count
+def test_table_gemm_row_blocks(threads):
+    """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(2)
+    n_out, tokens = kernels.GEMM_ROWS + 45, kernels.GEMM_LANES + 3
+    x_q = rng.integers(-128, 128, (tokens, 520)).astype(np.int8)
+    wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, 520)))
+    wb = pack.pack_binary(rng.choice([-1, 1], (n_out, 520)))
+    np.testing.assert_array_equal(kernels.ternary_matmul(wt, x_q), kernels.ternary_matmul_ref(wt, x_q))
+    np.testing.assert_array_equal(kernels.binary_matmul(wb, x_q), kernels.binary_matmul_ref(wb, x_q))
+
+
+@per_thread_count
 def test_gemm_rows_equal_gemv(threads):
-    """Many tokens (token tiles of the GEMM path) give exactly the per-token GEMV results."""
+    """Many tokens (the table GEMM path) give exactly the per-token GEMV results."""
     kernels.set_threads(threads)
     rng = np.random.default_rng(1)
     w = pack.pack_ternary(rng.integers(-1, 2, (37, 2000)))
@@ -171,9 +203,11 @@ def test_gemm_rows_equal_gemv(threads):
 @per_thread_count
 @pytest.mark.parametrize("x_val", [127, -127, -128])
 @pytest.mark.parametrize("w_val", [1, -1])
-def test_integer_kernels_exact_at_extremes(threads, x_val, w_val):
+@pytest.mark.parametrize("path", ["per-token", "table"])
+def test_integer_kernels_exact_at_extremes(monkeypatch, threads, x_val, w_val, path):
     kernels.set_threads(threads)
-    n_in = 17920  # 70 blocks: more than two int16 flush periods
+    monkeypatch.setattr(kernels, "GEMM_MIN_TOKENS", 2 if path == "table" else 3)
+    n_in = 17920  # 70 blocks: more than two int16 flush periods of either path
     x_q = np.full((2, n_in), x_val, np.int8)
     w = np.full((5, n_in), w_val)
     expect = np.full((2, 5), x_val * w_val * n_in, np.int64)
@@ -214,7 +248,7 @@ VECTOR_MULTIPLY = re.compile(
 
 
 def test_plane_kernels_are_multiply_free():
-    """The compiled row kernels (GEMV and GEMM use the same ones) contain no multiply instruction
+    """The compiled row kernels (per-token and table GEMM) contain no multiply instruction
     on vectors or floats anywhere in the function (only scalar imul for row/index arithmetic),
     and do contain vector adds (vpaddw for int16 lanes, vaddps for float32): not vacuous."""
     out = _run("""
@@ -229,7 +263,10 @@ def test_plane_kernels_are_multiply_free():
             k._ternary_rows(w2, x16, -x16, np.zeros((tokens, 6), np.int32), 0, 6)
             k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
-        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows):
+            xT = k._lanes_major(x16.astype(np.int8), 512)
+            k._ternary_gemm_rows(w2, xT, np.zeros((tokens, 6), np.int32), 0, 6)
+            k._binary_gemm_rows(w1, xT, np.zeros((tokens, 6), np.int32), 0, 6)
+        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._ternary_gemm_rows, k._binary_gemm_rows):
             sigs = f.inspect_asm()
             assert len(sigs) == 1, sigs.keys()
             asm[f.__name__] = list(sigs.values())[0]
@@ -253,7 +290,8 @@ def test_kernels_under_boundscheck():
         import numpy as np
         from tinybit import kernels as k, pack
         rng = np.random.default_rng(0)
-        for tokens, n_out, n_in in [(1, 5, 300), (3, 9, 513)]:
+        k.GEMM_MIN_TOKENS = 3  # the table GEMM kernels too
+        for tokens, n_out, n_in in [(1, 5, 300), (3, 9, 513), (130, 7, 300)]:
             x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
             x = rng.integers(-99, 100, (tokens, n_in)).astype(np.float32)
             wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))

@@ -22,6 +22,14 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
 - 4 output rows per pass share each activation load and the per-block loop overhead.
   GEMM (many tokens) runs the same loop per token over 4 rows whose packed bytes stay in L1,
   so each weight row is read from memory once per call, not once per token.
+- GEMM from GEMM_MIN_TOKENS tokens on (prefill): tokens on the vector lanes, table lookups instead
+  of bit tests (T-MAC style). For each pair of inputs and each token, the 9 values s0 x0 + s1 x1
+  (s in {0, +1, -1}) are built once by additions; each row then adds, per pair, the entry its two
+  weights select: one 128-token vector add per 2 weights, where the per-token kernel spends about
+  4 vector ops per 32 weights per token. Binary: the 16 subset sums of each 4 inputs, one add per 4.
+  The tables of one step of inputs stay in L1, the accumulators of a block of rows in L2. A row's
+  per-step sum lives in a stack array (`_stack_array`): the optimizer can then prove it aliases no
+  table and keeps it in registers (with heap scratch it re-checks the overlap at every row).
 - Threads: prange over chunks of output rows; the chunk count is an argument (numba's
   get_num_threads() inside a cached function would make it uncacheable). Calls with little work
   (small layers, one token) run the row function directly, with no parallel region.
@@ -32,7 +40,9 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
 """
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import pack
 from .errors import UsageError
@@ -320,6 +330,206 @@ def _binary_f32_par(w, x, xsum, y, n_chunks):
         _binary_f32_rows(w, x, xsum, y, r0, r1)
 
 
+# --- GEMM: tokens on the lanes, tables of pair (ternary) / quad (binary) sums ------------------
+
+GEMM_LANES = 128  # tokens per tile: 4 x 32 int16 lanes
+GEMM_ROWS = 256  # rows per block: their int16 accumulators (64 KB) stay in L2
+GEMM_MIN_TOKENS = 32  # from this many tokens on, the table kernels beat the per-token ones
+TERNARY_STEP_PAIRS = 16  # input pairs per step: 16 pairs x 9 entries x 128 lanes x 2 B = 36 KB of tables
+BINARY_STEP_QUADS = 8  # input quads per step: 8 quads x 16 entries x 128 lanes x 2 B = 32 KB
+# A step adds at most 16 pairs x 2 x 128 (ternary) or 8 quads x 4 x 128 (binary) = 4096 per lane:
+GEMM_FLUSH_STEPS = 32767 // 4096  # = 7 steps, then the int16 accumulators go into int32 ones
+
+
+@intrinsic
+def _stack_array(typingctx, n, dtype):
+    """Pointer to n elements of dtype on the stack (an alloca): known to alias no array."""
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=args[0])
+    return types.CPointer(dtype.dtype)(n, dtype), codegen
+
+
+def _lanes_major(x_q, n_pad):
+    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16: tile i, input j, token lane l."""
+    n_tiles = -(-x_q.shape[0] // GEMM_LANES)
+    xt = np.zeros((n_tiles * GEMM_LANES, n_pad), np.int16)
+    xt[:x_q.shape[0], :x_q.shape[1]] = x_q
+    return np.ascontiguousarray(xt.reshape(n_tiles, GEMM_LANES, n_pad).transpose(0, 2, 1))
+
+
+@njit(cache=True, inline="always")
+def _table_rows(codes, tab, n_ptr, acc16, rb0, rb1):
+    """acc16[r - rb0] += sum of the n_ptr table entries that row r's codes select, r in rb0..rb1-1.
+    codes (rows, n_ptr) uint8 = entry numbers; tab (n_entries * GEMM_LANES,) int16; acc16 (rows, lanes)."""
+    tmp = numba.carray(_stack_array(GEMM_LANES, np.int16), GEMM_LANES)  # registers, in effect
+    for r in range(rb0, rb1):
+        c = codes[r - rb0]
+        tmp[:] = 0
+        for m in range(0, n_ptr, 8):  # 8 table rows per pass: 8 x 4 vector adds
+            o0, o1 = GEMM_LANES * np.intp(c[m]), GEMM_LANES * np.intp(c[m + 1])
+            o2, o3 = GEMM_LANES * np.intp(c[m + 2]), GEMM_LANES * np.intp(c[m + 3])
+            o4, o5 = GEMM_LANES * np.intp(c[m + 4]), GEMM_LANES * np.intp(c[m + 5])
+            o6, o7 = GEMM_LANES * np.intp(c[m + 6]), GEMM_LANES * np.intp(c[m + 7])
+            t0, t1, t2, t3 = tab[o0:o0 + GEMM_LANES], tab[o1:o1 + GEMM_LANES], tab[o2:o2 + GEMM_LANES], tab[o3:o3 + GEMM_LANES]
+            t4, t5, t6, t7 = tab[o4:o4 + GEMM_LANES], tab[o5:o5 + GEMM_LANES], tab[o6:o6 + GEMM_LANES], tab[o7:o7 + GEMM_LANES]
+            for l in range(GEMM_LANES):
+                tmp[l] += ((t0[l] + t1[l]) + (t2[l] + t3[l])) + ((t4[l] + t5[l]) + (t6[l] + t7[l]))
+        a = acc16[r - rb0]
+        for l in range(GEMM_LANES):
+            a[l] += tmp[l]
+
+
+@njit(cache=True, inline="always")
+def _pair_code(nz, ng, p):
+    """3 a0 + a1 for the weights of bits p and p + 1: a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1."""
+    a0 = ((nz >> np.uint8(p)) & np.uint8(1)) + ((ng >> np.uint8(p)) & np.uint8(1))
+    a1 = ((nz >> np.uint8(p + 1)) & np.uint8(1)) + ((ng >> np.uint8(p + 1)) & np.uint8(1))
+    return np.uint8(a0 + a0 + a0 + a1)
+
+
+@njit(cache=True)
+def _ternary_pair_codes(w, r0, r1, codes):
+    """codes[r - r0, 16 s + m] = 9 m + 3 a0 + a1 for pair m of step s of row r, where a = 0, 1, 2 for
+    weight 0, +1, -1. Step s = (block b, bit pair p2, half h) pairs inputs i0 = 256 b + 64 p2 + 16 h + m
+    and i1 = i0 + 32: bits 2 p2 and 2 p2 + 1 of plane byte j = 16 h + m. (Vectorized over j.)"""
+    for r in range(r0, r1):
+        wr, cr = w[r], codes[r - r0]
+        for b in range(wr.shape[0] // (2 * PLANE)):
+            nz, ng = wr[2 * PLANE * b:2 * PLANE * b + PLANE], wr[2 * PLANE * b + PLANE:2 * PLANE * (b + 1)]
+            c0, c1 = cr[128 * b:128 * b + 32], cr[128 * b + 32:128 * b + 64]
+            c2, c3 = cr[128 * b + 64:128 * b + 96], cr[128 * b + 96:128 * b + 128]
+            for j in range(PLANE):
+                n = nz[j]
+                g = ng[j] & n  # a negative bit counts only on a nonzero weight
+                m = np.uint8(9 * (j % TERNARY_STEP_PAIRS))
+                c0[j] = _pair_code(n, g, 0) + m
+                c1[j] = _pair_code(n, g, 2) + m
+                c2[j] = _pair_code(n, g, 4) + m
+                c3[j] = _pair_code(n, g, 6) + m
+
+
+@njit(cache=True, inline="always")
+def _ternary_tables(xt, s, tab):
+    """tab[(9 m + e) * GEMM_LANES + l] = s0 x[i0] + s1 x[i1] for pair m of step s (see
+    _ternary_pair_codes), e = 3 a0 + a1, s = 0, +1, -1 for a = 0, 1, 2; xt (n_pad, GEMM_LANES) int16."""
+    L = GEMM_LANES
+    base = 256 * (s // 8) + 64 * (s % 8 // 2) + 16 * (s % 2)  # 256 b + 64 p2 + 16 h
+    for m in range(TERNARY_STEP_PAIRS):
+        x0, x1, t = xt[base + m], xt[base + m + 32], tab[9 * L * m:9 * L * (m + 1)]
+        for l in range(L):
+            a, c = x0[l], x1[l]
+            t[l], t[L + l], t[2 * L + l] = 0, c, -c
+            t[3 * L + l], t[4 * L + l], t[5 * L + l] = a, a + c, a - c
+            t[6 * L + l], t[7 * L + l], t[8 * L + l] = -a, c - a, -a - c
+
+
+@njit(cache=True)
+def _ternary_gemm_rows(w, xT, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 planes; xT (n_tiles, nb*256,
+    GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
+    n_steps = w.shape[1] // (2 * PLANE) * 8
+    tab = np.empty(TERNARY_STEP_PAIRS * 9 * GEMM_LANES, np.int16)
+    acc16 = np.empty((GEMM_ROWS, GEMM_LANES), np.int16)
+    acc32 = np.empty((GEMM_ROWS, GEMM_LANES), np.int32)
+    codes = np.empty((GEMM_ROWS, n_steps * TERNARY_STEP_PAIRS), np.uint8)
+    for rb0 in range(r0, r1, GEMM_ROWS):
+        rb1 = min(rb0 + GEMM_ROWS, r1)
+        _ternary_pair_codes(w, rb0, rb1, codes)
+        for tile in range(xT.shape[0]):
+            acc16[:] = 0
+            acc32[:] = 0
+            for s in range(n_steps):
+                _ternary_tables(xT[tile], s, tab)
+                step_codes = codes[:, TERNARY_STEP_PAIRS * s:TERNARY_STEP_PAIRS * (s + 1)]
+                _table_rows(step_codes, tab, TERNARY_STEP_PAIRS, acc16, rb0, rb1)
+                if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
+                    acc32 += acc16
+                    acc16[:] = 0
+            _store_tile(acc32, y, tile, rb0, rb1)
+
+
+@njit(cache=True, inline="always")
+def _store_tile(acc32, y, tile, rb0, rb1):
+    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed."""
+    t0 = tile * GEMM_LANES
+    for r in range(rb0, rb1):
+        for l in range(min(GEMM_LANES, y.shape[0] - t0)):
+            y[t0 + l, r] = acc32[r - rb0, l]
+
+
+@njit(cache=True, parallel=True)
+def _ternary_gemm_par(w, xT, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _ternary_gemm_rows(w, xT, y, r0, r1)
+
+
+@njit(cache=True)
+def _binary_quad_codes(w, r0, r1, codes):
+    """codes[r - r0, 8 s + m] = 16 m + (the 4 weight bits of quad m of step s of row r). Step
+    s = (block b, nibble h, eighth q) groups inputs 256 b + 32 (4 h + i) + j, i = 0..3, j = 8 q + m:
+    bits 4 h .. 4 h + 3 of plane byte j."""
+    for r in range(r0, r1):
+        wr, cr = w[r], codes[r - r0]
+        for b in range(wr.shape[0] // PLANE):
+            plane = wr[PLANE * b:PLANE * (b + 1)]
+            for h in range(2):
+                c = cr[64 * b + 32 * h:64 * b + 32 * h + 32]
+                for j in range(PLANE):
+                    c[j] = ((plane[j] >> np.uint8(4 * h)) & np.uint8(15)) + np.uint8(16 * (j % BINARY_STEP_QUADS))
+
+
+@njit(cache=True, inline="always")
+def _binary_tables(xt, s, tab):
+    """tab[(16 m + e) * GEMM_LANES + l] = sum_i (bit i of e ? x[i_i] : -x[i_i]) for quad m of step s
+    (see _binary_quad_codes); xt (n_pad, GEMM_LANES) int16."""
+    L = GEMM_LANES
+    base = 256 * (s // 8) + 128 * (s % 8 // 4) + 8 * (s % 4)  # 256 b + 128 h + 8 q
+    for m in range(BINARY_STEP_QUADS):
+        x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
+        t = tab[16 * L * m:16 * L * (m + 1)]
+        for l in range(L):
+            a, b, c, d = x0[l], x1[l], x2[l], x3[l]
+            lo0, lo1, lo2, lo3 = -a - b, a - b, b - a, a + b  # bits 0, 1 of e
+            hi0, hi1, hi2, hi3 = -c - d, c - d, d - c, c + d  # bits 2, 3 of e
+            t[l], t[L + l], t[2 * L + l], t[3 * L + l] = lo0 + hi0, lo1 + hi0, lo2 + hi0, lo3 + hi0
+            t[4 * L + l], t[5 * L + l], t[6 * L + l], t[7 * L + l] = lo0 + hi1, lo1 + hi1, lo2 + hi1, lo3 + hi1
+            t[8 * L + l], t[9 * L + l], t[10 * L + l], t[11 * L + l] = lo0 + hi2, lo1 + hi2, lo2 + hi2, lo3 + hi2
+            t[12 * L + l], t[13 * L + l], t[14 * L + l], t[15 * L + l] = lo0 + hi3, lo1 + hi3, lo2 + hi3, lo3 + hi3
+
+
+@njit(cache=True)
+def _binary_gemm_rows(w, xT, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*32) uint8; xT (n_tiles, nb*256,
+    GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
+    n_steps = w.shape[1] // PLANE * 8
+    tab = np.empty(BINARY_STEP_QUADS * 16 * GEMM_LANES, np.int16)
+    acc16 = np.empty((GEMM_ROWS, GEMM_LANES), np.int16)
+    acc32 = np.empty((GEMM_ROWS, GEMM_LANES), np.int32)
+    codes = np.empty((GEMM_ROWS, n_steps * BINARY_STEP_QUADS), np.uint8)
+    for rb0 in range(r0, r1, GEMM_ROWS):
+        rb1 = min(rb0 + GEMM_ROWS, r1)
+        _binary_quad_codes(w, rb0, rb1, codes)
+        for tile in range(xT.shape[0]):
+            acc16[:] = 0
+            acc32[:] = 0
+            for s in range(n_steps):
+                _binary_tables(xT[tile], s, tab)
+                step_codes = codes[:, BINARY_STEP_QUADS * s:BINARY_STEP_QUADS * (s + 1)]
+                _table_rows(step_codes, tab, BINARY_STEP_QUADS, acc16, rb0, rb1)
+                if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
+                    acc32 += acc16
+                    acc16[:] = 0
+            _store_tile(acc32, y, tile, rb0, rb1)
+
+
+@njit(cache=True, parallel=True)
+def _binary_gemm_par(w, xT, y, n_chunks):
+    for c in prange(n_chunks):
+        r0, r1 = _chunk(c, n_chunks, w.shape[0])
+        _binary_gemm_rows(w, xT, y, r0, r1)
+
+
 # LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
 # per bucket. The scatter-add is scalar; 4 (LUT) or 2 (VQ) copies of the buckets, used in turn,
 # keep consecutive adds into the same bucket from waiting on each other.
@@ -465,9 +675,14 @@ def ternary_matmul(w_packed, x_q):
     """Same as ternary_matmul_ref: (n_out, n_blocks*64) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
     x_q = _check_x(x_q, np.int8)
     w = _check_packed(w_packed, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes")
-    xp = _padded(x_q, w.shape[1] // (2 * PLANE) * BLOCK, np.int16)
+    n_pad = w.shape[1] // (2 * PLANE) * BLOCK
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
-    _launch(_ternary_par, _ternary_rows, (w, xp, -xp, y), w.shape[0], xp.size * w.shape[0])
+    if x_q.shape[0] >= GEMM_MIN_TOKENS:
+        xT = _lanes_major(x_q, n_pad)
+        _launch(_ternary_gemm_par, _ternary_gemm_rows, (w, xT, y), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+    else:
+        xp = _padded(x_q, n_pad, np.int16)
+        _launch(_ternary_par, _ternary_rows, (w, xp, -xp, y), w.shape[0], xp.size * w.shape[0])
     return y
 
 
@@ -475,9 +690,14 @@ def binary_matmul(w_packed, x_q):
     """Same as binary_matmul_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
     x_q = _check_x(x_q, np.int8)
     w = _check_packed(w_packed, pack.plane_row_bytes(x_q.shape[1]), "binary planes")
-    x = _padded(x_q, w.shape[1] // PLANE * BLOCK, np.int16)
+    n_pad = w.shape[1] // PLANE * BLOCK
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
-    _launch(_binary_par, _binary_rows, (w, x, x.sum(axis=1, dtype=np.int64), y), w.shape[0], x.size * w.shape[0])
+    if x_q.shape[0] >= GEMM_MIN_TOKENS:
+        xT = _lanes_major(x_q, n_pad)
+        _launch(_binary_gemm_par, _binary_gemm_rows, (w, xT, y), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+    else:
+        x = _padded(x_q, n_pad, np.int16)
+        _launch(_binary_par, _binary_rows, (w, x, x.sum(axis=1, dtype=np.int64), y), w.shape[0], x.size * w.shape[0])
     return y
 
 
