@@ -217,3 +217,30 @@ def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):
     with pytest.raises(TinybitError, match="--calibrate applies to float checkpoints"):
         run_convert(hf_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_calib_chat_cuts_windows_into_chat_turns(hf_dir):
+    from tokenizers import Tokenizer
+    tj = (hf_dir / "tokenizer.json").read_text()
+    template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    files, n, length = [str(hf_dir / "calib.txt")], 4, 170  # the window ends in the second user turn
+    plain = calibrate.read_calibration(files, tj, n, length, 3)
+    chat = calibrate.read_calibration(files, tj, n, length, 3, chat_fraction=0.5, chat_template=template)
+    assert np.array_equal(chat[2:], plain[2:])  # round(0.5 * 4) = 2 windows in chat form, the rest as they were
+    tok = Tokenizer.from_str(tj)
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    head, to_assistant, to_user = enc("<s>user\n"), enc("</s>\n<s>assistant\n"), enc("</s>\n<s>user\n")
+    assert head[0] == tok.token_to_id("<s>") and to_assistant[0] == tok.token_to_id("</s>")  # special tokens
+    u, a = calibrate.CHAT_TURNS
+    for got, text in zip(chat[:2], plain[:2]):
+        want = head + list(text[:u]) + to_assistant + list(text[u:u + a]) + to_user + list(text[u + a:])
+        assert len(want) > length and list(got) == want[:length]
+
+
+@pytest.mark.parametrize("value, needle", [("0.5", "needs the model's chat template"), ("1.5", "fraction in [0, 1]")])
+def test_calib_chat_errors(hf_dir, tmp_path, capsys, value, needle):
+    rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut4", "--calibrate",
+                       str(hf_dir / "calib.txt"), "--calib-len", "24", "--calib-chat", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "--calib-chat" in err, err
+    assert os.listdir(tmp_path) == []

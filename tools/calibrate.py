@@ -52,20 +52,27 @@ def _log(msg):
 
 # --- calibration data -------------------------------------------------------------------------------
 
-def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_id=None):
+def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_id=None,
+                     chat_fraction=0.0, chat_template=None, eos_token_id=None):
     """Calibration token ids (n_samples, length) int64.
 
-    Each file is read as UTF-8 and tokenized (no special tokens) with the converted model's tokenizer;
-    the token streams are concatenated in the order given and `n_samples` windows of `length` tokens
-    start at offsets drawn with numpy's default_rng(seed). With bos_token_id, each window is bos followed
-    by length - 1 tokens. A missing, unreadable or empty file, or one with fewer tokens than one sample,
-    is a UsageError naming the file."""
+    Each file is read as UTF-8 and tokenized (no special tokens added; special-token text such as
+    <|im_start|> in a file is parsed as the special token) with the converted model's tokenizer; the token
+    streams are concatenated in the order given and `n_samples` windows of `length` tokens start at offsets
+    drawn with numpy's default_rng(seed). The first round(chat_fraction · n_samples) windows are then cut
+    into chat turns (chat_sample). With bos_token_id, each window is bos followed by length - 1 tokens.
+    A missing, unreadable or empty file, or one with fewer tokens than one sample, is a UsageError naming
+    the file."""
     if n_samples < 1 or length < 2:
         raise UsageError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {n_samples} and {length}")
+    if not 0 <= chat_fraction <= 1:
+        raise UsageError(f"--calib-chat must be a fraction in [0, 1], got {chat_fraction}")
     if tokenizer_json is None:
         raise UsageError("--calibrate needs the model's tokenizer, and the source has none (no tokenizer.json)")
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(tokenizer_json)
+    n_chat = round(chat_fraction * n_samples)
+    frame = chat_frame(chat_template, tok, bos_token_id, eos_token_id) if n_chat else None
     need = length - (bos_token_id is not None)
     streams = []
     for path in paths:
@@ -86,9 +93,53 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     stream = np.concatenate(streams)
     starts = np.random.default_rng(seed).integers(0, len(stream) - need + 1, size=n_samples)
     ids = stream[starts[:, None] + np.arange(need)]  # (n_samples, need)
+    for i in range(n_chat):
+        ids[i] = chat_sample(frame, ids[i])
     if bos_token_id is not None:
         ids = np.concatenate([np.full((n_samples, 1), bos_token_id, np.int64), ids], axis=1)
     return ids
+
+
+CHAT_TURNS = (32, 96)  # text tokens of a user turn, of an assistant turn, in a chat-framed calibration sample
+
+
+def chat_frame(chat_template, tok, bos_token_id=None, eos_token_id=None):
+    """The token ids a chat template puts around the messages: (head, user_to_assistant, assistant_to_user).
+
+    The template is rendered (sandboxed, as tinybit.generate does) for the conversation user U1, assistant A1,
+    user U2, assistant A2 with placeholder contents; head is what comes before U1 (a system prompt, the
+    first role header), user_to_assistant what lies between U1 and A1, assistant_to_user between A1 and U2."""
+    if not chat_template:
+        raise UsageError("--calib-chat needs the model's chat template, and the source has none")
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    marks = ["\x00U1\x00", "\x00A1\x00", "\x00U2\x00", "\x00A2\x00"]
+    messages = [{"role": r, "content": m} for r, m in zip(("user", "assistant") * 2, marks)]
+    bos, eos = ((tok.id_to_token(t) or "") if t is not None else "" for t in (bos_token_id, eos_token_id))
+    try:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(chat_template).render(messages=messages, add_generation_prompt=False,
+                                                     bos_token=bos, eos_token=eos)
+    except jinja2.TemplateError as e:
+        raise UsageError(f"--calib-chat: the chat template fails: {str(e).splitlines()[0][:200]}") from None
+    at = [text.find(m) for m in marks]
+    if min(at) < 0 or at != sorted(at):
+        raise UsageError("--calib-chat: the chat template does not render a user/assistant conversation in order")
+    pieces = (text[:at[0]], text[at[0] + len(marks[0]):at[1]], text[at[1] + len(marks[1]):at[2]])
+    return tuple(tok.encode(p, add_special_tokens=False).ids for p in pieces)
+
+
+def chat_sample(frame, text_ids):
+    """One calibration window as a chat: head, then turns of the window's text, CHAT_TURNS tokens each,
+    alternately user and assistant, each followed by the template's tokens to the next role; cut to the
+    window's length. text_ids (L,) -> (L,)."""
+    head, to_assistant, to_user = frame
+    out, pos, turn = list(head), 0, 0
+    while len(out) < len(text_ids):
+        n = CHAT_TURNS[turn % 2]
+        out += list(text_ids[pos:pos + n]) + list(to_assistant if turn % 2 == 0 else to_user)
+        pos, turn = pos + n, turn + 1
+    return np.asarray(out[:len(text_ids)], dtype=np.int64)
 
 
 # --- the GPTQ core ----------------------------------------------------------------------------------

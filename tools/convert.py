@@ -848,6 +848,9 @@ def make_parser():
                    help="quantize the block linears with GPTQ/GPTVQ error feedback on these text files")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--calib-chat", type=float, default=0.0, metavar="F",
+                   help="cut this fraction of the calibration sequences into chat turns in the model's chat "
+                        "template (default 0)")
     p.add_argument("--damp", type=float, default=calibrate.DAMP, help="Hessian damping (default 0.01)")
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets (default 0)")
@@ -890,7 +893,9 @@ def convert(argv):
                              f"and --damp >= 0 (here: family {family}, scheme {block_spec['scheme']}, damp {args.damp})")
         calib_ids = calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
                                                args.calib_len, args.seed,
-                                               config.bos_token_id if config.add_bos else None)
+                                               config.bos_token_id if config.add_bos else None,
+                                               args.calib_chat, config.chat_template,
+                                               config.eos_token_ids[0] if config.eos_token_ids else None)
         config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
     tensors, stats = convert_weights(src, config, family, args)
     if calib_ids is not None:
