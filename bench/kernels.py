@@ -13,8 +13,6 @@ float32) matrix to exceed 256 MB, so no call finds its weights in the caches.
 gweights_per_s, gb_per_s, ratio_vs_f32, and ratio_vs_gemv for 128 tokens) instead of the table.
 """
 import argparse
-import ctypes
-import glob
 import json
 import os
 import sys
@@ -40,25 +38,8 @@ def cpu_model():
         return "unknown"
 
 
-def _openblas_setter():
-    """NumPy's bundled OpenBLAS thread setter (numpy >= 2 wheels), or None."""
-    libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
-    for path in glob.glob(os.path.join(libdir, "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                return getattr(lib, name)
-    return None
-
-
-BLAS_THREADS = _openblas_setter()
-
-
 def set_threads(n):
-    kernels.set_threads(n)
-    if BLAS_THREADS is not None:
-        BLAS_THREADS(n)
+    kernels.set_threads(n)  # the Numba kernels' and NumPy's OpenBLAS threads
 
 
 def time_calls(fn, weights, min_s, min_reps, max_reps):
@@ -117,7 +98,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     if not args.json:
         print(f"CPU: {cpu_model()}; numba {numba.__version__}, numpy {np.__version__}; "
-              f"threads {threads}; OpenBLAS threads {'set' if BLAS_THREADS else 'NOT set (default)'}; "
+              f"threads {threads}; OpenBLAS threads {'set' if kernels._SET_BLAS_THREADS else 'NOT set (default)'}; "
               f"weights streamed through >= {STREAM_BYTES >> 20} MB of copies")
     for n_out, n_in in shapes:
         built = [(name, make(), call) for name, make, call in cases(n_out, n_in, rng)]

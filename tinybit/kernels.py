@@ -9,7 +9,7 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 - lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
 - int8_matmul(w_q, x): int8 weights x float32 (weight-only int8 head; multiplies, 1 byte/weight).
-- set_threads(n): threads of the Numba kernels (default: all cores).
+- set_threads(n): threads of the Numba kernels and of NumPy's OpenBLAS (default: all cores).
 
 How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.md):
 - Plane layouts: per 256-weight block, byte j bit p of a 32-byte plane is weight 32 p + j, so
@@ -38,6 +38,10 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   loaded unconditionally; bit tests are written `np.uint8(w & bit) != 0` (byte-wide vptestmb).
 - Every function is @njit(cache=True) and compiled lazily on first call (no eager signatures).
 """
+import ctypes
+import glob
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -115,13 +119,33 @@ FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks, then the int16 lanes are added
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 
 
+def _openblas_thread_setter():
+    """The thread setter of the OpenBLAS that NumPy's wheels bundle (numpy.libs), or None
+    (another BLAS, or a NumPy built differently: then OPENBLAS_NUM_THREADS etc. are the user's)."""
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                return getattr(lib, name)
+    return None
+
+
+_SET_BLAS_THREADS = _openblas_thread_setter()
+
+
 def set_threads(n=None):
-    """Run the kernels on n threads (None: all the cores numba sees, its default)."""
+    """Run the Numba kernels and NumPy's BLAS (attention, float layers) on n threads (None: all the
+    cores numba sees). Both matter: a BLAS call on 2 threads while another process holds one of the
+    2 cores waits for the descheduled thread (128-token attention: 2 ms -> 200 ms per layer)."""
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
         raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
     numba.set_num_threads(int(n))
+    if _SET_BLAS_THREADS is not None:
+        _SET_BLAS_THREADS(int(n))
 
 
 # A parallel region costs tens of µs (and far more when another process holds a core): each
@@ -334,7 +358,7 @@ def _binary_f32_par(w, x, xsum, y, n_chunks):
 
 GEMM_LANES = 128  # tokens per tile: 4 x 32 int16 lanes
 GEMM_ROWS = 256  # rows per block: their int16 accumulators (64 KB) stay in L2
-GEMM_MIN_TOKENS = 32  # from this many tokens on, the table kernels beat the per-token ones
+GEMM_MIN_TOKENS = 40  # from this many tokens on, the table kernels beat the per-token ones (measured)
 TERNARY_STEP_PAIRS = 16  # input pairs per step: 16 pairs x 9 entries x 128 lanes x 2 B = 36 KB of tables
 BINARY_STEP_QUADS = 8  # input quads per step: 8 quads x 16 entries x 128 lanes x 2 B = 32 KB
 # A step adds at most 16 pairs x 2 x 128 (ternary) or 8 quads x 4 x 128 (binary) = 4096 per lane:
