@@ -32,7 +32,9 @@ import copy
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from tinybit import linear, pack, quant
@@ -342,55 +344,69 @@ def _row_groups(n_out, spec):
     return groups, int(groups[-1]) + 1
 
 
-def scheme_ops(w, spec, onebit_method):
+def initial_grid(w, spec, onebit_method="svd"):
+    """The data-free quantizer's grid of w (n_out, n_in), float64: the LUTs (n_groups, k), the 2-D codebooks
+    (n_groups, k, 2), gamma (1,) or (n_out,), beta (n_groups,), or OneBit's (g (n_in,), h (n_out,))."""
+    s, g = spec["scheme"], spec.get("group_rows")
+    if s == "lut":
+        return quant.lut_quantize(w, spec["bits"], group_rows=g)[1].astype(np.float64)
+    if s == "vq":  # an odd n_in is padded with a zero column, as quantize_calibrated pads w
+        return quant.vq_quantize(w, spec["bits"], group_rows=g)[1].astype(np.float64)
+    if s == "ternary":
+        return quant.ternarize(w, per_row=bool(spec.get("per_row")))[1].astype(np.float64)
+    if s == "binary":
+        return quant.binarize(w, group_rows=g)[2].astype(np.float64)
+    if s == "onebit":
+        _, g1, h = quant.onebit_svid(w, method=onebit_method)
+        return g1.astype(np.float64), h.astype(np.float64)
+    raise UsageError(f"--calibrate: scheme {s!r} has no calibrated quantizer")
+
+
+def scheme_ops(w, spec, onebit_method, grid=None):
     """(d, grid, round_fn(grid), fit(codes, grid, H) -> grid, store(codes, grid) -> tensors) of a scheme.
-    w (n_out, n_in) float64 (padded to an even n_in for vq). The initial grid is the data-free quantizer's."""
+    w (n_out, n_in) float64 (padded to an even n_in for vq). grid: the initial grid, by default the data-free
+    quantizer's (initial_grid)."""
     s = spec["scheme"]
     n_out, n_in = w.shape
     groups, n_groups = _row_groups(n_out, spec)
+    grid = initial_grid(w, spec, onebit_method) if grid is None else grid
     if s == "lut":
         bits = spec["bits"]
-        _, lut = quant.lut_quantize(w, bits, group_rows=spec.get("group_rows"))
-        return (1, lut.astype(np.float64), lambda t: _round_table(t[groups]),
+        return (1, grid, lambda t: _round_table(t[groups]),
                 lambda c, t, H: fit_tables(w, H, c, groups, t[..., None])[..., 0],
                 lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), bits), "lut": t.astype(np.float32)})
     if s == "vq":
         bits = spec["bits"]
-        _, cb = quant.vq_quantize(w, bits, group_rows=spec.get("group_rows"))  # (n_groups, k, 2)
-        return (2, cb.astype(np.float64), lambda t: _round_vq(t[groups]),
+        return (2, grid, lambda t: _round_vq(t[groups]),
                 lambda c, t, H: fit_tables(w, H, c, groups, t),
                 lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), 2 * bits),
                               "codebook": t.astype(np.float32)})
     if s == "ternary":
-        per_row = bool(spec.get("per_row"))
-        _, gamma = quant.ternarize(w, per_row=per_row)
-        tg = np.arange(n_out) if per_row else np.zeros(n_out, dtype=np.int64)
+        tg = np.arange(n_out) if spec.get("per_row") else np.zeros(n_out, dtype=np.int64)
 
         def fit(c, t, H):  # gamma = sum T H Wᵀ / sum T H Tᵀ over the row (or the tensor)
             TH = c @ H
             return _fit_scale((TH * w).sum(axis=1), (TH * c).sum(axis=1), t, tg, len(t))
-        return (1, gamma.astype(np.float64), lambda t: _round_ternary(t[tg]), fit,
+        return (1, grid, lambda t: _round_ternary(t[tg]), fit,
                 lambda c, t: {"w_packed": pack.pack_ternary(c.astype(np.int8)), "scale": t.astype(np.float32)})
     if s == "binary":
-        _, _, beta = quant.binarize(w, group_rows=spec.get("group_rows"))
-
         def fit(c, t, H):  # beta = sum S H Wᵀ / sum S H Sᵀ over the row group
             SH = c @ H
             return _fit_scale((SH * w).sum(axis=1), (SH * c).sum(axis=1), t, groups, n_groups)
-        return (1, beta.astype(np.float64), lambda t: _round_sign(t[groups]), fit,
+        return (1, grid, lambda t: _round_sign(t[groups]), fit,
                 lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)), "scale": t.astype(np.float32)})
-    if s == "onebit":
-        _, g, h = quant.onebit_svid(w, method=onebit_method)
-        return (1, (g.astype(np.float64), h.astype(np.float64)), lambda t: _round_sign(t[1], t[0]),
-                lambda c, t, H: _fit_onebit(w, H, c, t[0], t[1]),
-                lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)),
-                              "g": t[0].astype(np.float32), "h": t[1].astype(np.float32)})
-    raise UsageError(f"--calibrate: scheme {s!r} has no calibrated quantizer")
+    # onebit (initial_grid raised for any other scheme)
+    return (1, grid, lambda t: _round_sign(t[1], t[0]),
+            lambda c, t, H: _fit_onebit(w, H, c, t[0], t[1]),
+            lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)),
+                          "g": t[0].astype(np.float32), "h": t[1].astype(np.float32)})
 
 
-def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, onebit_method="svd", prep=None):
+def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, onebit_method="svd", prep=None,
+                        grid=None):
     """Quantize one float weight w (n_out, n_in) with error feedback under H = 2 XᵀX / n (undamped).
-    prep: prepare(H, damp, d, act_order), when already computed for another linear sharing H.
+    prep: prepare(H, damp, d, act_order), when already computed for another linear sharing H;
+    grid: initial_grid(w, spec, onebit_method), when already computed.
     Up to `rounds` GPTQ passes, each on the grid fitted to the previous codes; stops when a pass
     improves the calibrated error by less than 1%, and keeps the best pass.
     Returns (tensors, as linear.quantize returns them for `spec`,
@@ -405,7 +421,7 @@ def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, on
         w = np.concatenate([w, np.zeros((n_out, 1))], axis=1)
         H = np.pad(H, ((0, 1), (0, 1)))
         H[-1, -1] = 1e-6 * np.mean(np.diag(H[:-1, :-1]))
-    d, grid, round_fn, fit, store = scheme_ops(w, spec, onebit_method)
+    d, grid, round_fn, fit, store = scheme_ops(w, spec, onebit_method, grid)
     if prep is None or len(prep[0]) != w.shape[1]:
         prep = prepare(H, damp, d, act_order)
     Hd = prep[0]
@@ -507,12 +523,14 @@ def dense_apply(spec, w_hat, x):
 
 
 def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, rounds=ROUNDS,
-                    onebit_method="svd", log=_log):
+                    onebit_method="svd", log=_log, threads=None):
     """Quantize the block linears of a model with calibrated error feedback, block after block.
 
     config: the model's config with float ("f32") block linears; tensors: its tensors (the block linears
     as "{name}.weight" (n_out, n_in)); ids (n_seq, L) calibration token ids; spec: the block scheme.
     Each linear's Hessian comes from its inputs computed through the already-quantized earlier linears.
+    The data-free initial grids of a block's linears (they need no Hessian) are computed first, on `threads`
+    Python threads (default: the Numba thread count, tinybit's -t; NumPy releases the GIL in the k-means).
     Returns (tensors with the block linears stored as `spec`, stats rows (name, params, bytes,
     weight error, scheme) as tools/convert.py reports them, report lines of the output errors)."""
     fconf = copy.deepcopy(config)
@@ -531,7 +549,8 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
         for name in names:
             n_out, n_in = shapes[name]
             w = tensors[name + ".weight"]
-            stored, errs[name] = quantize_calibrated(w, H, spec, act_order, damp, rounds, onebit_method, prep)
+            stored, errs[name] = quantize_calibrated(w, H, spec, act_order, damp, rounds, onebit_method, prep,
+                                                     grids.pop(name))
             w_hat[name] = linear.dequantize(linear.make(spec, stored, n_out, n_in))
             out.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
             nw = float(np.linalg.norm(w.astype(np.float64)))
@@ -543,12 +562,16 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
              f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear",
              "  relative output error ||WX - QX|| / ||WX|| on the calibration inputs, round-to-nearest -> feedback:"]
-    for i in range(config.n_layers):
-        X = block_pass(model, i, X, lin, quantize)
-        p = f"layers.{i}."
-        items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in shapes if n.startswith(p)]
-        lines.append(f"    layers.{i}: " + "  ".join(items))
-        log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
+    with ThreadPoolExecutor(threads or numba.get_num_threads()) as pool:
+        for i in range(config.n_layers):
+            p = f"layers.{i}."
+            names = [n for n in shapes if n.startswith(p)]
+            grids = dict(zip(names, pool.map(lambda n: initial_grid(tensors[n + ".weight"], spec, onebit_method),
+                                              names)))
+            X = block_pass(model, i, X, lin, quantize)
+            items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in names]
+            lines.append(f"    layers.{i}: " + "  ".join(items))
+            log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
     e = np.array(list(errs.values()))
     lines.append(f"    mean: {e[:, 0].mean():.4f} -> {e[:, 1].mean():.4f}")
     order = list(shapes)
