@@ -495,6 +495,27 @@ def test_overflowing_weights_give_a_clear_error(tmp_path):
             m.generate([1, 2, 3], max_new_tokens=2, temperature=t, seed=0)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_nan_in_an_embedding_row(tmp_path, tie):
+    """Untied: the embedding is not read whole at load (it would all become resident); a NaN row is
+    refused when a prompt reads it, naming the tensor and token. Tied (it is the head): at load."""
+    path = str(tmp_path / "m")
+    config = tiny_config(tie_embeddings=tie, quant={"scheme": "ternary"})
+    from tinybit import model as tbmodel
+    from util import random_float_tensors
+    tensors = tbmodel.quantize_tensors(config, random_float_tensors(config))
+    tensors["embed.weight"][7, 3] = np.nan
+    io.save_model(path, config, tensors)
+    if tie:
+        with pytest.raises(FormatError, match="'embed.weight' contains NaN or Inf"):
+            tinybit.load(path)
+        return
+    m = tinybit.load(path)
+    assert np.isfinite(m.logits([1, 5, 6])).all()  # row 7 not read
+    with pytest.raises(FormatError, match=r"'embed.weight' has NaN or Inf in the rows of token ids \[7\]"):
+        m.logits([1, 7, 6])
+
+
 def test_save_model_removes_stale_temporaries_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{io.TMP_PREFIX}{int(dead.stdout)}-abc"

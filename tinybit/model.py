@@ -197,6 +197,9 @@ class Model:
         if start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
         x = self.embed[tokens].astype(np.float32)  # (T, dim)
+        if not np.isfinite(x).all():
+            bad = tokens[~np.isfinite(x).all(axis=1)]
+            raise FormatError(f"tensor 'embed.weight' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
         cos, sin = self.rope_tables(start, T)
         for i in range(c.n_layers):
             x = self.block(i, x, cache, cos, sin)
@@ -250,7 +253,9 @@ def load(path, threads=None, ref=False):
     config = io.load_config(path)
     st_path = os.path.join(path, "model.safetensors")
     tensors = io.read_safetensors(st_path)
-    io.check_tensors(tensors, expected_tensors(config), st_path)
+    # an untied embedding is only gathered from: its rows are checked when read (Model.forward)
+    io.check_tensors(tensors, expected_tensors(config), st_path,
+                     checked_at_use=() if config.tie_embeddings else ("embed.weight",))
     by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
     for key, t in tensors.items():
         name, suffix = key.rsplit(".", 1)
