@@ -27,9 +27,10 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   (s in {0, +1, -1}) are built once by additions; each row then adds, per pair, the entry its two
   weights select: one 128-token vector add per 2 weights, where the per-token kernel spends about
   4 vector ops per 32 weights per token. Binary: the 16 subset sums of each 4 inputs, one add per 4.
-  The tables of one step of inputs stay in L1, the accumulators of a block of rows in L2. A row's
-  per-step sum lives in a stack array (`_stack_array`): the optimizer can then prove it aliases no
-  table and keeps it in registers (with heap scratch it re-checks the overlap at every row).
+  The tables of one step of inputs stay in L1, the accumulators of a block of rows in L2.
+- Accumulators that the vector loops write (the per-token kernels' lanes, a table row's per-step
+  sum) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps them in
+  registers and drops the overlap checks it would otherwise run at every block (GEMV: ~1.4x).
 - Threads: prange over chunks of output rows; the chunk count is an argument (numba's
   get_num_threads() inside a cached function would make it uncacheable). Calls with little work
   (small layers, one token) run the row function directly, with no parallel region.
@@ -114,6 +115,7 @@ def int8_matmul_ref(w_q, x):
 BLOCK = pack.BLOCK  # 256 weights per plane block
 PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 32 lanes
 ROWS = 4  # output rows per pass of the plane kernels
+ROW_LANES = ROWS * PLANE  # their int16 / int32 accumulator lanes
 # An int16 lane adds 8 terms per block (bits p = 0..7), each |term| <= 128 (x_q = -128 negated):
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks, then the int16 lanes are added into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
@@ -220,8 +222,8 @@ def _ternary_dot4(w0, w1, w2, w3, xt, xnt, acc16, acc32):
 def _ternary_rows(w, xp, xn, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*64) uint8 planes; xp, xn (tokens, nb*256) int16
     = x, -x zero-padded; y (tokens, n_out) int32. 4 rows per pass; GEMM: tiles of tokens."""
-    acc16 = np.zeros((ROWS, PLANE), np.int16)  # lane j of row q, flushed every FLUSH_BLOCKS
-    acc32 = np.zeros((ROWS, PLANE), np.int32)
+    acc16 = numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE))  # lane j of row q
+    acc32 = numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE))
     last = r1 - 1
     tile = _token_tile(xp.shape[0], 4 * xp.shape[1])
     for t0 in range(0, xp.shape[0], tile):
@@ -278,8 +280,8 @@ def _binary_dot4(w0, w1, w2, w3, xt, acc16, acc32):
 def _binary_rows(w, x, xsum, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) int16 zero-padded;
     xsum (tokens,) int64 = sum(x); y (tokens, n_out) int32."""
-    acc16 = np.zeros((ROWS, PLANE), np.int16)
-    acc32 = np.zeros((ROWS, PLANE), np.int32)
+    acc16 = numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE))
+    acc32 = numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE))
     last = r1 - 1
     tile = _token_tile(x.shape[0], 2 * x.shape[1])
     for t0 in range(0, x.shape[0], tile):
@@ -332,7 +334,7 @@ def _binary_f32_dot4(w0, w1, w2, w3, xt, acc):
 def _binary_f32_rows(w, x, xsum, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) float32 zero-padded;
     xsum (tokens,) float64 = sum(x); y (tokens, n_out) float32. Lanes sum in float32, rows in float64."""
-    acc = np.zeros((ROWS, PLANE), np.float32)
+    acc = numba.carray(_stack_array(ROW_LANES, np.float32), (ROWS, PLANE))
     last = r1 - 1
     tile = _token_tile(x.shape[0], 4 * x.shape[1])
     for t0 in range(0, x.shape[0], tile):
@@ -367,9 +369,15 @@ GEMM_FLUSH_STEPS = 32767 // 4096  # = 7 steps, then the int16 accumulators go in
 
 @intrinsic
 def _stack_array(typingctx, n, dtype):
-    """Pointer to n elements of dtype on the stack (an alloca): known to alias no array."""
+    """Pointer to n (a constant) elements of dtype on the stack (an alloca): it aliases no array,
+    so loops that write it need no overlap checks and it can live in registers."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
     def codegen(context, builder, sig, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=args[0])
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype),
+                                   size=context.get_constant(types.intp, size))
     return types.CPointer(dtype.dtype)(n, dtype), codegen
 
 
