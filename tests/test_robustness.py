@@ -516,6 +516,26 @@ def test_nan_in_an_embedding_row(tmp_path, tie):
         m.logits([1, 7, 6])
 
 
+def test_embedding_rows_read_from_the_file(tmp_path, monkeypatch):
+    """An untied embedding's rows come from os.pread (io.row_reader), equal to the mapped array's;
+    token ids outside the vocabulary are refused (they would read other tensors' bytes)."""
+    path = str(tmp_path / "m")
+    config = tiny_config(tie_embeddings=False, quant={"scheme": "ternary"})
+    from tinybit import model as tbmodel
+    from util import random_float_tensors
+    io.save_model(path, config, tbmodel.quantize_tensors(config, random_float_tensors(config)))
+    m = tinybit.load(path)
+    ids = np.array([0, 60, 7, 7, 31])
+    reads = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(off) or pread(fd, n, off))
+    np.testing.assert_array_equal(m.embed_rows(ids), np.asarray(m.embed)[ids])
+    assert len(reads) == len(ids)  # from the file, one read per row
+    for bad in ([61], [-1], [3, 99]):
+        with pytest.raises(UsageError, match="token ids must be in 0..60"):
+            m.logits(bad)
+
+
 def test_save_model_removes_stale_temporaries_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{io.TMP_PREFIX}{int(dead.stdout)}-abc"

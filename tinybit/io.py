@@ -7,9 +7,11 @@ and every tensor is checked against the name/dtype/shape list the caller expects
 import dataclasses
 import json
 import math
+import mmap
 import os
 import re
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,6 +224,29 @@ def read_safetensors(path):
         if b0 < a1:
             raise FormatError(f"{path}: tensors {an!r} and {bn!r} overlap")
     return tensors
+
+
+def row_reader(path, arr):
+    """ids -> arr[ids] (a copy) for a 2-D array that read_safetensors mapped from `path`, reading
+    each row with os.pread. Gathering rows through the memory map made the kernel map whole
+    page-cache folios (up to 2 MB) around each row: a 128-token prompt made ~130 MB of a 200 MB
+    embedding resident. (An array that is not such a view is indexed directly.)"""
+    root = arr
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.memmap) or arr.ndim != 2 or not arr.flags.c_contiguous:
+        return lambda ids: arr[ids]
+    offset = root.offset + (arr.ctypes.data - root.ctypes.data)  # of row 0 in the file
+    row_bytes = arr.strides[0]
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(ids):
+        out = np.empty((len(ids), arr.shape[1]), arr.dtype)
+        for i, t in enumerate(ids):
+            out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + int(t) * row_bytes), arr.dtype)
+        return out
+    weakref.finalize(read, os.close, fd)
+    return read
 
 
 def check_tensors(tensors, expected, path, checked_at_use=()):

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from . import io, linear
-from .errors import FormatError, QuantError
+from .errors import FormatError, QuantError, UsageError
 
 
 def linear_shapes(config):
@@ -161,10 +161,12 @@ class KVCache:
 class Model:
     """A loaded model: config, weights (memory-mapped), tokenizer. forward() runs it over a cache."""
 
-    def __init__(self, config, tensors, tokenizer=None, ref=False):
+    def __init__(self, config, tensors, tokenizer=None, ref=False, embed_rows=None):
+        """embed_rows: ids -> embedding rows (io.row_reader); default: indexing the array."""
         self.config, self.tokenizer, self.ref = config, tokenizer, ref
         c = config
         self.embed = tensors["embed.weight"]  # (vocab, dim) f32 or f16
+        self.embed_rows = embed_rows or (lambda ids: self.embed[ids])
         self.norm = tensors["norm.weight"]
         by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
         for key, t in tensors.items():
@@ -196,7 +198,9 @@ class Model:
         T, start = len(tokens), cache.length
         if start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
-        x = self.embed[tokens].astype(np.float32)  # (T, dim)
+        if T and not (0 <= tokens.min() and tokens.max() < c.vocab_size):
+            raise UsageError(f"token ids must be in 0..{c.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
+        x = self.embed_rows(tokens).astype(np.float32)  # (T, dim)
         if not np.isfinite(x).all():
             bad = tokens[~np.isfinite(x).all(axis=1)]
             raise FormatError(f"tensor 'embed.weight' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
@@ -264,4 +268,7 @@ def load(path, threads=None, ref=False):
         linear.check_codes(config.scheme_of(name), by_linear[name], n_in, f"{st_path}: tensor {name}")
     if threads is not None:
         kernels.set_threads(threads)
-    return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref)
+    # an untied embedding is only gathered from: read its rows from the file, not the memory map
+    embed_rows = None if config.tie_embeddings else io.row_reader(st_path, tensors["embed.weight"])
+    return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref,
+                 embed_rows=embed_rows)
