@@ -198,6 +198,27 @@ def test_gemm_rows_equal_gemv(threads):
     np.testing.assert_array_equal(y, kernels.ternary_matmul_ref(w, x_q))
 
 
+@FAST
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 700)), seed=st.integers(0, 2 ** 32 - 1),
+       scale=st.sampled_from([0.0, 1e-7, 1.0, 3e4, 1e37]))
+def test_absmax_quantize_equals_ref(shape, seed, scale):
+    """The fused activation quantizer equals quant.absmax_quantize bit for bit (zero rows, tiny
+    values under the EPS floor, ties at .5, values near float32's top); NaN/Inf rows are refused."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    x[0, :shape[1] // 2] = np.round(x[0, :shape[1] // 2])  # integers: exact .5 ties after scaling
+    x_q, sx = kernels.absmax_quantize(x)
+    ref_q, ref_s = kernels.absmax_quantize_ref(x)
+    assert x_q.dtype == ref_q.dtype == np.int8 and sx.dtype == ref_s.dtype and sx.shape == ref_s.shape
+    np.testing.assert_array_equal(x_q, ref_q)
+    np.testing.assert_array_equal(sx, ref_s)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[-1, rng.integers(shape[1])] = bad
+        with pytest.raises(TinybitError, match="NaN or Inf"):
+            kernels.absmax_quantize(y)
+
+
 # --- overflow: int16 lanes are flushed before they can overflow ---------------------------------
 
 @per_thread_count

@@ -124,12 +124,13 @@ def apply(layer, x, ref=False):
     k = kernels
     if s in ("f32", "f16"):
         return x @ layer["weight"].T
+    absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
     if s == "ternary":
-        x_q, sx = quant.absmax_quantize(x)  # (tokens, n_in) int8, (tokens, 1) f32
+        x_q, sx = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
         acc = (k.ternary_matmul_ref if ref else k.ternary_matmul)(layer["w_packed"], x_q)
         return acc.astype(np.float32) * (layer["scale"] / sx)  # scale (1,) or (n_out,): gamma multiplies
     if s == "binary":
-        x_q, sx = quant.absmax_quantize(layer_norm(x) if spec.get("ln") else x)
+        x_q, sx = absmax(layer_norm(x) if spec.get("ln") else x)
         acc = (k.binary_matmul_ref if ref else k.binary_matmul)(layer["w_packed"], x_q)
         g = spec.get("group_rows")
         beta = np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
