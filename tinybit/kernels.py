@@ -143,6 +143,9 @@ def _openblas_thread_setter():
 _SET_BLAS_THREADS = _openblas_thread_setter()
 
 
+_threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
+
+
 def set_threads(n=None):
     """Run the Numba kernels and NumPy's BLAS (attention, float layers) on n threads (None: all the
     cores numba sees). Both matter: a BLAS call on 2 threads while another process holds one of the
@@ -151,7 +154,9 @@ def set_threads(n=None):
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
         raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
+    global _threads
     numba.set_num_threads(int(n))
+    _threads = int(n)
     if _SET_BLAS_THREADS is not None:
         _SET_BLAS_THREADS(int(n))
 
@@ -164,7 +169,7 @@ MIN_WORK_PER_THREAD = 1 << 20
 def _launch(par, rows, args, n_out, work):
     """par(*args, n_chunks) over row chunks (one per thread, each a run of whole 4-row groups),
     or rows(*args, 0, n_out) directly when one chunk will do (no parallel region)."""
-    n_chunks = max(1, min(numba.get_num_threads(), -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
+    n_chunks = max(1, min(_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
     if n_chunks == 1:
         rows(*args, 0, n_out)
     else:
