@@ -35,6 +35,8 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
 - Threads: prange over chunks of output rows; the chunk count is an argument (numba's
   get_num_threads() inside a cached function would make it uncacheable). Calls with little work
   (small layers, one token) run the row function directly, with no parallel region.
+- Weights stream from memory once per token: each pass prefetches the rows PREFETCH_ROWS ahead
+  (`_prefetch`, llvm.prefetch), +10-20% over the hardware prefetcher alone on these row lengths.
 - Numba pitfalls avoided: slices are taken outside the vector loop (a computed signed index makes
   numba emit negative-index wraparound that blocks vectorization); both operands of a select are
   loaded unconditionally; bit tests are written `np.uint8(w & bit) != 0` (byte-wide vptestmb).
@@ -46,6 +48,7 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -121,6 +124,7 @@ def absmax_quantize_ref(x):
 BLOCK = pack.BLOCK  # 256 weights per plane block
 PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 32 lanes
 ROWS = 4  # output rows per pass of the plane kernels
+PREFETCH_ROWS = 16  # ... which prefetch the rows this far ahead: DRAM latency is not hidden otherwise
 ROW_LANES = ROWS * PLANE  # their int16 / int32 accumulator lanes
 # An int16 lane adds 8 terms per block (bits p = 0..7), each |term| <= 128 (x_q = -128 negated):
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks, then the int16 lanes are added into int32 lanes
@@ -164,6 +168,29 @@ def set_threads(n=None):
 # A parallel region costs tens of µs (and far more when another process holds a core): each
 # thread must get at least this many weight x token products, else the call runs on one thread.
 MIN_WORK_PER_THREAD = 1 << 20
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the CPU to start loading the cache line of arr[i] (llvm.prefetch: read, all cache levels)."""
+    def codegen(context, builder, sig, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        ptr = builder.bitcast(builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                                          [args[1]]), i8p)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.none(arr, i), codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows(w, r, last):
+    """Prefetch rows r .. r + ROWS - 1 of w (clamped to row `last`), a cache line at a time."""
+    for q in range(ROWS):
+        row = w[min(r + q, last)]
+        for i in range(0, row.shape[0], 64):
+            _prefetch(row, i)
 
 
 def _launch(par, rows, args, n_out, work):
@@ -241,6 +268,7 @@ def _ternary_rows(w, xp, xn, y, r0, r1):
         for r in range(r0, r1, ROWS):
             # a short last pass repeats row r1 - 1; only real rows are stored
             w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            _prefetch_rows(w, r + PREFETCH_ROWS, last)
             for t in range(t0, min(t0 + tile, xp.shape[0])):
                 _ternary_dot4(w0, w1, w2, w3, xp[t], xn[t], acc16, acc32)
                 for q in range(min(ROWS, r1 - r)):
@@ -298,6 +326,7 @@ def _binary_rows(w, x, xsum, y, r0, r1):
     for t0 in range(0, x.shape[0], tile):
         for r in range(r0, r1, ROWS):
             w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            _prefetch_rows(w, r + PREFETCH_ROWS, last)
             for t in range(t0, min(t0 + tile, x.shape[0])):
                 _binary_dot4(w0, w1, w2, w3, x[t], acc16, acc32)
                 for q in range(min(ROWS, r1 - r)):
@@ -351,6 +380,7 @@ def _binary_f32_rows(w, x, xsum, y, r0, r1):
     for t0 in range(0, x.shape[0], tile):
         for r in range(r0, r1, ROWS):
             w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
+            _prefetch_rows(w, r + PREFETCH_ROWS, last)
             for t in range(t0, min(t0 + tile, x.shape[0])):
                 _binary_f32_dot4(w0, w1, w2, w3, x[t], acc)
                 for q in range(min(ROWS, r1 - r)):
