@@ -17,13 +17,15 @@ a fresh process (a first one only warms numba's cache):
                  beside the target 1.2 x model file + KV cache
 When `import llama_cpp` works (the optional llama-cpp-python extra), the same weights are exported
 with tools/gguf_export.py (TQ2_0 linears, F32 tied embedding) and llama.cpp is timed the same way
-(Llama.eval of the prompt, then 1-token evals); the tinybit rows get ratio_vs_llamacpp. Otherwise
+(Llama.eval of the prompt, then 1-token evals); the tinybit rows get ratio_vs_llamacpp. First both
+engines' logits of 16 tokens are compared (they compute the same function up to activation rounding:
+llama.cpp quantizes activations per 256-block, tinybit per token). Otherwise
 the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a reference
 anchor (not measured here; Q6_K head there, f32 head here).
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and
-ratio_vs_llamacpp when both ran).
+ratio_vs_llamacpp when both ran), and with llama.cpp one line check, max_rel_diff, greedy_equal.
 """
 import argparse
 import json
@@ -145,6 +147,22 @@ def child_tinybit(model_dir, threads, n_prefill, n_decode, warm_only):
                 decode_cpu_per_wall=(cpu_s() - cpu0) / (time.perf_counter() - wall0))
 
 
+def logits_parity(model_dir, gguf_path, n=16):
+    """Both engines' logits of the same n prompt tokens: (max |diff| / max |logit|, positions whose
+    greedy token is the same). llama.cpp quantizes activations per 256-block (Q8_K), tinybit per
+    token, so they agree closely, not bit for bit."""
+    import llama_cpp
+
+    import tinybit
+    m = tinybit.load(model_dir, threads=1)
+    ids = prompt(m.config.vocab_size, n)
+    ours = m.logits(ids)
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n + 8, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:n], dtype=np.float32)
+    return float(np.abs(theirs - ours).max() / np.abs(ours).max()), int((theirs.argmax(1) == ours.argmax(1)).sum())
+
+
 def child_llamacpp(gguf_path, threads, n_prefill, n_decode):
     import llama_cpp
     t = time.perf_counter()
@@ -242,6 +260,14 @@ def main(argv=None):
                   "anchor measured with llama-bench on a 2-vCPU AMD EPYC Zen 4 (not measured here, Q6_K head there)",
                   file=sys.stderr if args.json else sys.stdout)
         run_child("tinybit", model_dir, threads[0], args, warm_only=True)  # fills numba's cache
+        if gguf_path:  # the same function? (else the speed comparison means nothing)
+            rel, same = logits_parity(model_dir, gguf_path)
+            if args.json:
+                print(json.dumps(dict(check="logits_vs_llamacpp", shape=args.shape, max_rel_diff=round(rel, 6),
+                                      greedy_equal=same, positions=16)), flush=True)
+            else:
+                print(f"same weights in both engines: logits max |diff| / max |logit| = {rel:.2e}, "
+                      f"greedy token equal at {same}/16 positions")
         rows = []
         for n in threads:
             tb = run_child("tinybit", model_dir, n, args)

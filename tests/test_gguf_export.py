@@ -138,7 +138,7 @@ def check_metadata(path, config, tokenizer_json, arch):
             a + "feed_forward_length": c.ffn_dim, a + "attention.head_count": c.n_heads,
             a + "attention.head_count_kv": c.n_kv_heads, a + "rope.dimension_count": c.head_dim,
             a + "vocab_size": c.vocab_size, "general.file_type": int(gguf.LlamaFileType.MOSTLY_TQ2_0),
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
             "tokenizer.ggml.bos_token_id": c.bos_token_id, "tokenizer.ggml.eos_token_id": c.eos_token_ids[0],
             "tokenizer.ggml.add_bos_token": c.add_bos, "tokenizer.chat_template": c.chat_template}
     for k, v in want.items():

@@ -149,7 +149,7 @@ def tokenizer_metadata(tokenizer_json, vocab_size):
     seq = pre_tok.get("pretokenizers", []) if pre_tok.get("type") == "Sequence" else [pre_tok]
     kinds = [p.get("type") for p in seq]
     if kinds == ["ByteLevel"] and seq[0].get("use_regex", True):
-        pre = "gpt2"
+        pre = "gpt-2"  # llama.cpp's name for the GPT-2 regex ("gpt2" is the tokenizer model)
     elif kinds == ["Digits", "ByteLevel"] and seq[0].get("individual_digits") and seq[1].get("use_regex", True):
         pre = "smollm"
     elif (kinds == ["Split", "ByteLevel"] and seq[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX
