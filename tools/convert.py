@@ -381,7 +381,7 @@ def gguf_tokenizer_json(field, tokens):
     if model != "gpt2":
         return None, (f"tokenizer: GGUF tokenizer model {model!r} is not rebuilt (only byte-level BPE 'gpt2'); "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
-    if pre not in ("default", "gpt2", "llama-bpe", "llama3", "smollm"):
+    if pre not in ("default", "gpt-2", "gpt2", "llama-bpe", "llama3", "smollm"):  # gpt2: older tinybit exports
         return None, (f"tokenizer: GGUF pre-tokenizer {pre!r} is not known to this converter; "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
