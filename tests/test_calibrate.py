@@ -127,6 +127,16 @@ def test_dense_apply_equals_linear_apply(name):
                                linear.apply(layer, x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["vq2", "lut3-row"])
+def test_initial_grids_on_threads_change_nothing(name):
+    c = tiny_config(n_layers=2)
+    t = random_float_tensors(c, seed=6)
+    ids = np.random.default_rng(1).integers(0, c.vocab_size, (3, 12))
+    runs = [calibrate.calibrate_model(c, t, ids, SPECS[name], log=lambda m: None, threads=n)[0] for n in (1, 3)]
+    assert runs[0].keys() == runs[1].keys()
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 # --- the converter ------------------------------------------------------------------------------
 
 TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
