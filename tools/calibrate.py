@@ -281,7 +281,8 @@ def fit_tables(w, H, codes, groups, table, ridge=RIDGE):
     n_u, K = n_in // d, k * d
     M, r = np.zeros((n_groups, K, K)), np.zeros((n_groups, K))
     WH = (w @ H).reshape(n_out, n_u, d)  # (n_out, n_u, d)
-    Hr = H.reshape(n_in, n_u, d).transpose(0, 2, 1).reshape(n_in * d, n_u).astype(np.float32)  # [(i, t), v] = H[i, v·d + t]
+    # [(i, t), v] = H[i, v·d + t], in float32
+    Hr = H.reshape(n_in, n_u, d).transpose(0, 2, 1).reshape(n_in * d, n_u).astype(np.float32)
     eye32 = np.eye(k, dtype=np.float32)
     step = max(1, (1 << 22) // (n_in * K))
     for r0 in range(0, n_out, step):
