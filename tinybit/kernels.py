@@ -10,7 +10,7 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
 - int8_matmul(w_q, x): int8 weights x float32 (weight-only int8 head; multiplies, 1 byte/weight).
 - absmax_quantize(x): the int8 activations of quant.absmax_quantize, in one pass per token.
-- set_threads(n): threads of the Numba kernels and of NumPy's OpenBLAS (default: all cores).
+- set_threads(n, blas): threads of the Numba kernels and of NumPy's OpenBLAS (default: all cores).
 
 How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.md):
 - Plane layouts: per 256-weight block, byte j bit p of a 32-byte plane is weight 32 p + j, so
@@ -150,10 +150,13 @@ _SET_BLAS_THREADS = _openblas_thread_setter()
 _threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
 
 
-def set_threads(n=None):
-    """Run the Numba kernels and NumPy's BLAS (attention, float layers) on n threads (None: all the
-    cores numba sees). Both matter: a BLAS call on 2 threads while another process holds one of the
-    2 cores waits for the descheduled thread (128-token attention: 2 ms -> 200 ms per layer)."""
+def set_threads(n=None, blas=True):
+    """Run the Numba kernels on n threads (None: all the cores numba sees), and NumPy's OpenBLAS
+    on n threads too, or on 1 if not blas. Both pools spin-wait for work between calls, so on a
+    machine with few cores they take the cores from each other: a model whose linears run in these
+    kernels should leave BLAS (attention, a float head) on 1 thread (2 threads, large shape, f32
+    head: prefill 190 vs 90 tok/s, decode 50 vs 28); a float model gains from BLAS threads. And a
+    BLAS call on 2 threads while another process holds a core waits for the descheduled thread."""
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
@@ -162,7 +165,7 @@ def set_threads(n=None):
     numba.set_num_threads(int(n))
     _threads = int(n)
     if _SET_BLAS_THREADS is not None:
-        _SET_BLAS_THREADS(int(n))
+        _SET_BLAS_THREADS(int(n) if blas else 1)
 
 
 # A parallel region costs tens of µs (and far more when another process holds a core): each

@@ -266,8 +266,9 @@ def load(path, threads=None, ref=False):
         by_linear.setdefault(name, {})[suffix] = t
     for name, n_out, n_in in linear_shapes(config):  # packed codes are legal before a kernel sees them
         linear.check_codes(config.scheme_of(name), by_linear[name], n_in, f"{st_path}: tensor {name}")
-    if threads is not None:
-        kernels.set_threads(threads)
+    # BLAS threads only for a float model: they would spin against the kernels' threads
+    uses_kernels = any(config.scheme_of(name)["scheme"] not in ("f32", "f16") for name, _, _ in linear_shapes(config))
+    kernels.set_threads(threads, blas=not uses_kernels)
     # an untied embedding is only gathered from: read its rows from the file, not the memory map
     embed_rows = None if config.tie_embeddings else io.row_reader(st_path, tensors["embed.weight"])
     return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref,
