@@ -255,8 +255,9 @@ def main(argv=None):
                   f"model file {file_bytes / 2**20:.0f} MiB, KV cache {kv_bytes / 2**20:.1f} MiB "
                   f"({args.prefill + args.decode} positions, f32); built in {build_s:.0f} s; "
                   f"load average {os.getloadavg()[0]:.2f} (a shared machine: compare cpu/wall with the threads)")
-        if not have_llamacpp:  # to stderr under --json, so stdout stays JSON lines
-            print("llama.cpp was not run (llama-cpp-python not installed); the table compares with the reference "
+        if not gguf_path:  # to stderr under --json, so stdout stays JSON lines
+            why = "llama-cpp-python not installed" if not have_llamacpp else "the GGUF export has the f32 head only: --head f32"
+            print(f"llama.cpp was not run ({why}); the table compares with the reference "
                   "anchor measured with llama-bench on a 2-vCPU AMD EPYC Zen 4 (not measured here, Q6_K head there)",
                   file=sys.stderr if args.json else sys.stdout)
         run_child("tinybit", model_dir, threads[0], args, warm_only=True)  # fills numba's cache
@@ -295,7 +296,7 @@ def main(argv=None):
                     print(json.dumps({k: v for k, v in r.items() if v is not None}), flush=True)
                 rows = []
             else:
-                print_rows(rows, args.shape, have_llamacpp, file_bytes + kv_bytes)
+                print_rows(rows, args.shape, bool(gguf_path), file_bytes + kv_bytes)
                 rows = []
     finally:
         shutil.rmtree(work, ignore_errors=True)
