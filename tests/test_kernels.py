@@ -155,6 +155,22 @@ def test_int8_equals_ref(threads, shape, seed):
 
 @per_thread_count
 @FAST
+@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
+def test_f32_equals_ref(threads, shape, seed):
+    kernels.set_threads(threads)
+    tokens, n_out, n_in = shape
+    rng = np.random.default_rng(seed)
+    w_int = rng.integers(-30, 31, (n_out, n_in)).astype(np.float32)
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)  # exact sums (< 2^24)
+    y = kernels.f32_matmul(w_int, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.f32_matmul_ref(w_int, x_int))
+    w, x = rng.standard_normal((n_out, n_in)).astype(np.float32), rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.f32_matmul(w, x), kernels.f32_matmul_ref(w, x), x * np.abs(w).max())
+
+
+@per_thread_count
+@FAST
 @given(shape=st.tuples(st.integers(1, 140), st.integers(1, 11), st.integers(1, 700)),
        seed=st.integers(0, 2 ** 32 - 1))
 def test_table_gemm_equals_ref(threads, shape, seed):

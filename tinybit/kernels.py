@@ -9,6 +9,7 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 - lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
 - int8_matmul(w_q, x): int8 weights x float32 (weight-only int8 head; multiplies, 1 byte/weight).
+- f32_matmul(w, x): float32 weights, a few tokens (a float head's decode on the kernels' threads).
 - absmax_quantize(x): the int8 activations of quant.absmax_quantize, in one pass per token.
 - set_threads(n, blas): threads of the Numba kernels and of NumPy's OpenBLAS (default: all cores).
 
@@ -114,6 +115,11 @@ def int8_matmul_ref(w_q, x):
     return (x.astype(np.float64) @ w_q.T.astype(np.float64)).astype(np.float32)
 
 
+def f32_matmul_ref(w, x):
+    """(n_out, n_in) float32, (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W^T."""
+    return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
 
 def absmax_quantize_ref(x):
     """The reference activation quantizer: quant.absmax_quantize(x) (8 bits, per token)."""
@@ -148,6 +154,7 @@ _SET_BLAS_THREADS = _openblas_thread_setter()
 
 
 _threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
+blas_threads = _threads  # and the threads it gave NumPy's BLAS
 
 
 def set_threads(n=None, blas=True):
@@ -161,11 +168,12 @@ def set_threads(n=None, blas=True):
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
         raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
-    global _threads
+    global _threads, blas_threads
     numba.set_num_threads(int(n))
     _threads = int(n)
+    blas_threads = int(n) if blas else 1
     if _SET_BLAS_THREADS is not None:
-        _SET_BLAS_THREADS(int(n) if blas else 1)
+        _SET_BLAS_THREADS(blas_threads)
 
 
 # A parallel region costs tens of µs (and far more when another process holds a core): each
@@ -691,12 +699,13 @@ def _vq_par(w, nbits, codebook, group_rows, x, y, n_chunks):
         _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1)
 
 
-# int8 rows x float32: a dot product per row (reads 1 byte per weight); "reassoc" lets LLVM split
+# int8 or float32 rows x float32: a dot product per row (int8: 1 byte per weight); "reassoc" lets LLVM split
 # the sum over vector lanes (the float32 sum order is then its own; integer sums stay exact)
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _int8_rows(w, x, y, r0, r1):
-    """Rows r0..r1-1 of y = x W^T. w (n_out, n_in) int8, x (tokens, n_in) float32, y (tokens, n_out)."""
+def _dense_rows(w, x, y, r0, r1):
+    """Rows r0..r1-1 of y = x W^T. w (n_out, n_in) int8 or float32, x (tokens, n_in) float32,
+    y (tokens, n_out) float32. One compiled version per weight dtype."""
     for r in range(r0, r1):
         wr = w[r]
         for t in range(x.shape[0]):
@@ -708,10 +717,10 @@ def _int8_rows(w, x, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _int8_par(w, x, y, n_chunks):
+def _dense_par(w, x, y, n_chunks):
     for c in prange(n_chunks):
         r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _int8_rows(w, x, y, r0, r1)
+        _dense_rows(w, x, y, r0, r1)
 
 
 # int8 activations: absmax per token, fused into one pass per row (the NumPy version makes ~8)
@@ -855,12 +864,22 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     return y
 
 
+def _dense_matmul(w, x, dtype, what):
+    x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
+    if not isinstance(w, np.ndarray) or w.dtype != dtype or w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise UsageError(f"{what}: expected a 2-D {np.dtype(dtype)} array with {x.shape[1]} columns, got "
+                         f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w), x, y), w.shape[0], x.size * w.shape[0])
+    return y
+
+
 def int8_matmul(w_q, x):
     """Same as int8_matmul_ref (float32 lane sums): w_q (n_out, n_in) int8, x (tokens, n_in) float32."""
-    x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
-    if not isinstance(w_q, np.ndarray) or w_q.dtype != np.int8 or w_q.ndim != 2 or w_q.shape[1] != x.shape[1]:
-        raise UsageError(f"int8 weights: expected a 2-D int8 array with {x.shape[1]} columns, got "
-                         f"{getattr(w_q, 'dtype', type(w_q))} {getattr(w_q, 'shape', '')}")
-    y = np.empty((x.shape[0], w_q.shape[0]), np.float32)
-    _launch(_int8_par, _int8_rows, (np.ascontiguousarray(w_q), x, y), w_q.shape[0], x.size * w_q.shape[0])
-    return y
+    return _dense_matmul(w_q, x, np.int8, "int8 weights")
+
+
+def f32_matmul(w, x):
+    """Same as f32_matmul_ref (float32 lane sums), for a few tokens: a float head's GEMV on the
+    kernels' threads (OpenBLAS's own threads would spin against them). w (n_out, n_in) float32."""
+    return _dense_matmul(w, x, np.float32, "float32 weights")

@@ -28,6 +28,11 @@ LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (t
 # BLAS product with the dequantized weight: the same y, summed in another order, and far faster
 # than bucket sums once the unpack is shared by this many tokens.
 DEQUANT_MIN_TOKENS = 32
+# In a model whose other linears use the Numba kernels, NumPy's BLAS is kept on one thread (the two
+# thread pools would compete for the cores): its large float layers (a tied head) over at most this
+# many tokens then run kernels.f32_matmul on the kernels' threads (2b4t head, 2 threads: 30 vs 41 ms).
+F32_GEMV_MAX_TOKENS = 4
+F32_GEMV_MIN_WEIGHTS = 1 << 22
 
 
 def _groups(n_out, group_rows):
@@ -122,8 +127,10 @@ def apply(layer, x, ref=False):
     s = spec["scheme"]
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = kernels
-    if s in ("f32", "f16"):
-        return x @ layer["weight"].T
+    if s in ("f32", "f16"):  # a few tokens (decode): the kernels' GEMV, else BLAS
+        gemv = (not ref and x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
+                and k.blas_threads < k._threads)
+        return k.f32_matmul(layer["weight"], x) if gemv else x @ layer["weight"].T
     absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
     if s == "ternary":
         x_q, sx = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
