@@ -249,6 +249,13 @@ def row_reader(path, arr):
     return read
 
 
+def _all_finite(t, chunk=1 << 20):
+    """No NaN/Inf in t, checked a chunk at a time (np.isfinite of a whole 1 GB embedding would
+    allocate a 250 MB temporary)."""
+    flat = t.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
 def check_tensors(tensors, expected, path, checked_at_use=()):
     """Every expected tensor present with its dtype and shape; no unexpected tensors; float tensors
     finite, except those named in checked_at_use (their user checks the rows it reads: reading a
@@ -265,7 +272,7 @@ def check_tensors(tensors, expected, path, checked_at_use=()):
         if t.dtype != np.dtype(dtype) or t.shape != tuple(shape):
             raise FormatError(f"{path}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
                               f"expected {np.dtype(dtype)} {list(shape)}")
-        if t.dtype.kind == "f" and name not in checked_at_use and not np.all(np.isfinite(t)):
+        if t.dtype.kind == "f" and name not in checked_at_use and not _all_finite(t):
             raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
 
 
