@@ -138,35 +138,23 @@ def test_vq_equals_ref(threads, shape, seed, bits, group_rows):
 
 
 @per_thread_count
+@pytest.mark.parametrize("dtype", [np.int8, np.float32])
 @FAST
 @given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
-def test_int8_equals_ref(threads, shape, seed):
+def test_dense_equals_ref(threads, dtype, shape, seed):
+    """int8_matmul and f32_matmul (one compiled row function per weight dtype)."""
+    fast, ref = ((kernels.int8_matmul, kernels.int8_matmul_ref) if dtype == np.int8
+                 else (kernels.f32_matmul, kernels.f32_matmul_ref))
     kernels.set_threads(threads)
     tokens, n_out, n_in = shape
     rng = np.random.default_rng(seed)
-    w = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+    w = rng.integers(-127, 128, (n_out, n_in)).astype(dtype)
     x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)  # exact sums (< 2^24)
-    y = kernels.int8_matmul(w, x_int)
+    y = fast(w, x_int)
     assert y.dtype == np.float32 and y.shape == (tokens, n_out)
-    np.testing.assert_array_equal(y, kernels.int8_matmul_ref(w, x_int))
+    np.testing.assert_array_equal(y, ref(w, x_int))
     x = rng.standard_normal((tokens, n_in)).astype(np.float32)
-    _float_ok(kernels.int8_matmul(w, x), kernels.int8_matmul_ref(w, x), x * 127)
-
-
-@per_thread_count
-@FAST
-@given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
-def test_f32_equals_ref(threads, shape, seed):
-    kernels.set_threads(threads)
-    tokens, n_out, n_in = shape
-    rng = np.random.default_rng(seed)
-    w_int = rng.integers(-30, 31, (n_out, n_in)).astype(np.float32)
-    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)  # exact sums (< 2^24)
-    y = kernels.f32_matmul(w_int, x_int)
-    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
-    np.testing.assert_array_equal(y, kernels.f32_matmul_ref(w_int, x_int))
-    w, x = rng.standard_normal((n_out, n_in)).astype(np.float32), rng.standard_normal((tokens, n_in)).astype(np.float32)
-    _float_ok(kernels.f32_matmul(w, x), kernels.f32_matmul_ref(w, x), x * np.abs(w).max())
+    _float_ok(fast(w, x), ref(w, x), x * 127)
 
 
 @per_thread_count
@@ -301,9 +289,9 @@ def test_plane_kernels_are_multiply_free():
             k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
             xT = k._lanes_major(x16.astype(np.int8), 512)
-            k._ternary_gemm_rows(w2, xT, np.zeros((tokens, 6), np.int32), 0, 6)
-            k._binary_gemm_rows(w1, xT, np.zeros((tokens, 6), np.int32), 0, 6)
-        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._ternary_gemm_rows, k._binary_gemm_rows):
+            k._gemm_rows(w2, xT, np.zeros((tokens, 6), np.int32), False, 0, 6)  # ternary and binary:
+            k._gemm_rows(w1, xT, np.zeros((tokens, 6), np.int32), True, 0, 6)  # one compiled function
+        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._gemm_rows):
             sigs = f.inspect_asm()
             assert len(sigs) == 1, sigs.keys()
             asm[f.__name__] = list(sigs.values())[0]

@@ -507,31 +507,6 @@ def _ternary_tables(xt, s, tab):
             t[6 * L + l], t[7 * L + l], t[8 * L + l] = -a, c - a, -a - c
 
 
-@njit(cache=True)
-def _ternary_gemm_rows(w, xT, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 planes; xT (n_tiles, nb*256,
-    GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
-    n_steps = w.shape[1] // (2 * PLANE) * 8
-    tab = np.empty(TERNARY_STEP_PAIRS * 9 * GEMM_LANES, np.int16)
-    acc16 = np.empty((GEMM_ROWS, GEMM_LANES), np.int16)
-    acc32 = np.empty((GEMM_ROWS, GEMM_LANES), np.int32)
-    codes = np.empty((GEMM_ROWS, n_steps * TERNARY_STEP_PAIRS), np.uint8)
-    for rb0 in range(r0, r1, GEMM_ROWS):
-        rb1 = min(rb0 + GEMM_ROWS, r1)
-        _ternary_pair_codes(w, rb0, rb1, codes)
-        for tile in range(xT.shape[0]):
-            acc16[:] = 0
-            acc32[:] = 0
-            for s in range(n_steps):
-                _ternary_tables(xT[tile], s, tab)
-                step_codes = codes[:, TERNARY_STEP_PAIRS * s:TERNARY_STEP_PAIRS * (s + 1)]
-                _table_rows(step_codes, tab, TERNARY_STEP_PAIRS, acc16, rb0, rb1)
-                if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
-                    acc32 += acc16
-                    acc16[:] = 0
-            _store_tile(acc32, y, tile, rb0, rb1)
-
-
 @njit(cache=True, inline="always")
 def _store_tile(acc32, y, tile, rb0, rb1):
     """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed."""
@@ -539,13 +514,6 @@ def _store_tile(acc32, y, tile, rb0, rb1):
     for r in range(rb0, rb1):
         for l in range(min(GEMM_LANES, y.shape[0] - t0)):
             y[t0 + l, r] = acc32[r - rb0, l]
-
-
-@njit(cache=True, parallel=True)
-def _ternary_gemm_par(w, xT, y, n_chunks):
-    for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _ternary_gemm_rows(w, xT, y, r0, r1)
 
 
 @njit(cache=True)
@@ -583,24 +551,34 @@ def _binary_tables(xt, s, tab):
 
 
 @njit(cache=True)
-def _binary_gemm_rows(w, xT, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*32) uint8; xT (n_tiles, nb*256,
-    GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
-    n_steps = w.shape[1] // PLANE * 8
-    tab = np.empty(BINARY_STEP_QUADS * 16 * GEMM_LANES, np.int16)
+def _gemm_rows(w, xT, y, binary, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
+    binary ones if `binary`; xT (n_tiles, nb*256, GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
+    if binary:  # a step: 8 quads (16 entries each) ...
+        n_steps, n_ptr, n_entries = w.shape[1] // PLANE * 8, BINARY_STEP_QUADS, 16 * BINARY_STEP_QUADS
+    else:  # ... or 16 pairs (9 entries each) of inputs
+        n_steps, n_ptr, n_entries = w.shape[1] // (2 * PLANE) * 8, TERNARY_STEP_PAIRS, 9 * TERNARY_STEP_PAIRS
+    tab = np.empty(n_entries * GEMM_LANES, np.int16)
     acc16 = np.empty((GEMM_ROWS, GEMM_LANES), np.int16)
     acc32 = np.empty((GEMM_ROWS, GEMM_LANES), np.int32)
-    codes = np.empty((GEMM_ROWS, n_steps * BINARY_STEP_QUADS), np.uint8)
+    codes = np.empty((GEMM_ROWS, n_steps * n_ptr), np.uint8)
     for rb0 in range(r0, r1, GEMM_ROWS):
         rb1 = min(rb0 + GEMM_ROWS, r1)
-        _binary_quad_codes(w, rb0, rb1, codes)
+        if binary:
+            _binary_quad_codes(w, rb0, rb1, codes)
+        else:
+            _ternary_pair_codes(w, rb0, rb1, codes)
         for tile in range(xT.shape[0]):
             acc16[:] = 0
             acc32[:] = 0
             for s in range(n_steps):
-                _binary_tables(xT[tile], s, tab)
-                step_codes = codes[:, BINARY_STEP_QUADS * s:BINARY_STEP_QUADS * (s + 1)]
-                _table_rows(step_codes, tab, BINARY_STEP_QUADS, acc16, rb0, rb1)
+                step_codes = codes[:, n_ptr * s:n_ptr * (s + 1)]
+                if binary:  # (the constant pointer counts let each inlined copy unroll)
+                    _binary_tables(xT[tile], s, tab)
+                    _table_rows(step_codes, tab, BINARY_STEP_QUADS, acc16, rb0, rb1)
+                else:
+                    _ternary_tables(xT[tile], s, tab)
+                    _table_rows(step_codes, tab, TERNARY_STEP_PAIRS, acc16, rb0, rb1)
                 if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
                     acc32 += acc16
                     acc16[:] = 0
@@ -608,10 +586,10 @@ def _binary_gemm_rows(w, xT, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _binary_gemm_par(w, xT, y, n_chunks):
+def _gemm_par(w, xT, y, binary, n_chunks):
     for c in prange(n_chunks):
         r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _binary_gemm_rows(w, xT, y, r0, r1)
+        _gemm_rows(w, xT, y, binary, r0, r1)
 
 
 # LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
@@ -795,7 +773,7 @@ def ternary_matmul(w_packed, x_q):
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
     if x_q.shape[0] >= GEMM_MIN_TOKENS:
         xT = _lanes_major(x_q, n_pad)
-        _launch(_ternary_gemm_par, _ternary_gemm_rows, (w, xT, y), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+        _launch(_gemm_par, _gemm_rows, (w, xT, y, False), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
     else:
         xp = _padded(x_q, n_pad, np.int16)
         _launch(_ternary_par, _ternary_rows, (w, xp, -xp, y), w.shape[0], xp.size * w.shape[0])
@@ -810,7 +788,7 @@ def binary_matmul(w_packed, x_q):
     y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
     if x_q.shape[0] >= GEMM_MIN_TOKENS:
         xT = _lanes_major(x_q, n_pad)
-        _launch(_binary_gemm_par, _binary_gemm_rows, (w, xT, y), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+        _launch(_gemm_par, _gemm_rows, (w, xT, y, True), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
     else:
         x = _padded(x_q, n_pad, np.int16)
         _launch(_binary_par, _binary_rows, (w, x, x.sum(axis=1, dtype=np.int64), y), w.shape[0], x.size * w.shape[0])
