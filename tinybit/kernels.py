@@ -22,8 +22,8 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
 - int16 lanes are flushed into int32 lanes every FLUSH_BLOCKS blocks, before they can overflow,
   so the integer kernels are exact for any n_in. Scales are never applied here (the caller does).
 - 4 output rows per pass share each activation load and the per-block loop overhead.
-  GEMM (many tokens) runs the same loop per token over 4 rows whose packed bytes stay in L1,
-  so each weight row is read from memory once per call, not once per token.
+  A few tokens (below GEMM_MIN_TOKENS) run the same loop per token over 4 rows whose packed
+  bytes stay in L1, so each weight row is read from memory once per call, not once per token.
 - GEMM from GEMM_MIN_TOKENS tokens on (prefill): tokens on the vector lanes, table lookups instead
   of bit tests (T-MAC style). For each pair of inputs and each token, the 9 values s0 x0 + s1 x1
   (s in {0, +1, -1}) are built once by additions; each row then adds, per pair, the entry its two
