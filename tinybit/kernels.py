@@ -153,8 +153,8 @@ def _openblas_thread_setter():
 _SET_BLAS_THREADS = _openblas_thread_setter()
 
 
-_threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
-blas_threads = _threads  # and the threads it gave NumPy's BLAS
+kernel_threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
+blas_threads = kernel_threads  # and the threads it gave NumPy's BLAS
 
 
 def set_threads(n=None, blas=True):
@@ -168,9 +168,9 @@ def set_threads(n=None, blas=True):
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
         raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
-    global _threads, blas_threads
+    global kernel_threads, blas_threads
     numba.set_num_threads(int(n))
-    _threads = int(n)
+    kernel_threads = int(n)
     blas_threads = int(n) if blas else 1
     if _SET_BLAS_THREADS is not None:
         _SET_BLAS_THREADS(blas_threads)
@@ -207,7 +207,7 @@ def _prefetch_rows(w, r, last):
 def _launch(par, rows, args, n_out, work):
     """par(*args, n_chunks) over row chunks (one per thread, each a run of whole 4-row groups),
     or rows(*args, 0, n_out) directly when one chunk will do (no parallel region)."""
-    n_chunks = max(1, min(_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
+    n_chunks = max(1, min(kernel_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
     if n_chunks == 1:
         rows(*args, 0, n_out)
     else:

@@ -129,7 +129,7 @@ def apply(layer, x, ref=False):
     k = kernels
     if s in ("f32", "f16"):  # a few tokens (decode): the kernels' GEMV, else BLAS
         gemv = (not ref and x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
-                and k.blas_threads < k._threads)
+                and k.blas_threads < k.kernel_threads)
         return k.f32_matmul(layer["weight"], x) if gemv else x @ layer["weight"].T
     absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
     if s == "ternary":
