@@ -165,26 +165,23 @@ def test_table_gemm_equals_ref(threads, shape, seed):
     """The table GEMM kernels (tokens on the lanes), forced for any token count: partial and
     several 128-token tiles, odd n_in, rows not a multiple of anything."""
     kernels.set_threads(threads)
-    tokens, n_out, n_in = shape
-    rng = np.random.default_rng(seed)
-    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
-    wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
-    wb = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "GEMM_MIN_TOKENS", 1)
-        np.testing.assert_array_equal(kernels.ternary_matmul(wt, x_q), kernels.ternary_matmul_ref(wt, x_q))
-        np.testing.assert_array_equal(kernels.binary_matmul(wb, x_q), kernels.binary_matmul_ref(wb, x_q))
+        _plane_kernels_equal_refs(np.random.default_rng(seed), *shape)
 
 
 @per_thread_count
 def test_table_gemm_row_blocks(threads):
     """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
     kernels.set_threads(threads)
-    rng = np.random.default_rng(2)
-    n_out, tokens = kernels.GEMM_ROWS + 45, kernels.GEMM_LANES + 3
-    x_q = rng.integers(-128, 128, (tokens, 520)).astype(np.int8)
-    wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, 520)))
-    wb = pack.pack_binary(rng.choice([-1, 1], (n_out, 520)))
+    _plane_kernels_equal_refs(np.random.default_rng(2), kernels.GEMM_LANES + 3, kernels.GEMM_ROWS + 45, 520)
+
+
+def _plane_kernels_equal_refs(rng, tokens, n_out, n_in):
+    """Random ternary and binary weights and int8 activations: both kernels equal their references."""
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
+    wb = pack.pack_binary(rng.choice([-1, 1], (n_out, n_in)))
     np.testing.assert_array_equal(kernels.ternary_matmul(wt, x_q), kernels.ternary_matmul_ref(wt, x_q))
     np.testing.assert_array_equal(kernels.binary_matmul(wb, x_q), kernels.binary_matmul_ref(wb, x_q))
 
