@@ -709,10 +709,12 @@ def _absmax_rows(x, x_q, scale):
     returns False if a row's absmax is NaN or Inf."""
     q = np.float32(127)
     for t in range(x.shape[0]):
-        xt, g = x[t], np.float32(0)
+        xt, g, nan = x[t], np.float32(0), False
         for j in range(xt.shape[0]):
-            g = max(g, abs(xt[j]))
-        if not np.isfinite(g) or np.isnan(xt).any():
+            a = abs(xt[j])
+            g = max(g, a)
+            nan |= a != a  # max() skips a NaN: seen here (no temporary array per row)
+        if nan or not np.isfinite(g):
             return False
         s = q / max(g, np.float32(quant.EPS))
         scale[t, 0] = s
