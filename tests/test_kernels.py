@@ -171,6 +171,28 @@ def test_table_gemm_equals_ref(threads, shape, seed):
 
 
 @per_thread_count
+@pytest.mark.parametrize("path", ["gemv", "table"])
+@settings(max_examples=10, deadline=None)
+@given(n_outs=st.lists(st.integers(1, 11), min_size=2, max_size=3), tokens=st.integers(1, 3),
+       n_in=st.integers(1, 600), seed=st.integers(0, 2 ** 32 - 1))
+def test_several_matrices_in_one_call(threads, path, n_outs, tokens, n_in, seed):
+    """ternary_matmuls / binary_matmuls (q, k, v in one call): each output equals the reference of
+    its own matrix, also when a thread's chunk of rows starts or ends inside a matrix."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    wts = [pack.pack_ternary(rng.integers(-1, 2, (n, n_in))) for n in n_outs]
+    wbs = [pack.pack_binary(rng.choice([-1, 1], (n, n_in))) for n in n_outs]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "GEMM_MIN_TOKENS", 1 if path == "table" else 4)
+        ys_t, ys_b = kernels.ternary_matmuls(wts, x_q), kernels.binary_matmuls(wbs, x_q)
+    assert len(ys_t) == len(ys_b) == len(n_outs)
+    for wt, wb, yt, yb in zip(wts, wbs, ys_t, ys_b):
+        np.testing.assert_array_equal(yt, kernels.ternary_matmul_ref(wt, x_q))
+        np.testing.assert_array_equal(yb, kernels.binary_matmul_ref(wb, x_q))
+
+
+@per_thread_count
 def test_table_gemm_row_blocks(threads):
     """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
     kernels.set_threads(threads)
@@ -286,8 +308,8 @@ def test_plane_kernels_are_multiply_free():
             k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
             xT = k._lanes_major(x16.astype(np.int8), 512)
-            k._gemm_rows(w2, xT, np.zeros((tokens, 6), np.int32), False, 0, 6)  # ternary and binary:
-            k._gemm_rows(w1, xT, np.zeros((tokens, 6), np.int32), True, 0, 6)  # one compiled function
+            k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary:
+            k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled function
         for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._gemm_rows):
             sigs = f.inspect_asm()
             assert len(sigs) == 1, sigs.keys()

@@ -126,6 +126,24 @@ def test_fast_kernels_equal_reference_path(models, arch):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("spec", [{"scheme": "ternary"}, {"scheme": "ternary", "per_row": True},
+                                  {"scheme": "binary", "ln": True, "group_rows": 3}])
+@pytest.mark.parametrize("tokens", [1, 70])  # per-token kernels, table GEMM
+def test_linears_sharing_an_input_in_one_call(spec, tokens):
+    """linear.apply_many (q/k/v in one kernel call) gives each layer exactly its own apply();
+    layers of different schemes fall back to one apply each."""
+    rng = np.random.default_rng(3)
+    layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, 300)).astype(np.float32), spec), n, 300)
+              for n in (8, 5, 3)]
+    x = rng.standard_normal((tokens, 300)).astype(np.float32)
+    for got, layer in zip(linear.apply_many(layers, x), layers):
+        np.testing.assert_array_equal(got, linear.apply(layer, x))
+    f32 = linear.make({"scheme": "f32"}, {"weight": rng.standard_normal((4, 300)).astype(np.float32)}, 4, 300)
+    mixed = linear.apply_many([layers[0], f32], x)
+    np.testing.assert_array_equal(mixed[0], linear.apply(layers[0], x))
+    np.testing.assert_array_equal(mixed[1], linear.apply(f32, x))
+
+
 @pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head"])
 def test_many_token_path_equals_reference(models, arch):
     """Many tokens: lut/vq layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS on),

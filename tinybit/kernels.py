@@ -204,23 +204,31 @@ def _prefetch_rows(w, r, last):
             _prefetch(row, i)
 
 
-def _launch(par, rows, args, n_out, work):
-    """par(*args, n_chunks) over row chunks (one per thread, each a run of whole 4-row groups),
-    or rows(*args, 0, n_out) directly when one chunk will do (no parallel region)."""
+def _launch(par, rows, ws, args, ys, work):
+    """ys[m] = rows(ws[m], *args, ys[m], ...) for each weight matrix m (several: q/k/v in one call):
+    par(ws, *args, ys, n_chunks) over chunks of the rows of all the matrices (one chunk per thread),
+    or rows(w, *args, y, 0, n_out) per matrix when one chunk will do (no parallel region)."""
+    n_out = sum(w.shape[0] for w in ws)
     n_chunks = max(1, min(kernel_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
     if n_chunks == 1:
-        rows(*args, 0, n_out)
+        for w, y in zip(ws, ys):
+            rows(w, *args, y, 0, w.shape[0])
     else:
-        par(*args, n_chunks)
+        par(ws, *args, ys, n_chunks)
 
 
 @njit(cache=True)
-def _chunk(c, n_chunks, n_out):
-    """Rows [r0, r1) of chunk c of n_chunks: n_out split into runs of whole ROWS-row groups."""
+def _chunk(c, n_chunks, ws, m):
+    """Rows [r0, r1) of matrix m of ws in chunk c of n_chunks (empty if r0 >= r1): the rows of all
+    the matrices, one after the other, split into runs of whole ROWS-row groups."""
+    n_out, offset = 0, 0
+    for i in range(len(ws)):
+        offset = n_out if i == m else offset
+        n_out += ws[i].shape[0]
     groups = -(-n_out // ROWS)
-    r0 = c * groups // n_chunks * ROWS
-    r1 = (c + 1) * groups // n_chunks * ROWS
-    return min(r0, n_out), min(r1, n_out)
+    r0 = c * groups // n_chunks * ROWS - offset
+    r1 = (c + 1) * groups // n_chunks * ROWS - offset
+    return max(r0, 0), min(r1, ws[m].shape[0])
 
 
 @njit(cache=True)
@@ -287,10 +295,12 @@ def _ternary_rows(w, xp, xn, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _ternary_par(w, xp, xn, y, n_chunks):
+def _ternary_par(ws, xp, xn, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _ternary_rows(w, xp, xn, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _ternary_rows(ws[m], xp, xn, ys[m], r0, r1)
 
 
 # binary: one plane, bit 1 = +1, 0 = -1; y = S1 - (sum(x) - S1) = S1 + S1 - sum(x), S1 = sum over bit 1
@@ -346,10 +356,12 @@ def _binary_rows(w, x, xsum, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _binary_par(w, x, xsum, y, n_chunks):
+def _binary_par(ws, x, xsum, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _binary_rows(w, x, xsum, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _binary_rows(ws[m], x, xsum, ys[m], r0, r1)
 
 
 # binary x float32 (OneBit): the same with float32 lanes (no overflow, no flush)
@@ -402,10 +414,12 @@ def _binary_f32_rows(w, x, xsum, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _binary_f32_par(w, x, xsum, y, n_chunks):
+def _binary_f32_par(ws, x, xsum, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _binary_f32_rows(w, x, xsum, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _binary_f32_rows(ws[m], x, xsum, ys[m], r0, r1)
 
 
 # --- GEMM: tokens on the lanes, tables of pair (ternary) / quad (binary) sums ------------------
@@ -551,7 +565,7 @@ def _binary_tables(xt, s, tab):
 
 
 @njit(cache=True)
-def _gemm_rows(w, xT, y, binary, r0, r1):
+def _gemm_rows(w, xT, binary, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
     binary ones if `binary`; xT (n_tiles, nb*256, GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
     if binary:  # a step: 8 quads (16 entries each) ...
@@ -586,10 +600,12 @@ def _gemm_rows(w, xT, y, binary, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _gemm_par(w, xT, y, binary, n_chunks):
+def _gemm_par(ws, xT, binary, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _gemm_rows(w, xT, y, binary, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _gemm_rows(ws[m], xT, binary, ys[m], r0, r1)
 
 
 # LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
@@ -636,10 +652,12 @@ def _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _lut_par(w, nbits, lut, group_rows, x, y, n_chunks):
+def _lut_par(ws, nbits, lut, group_rows, x, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _lut_rows(ws[m], nbits, lut, group_rows, x, ys[m], r0, r1)
 
 
 @njit(cache=True)
@@ -671,10 +689,12 @@ def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _vq_par(w, nbits, codebook, group_rows, x, y, n_chunks):
+def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _vq_rows(ws[m], nbits, codebook, group_rows, x, ys[m], r0, r1)
 
 
 # int8 or float32 rows x float32: a dot product per row (int8: 1 byte per weight); "reassoc" lets LLVM split
@@ -695,10 +715,12 @@ def _dense_rows(w, x, y, r0, r1):
 
 
 @njit(cache=True, parallel=True)
-def _dense_par(w, x, y, n_chunks):
+def _dense_par(ws, x, ys, n_chunks):
     for c in prange(n_chunks):
-        r0, r1 = _chunk(c, n_chunks, w.shape[0])
-        _dense_rows(w, x, y, r0, r1)
+        for m in range(len(ws)):
+            r0, r1 = _chunk(c, n_chunks, ws, m)
+            if r0 < r1:
+                _dense_rows(ws[m], x, ys[m], r0, r1)
 
 
 # int8 activations: absmax per token, fused into one pass per row (the NumPy version makes ~8)
@@ -769,32 +791,43 @@ def absmax_quantize(x):
 
 def ternary_matmul(w_packed, x_q):
     """Same as ternary_matmul_ref: (n_out, n_blocks*64) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
+    return ternary_matmuls((w_packed,), x_q)[0]
+
+
+def ternary_matmuls(ws, x_q):
+    """[ternary_matmul(w, x_q) for w in ws] in one call: one padded x, one parallel region over the
+    rows of all the matrices (q, k, v of a layer)."""
     x_q = _check_x(x_q, np.int8)
-    w = _check_packed(w_packed, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes")
-    n_pad = w.shape[1] // (2 * PLANE) * BLOCK
-    y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
+    ws = tuple(_check_packed(w, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes") for w in ws)
+    n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK
+    ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
+    work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
     if x_q.shape[0] >= GEMM_MIN_TOKENS:
-        xT = _lanes_major(x_q, n_pad)
-        _launch(_gemm_par, _gemm_rows, (w, xT, y, False), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), False), ys, work)
     else:
         xp = _padded(x_q, n_pad, np.int16)
-        _launch(_ternary_par, _ternary_rows, (w, xp, -xp, y), w.shape[0], xp.size * w.shape[0])
-    return y
+        _launch(_ternary_par, _ternary_rows, ws, (xp, -xp), ys, work)
+    return list(ys)
 
 
 def binary_matmul(w_packed, x_q):
     """Same as binary_matmul_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
+    return binary_matmuls((w_packed,), x_q)[0]
+
+
+def binary_matmuls(ws, x_q):
+    """[binary_matmul(w, x_q) for w in ws] in one call (see ternary_matmuls)."""
     x_q = _check_x(x_q, np.int8)
-    w = _check_packed(w_packed, pack.plane_row_bytes(x_q.shape[1]), "binary planes")
-    n_pad = w.shape[1] // PLANE * BLOCK
-    y = np.empty((x_q.shape[0], w.shape[0]), np.int32)
+    ws = tuple(_check_packed(w, pack.plane_row_bytes(x_q.shape[1]), "binary planes") for w in ws)
+    n_pad = ws[0].shape[1] // PLANE * BLOCK
+    ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
+    work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
     if x_q.shape[0] >= GEMM_MIN_TOKENS:
-        xT = _lanes_major(x_q, n_pad)
-        _launch(_gemm_par, _gemm_rows, (w, xT, y, True), w.shape[0], x_q.shape[0] * n_pad * w.shape[0])
+        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), True), ys, work)
     else:
         x = _padded(x_q, n_pad, np.int16)
-        _launch(_binary_par, _binary_rows, (w, x, x.sum(axis=1, dtype=np.int64), y), w.shape[0], x.size * w.shape[0])
-    return y
+        _launch(_binary_par, _binary_rows, ws, (x, x.sum(axis=1, dtype=np.int64)), ys, work)
+    return list(ys)
 
 
 def binary_matmul_f32(w_packed, x):
@@ -804,8 +837,7 @@ def binary_matmul_f32(w_packed, x):
     w = _check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
     xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_binary_f32_par, _binary_f32_rows, (w, xf, xf.sum(axis=1, dtype=np.float64), y), w.shape[0],
-            xf.size * w.shape[0])
+    _launch(_binary_f32_par, _binary_f32_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), (y,), xf.size * w.shape[0])
     return y
 
 
@@ -822,7 +854,7 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     g = _group_rows(group_rows, w.shape[0], lut, "lut")
     xf = _padded(x, w.shape[1] // bits * 8, np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_lut_par, _lut_rows, (w, bits, lut, g, xf, y), w.shape[0], xf.size * w.shape[0])
+    _launch(_lut_par, _lut_rows, (w,), (bits, lut, g, xf), (y,), xf.size * w.shape[0])
     return y
 
 
@@ -840,7 +872,7 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     g = _group_rows(group_rows, w.shape[0], cb, "codebook")
     xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_vq_par, _vq_rows, (w, nbits, cb, g, xf, y), w.shape[0], xf.size * w.shape[0])
+    _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), (y,), xf.size * w.shape[0])
     return y
 
 
@@ -850,7 +882,7 @@ def _dense_matmul(w, x, dtype, what):
         raise UsageError(f"{what}: expected a 2-D {np.dtype(dtype)} array with {x.shape[1]} columns, got "
                          f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w), x, y), w.shape[0], x.size * w.shape[0])
+    _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w),), (x,), (y,), x.size * w.shape[0])
     return y
 
 

@@ -7,6 +7,7 @@ A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arra
     make(spec, tensors, n_out, n_in)-> layer                      (tensors already validated)
     apply(layer, x)                 -> y                          x (tokens, n_in) f32 -> (tokens, n_out) f32
     apply(layer, x, ref=True)       -> y, through the plain NumPy reference kernels
+    apply_many(layers, x)           -> [y], one activation quantization and kernel call for q/k/v
     dequantize(layer)               -> W (n_out, n_in) f32        what the layer effectively multiplies by
 
 Schemes (spec = {"scheme": name, **params}), and what y is:
@@ -131,17 +132,8 @@ def apply(layer, x, ref=False):
         gemv = (not ref and x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
                 and k.blas_threads < k.kernel_threads)
         return k.f32_matmul(layer["weight"], x) if gemv else x @ layer["weight"].T
-    absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
-    if s == "ternary":
-        x_q, sx = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
-        acc = (k.ternary_matmul_ref if ref else k.ternary_matmul)(layer["w_packed"], x_q)
-        return acc.astype(np.float32) * (layer["scale"] / sx)  # scale (1,) or (n_out,): gamma multiplies
-    if s == "binary":
-        x_q, sx = absmax(layer_norm(x) if spec.get("ln") else x)
-        acc = (k.binary_matmul_ref if ref else k.binary_matmul)(layer["w_packed"], x_q)
-        g = spec.get("group_rows")
-        beta = np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
-        return acc.astype(np.float32) * (beta / sx)
+    if s in ("ternary", "binary"):
+        return _apply_integer([layer], x, ref)[0]
     if s == "onebit":
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]
@@ -157,6 +149,33 @@ def apply(layer, x, ref=False):
         f = k.vq_matmul_ref if ref else k.vq_matmul
         return f(layer["w_idx"], spec["bits"], layer["codebook"], spec.get("group_rows"), x)
     raise ValueError(f"unknown scheme {s!r}")
+
+
+def apply_many(layers, x, ref=False):
+    """[apply(layer, x) for layer in layers]: ternary (or binary) layers of one spec that read the
+    same x (q, k, v; gate, up) share one quantized x and one kernel call."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    spec = layers[0]["scheme"]
+    if spec["scheme"] in ("ternary", "binary") and all(layer["scheme"] == spec for layer in layers):
+        return _apply_integer(layers, x, ref)
+    return [apply(layer, x, ref) for layer in layers]
+
+
+def _apply_integer(layers, x, ref):
+    """The ternary / binary rows of the table above, for layers of one spec over the same x."""
+    spec, k = layers[0]["scheme"], kernels
+    absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
+    ws = [layer["w_packed"] for layer in layers]
+    if spec["scheme"] == "ternary":
+        x_q, sx = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
+        accs = [k.ternary_matmul_ref(w, x_q) for w in ws] if ref else k.ternary_matmuls(ws, x_q)
+        scales = [layer["scale"] for layer in layers]  # gamma (1,) or (n_out,): multiplies
+    else:
+        x_q, sx = absmax(layer_norm(x) if spec.get("ln") else x)
+        accs = [k.binary_matmul_ref(w, x_q) for w in ws] if ref else k.binary_matmuls(ws, x_q)
+        g = spec.get("group_rows")  # beta per group of g rows
+        scales = [np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"] for layer in layers]
+    return [acc.astype(np.float32) * (scale / sx) for acc, scale in zip(accs, scales)]
 
 
 def dequantize(layer):

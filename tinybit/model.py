@@ -184,11 +184,15 @@ class Model:
         return KVCache(self.config, max_len or self.config.max_seq_len)
 
     def _linear(self, name, x):
+        return self._linears([name], x)[0]
+
+    def _linears(self, names, x):
+        """[linear name(x) for name in names]: the linears that read the same x, in one call."""
         try:
-            return linear.apply(self.linears[name], x, ref=self.ref)
+            return linear.apply_many([self.linears[name] for name in names], x, ref=self.ref)
         except QuantError:  # absmax of a NaN/Inf input: something upstream overflowed float32
-            raise FormatError(f"the input of {name} is NaN or Inf: the model's weights or scales overflow "
-                              "float32") from None
+            raise FormatError(f"the input of {', '.join(names)} is NaN or Inf: the model's weights or scales "
+                              "overflow float32") from None
 
     def forward(self, tokens, cache, last_only=False):
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
@@ -224,9 +228,10 @@ class Model:
         T, start = len(x), cache.length
         # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
         h = rms_norm(x, self.norms[p + "attn_norm.weight"], c.norm_eps)
-        q = self._linear(p + "q", h).reshape(T, c.n_heads, c.head_dim)
-        k = self._linear(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
-        v = self._linear(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
+        q, k, v = self._linears([p + "q", p + "k", p + "v"], h)
+        q = q.reshape(T, c.n_heads, c.head_dim)
+        k = k.reshape(T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(T, c.n_kv_heads, c.head_dim)
         cache.k[i, :, start:start + T] = rope(k, cos, sin).transpose(1, 0, 2)
         cache.v[i, :, start:start + T] = v.transpose(1, 0, 2)
         a = attention(rope(q, cos, sin), cache.k[i, :, :start + T], cache.v[i, :, :start + T], start)
@@ -235,7 +240,8 @@ class Model:
         x = x + self._linear(p + "o", a)
         # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
         h = rms_norm(x, self.norms[p + "ffn_norm.weight"], c.norm_eps)
-        m = gate_activation(self._linear(p + "gate", h), c.activation) * self._linear(p + "up", h)
+        gate, up = self._linears([p + "gate", p + "up"], h)
+        m = gate_activation(gate, c.activation) * up
         if c.sub_norms:
             m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
         return x + self._linear(p + "down", m)
