@@ -322,6 +322,7 @@ def test_cli_chat_and_stop(cli_model):
     (["-n", "abc"], "max-new-tokens"),
     (["--bogus"], "--bogus"),
     (["-t", "0"], "--threads"),
+    (["-t", "99999"], "--threads"),
 ])
 def test_cli_bad_flags_one_line_exit_2(cli_model, args, words):
     r = run_cli("--model", cli_model, "-p", "x", *args)

@@ -167,7 +167,7 @@ def set_threads(n=None, blas=True):
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
-        raise UsageError(f"threads must be an integer in 1..{n_max}, got {n!r}")
+        raise UsageError(f"threads (-t/--threads) must be an integer in 1..{n_max}, the cores numba sees, got {n!r}")
     global kernel_threads, blas_threads
     numba.set_num_threads(int(n))
     kernel_threads = int(n)
