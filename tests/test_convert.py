@@ -11,6 +11,7 @@ the prompts come from fixed NumPy seeds, so every run is deterministic.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -655,6 +656,24 @@ def test_errors_name_the_tensor(broken, tmp_path, capsys, edit, needles):
         assert n in err, err
     assert not os.path.exists(tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["broken"]
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("tokenizer.json", b"\x00\xff", "cannot read as UTF-8"),
+    ("tokenizer.json", b'{"x": 1', "not a valid tokenizer"),
+    ("chat_template.jinja", b"\xff{{ x }}", "cannot read as UTF-8"),
+])
+def test_bad_tokenizer_files_name_the_file(float_llama, tmp_path, capsys, name, data, words):
+    src, _ = float_llama
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    (d / "tokenizer_config.json").unlink()  # its chat template would be used before chat_template.jinja
+    (d / name).write_bytes(data)
+    capsys.readouterr()
+    assert convert.main([str(d), str(tmp_path / "out")]) == 2
+    err = _err(capsys).splitlines()[-1]
+    assert err.startswith("convert.py: error: ") and name in err and words in err, err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_existing_out_and_force(float_llama, tmp_path, capsys):

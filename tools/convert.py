@@ -208,6 +208,14 @@ def read_json(path, required=False):
         raise FormatError(f"{path}: cannot read JSON: {e}") from None
 
 
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: cannot read as UTF-8 text: {e}") from None
+
+
 class Source:
     """What a checkpoint provides: HF-style config dict, {hf_name: Ref}, tokenizer material."""
 
@@ -247,8 +255,7 @@ def read_hf_dir(src, config_path=None):
     tok_json = None
     tok_path = os.path.join(src, "tokenizer.json")
     if os.path.exists(tok_path):
-        with open(tok_path, encoding="utf-8") as f:
-            tok_json = f.read()
+        tok_json = read_text(tok_path)
         try:
             from tokenizers import Tokenizer
             Tokenizer.from_str(tok_json)
@@ -261,8 +268,7 @@ def read_hf_dir(src, config_path=None):
         template = named.get("default") or next(iter(named.values()), None)
     jinja = os.path.join(src, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            template = f.read()
+        template = read_text(jinja)
     ct_json = read_json(os.path.join(src, "chat_template.json"))
     if template is None and isinstance(ct_json, dict):
         template = ct_json.get("chat_template")
