@@ -233,11 +233,26 @@ def test_greedy_generation_follows_logits(models):
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                    dict(max_new_tokens=-1)])
+                                    dict(max_new_tokens=-1), dict(seed="a")])
 def test_bad_sampling_parameters_are_usage_errors(models, kwargs):
     m = tinybit.load(models["bitnet-2b4t"])
     with pytest.raises(UsageError):
         m.generate(IDS[:3], **{"max_new_tokens": 4, **kwargs})
+
+
+@pytest.mark.parametrize("prompt", [None, [1.5, 2], [[1, 2]], b"ab", 7])
+def test_prompts_that_are_not_text_or_token_ids_are_usage_errors(models, prompt):
+    m = tinybit.load(models["bitnet-2b4t"])
+    with pytest.raises(UsageError, match="prompt"):
+        m.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("ids", [[], [[1, 2], [3, 4]], [1.0, 2.0]])
+def test_logits_of_no_tokens_or_a_batch_is_a_usage_error(models, ids):
+    """One sequence at a time: a 2-D batch would otherwise be read as one long sequence."""
+    m = tinybit.load(models["bitnet-2b4t"])
+    with pytest.raises(UsageError, match="1-D sequence of integer token ids"):
+        m.logits(ids)
 
 
 def test_prompt_limits(models):

@@ -42,7 +42,9 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     return int(order[rng.choice(len(p), p=p)])
 
 
-def check_sampling(temperature, top_k, top_p, max_new_tokens):
+def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        raise UsageError(f"--seed must be an integer, got {seed!r}")
     if not (np.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -97,7 +99,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
     Stops at an end-of-sequence token (not yielded), after max_new_tokens, or when prompt and
     output fill the model's context (max_seq_len tokens)."""
     c = model.config
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens, seed)
     if len(prompt_ids) == 0:
         raise UsageError("empty prompt: give at least one token")
     bad = [t for t in prompt_ids if not 0 <= t < c.vocab_size]
@@ -164,7 +166,13 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
     stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
     truncate: keep the end of a prompt too long for the context (generate_tokens).
     A model without a tokenizer takes and returns token ids."""
-    prompt_ids = encode_prompt(model, prompt, chat=chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if isinstance(prompt, str):
+        prompt_ids = encode_prompt(model, prompt, chat=chat)
+    else:
+        ids = np.asarray(prompt if isinstance(prompt, (list, tuple, np.ndarray)) else [None])
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise UsageError(f"prompt: expected a string or a 1-D sequence of integer token ids, got {prompt!r:.60}")
+        prompt_ids = [int(t) for t in ids]
     tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats,
                              truncate=truncate)
     if model.tokenizer is None:

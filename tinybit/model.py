@@ -198,11 +198,14 @@ class Model:
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
         Returns logits (T, vocab) float32, or (1, vocab) for the last position if last_only."""
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.size == 0 or tokens.dtype.kind not in "iu":
+            raise UsageError(f"tokens: expected a non-empty 1-D sequence of integer token ids, got "
+                             f"{tokens.dtype} of shape {tokens.shape}")
         T, start = len(tokens), cache.length
         if start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
-        if T and not (0 <= tokens.min() and tokens.max() < c.vocab_size):
+        if not (0 <= tokens.min() and tokens.max() < c.vocab_size):
             raise UsageError(f"token ids must be in 0..{c.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
         x = self.embed_rows(tokens).astype(np.float32)  # (T, dim)
         if not np.isfinite(x).all():
@@ -248,7 +251,6 @@ class Model:
 
     def logits(self, token_ids):
         """Logits (len, vocab) float32 of every position of token_ids, computed without a prior cache."""
-        token_ids = np.asarray(token_ids).reshape(-1)
         return self.forward(token_ids, self.new_cache(max(len(token_ids), 1)))
 
     def generate(self, prompt, **kwargs):
