@@ -196,6 +196,10 @@ def test_float_llama_gqa_head_dim_128(tmp_path, tie, kv, rope):
         assert not out_cfg["tie_embeddings"] and out_cfg["head_quant"] == {"scheme": "lut", "bits": 8}
         logits = tinybit.load(str(tmp_path / "out8"), ref=True).logits([3, 4, 5])
         assert np.abs(logits - hf_logits(m, [3, 4, 5])).max() < 0.05 * np.abs(logits).max()
+        run(tmp_path / "hf", tmp_path / "out4r", "--head-scheme", "lut4", "--head-group-size", "1")  # per-row LUT
+        head = json.loads((tmp_path / "out4r" / "config.json").read_text())["head_quant"]
+        assert head == {"scheme": "lut", "bits": 4, "group_rows": 1}
+        assert tinybit.load(str(tmp_path / "out4r")).linears["head"]["lut"].shape == (160, 16)
         run(tmp_path / "hf", tmp_path / "outi8", "--head-scheme", "int8")
         assert json.loads((tmp_path / "outi8" / "config.json").read_text())["head_quant"] == {"scheme": "int8"}
         logits = tinybit.load(str(tmp_path / "outi8")).logits([3, 4, 5])
@@ -674,6 +678,18 @@ def test_bad_tokenizer_files_name_the_file(float_llama, tmp_path, capsys, name, 
     err = _err(capsys).splitlines()[-1]
     assert err.startswith("convert.py: error: ") and name in err and words in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--head-scheme", "int8", "--head-group-size", "2"], "--head-group-size applies to binary, lut* and vq*"),
+    (["--head-scheme", "lut4", "--head-group-size", "0"], "--head-group-size must be a positive integer"),
+    (["--scheme", "ternary", "--group-size", "4"], "--group-size applies to binary, lut* and vq*"),
+])
+def test_group_size_flags_are_checked(float_llama, tmp_path, capsys, args, words):
+    src, _ = float_llama
+    capsys.readouterr()
+    assert convert.main([str(src), str(tmp_path / "out"), *args]) == 2
+    assert words in _err(capsys) and not os.path.exists(tmp_path / "out")
 
 
 def test_existing_out_and_force(float_llama, tmp_path, capsys):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert a checkpoint into a tinybit model directory (docs/convert.md).
 
-    python tools/convert.py SRC OUT [--scheme S] [--group-size G] [--head-scheme S] [--family F]
+    python tools/convert.py SRC OUT [--scheme S] [--group-size G] [--head-scheme S] [--head-group-size G] [--family F]
                             [--config CONFIG.json] [--embed-dtype f32|f16] [--force] [--debug]
 
 SRC is a Hugging Face model directory (config.json + model.safetensors, sharded *.safetensors with
@@ -460,7 +460,7 @@ def detect_family(src):
                      "a plain LLaMA-architecture checkpoint")
 
 
-def parse_scheme(name, group, flag="--scheme"):
+def parse_scheme(name, group, flag="--scheme", group_flag="--group-size"):
     """--scheme name (+ --group-size) -> (tinybit scheme dict, onebit method)."""
     g = {"group_rows": group} if group else {}
     m = re.fullmatch(r"(lut|vq)(\d)", name or "")
@@ -472,7 +472,7 @@ def parse_scheme(name, group, flag="--scheme"):
     if name in ("binary",):
         return {"scheme": "binary", **g}, None
     if group:
-        raise UsageError(f"--group-size applies to binary, lut* and vq* schemes, not {name!r}")
+        raise UsageError(f"{group_flag} applies to binary, lut* and vq* schemes, not {name!r}")
     if name in ("ternary", "ternary-row"):
         return {"scheme": "ternary", **({"per_row": True} if name == "ternary-row" else {})}, None
     if name in ("onebit", "onebit-svd", "onebit-nmf"):
@@ -846,6 +846,8 @@ def make_parser():
     p.add_argument("--scheme", help=f"PTQ scheme for float checkpoints: {', '.join(SCHEME_NAMES)} (default f32)")
     p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
     p.add_argument("--head-scheme", default="f32", help="scheme of the output head (default f32)")
+    p.add_argument("--head-group-size", type=int,
+                   help="rows per scale/LUT/codebook group of the head (binary, lut*, vq*; 1 = per row)")
     p.add_argument("--family", choices=FAMILIES, help="override the detected checkpoint family")
     p.add_argument("--config", help="HF config.json for a raw state-dict file (or to replace SRC/config.json)")
     p.add_argument("--embed-dtype", choices=("f32", "f16"), default="f32", help="storage of the embedding")
@@ -868,8 +870,9 @@ def make_parser():
 
 def convert(argv):
     args = make_parser().parse_args(argv)
-    if args.group_size is not None and args.group_size < 1:
-        raise UsageError(f"--group-size must be a positive integer, got {args.group_size}")
+    for flag, value in (("--group-size", args.group_size), ("--head-group-size", args.head_group_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
     out_dir = os.path.abspath(args.out)
     if os.path.lexists(out_dir):
         if not args.force:
@@ -888,7 +891,8 @@ def convert(argv):
             raise UsageError(f"--scheme/--group-size apply to float checkpoints (family llama); this is a "
                              f"{family} checkpoint ({FAMILY_INFO[family]}), converted without loss")
         args.block_spec = None
-    args.head_spec, head_method = parse_scheme(args.head_scheme, None, "--head-scheme")
+    args.head_spec, head_method = parse_scheme(args.head_scheme, args.head_group_size, "--head-scheme",
+                                               "--head-group-size")
     if head_method and family != "llama":
         args.onebit_method = head_method
     config = build_config(src, family, args)
