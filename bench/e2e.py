@@ -16,7 +16,8 @@ a fresh process (a first one only warms numba's cache):
     peak RSS     VmHWM of that process (mapped weights it touched included),
                  beside the target 1.2 x model file + KV cache
 When `import llama_cpp` works (the optional llama-cpp-python extra), the same weights are exported
-with tools/gguf_export.py (TQ2_0 linears, F32 tied embedding) and llama.cpp is timed the same way
+with tools/gguf_export.py (TQ2_0 linears; F32 tied embedding, or with --head int8 an F32 embedding and
+the head as Q8_0, llama.cpp's 8-bit type, requantized from tinybit's int8 rows) and llama.cpp is timed the same way
 (Llama.eval of the prompt, then 1-token evals); the tinybit rows get ratio_vs_llamacpp. First both
 engines' logits of 16 tokens are compared (they compute the same function up to activation rounding:
 llama.cpp quantizes activations per 256-block, tinybit per token). Otherwise
@@ -233,7 +234,7 @@ def main(argv=None):
         model_dir = os.path.join(work, "model")
         io.save_model(model_dir, config, tensors)
         gguf_path = None
-        if have_llamacpp and args.head == "f32":  # (gguf_export writes ternary and float tensors)
+        if have_llamacpp:
             sys.path.insert(0, os.path.join(ROOT, "tools"))
             import gguf_export
             gguf_path = os.path.join(work, "model.gguf")
@@ -256,8 +257,7 @@ def main(argv=None):
                   f"({args.prefill + args.decode} positions, f32); built in {build_s:.0f} s; "
                   f"load average {os.getloadavg()[0]:.2f} (a shared machine: compare cpu/wall with the threads)")
         if not gguf_path:  # to stderr under --json, so stdout stays JSON lines
-            why = "llama-cpp-python not installed" if not have_llamacpp else "the GGUF export has the f32 head only: --head f32"
-            print(f"llama.cpp was not run ({why}); the table compares with the reference "
+            print("llama.cpp was not run (llama-cpp-python not installed); the table compares with the reference "
                   "anchor measured with llama-bench on a 2-vCPU AMD EPYC Zen 4 (not measured here, Q6_K head there)",
                   file=sys.stderr if args.json else sys.stdout)
         run_child("tinybit", model_dir, threads[0], args, warm_only=True)  # fills numba's cache
@@ -267,7 +267,8 @@ def main(argv=None):
                 print(json.dumps(dict(check="logits_vs_llamacpp", shape=args.shape, max_rel_diff=round(rel, 6),
                                       greedy_equal=same, positions=16)), flush=True)
             else:
-                print(f"same weights in both engines: logits max |diff| / max |logit| = {rel:.2e}, "
+                heads = "f32 in both" if config.tie_embeddings else "int8 rows in tinybit, Q8_0 in llama.cpp"
+                print(f"same weights in both engines (head: {heads}): logits max |diff| / max |logit| = {rel:.2e}, "
                       f"greedy token equal at {same}/16 positions")
         rows = []
         for n in threads:

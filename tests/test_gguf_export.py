@@ -31,6 +31,7 @@ convert = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert)
 
 TQ2_0 = gguf.GGMLQuantizationType.TQ2_0
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def read_tensors(path):
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(int(d) for d in reversed(list(t.shape)))
         arr = np.asarray(t.data)
-        w = gguf.quants.dequantize(arr, t.tensor_type) if t.tensor_type == TQ2_0 else arr.astype(np.float32)
+        w = gguf.quants.dequantize(arr, t.tensor_type) if t.tensor_type in (TQ2_0, Q8_0) else arr.astype(np.float32)
         out[t.name] = (t.tensor_type, shape, w.reshape(shape))
     return out
 
@@ -122,6 +123,12 @@ def check_export(path, config, tensors, arch):
             d = d if d.shape == (1,) else d[rows]
             assert np.array_equal(w, codes * d[:, None] if d.shape != (1,) else codes * d[0]), gname
             assert np.array_equal(np.rint(w / (d[:, None] if d.shape != (1,) else d[0])).astype(np.int8), codes)
+        elif scheme["scheme"] == "int8":  # Q8_0 of w_q * scale: within half a step (block max / 127 / 2)
+            assert gtype == Q8_0, gname
+            want = (tensors[name + ".w_q"].astype(np.float32) * tensors[name + ".scale"][:, None])[rows]
+            step = np.abs(want).reshape(shape[0], -1, 32).max(axis=2, keepdims=True) / 127
+            err = np.abs(w - want).reshape(shape[0], -1, 32)
+            assert np.all(err <= 0.5 * step * (1 + 1e-3) + 1e-3 * np.abs(want).reshape(err.shape)), gname
         else:
             t = tensors[name + ".weight"]
             assert gtype == (gguf.GGMLQuantizationType.F16 if scheme["scheme"] == "f16" else
@@ -165,6 +172,16 @@ def test_llama_export_tensors_metadata_tokenizer(tmp_path, tokenizer_json):
     assert check_export(path, c, tensors, "llama") == 2 * 7 - 2 + 1  # 2 float linears, ternary head
     check_metadata(path, c, tokenizer_json, "llama")
     assert os.listdir(tmp_path) == ["m.gguf"]  # no temporary file left
+
+
+def test_int8_head_exported_as_q8_0(tmp_path, tokenizer_json):
+    """A --head-scheme int8 head becomes llama.cpp's 8-bit Q8_0 (bench/e2e.py --head int8 compares on it)."""
+    c = llama_cfg(head_quant={"scheme": "int8"}, quant_overrides={})
+    tensors = stored(c, seed=2)
+    path = str(tmp_path / "m.gguf")
+    gguf_export.write_gguf(path, c, tensors, tokenizer_json)
+    assert check_export(path, c, tensors, "llama") == 2 * 7
+    assert read_tensors(path)["output.weight"][0] == Q8_0
 
 
 def test_llama_round_trip_through_convert_gguf_reader(tmp_path, tokenizer_json):
@@ -232,7 +249,7 @@ def test_bitnet_arch_sub_norms_not_permuted(tmp_path, tokenizer_json):
 
 @pytest.mark.parametrize("kw, needles", [
     (dict(quant_overrides={"layers.0.q": {"scheme": "lut", "bits": 2}}),
-     ["GGUF export supports ternary and float linears; layers.0.q is lut"]),
+     ["GGUF export supports ternary, int8 and float linears; layers.0.q is lut"]),
     (dict(quant_overrides={"layers.1.down": {"scheme": "binary"}}), ["layers.1.down is binary"]),
     (dict(dim=128, head_dim=32, head_quant={"scheme": "f32"}), ["layers.0.q.w_packed", "n_in 128", "multiple of 256"]),
     (dict(ffn_dim=320), ["layers.0.down.w_packed", "n_in 320"]),

@@ -9,6 +9,9 @@ What goes where:
     ternary linears  -> GGML TQ2_0: blocks of 256 weights along n_in, 64 bytes of 2-bit codes t + 1
                         then the fp16 block scale d = fp16(gamma) (gamma per tensor or per row), so
                         the dequantized weight is t * fp16(gamma): gamma rounded to float16.
+    int8 linears (a --head-scheme int8 head) -> GGML Q8_0 of the dequantized rows w_q * scale: blocks of
+                        32 weights, an fp16 scale max|w|/127 each; so within Q8_0 rounding (half a step
+                        of the block) of tinybit's int8 weights, also 8-bit, 8.5 bits per weight.
     f32 / f16 linears, norms, embedding -> F32 / F16 as stored.
     other schemes (binary, onebit, lut, vq) -> UsageError: llama.cpp has no such types.
 Architecture:
@@ -28,12 +31,13 @@ import tempfile
 
 import numpy as np
 
-from tinybit import pack
+from tinybit import pack, quant
 from tinybit import model as tbmodel
 from tinybit.errors import UsageError
 
 QK = 256                  # weights per TQ2_0 block (QK_K)
 TQ2_0_BLOCK_BYTES = 66    # 64 bytes of codes + fp16 d
+Q8_0_BLOCK = 32           # weights per Q8_0 block
 LINEARS = {"q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT",
            "gate": "FFN_GATE", "up": "FFN_UP", "down": "FFN_DOWN"}
 NORMS = {"attn_norm": "ATTN_NORM", "ffn_norm": "FFN_NORM",
@@ -99,8 +103,13 @@ def gguf_linear(config, tensors, name, n_out, n_in):
     s = config.scheme_of(name)["scheme"]
     if s in ("f32", "f16"):
         return np.ascontiguousarray(tensors[name + ".weight"]), None
+    if s == "int8":
+        if n_in % Q8_0_BLOCK:
+            raise UsageError(f"GGUF export: {name}.w_q has n_in {n_in}, not a multiple of {Q8_0_BLOCK} (the Q8_0 block)")
+        w = quant.int8_dequantize(tensors[name + ".w_q"], tensors[name + ".scale"])  # (n_out, n_in) f32
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     if s != "ternary":
-        raise UsageError(f"GGUF export supports ternary and float linears; {name} is {s}")
+        raise UsageError(f"GGUF export supports ternary, int8 and float linears; {name} is {s}")
     if n_in % QK:
         raise UsageError(f"GGUF export: {name}.w_packed has n_in {n_in}, not a multiple of {QK} "
                          "(the TQ2_0 block)")
