@@ -1,10 +1,11 @@
 """End-to-end benchmark: tinybit prefill and decode on a random-weight ternary model, beside llama.cpp.
 
-    python bench/e2e.py [--shape 2b4t|large] [--threads 1,2] [--json] [--prefill 128] [--decode 128]
+    python bench/e2e.py [--shape 2b4t|large] [--threads 1,2] [--head f32|int8] [--json] [--prefill 128] [--decode 128]
 
 Builds a model of the shape with random ternary codes (packed with tinybit.pack; P(0) = 1/3),
 one scale per tensor (1/sqrt(n_in)), norms of ones and a random float32 embedding that is also
-the head (tied, f32: what tinybit multiplies without a copy; its share of the file is printed).
+the head (--head f32: tied, what tinybit multiplies without a copy), or whose per-row int8 copy is an
+untied head (--head int8, convert.py's --head-scheme int8); the head's share of the bytes is printed.
 The shape is the checkpoint's; the block is plain llama (SiLU, no sub-norms), which is what
 llama.cpp's "llama" architecture runs, so both engines compute the same function.
 The model is saved with tinybit.io.save_model to a temporary directory; every measurement runs in
@@ -22,7 +23,7 @@ the head as Q8_0, llama.cpp's 8-bit type, requantized from tinybit's int8 rows) 
 engines' logits of 16 tokens are compared (they compute the same function up to activation rounding:
 llama.cpp quantizes activations per 256-block, tinybit per token). Otherwise
 the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a reference
-anchor (not measured here; Q6_K head there, f32 head here).
+anchor (not measured here; Q6_K head there).
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and

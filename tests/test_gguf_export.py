@@ -253,6 +253,8 @@ def test_bitnet_arch_sub_norms_not_permuted(tmp_path, tokenizer_json):
     (dict(quant_overrides={"layers.1.down": {"scheme": "binary"}}), ["layers.1.down is binary"]),
     (dict(dim=128, head_dim=32, head_quant={"scheme": "f32"}), ["layers.0.q.w_packed", "n_in 128", "multiple of 256"]),
     (dict(ffn_dim=320), ["layers.0.down.w_packed", "n_in 320"]),
+    (dict(dim=200, quant={"scheme": "f32"}, quant_overrides={}, head_quant={"scheme": "int8"}),
+     ["head.w_q", "n_in 200", "multiple of 32"]),
     (dict(sub_norms=True, activation="relu2", tie_embeddings=True, head_quant={"scheme": "f32"}),
      ["'bitnet'", "relu2"]),
     (dict(activation="gelu_tanh"), ["'llama'", "SiLU", "gelu_tanh"]),

@@ -3,11 +3,12 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 
 import tinybit
-from tinybit import generate, linear, quant
+from tinybit import generate, kernels, linear, quant
 from tinybit.errors import ConfigError, FormatError, UsageError
 from util import save_random_model, tiny_config
 
@@ -126,21 +127,32 @@ def test_fast_kernels_equal_reference_path(models, arch):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("threads", sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}))
 @pytest.mark.parametrize("spec", [{"scheme": "ternary"}, {"scheme": "ternary", "per_row": True},
                                   {"scheme": "binary", "ln": True, "group_rows": 3}])
 @pytest.mark.parametrize("tokens", [1, 70])  # per-token kernels, table GEMM
-def test_linears_sharing_an_input_in_one_call(spec, tokens):
-    """linear.apply_many (q/k/v in one kernel call) gives each layer exactly its own apply();
+def test_linears_sharing_an_input_in_one_call(monkeypatch, threads, spec, tokens):
+    """linear.apply_many (q/k/v in one kernel call, rows split among the threads across the matrices)
+    gives each layer its own formula: (x_q W~^T) * scale / sx, W~ scale = dequantize(layer);
     layers of different schemes fall back to one apply each."""
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)
+    kernels.set_threads(threads)
     rng = np.random.default_rng(3)
     layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, 300)).astype(np.float32), spec), n, 300)
               for n in (8, 5, 3)]
     x = rng.standard_normal((tokens, 300)).astype(np.float32)
-    for got, layer in zip(linear.apply_many(layers, x), layers):
-        np.testing.assert_array_equal(got, linear.apply(layer, x))
-    f32 = linear.make({"scheme": "f32"}, {"weight": rng.standard_normal((4, 300)).astype(np.float32)}, 4, 300)
-    mixed = linear.apply_many([layers[0], f32], x)
-    np.testing.assert_array_equal(mixed[0], linear.apply(layers[0], x))
+    x_q, sx = quant.absmax_quantize(linear.layer_norm(x) if spec.get("ln") else x)
+    try:
+        got = linear.apply_many(layers, x)
+        mixed = linear.apply_many([layers[0], f32 := linear.make(
+            {"scheme": "f32"}, {"weight": rng.standard_normal((4, 300)).astype(np.float32)}, 4, 300)], x)
+    finally:
+        kernels.set_threads()
+    assert [y.shape for y in got] == [(tokens, 8), (tokens, 5), (tokens, 3)]
+    for y, layer in zip(got, layers):
+        want = (x_q.astype(np.float64) @ linear.dequantize(layer).T.astype(np.float64)) / sx
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(mixed[0], got[0])
     np.testing.assert_array_equal(mixed[1], linear.apply(f32, x))
 
 
@@ -233,7 +245,7 @@ def test_greedy_generation_follows_logits(models):
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                    dict(max_new_tokens=-1), dict(seed="a")])
+                                    dict(max_new_tokens=-1), dict(seed="a"), dict(seed=-1), dict(seed=True)])
 def test_bad_sampling_parameters_are_usage_errors(models, kwargs):
     m = tinybit.load(models["bitnet-2b4t"])
     with pytest.raises(UsageError):
@@ -247,7 +259,14 @@ def test_prompts_that_are_not_text_or_token_ids_are_usage_errors(models, prompt)
         m.generate(prompt, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("ids", [[], [[1, 2], [3, 4]], [1.0, 2.0]])
+def test_token_id_prompts_of_any_integer_sequence(models):
+    m = tinybit.load(models["bitnet-2b4t"])
+    for prompt in ((1, 17, 5), np.array([1, 17, 5], np.int32), np.array([1, 17, 5], np.uint16), range(1, 18, 8)):
+        assert m.generate(prompt, max_new_tokens=4, temperature=0) == m.generate(
+            [int(t) for t in prompt], max_new_tokens=4, temperature=0)
+
+
+@pytest.mark.parametrize("ids", [[], [[1, 2], [3, 4]], [1.0, 2.0], None, 5])
 def test_logits_of_no_tokens_or_a_batch_is_a_usage_error(models, ids):
     """One sequence at a time: a 2-D batch would otherwise be read as one long sequence."""
     m = tinybit.load(models["bitnet-2b4t"])

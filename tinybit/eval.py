@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from .errors import UsageError
-from .generate import OneLineParser, exit_on_error
+from .generate import OneLineParser, check_threads, exit_on_error
+from .model import check_token_ids
 
 
 def log_softmax(logits):
@@ -26,7 +27,7 @@ def log_softmax(logits):
 
 def perplexity(model, ids, ctx=512, stride=None):
     """(perplexity, number of scored tokens) of token ids under the model."""
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = check_token_ids(ids, "ids")
     ctx = min(ctx, model.config.max_seq_len)
     stride = max(ctx // 2, 1) if stride is None else stride
     if len(ids) < 2:
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    check_threads(ap, args.threads)
     return exit_on_error("tinybit.eval", args.debug, lambda: run(args))
 
 
@@ -71,8 +73,6 @@ def run(args):
         raise UsageError(f"--stride must be in 1..--ctx ({args.ctx}), got {args.stride}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2 (perplexity scores token 1 onwards), got {args.max_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"-t/--threads must be >= 1, got {args.threads}")
     if not os.path.isdir(args.model):
         raise UsageError(f"--model: {args.model} is not a directory")
     try:

@@ -43,8 +43,8 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
-    if seed is not None and not isinstance(seed, (int, np.integer)):
-        raise UsageError(f"--seed must be an integer, got {seed!r}")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
     if not (np.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -166,13 +166,11 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
     stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
     truncate: keep the end of a prompt too long for the context (generate_tokens).
     A model without a tokenizer takes and returns token ids."""
+    from .model import check_token_ids
     if isinstance(prompt, str):
         prompt_ids = encode_prompt(model, prompt, chat=chat)
     else:
-        ids = np.asarray(prompt if isinstance(prompt, (list, tuple, np.ndarray)) else [None])
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise UsageError(f"prompt: expected a string or a 1-D sequence of integer token ids, got {prompt!r:.60}")
-        prompt_ids = [int(t) for t in ids]
+        prompt_ids = check_token_ids(prompt, "prompt (a string or token ids)").tolist()
     tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats,
                              truncate=truncate)
     if model.tokenizer is None:
@@ -208,9 +206,16 @@ def parse_args(argv):
                          "instead of being an error")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"argument -t/--threads: must be >= 1, got {args.threads}")
+    check_threads(ap, args.threads)
     return args
+
+
+def check_threads(ap, threads):
+    """-t/--threads within 1..the cores numba sees (the kernels' thread pool), else a one-line error."""
+    import numba
+    n_max = numba.config.NUMBA_NUM_THREADS
+    if threads is not None and not 1 <= threads <= n_max:
+        ap.error(f"argument -t/--threads: must be in 1..{n_max} (the cores numba sees), got {threads}")
 
 
 def exit_on_error(prog, debug, body):

@@ -5,6 +5,8 @@ Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
 
 - ternary_matmul(w_packed, x_q): ternary planes x int8 -> exact int32 sums.
 - binary_matmul(w_packed, x_q):  binary planes x int8 -> exact int32 sums.
+- ternary_matmuls(ws, x_q), binary_matmuls(ws, x_q): the same for several matrices that read the same x
+  (q, k, v of a layer) in one call.
 - binary_matmul_f32(w_packed, x): binary planes x float32 -> float32 (OneBit, W1A16).
 - lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
 - vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
@@ -33,7 +35,8 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
 - Accumulators that the vector loops write (the per-token kernels' lanes, a table row's per-step
   sum) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps them in
   registers and drops the overlap checks it would otherwise run at every block (GEMV: ~1.4x).
-- Threads: prange over chunks of output rows; the chunk count is an argument (numba's
+- Threads: prange over chunks of output rows (of all the matrices of a call, one after the other: a
+  chunk may span the end of q and the start of k); the chunk count is an argument (numba's
   get_num_threads() inside a cached function would make it uncacheable). Calls with little work
   (small layers, one token) run the row function directly, with no parallel region.
 - Weights stream from memory once per token: each pass prefetches the rows PREFETCH_ROWS ahead
@@ -167,7 +170,7 @@ def set_threads(n=None, blas=True):
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
-        raise UsageError(f"threads (-t/--threads) must be an integer in 1..{n_max}, the cores numba sees, got {n!r}")
+        raise UsageError(f"threads must be an integer in 1..{n_max} (the cores numba sees), got {n!r}")
     global kernel_threads, blas_threads
     numba.set_num_threads(int(n))
     kernel_threads = int(n)
@@ -205,9 +208,9 @@ def _prefetch_rows(w, r, last):
 
 
 def _launch(par, rows, ws, args, ys, work):
-    """ys[m] = rows(ws[m], *args, ys[m], ...) for each weight matrix m (several: q/k/v in one call):
-    par(ws, *args, ys, n_chunks) over chunks of the rows of all the matrices (one chunk per thread),
-    or rows(w, *args, y, 0, n_out) per matrix when one chunk will do (no parallel region)."""
+    """Fill ys[m] (the output of weight matrix m; several: q/k/v in one call) by rows(ws[m], *args,
+    ys[m], r0, r1): par(ws, *args, ys, n_chunks) over chunks of the rows of all the matrices (one chunk
+    per thread), or rows(w, *args, y, 0, n_out) per matrix when one chunk will do (no parallel region)."""
     n_out = sum(w.shape[0] for w in ws)
     n_chunks = max(1, min(kernel_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
     if n_chunks == 1:
@@ -221,9 +224,11 @@ def _launch(par, rows, ws, args, ys, work):
 def _chunk(c, n_chunks, ws, m):
     """Rows [r0, r1) of matrix m of ws in chunk c of n_chunks (empty if r0 >= r1): the rows of all
     the matrices, one after the other, split into runs of whole ROWS-row groups."""
-    n_out, offset = 0, 0
+    offset = 0  # rows of the matrices before m
+    for i in range(m):
+        offset += ws[i].shape[0]
+    n_out = 0  # rows of all of them
     for i in range(len(ws)):
-        offset = n_out if i == m else offset
         n_out += ws[i].shape[0]
     groups = -(-n_out // ROWS)
     r0 = c * groups // n_chunks * ROWS - offset
@@ -752,7 +757,9 @@ def _check_packed(w, row_bytes, what):
     if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
         raise pack.PackError(f"{what}: expected a 2-D uint8 array with {row_bytes} bytes per row, got "
                              f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
-    return np.ascontiguousarray(w)
+    w = np.ascontiguousarray(w).view()
+    w.flags.writeable = False  # one compiled type for mapped (read-only) and in-memory weights
+    return w
 
 
 def _check_x(x, dtype=None):
@@ -799,6 +806,8 @@ def ternary_matmuls(ws, x_q):
     rows of all the matrices (q, k, v of a layer)."""
     x_q = _check_x(x_q, np.int8)
     ws = tuple(_check_packed(w, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes") for w in ws)
+    if not ws:
+        raise UsageError("ternary_matmuls: no weight matrices")
     n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK
     ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
     work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
@@ -819,6 +828,8 @@ def binary_matmuls(ws, x_q):
     """[binary_matmul(w, x_q) for w in ws] in one call (see ternary_matmuls)."""
     x_q = _check_x(x_q, np.int8)
     ws = tuple(_check_packed(w, pack.plane_row_bytes(x_q.shape[1]), "binary planes") for w in ws)
+    if not ws:
+        raise UsageError("binary_matmuls: no weight matrices")
     n_pad = ws[0].shape[1] // PLANE * BLOCK
     ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
     work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)

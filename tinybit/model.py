@@ -78,6 +78,15 @@ def quantize_tensors(config, float_tensors, onebit_method="svd", progress=None):
     return out
 
 
+def check_token_ids(ids, what):
+    """ids as a 1-D int64 array; a UsageError naming `what` unless a non-empty 1-D sequence of integers."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+        raise UsageError(f"{what}: expected a non-empty 1-D sequence of integer token ids, got {type(ids).__name__}"
+                         f"{' of ' + str(arr.dtype) + ' ' + str(arr.shape) if arr.ndim else ''}")
+    return arr.astype(np.int64)
+
+
 # --- building blocks ----------------------------------------------------------------------------
 
 def rms_norm(x, weight, eps):
@@ -198,10 +207,7 @@ class Model:
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
         Returns logits (T, vocab) float32, or (1, vocab) for the last position if last_only."""
         c = self.config
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size == 0 or tokens.dtype.kind not in "iu":
-            raise UsageError(f"tokens: expected a non-empty 1-D sequence of integer token ids, got "
-                             f"{tokens.dtype} of shape {tokens.shape}")
+        tokens = check_token_ids(tokens, "tokens")
         T, start = len(tokens), cache.length
         if start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
@@ -251,7 +257,8 @@ class Model:
 
     def logits(self, token_ids):
         """Logits (len, vocab) float32 of every position of token_ids, computed without a prior cache."""
-        return self.forward(token_ids, self.new_cache(max(len(token_ids), 1)))
+        ids = check_token_ids(token_ids, "token_ids")
+        return self.forward(ids, self.new_cache(len(ids)))
 
     def generate(self, prompt, **kwargs):
         """Text continuation of `prompt` (a string, or token ids); see tinybit.generate.generate."""
