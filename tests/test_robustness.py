@@ -628,6 +628,7 @@ def test_ctrl_c_while_streaming_keeps_the_text(tmp_path):
     (["--stride", "600"], "--stride"),
     (["--ctx", "1"], "--ctx"),
     (["-t", "0"], "--threads"),
+    (["-t", "99999"], "--threads"),
     (["--text", "/nonexistent/file.txt"], "--text"),
     (["--text", "EMPTY"], "perplexity needs at least 2"),
     (["--text", "BADUTF8"], "UTF-8"),

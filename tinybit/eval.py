@@ -60,7 +60,6 @@ def main(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    check_threads(ap, args.threads)
     return exit_on_error("tinybit.eval", args.debug, lambda: run(args))
 
 
@@ -71,6 +70,7 @@ def run(args):
         raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
     if args.stride is not None and not 1 <= args.stride <= args.ctx:
         raise UsageError(f"--stride must be in 1..--ctx ({args.ctx}), got {args.stride}")
+    check_threads(args.threads)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2 (perplexity scores token 1 onwards), got {args.max_tokens}")
     if not os.path.isdir(args.model):

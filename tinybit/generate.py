@@ -206,16 +206,15 @@ def parse_args(argv):
                          "instead of being an error")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    check_threads(ap, args.threads)
     return args
 
 
-def check_threads(ap, threads):
-    """-t/--threads within 1..the cores numba sees (the kernels' thread pool), else a one-line error."""
+def check_threads(threads):
+    """-t/--threads within 1..the cores numba sees (the kernels' thread pool), else a UsageError."""
     import numba
     n_max = numba.config.NUMBA_NUM_THREADS
     if threads is not None and not 1 <= threads <= n_max:
-        ap.error(f"argument -t/--threads: must be in 1..{n_max} (the cores numba sees), got {threads}")
+        raise UsageError(f"-t/--threads must be in 1..{n_max} (the cores numba sees), got {threads}")
 
 
 def exit_on_error(prog, debug, body):
@@ -245,6 +244,7 @@ def main(argv=None):
 def run(args):
     """Load the model, stream the continuation to stdout, stats to stderr."""
     from .model import load
+    check_threads(args.threads)
     stats, out = {}, sys.stdout
     path = args.model or DEFAULT_MODEL
     if args.model is None and not os.path.isdir(path):
