@@ -156,11 +156,14 @@ def test_linears_sharing_an_input_in_one_call(monkeypatch, threads, spec, tokens
     np.testing.assert_array_equal(mixed[1], linear.apply(f32, x))
 
 
-@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head"])
-def test_many_token_path_equals_reference(models, arch):
-    """Many tokens: lut/vq layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS on),
-    the int8 head runs its kernel over every token."""
+@pytest.mark.parametrize("block_rows", [None, 3])  # one block per layer; blocks of 3 rows (8 with groups of 8)
+@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head", "lut4-rows"])
+def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows):
+    """Many tokens: lut/vq/int8 layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS
+    on), a block of rows at a time, blocks aligned to the LUT/codebook groups."""
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
+    if block_rows:
+        monkeypatch.setattr(linear, "DEQUANT_BYTES", 4 * block_rows * fast.config.dim)
     ids = (IDS * 8)[:linear.DEQUANT_MIN_TOKENS + 3]
     a, b = fast.logits(ids), ref.logits(ids)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

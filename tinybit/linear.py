@@ -25,10 +25,11 @@ import numpy as np
 from . import kernels, pack, quant
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
-# The weight-only schemes lut and vq run many-token inputs (prefill, perplexity windows) as one float32
-# BLAS product with the dequantized weight: the same y, summed in another order, and far faster
-# than bucket sums once the unpack is shared by this many tokens.
+# The weight-only schemes lut, vq and int8 run many-token inputs (prefill, perplexity windows) as float32
+# BLAS products with the dequantized weight, DEQUANT_BYTES of it at a time: the same y, summed in another
+# order, and far faster than bucket sums or per-row dot products once this many tokens share the unpack.
 DEQUANT_MIN_TOKENS = 32
+DEQUANT_BYTES = 16 << 20
 # In a model whose other linears use the Numba kernels, NumPy's BLAS is kept on one thread (the two
 # thread pools would compete for the cores): its large float layers (a tied head) over at most this
 # many tokens then run kernels.f32_matmul on the kernels' threads (2b4t head, 2 threads: 30 vs 41 ms).
@@ -138,8 +139,8 @@ def apply(layer, x, ref=False):
         y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
         y = y * layer["h"]
         return layer_norm(y) if spec.get("post_ln") else y
-    if s in ("lut", "vq") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
-        return x @ dequantize(layer).T
+    if s in ("lut", "vq", "int8") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
+        return _dequantized_matmul(layer, x)
     if s == "int8":
         return (k.int8_matmul_ref if ref else k.int8_matmul)(layer["w_q"], x) * layer["scale"]
     if s == "lut":
@@ -176,6 +177,26 @@ def _apply_integer(layers, x, ref):
         g = spec.get("group_rows")  # beta per group of g rows
         scales = [np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"] for layer in layers]
     return [acc.astype(np.float32) * (scale / sx) for acc, scale in zip(accs, scales)]
+
+
+def _dequantized_matmul(layer, x):
+    """x @ dequantize(layer).T for a weight-only layer, a block of rows at a time (a whole float32 copy
+    of a large head would be gigabytes). Blocks start at a multiple of the layer's group_rows."""
+    n_out, n_in, g = layer["n_out"], layer["n_in"], layer["scheme"].get("group_rows") or 0
+    rows = max(DEQUANT_BYTES // (4 * n_in), 1)
+    rows = max(rows // g * g, g) if g else rows
+    y = np.empty((x.shape[0], n_out), np.float32)
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
+        block = dict(layer, n_out=r1 - r0)
+        for key in ("w_q", "w_idx", "scale"):  # one per row
+            if key in layer:
+                block[key] = layer[key][r0:r1]
+        for key in ("lut", "codebook"):  # one per group of rows (or one for the tensor)
+            if key in layer and g:
+                block[key] = layer[key][r0 // g:-(-r1 // g)]
+        y[:, r0:r1] = x @ dequantize(block).T
+    return y
 
 
 def dequantize(layer):
