@@ -561,8 +561,9 @@ def _binary_tables(xt, s, tab):
         t = tab[16 * L * m:16 * L * (m + 1)]
         for l in range(L):
             a, b, c, d = x0[l], x1[l], x2[l], x3[l]
-            lo0, lo1, lo2, lo3 = -a - b, a - b, b - a, a + b  # bits 0, 1 of e
-            hi0, hi1, hi2, hi3 = -c - d, c - d, d - c, c + d  # bits 2, 3 of e
+            # bits 0, 1 and bits 2, 3 of e (int16: numba would keep these sums in int64, 8 per vector)
+            lo0, lo1, lo2, lo3 = np.int16(-a - b), np.int16(a - b), np.int16(b - a), np.int16(a + b)
+            hi0, hi1, hi2, hi3 = np.int16(-c - d), np.int16(c - d), np.int16(d - c), np.int16(c + d)
             t[l], t[L + l], t[2 * L + l], t[3 * L + l] = lo0 + hi0, lo1 + hi0, lo2 + hi0, lo3 + hi0
             t[4 * L + l], t[5 * L + l], t[6 * L + l], t[7 * L + l] = lo0 + hi1, lo1 + hi1, lo2 + hi1, lo3 + hi1
             t[8 * L + l], t[9 * L + l], t[10 * L + l], t[11 * L + l] = lo0 + hi2, lo1 + hi2, lo2 + hi2, lo3 + hi2
