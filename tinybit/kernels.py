@@ -805,19 +805,7 @@ def ternary_matmul(w_packed, x_q):
 def ternary_matmuls(ws, x_q):
     """[ternary_matmul(w, x_q) for w in ws] in one call: one padded x, one parallel region over the
     rows of all the matrices (q, k, v of a layer)."""
-    x_q = _check_x(x_q, np.int8)
-    ws = tuple(_check_packed(w, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes") for w in ws)
-    if not ws:
-        raise UsageError("ternary_matmuls: no weight matrices")
-    n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK
-    ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
-    work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
-    if x_q.shape[0] >= GEMM_MIN_TOKENS:
-        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), False), ys, work)
-    else:
-        xp = _padded(x_q, n_pad, np.int16)
-        _launch(_ternary_par, _ternary_rows, ws, (xp, -xp), ys, work)
-    return list(ys)
+    return _plane_matmuls(ws, x_q, binary=False)
 
 
 def binary_matmul(w_packed, x_q):
@@ -827,18 +815,28 @@ def binary_matmul(w_packed, x_q):
 
 def binary_matmuls(ws, x_q):
     """[binary_matmul(w, x_q) for w in ws] in one call (see ternary_matmuls)."""
+    return _plane_matmuls(ws, x_q, binary=True)
+
+
+def _plane_matmuls(ws, x_q, binary):
+    """ternary_matmuls, or binary_matmuls if `binary`: the table GEMM from GEMM_MIN_TOKENS tokens on,
+    else the per-token kernels (ternary: x and -x; binary: x and sum(x))."""
     x_q = _check_x(x_q, np.int8)
-    ws = tuple(_check_packed(w, pack.plane_row_bytes(x_q.shape[1]), "binary planes") for w in ws)
+    planes, what = (1, "binary planes") if binary else (2, "ternary planes")
+    ws = tuple(_check_packed(w, planes * pack.plane_row_bytes(x_q.shape[1]), what) for w in ws)
     if not ws:
-        raise UsageError("binary_matmuls: no weight matrices")
-    n_pad = ws[0].shape[1] // PLANE * BLOCK
+        raise UsageError(f"{what}: no weight matrices")
+    n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
     ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
     work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
     if x_q.shape[0] >= GEMM_MIN_TOKENS:
-        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), True), ys, work)
-    else:
+        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), binary), ys, work)
+    elif binary:
         x = _padded(x_q, n_pad, np.int16)
         _launch(_binary_par, _binary_rows, ws, (x, x.sum(axis=1, dtype=np.int64)), ys, work)
+    else:
+        x = _padded(x_q, n_pad, np.int16)
+        _launch(_ternary_par, _ternary_rows, ws, (x, -x), ys, work)
     return list(ys)
 
 

@@ -196,24 +196,23 @@ def read_weight_file(path):
     raise UsageError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pt or .pth)")
 
 
-def read_json(path, required=False):
-    if not os.path.exists(path):
-        if required:
-            raise FormatError(f"{path}: not found")
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from None
-
-
 def read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: cannot read as UTF-8 text: {e}") from None
+
+
+def read_json(path, required=False):
+    if not os.path.exists(path):
+        if required:
+            raise FormatError(f"{path}: not found")
+        return None
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: cannot read JSON: {e}") from None
 
 
 class Source:
