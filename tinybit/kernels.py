@@ -429,6 +429,7 @@ def _binary_f32_par(ws, x, xsum, ys, n_chunks):
 
 # --- GEMM: tokens on the lanes, tables of pair (ternary) / quad (binary) sums ------------------
 
+ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
 GEMM_LANES = 128  # tokens per tile: 4 x 32 int16 lanes
 GEMM_ROWS = 256  # rows per block: their int16 accumulators (64 KB) stay in L2
 GEMM_MIN_TOKENS = 64  # from this many tokens on, the table kernels beat the per-token ones (measured)
@@ -452,18 +453,32 @@ def _stack_array(typingctx, n, dtype):
     return types.CPointer(dtype.dtype)(n, dtype), codegen
 
 
+@njit(cache=True, inline="always")
+def _aligned_empty(n, dtype):
+    """np.empty(n, dtype) starting on a cache line: numba's np.empty promises only 32 bytes, and a
+    table whose vectors straddle lines made the table GEMM 1.4x slower (in some processes, not others)."""
+    buf = np.empty(n + ALIGN, dtype)
+    off = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN // buf.itemsize
+    return buf[off:off + n]
+
+
 def _lanes_major(x_q, n_pad):
-    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16: tile i, input j, token lane l."""
+    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16: tile i, input j, token lane l; on
+    a cache line (NumPy promises 16 bytes)."""
     n_tiles = -(-x_q.shape[0] // GEMM_LANES)
     xt = np.zeros((n_tiles * GEMM_LANES, n_pad), np.int16)
     xt[:x_q.shape[0], :x_q.shape[1]] = x_q
-    return np.ascontiguousarray(xt.reshape(n_tiles, GEMM_LANES, n_pad).transpose(0, 2, 1))
+    buf = np.empty(xt.size + ALIGN // 2, np.int16)
+    out = buf[-buf.ctypes.data % ALIGN // 2:][:xt.size].reshape(n_tiles, n_pad, GEMM_LANES)
+    out[:] = xt.reshape(n_tiles, GEMM_LANES, n_pad).transpose(0, 2, 1)
+    return out
 
 
 @njit(cache=True, inline="always")
 def _table_rows(codes, tab, n_ptr, acc16, rb0, rb1):
     """acc16[r - rb0] += sum of the n_ptr table entries that row r's codes select, r in rb0..rb1-1.
-    codes (rows, n_ptr) uint8 = entry numbers; tab (n_entries * GEMM_LANES,) int16; acc16 (rows, lanes)."""
+    codes (rows, n_ptr) uint8 = entry numbers (contiguous: 256 rows at a 1280-byte stride fell on 16
+    of the L1's 64 sets and evicted table lines); tab (n_entries * GEMM_LANES,) int16; acc16 (rows, lanes)."""
     tmp = numba.carray(_stack_array(GEMM_LANES, np.int16), GEMM_LANES)  # registers, in effect
     for r in range(rb0, rb1):
         c = codes[r - rb0]
@@ -492,23 +507,24 @@ def _pair_code(nz, ng, p):
 
 @njit(cache=True)
 def _ternary_pair_codes(w, r0, r1, codes):
-    """codes[r - r0, 16 s + m] = 9 m + 3 a0 + a1 for pair m of step s of row r, where a = 0, 1, 2 for
-    weight 0, +1, -1. Step s = (block b, bit pair p2, half h) pairs inputs i0 = 256 b + 64 p2 + 16 h + m
-    and i1 = i0 + 32: bits 2 p2 and 2 p2 + 1 of plane byte j = 16 h + m. (Vectorized over j.)"""
-    for r in range(r0, r1):
-        wr, cr = w[r], codes[r - r0]
-        for b in range(wr.shape[0] // (2 * PLANE)):
-            nz, ng = wr[2 * PLANE * b:2 * PLANE * b + PLANE], wr[2 * PLANE * b + PLANE:2 * PLANE * (b + 1)]
-            c0, c1 = cr[128 * b:128 * b + 32], cr[128 * b + 32:128 * b + 64]
-            c2, c3 = cr[128 * b + 64:128 * b + 96], cr[128 * b + 96:128 * b + 128]
-            for j in range(PLANE):
-                n = nz[j]
-                g = ng[j] & n  # a negative bit counts only on a nonzero weight
-                m = np.uint8(9 * (j % TERNARY_STEP_PAIRS))
-                c0[j] = _pair_code(n, g, 0) + m
-                c1[j] = _pair_code(n, g, 2) + m
-                c2[j] = _pair_code(n, g, 4) + m
-                c3[j] = _pair_code(n, g, 6) + m
+    """codes[s, r - r0, m] = 9 m + 3 a0 + a1 for pair m of step s of row r, where a = 0, 1, 2 for
+    weight 0, +1, -1. Step s = 8 b + 2 p2 + h (block b, bit pair p2, half h) pairs inputs
+    i0 = 256 b + 64 p2 + 16 h + m and i1 = i0 + 32: bits 2 p2 and 2 p2 + 1 of plane byte 16 h + m."""
+    for b in range(w.shape[1] // (2 * PLANE)):  # (blocks outer: each step's codes are written in order)
+        for r in range(r0, r1):
+            for h in range(2):  # (vectorized over m)
+                o = 2 * PLANE * b + 16 * h
+                nz, ng = w[r, o:o + 16], w[r, o + PLANE:o + PLANE + 16]
+                c0, c1, c2, c3 = codes[8 * b + h, r - r0], codes[8 * b + 2 + h, r - r0], \
+                    codes[8 * b + 4 + h, r - r0], codes[8 * b + 6 + h, r - r0]
+                for m in range(TERNARY_STEP_PAIRS):
+                    n = nz[m]
+                    g = ng[m] & n  # a negative bit counts only on a nonzero weight
+                    m9 = np.uint8(9 * m)
+                    c0[m] = _pair_code(n, g, 0) + m9
+                    c1[m] = _pair_code(n, g, 2) + m9
+                    c2[m] = _pair_code(n, g, 4) + m9
+                    c3[m] = _pair_code(n, g, 6) + m9
 
 
 @njit(cache=True, inline="always")
@@ -527,27 +543,41 @@ def _ternary_tables(xt, s, tab):
 
 
 @njit(cache=True, inline="always")
+def _flush(acc16, acc32):
+    """acc32 += acc16; acc16 = 0. (As loops: `acc32 += acc16` on these views of one buffer each
+    ran 1.3x slower over the whole GEMM.)"""
+    for r in range(acc16.shape[0]):
+        a16, a32 = acc16[r], acc32[r]
+        for l in range(a16.shape[0]):
+            a32[l] += a16[l]
+            a16[l] = 0
+
+
+@njit(cache=True, inline="always")
 def _store_tile(acc32, y, tile, rb0, rb1):
-    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed."""
+    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed in squares of 16 rows
+    (one cache line of a row of y) by the lanes: element by element along y's columns was 9x slower."""
     t0 = tile * GEMM_LANES
-    for r in range(rb0, rb1):
+    for q0 in range(rb0, rb1, 16):
         for l in range(min(GEMM_LANES, y.shape[0] - t0)):
-            y[t0 + l, r] = acc32[r - rb0, l]
+            yl = y[t0 + l]
+            for r in range(q0, min(q0 + 16, rb1)):
+                yl[r] = acc32[r - rb0, l]
 
 
 @njit(cache=True)
 def _binary_quad_codes(w, r0, r1, codes):
-    """codes[r - r0, 8 s + m] = 16 m + (the 4 weight bits of quad m of step s of row r). Step
-    s = (block b, nibble h, eighth q) groups inputs 256 b + 32 (4 h + i) + j, i = 0..3, j = 8 q + m:
-    bits 4 h .. 4 h + 3 of plane byte j."""
-    for r in range(r0, r1):
-        wr, cr = w[r], codes[r - r0]
-        for b in range(wr.shape[0] // PLANE):
-            plane = wr[PLANE * b:PLANE * (b + 1)]
+    """codes[s, r - r0, m] = 16 m + (the 4 weight bits of quad m of step s of row r). Step
+    s = 8 b + 4 h + q (block b, nibble h, eighth q) groups inputs 256 b + 32 (4 h + i) + j, i = 0..3,
+    j = 8 q + m: bits 4 h .. 4 h + 3 of plane byte j."""
+    for b in range(w.shape[1] // PLANE):  # (blocks outer: each step's codes are written in order)
+        for r in range(r0, r1):
+            plane = w[r, PLANE * b:PLANE * (b + 1)]
             for h in range(2):
-                c = cr[64 * b + 32 * h:64 * b + 32 * h + 32]
-                for j in range(PLANE):
-                    c[j] = ((plane[j] >> np.uint8(4 * h)) & np.uint8(15)) + np.uint8(16 * (j % BINARY_STEP_QUADS))
+                for q in range(4):
+                    c, pq = codes[8 * b + 4 * h + q, r - r0], plane[8 * q:8 * q + 8]
+                    for m in range(BINARY_STEP_QUADS):
+                        c[m] = ((pq[m] >> np.uint8(4 * h)) & np.uint8(15)) + np.uint8(16 * m)
 
 
 @njit(cache=True, inline="always")
@@ -578,10 +608,10 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
         n_steps, n_ptr, n_entries = w.shape[1] // PLANE * 8, BINARY_STEP_QUADS, 16 * BINARY_STEP_QUADS
     else:  # ... or 16 pairs (9 entries each) of inputs
         n_steps, n_ptr, n_entries = w.shape[1] // (2 * PLANE) * 8, TERNARY_STEP_PAIRS, 9 * TERNARY_STEP_PAIRS
-    tab = np.empty(n_entries * GEMM_LANES, np.int16)
-    acc16 = np.empty((GEMM_ROWS, GEMM_LANES), np.int16)
-    acc32 = np.empty((GEMM_ROWS, GEMM_LANES), np.int32)
-    codes = np.empty((GEMM_ROWS, n_steps * n_ptr), np.uint8)
+    tab = _aligned_empty(n_entries * GEMM_LANES, np.int16)
+    acc16 = _aligned_empty(GEMM_ROWS * GEMM_LANES, np.int16).reshape((GEMM_ROWS, GEMM_LANES))
+    acc32 = _aligned_empty(GEMM_ROWS * GEMM_LANES, np.int32).reshape((GEMM_ROWS, GEMM_LANES))
+    codes = np.empty((n_steps, GEMM_ROWS, n_ptr), np.uint8)
     for rb0 in range(r0, r1, GEMM_ROWS):
         rb1 = min(rb0 + GEMM_ROWS, r1)
         if binary:
@@ -592,7 +622,7 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
             acc16[:] = 0
             acc32[:] = 0
             for s in range(n_steps):
-                step_codes = codes[:, n_ptr * s:n_ptr * (s + 1)]
+                step_codes = codes[s]
                 if binary:  # (the constant pointer counts let each inlined copy unroll)
                     _binary_tables(xT[tile], s, tab)
                     _table_rows(step_codes, tab, BINARY_STEP_QUADS, acc16, rb0, rb1)
@@ -600,8 +630,7 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
                     _ternary_tables(xT[tile], s, tab)
                     _table_rows(step_codes, tab, TERNARY_STEP_PAIRS, acc16, rb0, rb1)
                 if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
-                    acc32 += acc16
-                    acc16[:] = 0
+                    _flush(acc16, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
 
 
