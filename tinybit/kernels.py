@@ -463,15 +463,30 @@ def _aligned_empty(n, dtype):
 
 
 def _lanes_major(x_q, n_pad):
-    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16: tile i, input j, token lane l; on
-    a cache line (NumPy promises 16 bytes)."""
+    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16: tile i, input j, token lane l, zeros
+    past the tokens and n_in; on a cache line (NumPy promises 16 bytes)."""
     n_tiles = -(-x_q.shape[0] // GEMM_LANES)
-    xt = np.zeros((n_tiles * GEMM_LANES, n_pad), np.int16)
-    xt[:x_q.shape[0], :x_q.shape[1]] = x_q
-    buf = np.empty(xt.size + ALIGN // 2, np.int16)
-    out = buf[-buf.ctypes.data % ALIGN // 2:][:xt.size].reshape(n_tiles, n_pad, GEMM_LANES)
-    out[:] = xt.reshape(n_tiles, GEMM_LANES, n_pad).transpose(0, 2, 1)
-    return out
+    size = n_tiles * n_pad * GEMM_LANES
+    buf = np.zeros(size + ALIGN // 2, np.int16)
+    xt = buf[-buf.ctypes.data % ALIGN // 2:][:size].reshape(n_tiles, n_pad, GEMM_LANES)
+    _transpose_tiles(x_q, xt)
+    return xt
+
+
+@njit(cache=True)
+def _transpose_tiles(x_q, xt):
+    """xt[i, j, l] = x_q[GEMM_LANES i + l, j], 4 inputs per pass (NumPy's strided copy: 3.6x slower)."""
+    n_in, n_fours = x_q.shape[1], x_q.shape[1] - x_q.shape[1] % 4
+    for i in range(xt.shape[0]):
+        x_tile = x_q[GEMM_LANES * i:GEMM_LANES * (i + 1)]
+        for j0 in range(0, n_fours, 4):
+            o0, o1, o2, o3 = xt[i, j0], xt[i, j0 + 1], xt[i, j0 + 2], xt[i, j0 + 3]
+            for l in range(x_tile.shape[0]):
+                x = x_tile[l]
+                o0[l], o1[l], o2[l], o3[l] = x[j0], x[j0 + 1], x[j0 + 2], x[j0 + 3]
+        for j in range(n_fours, n_in):
+            for l in range(x_tile.shape[0]):
+                xt[i, j, l] = x_tile[l, j]
 
 
 @njit(cache=True, inline="always")
