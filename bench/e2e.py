@@ -261,7 +261,8 @@ def main(argv=None):
             print("llama.cpp was not run (llama-cpp-python not installed); the table compares with the reference "
                   "anchor measured with llama-bench on a 2-vCPU AMD EPYC Zen 4 (not measured here, Q6_K head there)",
                   file=sys.stderr if args.json else sys.stdout)
-        run_child("tinybit", model_dir, threads[0], args, warm_only=True)  # fills numba's cache
+        for n in threads:  # fills numba's cache (one thread runs no parallel region: its kernels differ)
+            run_child("tinybit", model_dir, n, args, warm_only=True)
         if gguf_path:  # the same function? (else the speed comparison means nothing)
             rel, same = logits_parity(model_dir, gguf_path)
             if args.json:
