@@ -432,7 +432,7 @@ def _binary_f32_par(ws, x, xsum, ys, n_chunks):
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
 GEMM_LANES = 128  # tokens per tile: 4 x 32 int16 lanes
 GEMM_ROWS = 256  # rows per block: their int16 accumulators (64 KB) stay in L2
-GEMM_MIN_TOKENS = 64  # from this many tokens on, the table kernels beat the per-token ones (measured)
+GEMM_MIN_TOKENS = 40  # from this many tokens on, the table kernels beat the per-token ones (measured: equal at 32)
 TERNARY_STEP_PAIRS = 16  # input pairs per step: 16 pairs x 9 entries x 128 lanes x 2 B = 36 KB of tables
 BINARY_STEP_QUADS = 8  # input quads per step: 8 quads x 16 entries x 128 lanes x 2 B = 32 KB
 # A step adds at most 16 pairs x 2 x 128 (ternary) or 8 quads x 4 x 128 (binary) = 4096 per lane:
