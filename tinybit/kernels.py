@@ -207,12 +207,18 @@ def _prefetch_rows(w, r, last):
             _prefetch(row, i)
 
 
+@njit(cache=True)
+def _n_chunks(n_out, work, threads, min_work):
+    """Row chunks of a call over n_out rows with `work` products: one per thread, at least min_work
+    products and one ROWS-row group each (1: run the row function directly, no parallel region)."""
+    return max(1, min(threads, -(-n_out // ROWS), work // min_work))
+
+
 def _launch(par, rows, ws, args, ys, work):
     """Fill ys[m] (the output of weight matrix m; several: q/k/v in one call) by rows(ws[m], *args,
     ys[m], r0, r1): par(ws, *args, ys, n_chunks) over chunks of the rows of all the matrices (one chunk
     per thread), or rows(w, *args, y, 0, n_out) per matrix when one chunk will do (no parallel region)."""
-    n_out = sum(w.shape[0] for w in ws)
-    n_chunks = max(1, min(kernel_threads, -(-n_out // ROWS), work // MIN_WORK_PER_THREAD))
+    n_chunks = _n_chunks(sum(w.shape[0] for w in ws), work, kernel_threads, MIN_WORK_PER_THREAD)
     if n_chunks == 1:
         for w, y in zip(ws, ys):
             rows(w, *args, y, 0, w.shape[0])

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from . import io, linear
+from . import decode, io, kernels, linear
 from .errors import FormatError, QuantError, UsageError
 
 
@@ -78,6 +78,14 @@ def quantize_tensors(config, float_tensors, onebit_method="svd", progress=None):
     return out
 
 
+BLOCK_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")
+
+
+def overflow_error(names):
+    return FormatError(f"the input of {', '.join(names)} is NaN or Inf: the model's weights or scales overflow float32")
+
+
 def check_token_ids(ids, what):
     """ids as a 1-D int64 array; a UsageError naming `what` unless a non-empty 1-D sequence of integers."""
     arr = np.asarray(ids)
@@ -90,8 +98,11 @@ def check_token_ids(ids, what):
 # --- building blocks ----------------------------------------------------------------------------
 
 def rms_norm(x, weight, eps):
-    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d)."""
-    return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
+    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d).
+    The mean of squares is summed in float64, then rounded: float32's value of it, whatever the
+    order of the sum (decode.py's one-token block sums in another order and gets the same)."""
+    mean_sq = np.square(x, dtype=np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
+    return weight * (x / np.sqrt(mean_sq + np.float32(eps)))
 
 
 def gate_activation(x, name):
@@ -188,6 +199,15 @@ class Model:
                                                c.vocab_size, c.dim)
         self.norms = {k: v for k, v in tensors.items() if k.endswith("norm.weight")}
         self.inv_freq = rope_inv_freq(c)
+        # one-token steps through blocks whose linears are all ternary run compiled (decode.py)
+        self.compiled_blocks = {}  # i -> decode.block_args of block i
+        for i in range(c.n_layers if not ref else 0):
+            p = f"layers.{i}."
+            layers = [self.linears[p + name] for name in BLOCK_LINEARS]
+            if all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
+                norms = [self.norms.get(p + name + ".weight") for name in BLOCK_NORMS]
+                self.compiled_blocks[i] = decode.block_args(norms, layers)
+        self.work = None  # decode.workspace, made at the first compiled step
 
     def new_cache(self, max_len=None):
         return KVCache(self.config, max_len or self.config.max_seq_len)
@@ -200,8 +220,7 @@ class Model:
         try:
             return linear.apply_many([self.linears[name] for name in names], x, ref=self.ref)
         except QuantError:  # absmax of a NaN/Inf input: something upstream overflowed float32
-            raise FormatError(f"the input of {', '.join(names)} is NaN or Inf: the model's weights or scales "
-                              "overflow float32") from None
+            raise overflow_error(names) from None
 
     def forward(self, tokens, cache, last_only=False):
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
@@ -233,6 +252,8 @@ class Model:
     def block(self, i, x, cache, cos, sin):
         """Transformer block i over x (T, dim) at positions cache.length.. ; writes its keys and
         values into the cache (cache.length is advanced by forward, after the last block)."""
+        if len(x) == 1 and i in self.compiled_blocks:
+            return self._block_step(i, x, cache, cos, sin)
         c, p = self.config, f"layers.{i}."
         T, start = len(x), cache.length
         # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
@@ -254,6 +275,24 @@ class Model:
         if c.sub_norms:
             m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
         return x + self._linear(p + "down", m)
+
+    def _block_step(self, i, x, cache, cos, sin):
+        """block() for one token, x (1, dim), in compiled steps (decode.py): x is updated in place."""
+        c = self.config
+        if self.work is None or self.work[-1].shape[1] < cache.max_len:
+            self.work = decode.workspace(c, cache.max_len)
+        args, eps = self.compiled_blocks[i], np.float32(c.norm_eps)
+        threads = (kernels.kernel_threads, kernels.MIN_WORK_PER_THREAD)
+        failed = decode.attention_step(x[0], *args, cache.k[i], cache.v[i], cache.length, cos[0], sin[0],
+                                       self.work, eps, *threads)
+        if not failed:
+            gate, up = self.work[0][6:8]
+            m = gate_activation(gate, c.activation) * up
+            failed = decode.down_step(x[0], m, *args, self.work, eps, *threads)
+        if failed:
+            p = f"layers.{i}."
+            raise overflow_error([p + name for name in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))[failed - 1]])
+        return x
 
     def logits(self, token_ids):
         """Logits (len, vocab) float32 of every position of token_ids, computed without a prior cache."""

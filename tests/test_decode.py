@@ -1,0 +1,187 @@
+"""The compiled one-token block (tinybit/decode.py) against the NumPy block it replaces in decode."""
+import os
+
+import numba
+import numpy as np
+import pytest
+
+import tinybit
+from tinybit import decode, io, kernels, linear
+from tinybit import model as tbmodel
+from tinybit.errors import FormatError
+from util import random_float_tensors, save_random_model, tiny_config
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+ARCHS = {  # ternary blocks: every option the compiled block reads
+    "2b4t-gqa-relu2-subnorms": dict(sub_norms=True, activation="relu2", rope_theta=500000.0),
+    "1bitllm-mha-silu": dict(sub_norms=True, n_kv_heads=4),
+    "per-row-gqa4-gelu-odd": dict(quant={"scheme": "ternary", "per_row": True}, activation="gelu_tanh",
+                                  n_heads=8, n_kv_heads=2, head_dim=6, dim=47, ffn_dim=300),
+    "llama-plain-untied": dict(tie_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode")
+    out = {name: save_random_model(str(root / name), tiny_config(**{"quant": {"scheme": "ternary"}, **over}), seed=i)
+           for i, (name, over) in enumerate(ARCHS.items())}
+    out["shipped"] = SHIPPED
+    return out
+
+
+def numpy_blocks(m):
+    """The same model with every block on the NumPy path."""
+    m.compiled_blocks = {}
+    return m
+
+
+def decode_logits(m, ids, prefill=0):
+    cache = m.new_cache(len(ids))
+    rows = [m.forward(ids[:prefill], cache)] if prefill else []
+    return np.concatenate(rows + [m.forward([t], cache) for t in ids[prefill:]])
+
+
+# --- the pieces: the same floats as model.py's -------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 48, 256, 2560, 6912])
+def test_rms_norm_equals_model(n):
+    rng = np.random.default_rng(n)
+    for scale in (1e-3, 1.0, 1e4):
+        x = (rng.standard_normal(n) * scale).astype(np.float32)
+        w = rng.standard_normal(n).astype(np.float32)
+        out = np.empty_like(x)
+        decode._rms_norm(x, w, np.float32(1e-5), out)
+        np.testing.assert_array_equal(out, tbmodel.rms_norm(x[None], w, 1e-5)[0])
+        decode._rms_norm(x, w, np.float32(1e-5), x)  # in place
+        np.testing.assert_array_equal(x, out)
+
+
+def test_rope_equals_model():
+    rng = np.random.default_rng(0)
+    for heads, hd in ((4, 64), (3, 6), (20, 128)):
+        x = rng.standard_normal((heads, hd)).astype(np.float32)
+        cos, sin = rng.standard_normal((2, hd // 2)).astype(np.float32)
+        want = tbmodel.rope(x[None], cos[None], sin[None])[0]
+        decode._rope(x, cos, sin)
+        np.testing.assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("n_pos", [1, 2, 9, 130])
+@pytest.mark.parametrize("q_scale", [1, 20])  # 20: many scores below e^-60 of the largest (weight 0 in both)
+def test_attention_equals_model(n_heads, n_kv, n_pos, q_scale):
+    """Float32 sums in another order than BLAS: equal to float32 rounding of the scores, whose error
+    grows with their size (q_scale). The parallel version splits the heads among chunks and
+    computes each head alike."""
+    rng = np.random.default_rng(n_pos)
+    hd, max_len = 16, 140
+    q = (q_scale * rng.standard_normal((n_heads, hd))).astype(np.float32)
+    k_cache, v_cache = rng.standard_normal((2, n_kv, max_len, hd)).astype(np.float32)
+    want = tbmodel.attention(q[None], k_cache[:, :n_pos], v_cache[:, :n_pos], n_pos - 1)[0].reshape(n_heads, hd)
+    out, scores = np.zeros((n_heads, hd), np.float32), np.zeros((n_heads, max_len), np.float32)
+    decode._attention_heads(q, k_cache, v_cache, n_pos, scores, out, 0, n_heads)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * q_scale * np.abs(want).max())
+    for n_chunks in (2, 3):
+        par = np.zeros_like(out)
+        decode._attention_par(q, k_cache, v_cache, n_pos, scores, par, n_chunks)
+        np.testing.assert_array_equal(par, out)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("n_in", [47, 256, 300])
+def test_linears_equal_apply_many(threads, per_row, n_in):
+    """Quantization, the kernels (one call over the rows of all matrices, parallel when min_work
+    allows) and the scales give linear.apply_many's floats exactly."""
+    rng = np.random.default_rng(n_in)
+    spec = {"scheme": "ternary", "per_row": per_row}
+    layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
+              for n in (8, 5, 13)]
+    config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
+    floats, x_q, x16, accs, _ = decode.workspace(config, 4)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    x16[0][:] = 77  # stale values past n_in must not be read as inputs
+    _, ws, scales = decode.block_args([None] * 4, layers)
+    ys = tuple(np.zeros(n, np.float32) for n in (8, 5, 13))
+    outs = tuple(np.zeros((1, n), np.int32) for n in (8, 5, 13))
+    kernels.set_threads(threads)
+    try:
+        assert decode._linears(ws, scales, x, x_q, x16, floats[8], outs, ys, threads, 1)
+    finally:
+        kernels.set_threads()
+    for y, want in zip(ys, linear.apply_many(layers, x[None])):
+        np.testing.assert_array_equal(y, want[0])
+    x[3] = np.nan
+    assert not decode._linears(ws, scales, x, x_q, x16, floats[8], outs, ys, threads, 1)
+
+
+# --- the model: compiled blocks in decode, NumPy elsewhere ---------------------------------------
+
+IDS = [1, 17, 5, 33, 8, 60, 2, 11, 42, 3, 9, 27]
+
+
+def test_which_blocks_are_compiled(tmp_path, models):
+    """Ternary blocks; not the reference path, not other schemes, not a block with an override."""
+    assert sorted(tinybit.load(models["1bitllm-mha-silu"]).compiled_blocks) == [0, 1]
+    assert tinybit.load(models["1bitllm-mha-silu"], ref=True).compiled_blocks == {}
+    path = save_random_model(str(tmp_path / "binary"), tiny_config(quant={"scheme": "binary", "ln": True}))
+    assert tinybit.load(path).compiled_blocks == {}
+    config = tiny_config(quant={"scheme": "ternary"}, quant_overrides={"layers.1.down": {"scheme": "f32"}})
+    path = save_random_model(str(tmp_path / "mixed"), config)
+    assert sorted(tinybit.load(path).compiled_blocks) == [0]
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("arch", list(ARCHS) + ["shipped"])
+def test_compiled_decode_equals_numpy_blocks(monkeypatch, models, arch, threads):
+    """Token by token and after a prefill, 1 and 2 threads (every parallel split taken: min work 1):
+    the same logits as the NumPy blocks up to attention's summation order, and the same cache."""
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)
+    m = tinybit.load(models[arch], threads=threads)
+    ref = numpy_blocks(tinybit.load(models[arch], threads=threads))
+    ids = [t % m.config.vocab_size for t in IDS]
+    try:
+        for prefill in (0, 5):
+            got, want = decode_logits(m, ids, prefill), decode_logits(ref, ids, prefill)
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+        a, b = m.new_cache(len(ids)), ref.new_cache(len(ids))
+        for t in ids:
+            m.forward([t], a)
+            ref.forward([t], b)
+        np.testing.assert_allclose(a.k, b.k, rtol=0, atol=1e-6 * np.abs(b.k).max())
+        np.testing.assert_allclose(a.v, b.v, rtol=0, atol=1e-6 * np.abs(b.v).max())
+    finally:
+        kernels.set_threads()
+
+
+def test_compiled_decode_equals_full_recompute(models):
+    m = tinybit.load(models["2b4t-gqa-relu2-subnorms"])
+    full = m.logits(IDS)
+    assert np.abs(decode_logits(m, IDS) - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_workspace_follows_the_cache_length(models):
+    m = tinybit.load(models["1bitllm-mha-silu"])
+    for n in (4, 20, 8):
+        cache = m.new_cache(n)
+        for t in IDS[:4]:
+            m.forward([t], cache)
+        assert m.work[-1].shape[1] >= n
+
+
+@pytest.mark.parametrize("tensor,names", [("layers.0.down.scale", "layers.1.q, layers.1.k, layers.1.v"),
+                                          ("layers.0.o.scale", "layers.0.gate, layers.0.up"),
+                                          ("layers.1.up.scale", "layers.1.down")])
+def test_overflow_in_a_block_names_the_linears(tmp_path, tensor, names):
+    """A scale that makes a linear's output overflow float32: the next linear's input is NaN/Inf,
+    and decode says which, as the NumPy block does."""
+    config = tiny_config(quant={"scheme": "ternary"})
+    tensors = tbmodel.quantize_tensors(config, random_float_tensors(config))
+    tensors[tensor][:] = 3e38
+    path = str(tmp_path / "m")
+    io.save_model(path, config, tensors)
+    for m in (tinybit.load(path), numpy_blocks(tinybit.load(path))):
+        with pytest.raises(FormatError, match=f"the input of {names} is NaN or Inf"):
+            m.forward([3], m.new_cache(4))
