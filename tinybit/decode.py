@@ -23,8 +23,9 @@ from numba import njit, prange
 
 from . import kernels
 
+
 def workspace(config, max_len):
-    """The scratch buffers of block_step for a model of `config` and a cache of max_len positions:
+    """The scratch buffers of attention_step and down_step for a model of `config` and a cache of max_len positions:
     (floats, x_q, x16, accs, scores)."""
     c = config
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -185,13 +186,13 @@ def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
 
 
 def block_args(norm_weights, layers):
-    """(norms, ws, scales) of block_step for one block: norm_weights, its attn_norm, ffn_norm,
+    """(norms, ws, scales) of attention_step and down_step for one block: norm_weights, its attn_norm, ffn_norm,
     attn_sub_norm and ffn_sub_norm weights (None where the model has none); layers, its q, k, v, o,
     gate, up and down layers (linear.make dicts, ternary)."""
     norms = tuple(np.array(w if w is not None else (), np.float32) for w in norm_weights)
     ws = []
     for layer in layers:
         w = np.ascontiguousarray(layer["w_packed"]).view()
-        w.flags.writeable = False  # the type kernels._check_packed gives: one compiled block_step
+        w.flags.writeable = False  # the type kernels._check_packed gives: one compiled version
         ws.append(w)
     return norms, tuple(ws), tuple(np.array(layer["scale"], np.float32) for layer in layers)

@@ -172,6 +172,7 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0  # positions filled
+        self.work = None  # decode.workspace: the compiled one-token blocks' buffers, made at their first step
 
     @property
     def max_len(self):
@@ -207,7 +208,6 @@ class Model:
             if all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
                 norms = [self.norms.get(p + name + ".weight") for name in BLOCK_NORMS]
                 self.compiled_blocks[i] = decode.block_args(norms, layers)
-        self.work = None  # decode.workspace, made at the first compiled step
 
     def new_cache(self, max_len=None):
         return KVCache(self.config, max_len or self.config.max_seq_len)
@@ -279,16 +279,16 @@ class Model:
     def _block_step(self, i, x, cache, cos, sin):
         """block() for one token, x (1, dim), in compiled steps (decode.py): x is updated in place."""
         c = self.config
-        if self.work is None or self.work[-1].shape[1] < cache.max_len:
-            self.work = decode.workspace(c, cache.max_len)
+        if cache.work is None:
+            cache.work = decode.workspace(c, cache.max_len)
         args, eps = self.compiled_blocks[i], np.float32(c.norm_eps)
         threads = (kernels.kernel_threads, kernels.MIN_WORK_PER_THREAD)
         failed = decode.attention_step(x[0], *args, cache.k[i], cache.v[i], cache.length, cos[0], sin[0],
-                                       self.work, eps, *threads)
+                                       cache.work, eps, *threads)
         if not failed:
-            gate, up = self.work[0][6:8]
+            gate, up = cache.work[0][6:8]
             m = gate_activation(gate, c.activation) * up
-            failed = decode.down_step(x[0], m, *args, self.work, eps, *threads)
+            failed = decode.down_step(x[0], m, *args, cache.work, eps, *threads)
         if failed:
             p = f"layers.{i}."
             raise overflow_error([p + name for name in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))[failed - 1]])
