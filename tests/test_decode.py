@@ -89,6 +89,19 @@ def test_attention_equals_model(n_heads, n_kv, n_pos, q_scale):
         np.testing.assert_array_equal(par, out)
 
 
+def test_attention_nan_score_is_nan_as_in_model():
+    """A NaN key makes NumPy's max, so the softmax of those heads, NaN: the same here (not skipped)."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    k_cache, v_cache = rng.standard_normal((2, 2, 6, 8)).astype(np.float32)
+    k_cache[0, 2, 3] = np.nan  # KV head 0: query heads 0 and 1
+    want = tbmodel.attention(q[None], k_cache[:, :5], v_cache[:, :5], 4)[0].reshape(4, 8)
+    out = np.zeros((4, 8), np.float32)
+    decode._attention_heads(q, k_cache, v_cache, 5, np.zeros((4, 6), np.float32), out, 0, 4)
+    assert np.isnan(want[:2]).all() and np.isnan(out[:2]).all()
+    np.testing.assert_allclose(out[2:], want[2:], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("n_in", [47, 256, 300])
@@ -141,6 +154,7 @@ def test_compiled_decode_equals_numpy_blocks(monkeypatch, models, arch, threads)
     monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)
     m = tinybit.load(models[arch], threads=threads)
     ref = numpy_blocks(tinybit.load(models[arch], threads=threads))
+    assert sorted(m.compiled_blocks) == list(range(m.config.n_layers))
     ids = [t % m.config.vocab_size for t in IDS]
     try:
         for prefill in (0, 5):
@@ -163,18 +177,20 @@ def test_compiled_decode_equals_full_recompute(models):
 
 
 def test_each_cache_has_its_workspace(models):
-    """Buffers per cache (a sequence), not per model: two caches interleaved give what each alone does."""
+    """Buffers per cache (a sequence), not per model (another thread's step could otherwise overwrite
+    them between the two compiled calls): two caches interleaved give what each alone does."""
     m = tinybit.load(models["1bitllm-mha-silu"])
     a, b = m.new_cache(len(IDS)), m.new_cache(40)
     steps_a, steps_b = [], []
     for t in IDS:
         steps_a.append(m.forward([t], a))
         steps_b.append(m.forward([(3 * t) % m.config.vocab_size], b))
-    assert a.work is not b.work and b.work[-1].shape == (m.config.n_heads, 40)
+    assert a.work[1] is not b.work[1] and b.work[1][-1].shape == (m.config.n_heads, 40)
     np.testing.assert_array_equal(np.concatenate(steps_a), decode_logits(m, IDS))
 
 
 @pytest.mark.parametrize("tensor,names", [("layers.0.down.scale", "layers.1.q, layers.1.k, layers.1.v"),
+                                          ("layers.0.v.scale", "layers.0.o"),
                                           ("layers.0.o.scale", "layers.0.gate, layers.0.up"),
                                           ("layers.1.up.scale", "layers.1.down")])
 def test_overflow_in_a_block_names_the_linears(tmp_path, tensor, names):

@@ -100,7 +100,7 @@ def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
     scale = np.float32(hd ** -0.5)
     for h in range(h0, h1):
         qh, kh, vh, sc, o = q[h], k_cache[h // group], v_cache[h // group], scores[h], out[h]
-        top = -np.inf
+        top, nan = -np.inf, False
         for s in range(n_pos):
             ks = kh[s]
             d = np.float32(0)
@@ -108,6 +108,10 @@ def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
                 d += qh[j] * ks[j]
             sc[s] = d * scale
             top = max(top, sc[s])
+            nan |= sc[s] != sc[s]
+        if nan:  # NumPy's max is NaN, so is the head's output (max() above skips a NaN)
+            o[:] = np.nan
+            continue
         total = np.float32(0)
         for s in range(n_pos):
             d = sc[s] - top

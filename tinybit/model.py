@@ -83,6 +83,7 @@ BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")
 
 
 def overflow_error(names):
+    """The error for a linear whose input is NaN or Inf (an overflow upstream)."""
     return FormatError(f"the input of {', '.join(names)} is NaN or Inf: the model's weights or scales overflow float32")
 
 
@@ -99,8 +100,8 @@ def check_token_ids(ids, what):
 
 def rms_norm(x, weight, eps):
     """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d).
-    The mean of squares is summed in float64, then rounded: float32's value of it, whatever the
-    order of the sum (decode.py's one-token block sums in another order and gets the same)."""
+    The mean of squares is summed in float64, then rounded to float32: the order of the sum then
+    changes the float32 only at a rounding tie (decode.py's one-token block sums in another order)."""
     mean_sq = np.square(x, dtype=np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
     return weight * (x / np.sqrt(mean_sq + np.float32(eps)))
 
@@ -172,7 +173,7 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0  # positions filled
-        self.work = None  # decode.workspace: the compiled one-token blocks' buffers, made at their first step
+        self.work = None  # (config, decode.workspace): the compiled one-token blocks' buffers, made at their first step
 
     @property
     def max_len(self):
@@ -206,7 +207,8 @@ class Model:
             p = f"layers.{i}."
             layers = [self.linears[p + name] for name in BLOCK_LINEARS]
             if all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
-                norms = [self.norms.get(p + name + ".weight") for name in BLOCK_NORMS]
+                norms = [self.norms[p + name + ".weight"] if c.sub_norms or "sub" not in name else None
+                         for name in BLOCK_NORMS]
                 self.compiled_blocks[i] = decode.block_args(norms, layers)
 
     def new_cache(self, max_len=None):
@@ -251,7 +253,8 @@ class Model:
 
     def block(self, i, x, cache, cos, sin):
         """Transformer block i over x (T, dim) at positions cache.length.. ; writes its keys and
-        values into the cache (cache.length is advanced by forward, after the last block)."""
+        values into the cache (cache.length is advanced by forward, after the last block).
+        One token through a compiled block updates x in place and returns it."""
         if len(x) == 1 and i in self.compiled_blocks:
             return self._block_step(i, x, cache, cos, sin)
         c, p = self.config, f"layers.{i}."
@@ -279,16 +282,17 @@ class Model:
     def _block_step(self, i, x, cache, cos, sin):
         """block() for one token, x (1, dim), in compiled steps (decode.py): x is updated in place."""
         c = self.config
-        if cache.work is None:
-            cache.work = decode.workspace(c, cache.max_len)
+        if cache.work is None or cache.work[0] is not c:  # made for this model's shapes
+            cache.work = (c, decode.workspace(c, cache.max_len))
+        work = cache.work[1]
         args, eps = self.compiled_blocks[i], np.float32(c.norm_eps)
         threads = (kernels.kernel_threads, kernels.MIN_WORK_PER_THREAD)
         failed = decode.attention_step(x[0], *args, cache.k[i], cache.v[i], cache.length, cos[0], sin[0],
-                                       cache.work, eps, *threads)
+                                       work, eps, *threads)
         if not failed:
-            gate, up = cache.work[0][6:8]
+            gate, up = work[0][6:8]  # (ffn_dim,) each
             m = gate_activation(gate, c.activation) * up
-            failed = decode.down_step(x[0], m, *args, cache.work, eps, *threads)
+            failed = decode.down_step(x[0], m, *args, work, eps, *threads)
         if failed:
             p = f"layers.{i}."
             raise overflow_error([p + name for name in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))[failed - 1]])
@@ -307,7 +311,6 @@ class Model:
 
 def load(path, threads=None, ref=False):
     """Load a tinybit model directory: config.json, model.safetensors (memory-mapped), tokenizer.json."""
-    from . import kernels
     config = io.load_config(path)
     st_path = os.path.join(path, "model.safetensors")
     tensors = io.read_safetensors(st_path)
