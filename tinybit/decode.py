@@ -139,7 +139,7 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
     ws, scales: w_packed and gamma of q, k, v, o, gate, up, down; k_cache, v_cache (KV, max_len, hd):
     this layer's cache, position pos written here; cos, sin (hd/2,) of pos; work: workspace();
     threads, min_work: kernels.kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the linear
-    (1: q/k/v, 2: o, 3: gate/up) whose input had a NaN or Inf (x is then partly updated)."""
+    (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
     sq, sk, sv, so, sg, su, _ = scales
@@ -194,9 +194,6 @@ def block_args(norm_weights, layers):
     attn_sub_norm and ffn_sub_norm weights (None where the model has none); layers, its q, k, v, o,
     gate, up and down layers (linear.make dicts, ternary)."""
     norms = tuple(np.array(w if w is not None else (), np.float32) for w in norm_weights)
-    ws = []
-    for layer in layers:
-        w = np.ascontiguousarray(layer["w_packed"]).view()
-        w.flags.writeable = False  # the type kernels._check_packed gives: one compiled version
-        ws.append(w)
-    return norms, tuple(ws), tuple(np.array(layer["scale"], np.float32) for layer in layers)
+    # read-only views, as the kernels' callers pass them: one compiled version for mapped and in-memory weights
+    ws = tuple(kernels._check_packed(layer["w_packed"], layer["w_packed"].shape[1], "ternary planes") for layer in layers)
+    return norms, ws, tuple(np.array(layer["scale"], np.float32) for layer in layers)

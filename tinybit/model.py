@@ -24,16 +24,19 @@ from . import decode, io, kernels, linear
 from .errors import FormatError, QuantError, UsageError
 
 
+# the linears of a block, grouped by the input they read (one kernel call per group)
+BLOCK_CALLS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+BLOCK_LINEARS = sum(BLOCK_CALLS, ())
+BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")
+
+
 def linear_shapes(config):
     """[(name, n_out, n_in)] of every linear of the model, head included."""
     c = config
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = []
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        shapes += [(p + "q", q_dim, c.dim), (p + "k", kv_dim, c.dim), (p + "v", kv_dim, c.dim),
-                   (p + "o", c.dim, q_dim), (p + "gate", c.ffn_dim, c.dim), (p + "up", c.ffn_dim, c.dim),
-                   (p + "down", c.dim, c.ffn_dim)]
+    n_out_in = {"q": (q_dim, c.dim), "k": (kv_dim, c.dim), "v": (kv_dim, c.dim), "o": (c.dim, q_dim),
+                "gate": (c.ffn_dim, c.dim), "up": (c.ffn_dim, c.dim), "down": (c.dim, c.ffn_dim)}
+    shapes = [(f"layers.{i}.{name}", *n_out_in[name]) for i in range(c.n_layers) for name in BLOCK_LINEARS]
     if not c.tie_embeddings:
         shapes.append(("head", c.vocab_size, c.dim))
     return shapes
@@ -76,10 +79,6 @@ def quantize_tensors(config, float_tensors, onebit_method="svd", progress=None):
                                          onebit_method=onebit_method).items():
             out[f"{name}.{suffix}"] = t
     return out
-
-
-BLOCK_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")
 
 
 def overflow_error(names):
@@ -203,10 +202,10 @@ class Model:
         self.inv_freq = rope_inv_freq(c)
         # one-token steps through blocks whose linears are all ternary run compiled (decode.py)
         self.compiled_blocks = {}  # i -> decode.block_args of block i
-        for i in range(c.n_layers if not ref else 0):
+        for i in range(c.n_layers):
             p = f"layers.{i}."
             layers = [self.linears[p + name] for name in BLOCK_LINEARS]
-            if all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
+            if not ref and all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
                 norms = [self.norms[p + name + ".weight"] if c.sub_norms or "sub" not in name else None
                          for name in BLOCK_NORMS]
                 self.compiled_blocks[i] = decode.block_args(norms, layers)
@@ -295,7 +294,7 @@ class Model:
             failed = decode.down_step(x[0], m, *args, work, eps, *threads)
         if failed:
             p = f"layers.{i}."
-            raise overflow_error([p + name for name in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))[failed - 1]])
+            raise overflow_error([p + name for name in BLOCK_CALLS[failed - 1]])
         return x
 
     def logits(self, token_ids):
