@@ -113,21 +113,21 @@ def test_linears_equal_apply_many(threads, per_row, n_in):
     layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
               for n in (8, 5, 13)]
     config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
-    floats, x_q, x16, accs, _ = decode.workspace(config, 4)
+    floats, x_q, x8, accs, _ = decode.workspace(config, 4)
     x = rng.standard_normal(n_in).astype(np.float32)
-    x16[0][:] = 77  # stale values past n_in must not be read as inputs
+    x8[0][:] = 77  # stale values past n_in must not be read as inputs
     _, ws, scales = decode.block_args([None] * 4, layers)
     ys = tuple(np.zeros(n, np.float32) for n in (8, 5, 13))
     outs = tuple(np.zeros((1, n), np.int32) for n in (8, 5, 13))
     kernels.set_threads(threads)
     try:
-        assert decode._linears(ws, scales, x, x_q, x16, floats[8], outs, ys, threads, 1)
+        assert decode._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
     finally:
         kernels.set_threads()
     for y, want in zip(ys, linear.apply_many(layers, x[None])):
         np.testing.assert_array_equal(y, want[0])
     x[3] = np.nan
-    assert not decode._linears(ws, scales, x, x_q, x16, floats[8], outs, ys, threads, 1)
+    assert not decode._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
 
 
 # --- the model: compiled blocks in decode, NumPy elsewhere ---------------------------------------

@@ -26,17 +26,17 @@ from . import kernels
 
 def workspace(config, max_len):
     """The scratch buffers of attention_step and down_step for a model of `config` and a cache of max_len positions:
-    (floats, x_q, x16, accs, scores)."""
+    (floats, x_q, x8, accs, scores)."""
     c = config
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     n_pad = max(-(-n // kernels.BLOCK) * kernels.BLOCK for n in (c.dim, q_dim, c.ffn_dim))
     # h, q, k, v, attention out, a linear's y, gate, up, s_x (the absmax scale)
     floats = tuple(np.zeros(n, np.float32) for n in (c.dim, q_dim, kv_dim, kv_dim, q_dim, c.dim, c.ffn_dim, c.ffn_dim, 1))
     x_q = np.zeros((1, n_pad), np.int8)
-    x16 = (np.zeros((1, n_pad), np.int16), np.zeros((1, n_pad), np.int16))  # x_q, -x_q as the kernels read them
+    x8 = (np.zeros((1, n_pad), np.uint8), np.zeros((1, n_pad), np.uint8))  # x_q + 128, 127 - x_q as the kernels read them
     accs = tuple(np.zeros((1, n), np.int32) for n in (q_dim, kv_dim, kv_dim, c.dim, c.ffn_dim, c.ffn_dim, c.dim))
     scores = np.zeros((c.n_heads, max_len), np.float32)
-    return floats, x_q, x16, accs, scores
+    return floats, x_q, x8, accs, scores
 
 
 @njit(cache=True)
@@ -51,27 +51,27 @@ def _rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True)
-def _linears(ws, scales, x, x_q, x16, s_x, accs, ys, threads, min_work):
+def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     """ys[m] = (x_q W_m~^T) * scale_m / s_x for the ternary matrices ws that read x (n_in,):
     linear.apply_many for one token. Returns False if x has a NaN or Inf (nothing computed)."""
     n = x.shape[0]
     if not kernels._absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
         return False
-    xp, xn = x16
+    xu, xn = x8
     n_pad = ws[0].shape[1] // (2 * kernels.PLANE) * kernels.BLOCK
     for j in range(n_pad):  # the kernels read n_pad inputs: zeros past n
-        v = np.int16(x_q[0, j]) if j < n else np.int16(0)
-        xp[0, j] = v
-        xn[0, j] = -v
+        v = np.uint8(np.int16(x_q[0, j]) + 128) if j < n else np.uint8(128)
+        xu[0, j] = v
+        xn[0, j] = ~v
     n_out = 0
     for m in range(len(ws)):
         n_out += ws[m].shape[0]
     n_chunks = kernels._n_chunks(n_out, n_pad * n_out, threads, min_work)
     if n_chunks == 1:
         for m in range(len(ws)):
-            kernels._ternary_rows(ws[m], xp, xn, accs[m], 0, ws[m].shape[0])
+            kernels._ternary_rows(ws[m], xu, xn, accs[m], 0, ws[m].shape[0])
     else:
-        kernels._ternary_par(ws, xp, xn, accs, n_chunks)
+        kernels._ternary_par(ws, xu, xn, accs, n_chunks)
     for m in range(len(ws)):
         acc, scale, y = accs[m][0], scales[m], ys[m]
         for r in range(y.shape[0]):  # gamma per tensor (1,) or per row (n_out,)
@@ -143,13 +143,13 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
     sq, sk, sv, so, sg, su, _ = scales
-    (h, q, k, v, att, y, gate, up, s_x), x_q, x16, accs, scores = work
+    (h, q, k, v, att, y, gate, up, s_x), x_q, x8, accs, scores = work
     aq, ak, av, ao, ag, au, _ = accs
     n_kv, hd = k_cache.shape[0], k_cache.shape[2]
     n_heads = q.shape[0] // hd
     # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     _rms_norm(x, attn_norm, eps, h)
-    if not _linears((wq, wk, wv), (sq, sk, sv), h, x_q, x16, s_x, (aq, ak, av), (q, k, v), threads, min_work):
+    if not _linears((wq, wk, wv), (sq, sk, sv), h, x_q, x8, s_x, (aq, ak, av), (q, k, v), threads, min_work):
         return 1
     q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
     _rope(q2, cos, sin)
@@ -164,12 +164,12 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
         _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, 0, n_heads)
     if attn_sub.shape[0]:
         _rms_norm(att, attn_sub, eps, att)
-    if not _linears((wo,), (so,), att, x_q, x16, s_x, (ao,), (y,), threads, min_work):
+    if not _linears((wo,), (so,), att, x_q, x8, s_x, (ao,), (y,), threads, min_work):
         return 2
     x += y
     # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
     _rms_norm(x, ffn_norm, eps, h)
-    if not _linears((wg, wu), (sg, su), h, x_q, x16, s_x, (ag, au), (gate, up), threads, min_work):
+    if not _linears((wg, wu), (sg, su), h, x_q, x8, s_x, (ag, au), (gate, up), threads, min_work):
         return 3
     return 0
 
@@ -180,10 +180,10 @@ def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
     with model.gate_activation: NumPy's tanh is vectorized, numba's is not). Returns 0, or 4 if m
     has a NaN or Inf."""
     ffn_sub, wd, sd = norms[3], ws[6], scales[6]
-    (_, _, _, _, _, y, _, _, s_x), x_q, x16, accs, _ = work
+    (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
     if ffn_sub.shape[0]:
         _rms_norm(m, ffn_sub, eps, m)
-    if not _linears((wd,), (sd,), m, x_q, x16, s_x, (accs[6],), (y,), threads, min_work):
+    if not _linears((wd,), (sd,), m, x_q, x8, s_x, (accs[6],), (y,), threads, min_work):
         return 4
     x += y
     return 0
