@@ -15,6 +15,10 @@ arithmetic is model.py's, formula by formula: the kernels, quantization, RMSNorm
 mean of squares rounds to the same float32), rotary and the activation give the same floats; only
 attention sums its dot products in another order than NumPy's BLAS (~1e-7 relative), so a step's
 logits equal the NumPy block's unless that moves an int8 activation across a rounding boundary.
+
+numba's on-disk cache of these functions holds its own copy of the kernels.py functions they call, and
+is checked against this file's timestamp only: after editing kernels.py, delete
+tinybit/__pycache__/decode.* (a pip install rewrites every file, so users are not affected).
 """
 import math
 
