@@ -62,11 +62,8 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     if not kernels._absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
         return False
     xu, xn = x8
-    n_pad = ws[0].shape[1] // (2 * kernels.PLANE) * kernels.BLOCK
-    for j in range(n_pad):  # the kernels read n_pad inputs: zeros past n
-        v = np.uint8(np.int16(x_q[0, j]) + 128) if j < n else np.uint8(128)
-        xu[0, j] = v
-        xn[0, j] = ~v
+    n_pad = ws[0].shape[1] // (2 * kernels.PLANE) * kernels.BLOCK  # the kernels read n_pad inputs: zeros past n
+    kernels._ternary_inputs(x_q, n, xu[:, :n_pad], xn[:, :n_pad])
     n_out = 0
     for m in range(len(ws)):
         n_out += ws[m].shape[0]

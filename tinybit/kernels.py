@@ -24,7 +24,7 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   can overflow. Ternary: x comes as the bytes x + 128 and 127 - x, each weight selects one of them
   or 0, and `vpsadbw` (sums of |a - 0| over 8 bytes) adds 64 selected bytes at a time into 64-bit
   lanes; the offsets (128 per +1 weight, 127 per -1) come off at the end, from popcounts of the
-  planes (`vpopcntb`). Twice the inputs per vector of int16 lanes, and no flush: 1.3-1.6x the
+  planes (`vpopcntb`). Twice the inputs per vector of int16 lanes, and no flush: 1.3-1.5x the
   GEMV speed of the int16 version it replaced. (Without AVX-512BW the byte sums compile to portable
   LLVM vector code.) Both are exact for any n_in. Scales are never applied here (the caller does).
 - 4 output rows per pass share each activation load and the per-block loop overhead.
@@ -295,6 +295,16 @@ def _popcount(typingctx, v):
     return v(v), codegen
 
 
+@njit(cache=True)
+def _ternary_inputs(x_q, n, xu, xn):
+    """xu, xn (tokens, n_pad) uint8 = x + 128, 127 - x of x = x_q[:, :n] zero-padded: the inputs of _ternary_rows."""
+    for t in range(xu.shape[0]):
+        for j in range(xu.shape[1]):
+            v = np.uint8(np.int16(x_q[t, j]) + 128) if j < n else np.uint8(128)
+            xu[t, j] = v
+            xn[t, j] = ~v  # 255 - (x + 128)
+
+
 @njit(cache=True, inline="always")
 def _ternary_byte(nz, ng, bit, xu, xn, j):
     """The byte weight j of a 64-weight slice picks: xu[j] (w = +1), xn[j] (w = -1) or 0. Its code is bit
@@ -511,8 +521,8 @@ GEMM_FLUSH_STEPS = 32767 // 4096  # = 7 steps, then the int16 accumulators go in
 @intrinsic
 def _stack_array(typingctx, n, dtype):
     """Pointer to n (a constant) elements of dtype on the stack (an alloca), on a cache line: it aliases
-    no array, so loops that write it need no overlap checks and it can live in registers; and its vectors
-    do not straddle lines (unaligned, the ternary GEMV ran at 72 or 91 Gw/s by where the caller's stack was)."""
+    no array, so loops that write it need no overlap checks and it can live in registers, and its
+    64-byte vectors do not straddle two lines."""
     if not isinstance(n, types.IntegerLiteral):
         return None
     size = n.literal_value
@@ -946,8 +956,9 @@ def _plane_matmuls(ws, x_q, binary):
         x = _padded(x_q, n_pad, np.int16)
         _launch(_binary_par, _binary_rows, ws, (x, x.sum(axis=1, dtype=np.int64)), ys, work)
     else:
-        x_u = (_padded(x_q, n_pad, np.int16) + 128).astype(np.uint8)  # x + 128, padding 0 + 128
-        _launch(_ternary_par, _ternary_rows, ws, (x_u, ~x_u), ys, work)  # ~x_u = 255 - x_u = 127 - x
+        xu, xn = np.empty((x_q.shape[0], n_pad), np.uint8), np.empty((x_q.shape[0], n_pad), np.uint8)
+        _ternary_inputs(x_q, x_q.shape[1], xu, xn)
+        _launch(_ternary_par, _ternary_rows, ws, (xu, xn), ys, work)
     return list(ys)
 
 
