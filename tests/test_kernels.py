@@ -324,9 +324,9 @@ def test_plane_kernels_are_multiply_free():
             k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
             xT = k._lanes_major(x16.astype(np.int8), 512)
-            k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary:
-            k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled function
-        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._gemm_rows):
+            k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary: one
+            k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # compiled _gemm_tile
+        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._gemm_tile):
             sigs = f.inspect_asm()
             assert len(sigs) == 1, sigs.keys()
             asm[f.__name__] = list(sigs.values())[0]

@@ -31,13 +31,16 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   A few tokens (below GEMM_MIN_TOKENS) run the same loop per token over 4 rows whose packed
   bytes stay in L1, so each weight row is read from memory once per call, not once per token.
 - GEMM from GEMM_MIN_TOKENS tokens on (prefill): tokens on the vector lanes, table lookups instead
-  of bit tests (T-MAC style). For each pair of inputs and each token, the 9 values s0 x0 + s1 x1
-  (s in {0, +1, -1}) are built once by additions; each row then adds, per pair, the entry its two
-  weights select: one 128-token vector add per 2 weights, where the per-token kernel spends about
-  6 vector ops per 64 weights per token. Binary: the 16 subset sums of each 4 inputs, one add per 4.
-  The tables of one step of inputs stay in L1, the accumulators of a block of rows in L2.
-- Accumulators that the vector loops write (the per-token kernels' lanes, a table row's per-step
-  sum) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps them in
+  of bit tests (T-MAC style). For each quad of inputs (the 4 weights of a plane nibble) and each token,
+  the 81 sums s0 x0 + s1 x1 + s2 x2 + s3 x3 (s in {0, +1, -1}) are built once by additions (9 x 9 sums
+  of two pair tables); each row then adds, per quad, the entry its four weights select: one 64-token
+  add (2 vectors) per 4 weights, where the per-token kernel spends about 6 vector ops per 64 weights
+  per token. Binary: the 16 sums +-x0 +-x1 +-x2 +-x3 of each quad. The tables of one step of inputs
+  stay in L1, the accumulators of a block of rows in L2; both are stack arrays (below). 1.15-1.2x
+  the speed of the previous form (pairs, 128 tokens per tile), and from 24 (binary: 20) tokens on
+  faster than the per-token kernel.
+- Accumulators that the vector loops write (the per-token kernels' lanes, the table GEMM's tables and
+  int16 sums) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps them in
   registers and drops the overlap checks it would otherwise run at every block (GEMV: ~1.4x).
 - Threads: prange over chunks of output rows (of all the matrices of a call, one after the other: a
   chunk may span the end of q and the start of k); the chunk count is an argument (numba's
@@ -505,17 +508,20 @@ def _binary_f32_par(ws, x, xsum, ys, n_chunks):
                 _binary_f32_rows(ws[m], x, xsum, ys[m], r0, r1)
 
 
-# --- GEMM: tokens on the lanes, tables of pair (ternary) / quad (binary) sums ------------------
+# --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
 
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
-GEMM_LANES = 128  # tokens per tile: 4 x 32 int16 lanes
-GEMM_ROWS = 256  # rows per block: their int16 accumulators (64 KB) stay in L2
-# From this many tokens on, the table kernels beat the per-token ones (1 thread, 2560x2560 and 6912x2560: equal at ~56 / ~36)
-GEMM_MIN_TOKENS = {"ternary": 56, "binary": 40}
-TERNARY_STEP_PAIRS = 16  # input pairs per step: 16 pairs x 9 entries x 128 lanes x 2 B = 36 KB of tables
-BINARY_STEP_QUADS = 8  # input quads per step: 8 quads x 16 entries x 128 lanes x 2 B = 32 KB
-# A step adds at most 16 pairs x 2 x 128 (ternary) or 8 quads x 4 x 128 (binary) = 4096 per lane:
-GEMM_FLUSH_STEPS = 32767 // 4096  # = 7 steps, then the int16 accumulators go into int32 ones
+GEMM_LANES = 64  # tokens per tile: 2 x 32 int16 lanes
+GEMM_ROWS = 1024  # rows per block: their int16 accumulators (128 KB) and int32 ones (256 KB) stay in L2
+# From this many tokens on, the table kernels beat the per-token ones (1 thread, 2560x2560, 6912x2560,
+# 2560x6912: GEMM / per-token time 0.97-1.01 at 24 tokens (ternary), 0.85-1.07 at ~20 (binary))
+GEMM_MIN_TOKENS = {"ternary": 24, "binary": 20}
+QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
+TERNARY_STEP_QUADS = 4  # input quads per step: 4 quads x 81 entries x 64 lanes x 2 B = 41 KB of tables
+BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
+TABLE_ENTRIES = 81 * TERNARY_STEP_QUADS  # (the larger of the two)
+TABLE_SIZE = TABLE_ENTRIES * GEMM_LANES
+ACC_SIZE = GEMM_ROWS * GEMM_LANES
 
 
 @intrinsic
@@ -566,83 +572,138 @@ def _lanes_major(x_q, n_pad):
     return xt
 
 
-@njit(cache=True, inline="always")
-def _table_rows(codes, tab, n_ptr, acc16, rb0, rb1):
-    """acc16[r - rb0] += sum of the n_ptr table entries that row r's codes select, r in rb0..rb1-1.
-    codes (rows, n_ptr) uint8 = entry numbers (contiguous: 256 rows at a 1280-byte stride fell on 16
-    of the L1's 64 sets and evicted table lines); tab (n_entries * GEMM_LANES,) int16; acc16 (rows, lanes)."""
-    tmp = numba.carray(_stack_array(GEMM_LANES, np.int16), GEMM_LANES)  # registers, in effect
-    for r in range(rb0, rb1):
-        c = codes[r - rb0]
-        tmp[:] = 0
-        for m in range(0, n_ptr, 8):  # 8 table rows per pass: 8 x 4 vector adds
-            o0, o1 = GEMM_LANES * np.intp(c[m]), GEMM_LANES * np.intp(c[m + 1])
-            o2, o3 = GEMM_LANES * np.intp(c[m + 2]), GEMM_LANES * np.intp(c[m + 3])
-            o4, o5 = GEMM_LANES * np.intp(c[m + 4]), GEMM_LANES * np.intp(c[m + 5])
-            o6, o7 = GEMM_LANES * np.intp(c[m + 6]), GEMM_LANES * np.intp(c[m + 7])
-            t0, t1, t2, t3 = tab[o0:o0 + GEMM_LANES], tab[o1:o1 + GEMM_LANES], tab[o2:o2 + GEMM_LANES], tab[o3:o3 + GEMM_LANES]
-            t4, t5, t6, t7 = tab[o4:o4 + GEMM_LANES], tab[o5:o5 + GEMM_LANES], tab[o6:o6 + GEMM_LANES], tab[o7:o7 + GEMM_LANES]
-            for l in range(GEMM_LANES):
-                tmp[l] += ((t0[l] + t1[l]) + (t2[l] + t3[l])) + ((t4[l] + t5[l]) + (t6[l] + t7[l]))
-        a = acc16[r - rb0]
-        for l in range(GEMM_LANES):
-            a[l] += tmp[l]
-
+# Quads: nibble h of plane byte j of block b holds the weights of inputs 128 (2 b + h) + 32 i + j,
+# i = 0..3 (bit 4 h + i). codes[2 b + h, r, j] = the table entry of that quad of row r; a step
+# covers the quads of TERNARY_STEP_QUADS (or BINARY_STEP_QUADS) consecutive bytes j.
 
 @njit(cache=True, inline="always")
-def _pair_code(nz, ng, p):
-    """3 a0 + a1 for the weights of bits p and p + 1: a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1."""
-    a0 = ((nz >> np.uint8(p)) & np.uint8(1)) + ((ng >> np.uint8(p)) & np.uint8(1))
-    a1 = ((nz >> np.uint8(p + 1)) & np.uint8(1)) + ((ng >> np.uint8(p + 1)) & np.uint8(1))
-    return np.uint8(a0 + a0 + a0 + a1)
+def _base3(v):
+    """Bits 0..3 of v read as base-3 digits, b0 + 3 b1 + 9 b2 + 27 b3 (per bit pair u: b0 + 3 b1 = u + (u >> 1))."""
+    lo, hi = v & np.uint8(3), (v >> np.uint8(2)) & np.uint8(3)
+    lo, hi = lo + (lo >> np.uint8(1)), hi + (hi >> np.uint8(1))
+    return np.uint8(lo + (hi << np.uint8(3)) + hi)
 
 
 @njit(cache=True)
-def _ternary_pair_codes(w, r0, r1, codes):
-    """codes[s, r - r0, m] = 9 m + 3 a0 + a1 for pair m of step s of row r, where a = 0, 1, 2 for
-    weight 0, +1, -1. Step s = 8 b + 2 p2 + h (block b, bit pair p2, half h) pairs inputs
-    i0 = 256 b + 64 p2 + 16 h + m and i1 = i0 + 32: bits 2 p2 and 2 p2 + 1 of plane byte 16 h + m."""
-    for b in range(w.shape[1] // (2 * PLANE)):  # (blocks outer: each step's codes are written in order)
+def _ternary_quad_codes(w, r0, r1, codes):
+    """codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e, e = a0 + 3 a1 + 9 a2 + 27 a3 for
+    the quad's weights (a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1: e = base3(nz) + base3(ng))."""
+    for b in range(w.shape[1] // (2 * PLANE)):
+        o = 2 * PLANE * b
         for r in range(r0, r1):
-            for h in range(2):  # (vectorized over m)
-                o = 2 * PLANE * b + 16 * h
-                nz, ng = w[r, o:o + 16], w[r, o + PLANE:o + PLANE + 16]
-                c0, c1, c2, c3 = codes[8 * b + h, r - r0], codes[8 * b + 2 + h, r - r0], \
-                    codes[8 * b + 4 + h, r - r0], codes[8 * b + 6 + h, r - r0]
-                for m in range(TERNARY_STEP_PAIRS):
-                    n = nz[m]
-                    g = ng[m] & n  # a negative bit counts only on a nonzero weight
-                    m9 = np.uint8(9 * m)
-                    c0[m] = _pair_code(n, g, 0) + m9
-                    c1[m] = _pair_code(n, g, 2) + m9
-                    c2[m] = _pair_code(n, g, 4) + m9
-                    c3[m] = _pair_code(n, g, 6) + m9
+            nz, ng = w[r, o:o + PLANE], w[r, o + PLANE:o + 2 * PLANE]
+            c0, c1 = codes[2 * b, r - r0], codes[2 * b + 1, r - r0]
+            for j in range(PLANE):
+                n = nz[j]
+                g = ng[j] & n  # a negative bit counts only on a nonzero weight
+                step_entry = np.uint16(81 * (j % TERNARY_STEP_QUADS))
+                c0[j] = np.uint16(_base3(n) + _base3(g)) + step_entry
+                c1[j] = np.uint16(_base3(n >> np.uint8(4)) + _base3(g >> np.uint8(4))) + step_entry
+
+
+@njit(cache=True)
+def _binary_quad_codes(w, r0, r1, codes):
+    """codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS) + (nibble h of plane byte j)."""
+    for b in range(w.shape[1] // PLANE):
+        for r in range(r0, r1):
+            plane = w[r, PLANE * b:PLANE * (b + 1)]
+            c0, c1 = codes[2 * b, r - r0], codes[2 * b + 1, r - r0]
+            for j in range(PLANE):
+                step_entry = np.uint16(16 * (j % BINARY_STEP_QUADS))
+                c0[j] = np.uint16(plane[j] & np.uint8(15)) + step_entry
+                c1[j] = np.uint16(plane[j] >> np.uint8(4)) + step_entry
 
 
 @njit(cache=True, inline="always")
-def _ternary_tables(xt, s, tab):
-    """tab[(9 m + e) * GEMM_LANES + l] = s0 x[i0] + s1 x[i1] for pair m of step s (see
-    _ternary_pair_codes), e = 3 a0 + a1, s = 0, +1, -1 for a = 0, 1, 2; xt (n_pad, GEMM_LANES) int16."""
+def _pair_sums(a, c):
+    """s_a a + s_c c at 3 k_a + k_c for k = 0, 1, 2: s = 0, +1, -1 (int16)."""
+    return (np.int16(0), np.int16(c), np.int16(-c), np.int16(a), np.int16(a + c), np.int16(a - c),
+            np.int16(-a), np.int16(c - a), np.int16(-a - c))
+
+
+@njit(cache=True)
+def _ternary_tables(xt, base, tab):
+    """tab[(81 m + e) GEMM_LANES + l] = sum_i s_i x_i[l] for quad m of the step at input `base`
+    (x_i = xt[base + m + 32 i]), e = k0 + 3 k1 + 9 k2 + 27 k3, s = 0, +1, -1 for k = 0, 1, 2:
+    the 9 x 9 sums of a pair table of (x3, x2) and one of (x1, x0). xt (n_pad, GEMM_LANES) int16."""
     L = GEMM_LANES
-    base = 256 * (s // 8) + 64 * (s % 8 // 2) + 16 * (s % 2)  # 256 b + 64 p2 + 16 h
-    for m in range(TERNARY_STEP_PAIRS):
-        x0, x1, t = xt[base + m], xt[base + m + 32], tab[9 * L * m:9 * L * (m + 1)]
+    for m in range(TERNARY_STEP_QUADS):
+        x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
+        t = tab[81 * L * m:81 * L * (m + 1)]
         for l in range(L):
-            a, c = x0[l], x1[l]
-            t[l], t[L + l], t[2 * L + l] = 0, c, -c
-            t[3 * L + l], t[4 * L + l], t[5 * L + l] = a, a + c, a - c
-            t[6 * L + l], t[7 * L + l], t[8 * L + l] = -a, c - a, -a - c
+            hi, lo = _pair_sums(x3[l], x2[l]), _pair_sums(x1[l], x0[l])
+            for i in range(9):
+                for j in range(9):
+                    t[(9 * i + j) * L + l] = hi[i] + lo[j]
+
+
+@njit(cache=True)
+def _binary_tables(xt, base, tab):
+    """tab[(16 m + e) GEMM_LANES + l] = sum_i (bit i of e ? x_i[l] : -x_i[l]) for quad m of the step at
+    input `base` (x_i = xt[base + m + 32 i]); xt (n_pad, GEMM_LANES) int16."""
+    L = GEMM_LANES
+    for m in range(BINARY_STEP_QUADS):
+        x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
+        t = tab[16 * L * m:16 * L * (m + 1)]
+        for l in range(L):
+            a, b, c, d = x0[l], x1[l], x2[l], x3[l]
+            # bits 0, 1 and bits 2, 3 of e (int16: numba would keep these sums in int64, 8 per vector)
+            lo0, lo1, lo2, lo3 = np.int16(-a - b), np.int16(a - b), np.int16(b - a), np.int16(a + b)
+            hi0, hi1, hi2, hi3 = np.int16(-c - d), np.int16(c - d), np.int16(d - c), np.int16(c + d)
+            t[l], t[L + l], t[2 * L + l], t[3 * L + l] = lo0 + hi0, lo1 + hi0, lo2 + hi0, lo3 + hi0
+            t[4 * L + l], t[5 * L + l], t[6 * L + l], t[7 * L + l] = lo0 + hi1, lo1 + hi1, lo2 + hi1, lo3 + hi1
+            t[8 * L + l], t[9 * L + l], t[10 * L + l], t[11 * L + l] = lo0 + hi2, lo1 + hi2, lo2 + hi2, lo3 + hi2
+            t[12 * L + l], t[13 * L + l], t[14 * L + l], t[15 * L + l] = lo0 + hi3, lo1 + hi3, lo2 + hi3, lo3 + hi3
 
 
 @njit(cache=True, inline="always")
+def _table_rows(codes, tab, n_quads, q, acc16, n_rows):
+    """acc16[r] += the table entries that row r's codes of step q select, r < n_rows. codes (rows, PLANE)
+    uint16 entry numbers; tab (entries, GEMM_LANES) int16; acc16 (rows, GEMM_LANES) int16."""
+    for r in range(n_rows):
+        c, a = codes[r, n_quads * q:n_quads * (q + 1)], acc16[r]
+        for m in range(0, n_quads, 4):  # (unsigned: no negative-index wraparound)
+            t0, t1, t2, t3 = tab[np.uintp(c[m])], tab[np.uintp(c[m + 1])], tab[np.uintp(c[m + 2])], tab[np.uintp(c[m + 3])]
+            for l in range(GEMM_LANES):
+                a[l] += (t0[l] + t1[l]) + (t2[l] + t3[l])
+
+
+@njit(cache=True)
 def _flush(acc16, acc32):
-    """acc32 += acc16; acc16 = 0. (As loops: `acc32 += acc16` on these views of one buffer each
-    ran 1.3x slower over the whole GEMM.)"""
+    """acc32 += acc16; acc16 = 0."""
     for r in range(acc16.shape[0]):
         a16, a32 = acc16[r], acc32[r]
         for l in range(a16.shape[0]):
             a32[l] += a16[l]
             a16[l] = 0
+
+
+@njit(cache=True)
+def _gemm_tile(codes, xt, binary, n_rows, acc32):
+    """acc32[:n_rows] = the sums of one tile of tokens for a block of rows. codes (2 nb, GEMM_ROWS,
+    PLANE) uint16 (_ternary_quad_codes / _binary_quad_codes); xt (n_pad, GEMM_LANES) int16.
+    The tables and the int16 accumulators are two stack arrays: they alias nothing, so the row loop
+    runs without overlap checks; they go into the int32 ones before a lane can pass 32767."""
+    tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_ENTRIES, GEMM_LANES))
+    acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (GEMM_ROWS, GEMM_LANES))
+    n_quads = BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
+    flush_steps = 32767 // (QUAD_LIMIT * n_quads)
+    n_steps = codes.shape[0] * (PLANE // n_quads)
+    acc16[:n_rows] = 0
+    acc32[:n_rows] = 0
+    s = 0
+    for hb in range(codes.shape[0]):  # half blocks: 128 inputs
+        for q in range(PLANE // n_quads):
+            base = 128 * hb + n_quads * q
+            if binary:  # (the constant quad counts let each inlined copy unroll)
+                _binary_tables(xt, base, tab.reshape(TABLE_SIZE))
+                _table_rows(codes[hb], tab, BINARY_STEP_QUADS, q, acc16, n_rows)
+            else:
+                _ternary_tables(xt, base, tab.reshape(TABLE_SIZE))
+                _table_rows(codes[hb], tab, TERNARY_STEP_QUADS, q, acc16, n_rows)
+            s += 1
+            if s % flush_steps == 0 or s == n_steps:
+                _flush(acc16[:n_rows], acc32[:n_rows])
 
 
 @njit(cache=True, inline="always")
@@ -658,71 +719,20 @@ def _store_tile(acc32, y, tile, rb0, rb1):
 
 
 @njit(cache=True)
-def _binary_quad_codes(w, r0, r1, codes):
-    """codes[s, r - r0, m] = 16 m + (the 4 weight bits of quad m of step s of row r). Step
-    s = 8 b + 4 h + q (block b, nibble h, eighth q) groups inputs 256 b + 32 (4 h + i) + j, i = 0..3,
-    j = 8 q + m: bits 4 h .. 4 h + 3 of plane byte j."""
-    for b in range(w.shape[1] // PLANE):  # (blocks outer: each step's codes are written in order)
-        for r in range(r0, r1):
-            plane = w[r, PLANE * b:PLANE * (b + 1)]
-            for h in range(2):
-                for q in range(4):
-                    c, pq = codes[8 * b + 4 * h + q, r - r0], plane[8 * q:8 * q + 8]
-                    for m in range(BINARY_STEP_QUADS):
-                        c[m] = ((pq[m] >> np.uint8(4 * h)) & np.uint8(15)) + np.uint8(16 * m)
-
-
-@njit(cache=True, inline="always")
-def _binary_tables(xt, s, tab):
-    """tab[(16 m + e) * GEMM_LANES + l] = sum_i (bit i of e ? x[i_i] : -x[i_i]) for quad m of step s
-    (see _binary_quad_codes); xt (n_pad, GEMM_LANES) int16."""
-    L = GEMM_LANES
-    base = 256 * (s // 8) + 128 * (s % 8 // 4) + 8 * (s % 4)  # 256 b + 128 h + 8 q
-    for m in range(BINARY_STEP_QUADS):
-        x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
-        t = tab[16 * L * m:16 * L * (m + 1)]
-        for l in range(L):
-            a, b, c, d = x0[l], x1[l], x2[l], x3[l]
-            # bits 0, 1 and bits 2, 3 of e (int16: numba would keep these sums in int64, 8 per vector)
-            lo0, lo1, lo2, lo3 = np.int16(-a - b), np.int16(a - b), np.int16(b - a), np.int16(a + b)
-            hi0, hi1, hi2, hi3 = np.int16(-c - d), np.int16(c - d), np.int16(d - c), np.int16(c + d)
-            t[l], t[L + l], t[2 * L + l], t[3 * L + l] = lo0 + hi0, lo1 + hi0, lo2 + hi0, lo3 + hi0
-            t[4 * L + l], t[5 * L + l], t[6 * L + l], t[7 * L + l] = lo0 + hi1, lo1 + hi1, lo2 + hi1, lo3 + hi1
-            t[8 * L + l], t[9 * L + l], t[10 * L + l], t[11 * L + l] = lo0 + hi2, lo1 + hi2, lo2 + hi2, lo3 + hi2
-            t[12 * L + l], t[13 * L + l], t[14 * L + l], t[15 * L + l] = lo0 + hi3, lo1 + hi3, lo2 + hi3, lo3 + hi3
-
-
-@njit(cache=True)
 def _gemm_rows(w, xT, binary, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
     binary ones if `binary`; xT (n_tiles, nb*256, GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
-    if binary:  # a step: 8 quads (16 entries each) ...
-        n_steps, n_ptr, n_entries = w.shape[1] // PLANE * 8, BINARY_STEP_QUADS, 16 * BINARY_STEP_QUADS
-    else:  # ... or 16 pairs (9 entries each) of inputs
-        n_steps, n_ptr, n_entries = w.shape[1] // (2 * PLANE) * 8, TERNARY_STEP_PAIRS, 9 * TERNARY_STEP_PAIRS
-    tab = _aligned_empty(n_entries * GEMM_LANES, np.int16)
-    acc16 = _aligned_empty(GEMM_ROWS * GEMM_LANES, np.int16).reshape((GEMM_ROWS, GEMM_LANES))
-    acc32 = _aligned_empty(GEMM_ROWS * GEMM_LANES, np.int32).reshape((GEMM_ROWS, GEMM_LANES))
-    codes = np.empty((n_steps, GEMM_ROWS, n_ptr), np.uint8)
+    nb = w.shape[1] // PLANE if binary else w.shape[1] // (2 * PLANE)
+    acc32 = _aligned_empty(ACC_SIZE, np.int32).reshape((GEMM_ROWS, GEMM_LANES))
+    codes = np.empty((2 * nb, GEMM_ROWS, PLANE), np.uint16)
     for rb0 in range(r0, r1, GEMM_ROWS):
         rb1 = min(rb0 + GEMM_ROWS, r1)
         if binary:
             _binary_quad_codes(w, rb0, rb1, codes)
         else:
-            _ternary_pair_codes(w, rb0, rb1, codes)
+            _ternary_quad_codes(w, rb0, rb1, codes)
         for tile in range(xT.shape[0]):
-            acc16[:] = 0
-            acc32[:] = 0
-            for s in range(n_steps):
-                step_codes = codes[s]
-                if binary:  # (the constant pointer counts let each inlined copy unroll)
-                    _binary_tables(xT[tile], s, tab)
-                    _table_rows(step_codes, tab, BINARY_STEP_QUADS, acc16, rb0, rb1)
-                else:
-                    _ternary_tables(xT[tile], s, tab)
-                    _table_rows(step_codes, tab, TERNARY_STEP_PAIRS, acc16, rb0, rb1)
-                if (s + 1) % GEMM_FLUSH_STEPS == 0 or s == n_steps - 1:
-                    _flush(acc16, acc32)
+            _gemm_tile(codes, xT[tile], binary, rb1 - rb0, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
 
 
