@@ -164,7 +164,7 @@ def test_dense_equals_ref(threads, dtype, shape, seed):
        seed=st.integers(0, 2 ** 32 - 1))
 def test_table_gemm_equals_ref(threads, shape, seed):
     """The table GEMM kernels (tokens on the lanes), forced for any token count: partial and
-    several 128-token tiles, odd n_in, rows not a multiple of anything."""
+    several 64-token tiles, odd n_in, rows not a multiple of anything."""
     kernels.set_threads(threads)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "GEMM_MIN_TOKENS", dict.fromkeys(("ternary", "binary"), 1))
@@ -201,8 +201,9 @@ def test_table_gemm_row_blocks(threads):
 
 
 def test_gemm_scratch_on_cache_lines():
-    """The table GEMM's vector buffers (tables, accumulators, tokens-on-lanes x) start on a 64-byte
-    line; numba's np.empty promises 32 bytes and NumPy's 16, and tables across lines cost 1.4x."""
+    """The table GEMM's heap buffers (tokens-on-lanes x, int32 sums) start on a 64-byte line: numba's
+    np.empty promises 32 bytes and NumPy's 16. (Its tables and int16 sums are stack arrays, aligned by
+    _stack_array.)"""
     for tokens in (1, 7, 300):
         x_q = np.ones((tokens, 300), np.int8)
         xt = kernels._lanes_major(x_q, 512)
@@ -210,7 +211,7 @@ def test_gemm_scratch_on_cache_lines():
         assert xt.shape == (-(-tokens // kernels.GEMM_LANES), 512, kernels.GEMM_LANES)
         assert xt[0, :300, :min(tokens, kernels.GEMM_LANES)].all() and not xt[0, 300:].any()
     offset = numba.njit(lambda n: kernels._aligned_empty(n, np.int16).ctypes.data % kernels.ALIGN)
-    assert [offset(n) for n in (1, 33, 18432, 40000)] == [0, 0, 0, 0]
+    assert [offset(n) for n in (1, 33, kernels.ACC_SIZE, 40000)] == [0, 0, 0, 0]
 
 
 def _plane_kernels_equal_refs(rng, tokens, n_out, n_in):

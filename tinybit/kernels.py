@@ -36,12 +36,14 @@ How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.m
   of two pair tables); each row then adds, per quad, the entry its four weights select: one 64-token
   add (2 vectors) per 4 weights, where the per-token kernel spends about 6 vector ops per 64 weights
   per token. Binary: the 16 sums +-x0 +-x1 +-x2 +-x3 of each quad. The tables of one step of inputs
-  stay in L1, the accumulators of a block of rows in L2; both are stack arrays (below). 1.15-1.2x
-  the speed of the previous form (pairs, 128 tokens per tile), and from 24 (binary: 20) tokens on
-  faster than the per-token kernel.
+  stay in L1, the accumulators of a block of rows in L2; both are stack arrays (below), ~170 KB of
+  stack per kernel thread (glibc's default thread stack is 8 MB or 2 MB; musl's 128 KB would not do).
+  1.15-1.2x the speed of the previous form (pairs, 128 tokens per tile); from 24 (binary: 20) tokens
+  on as fast as the per-token kernel, then faster.
 - Accumulators that the vector loops write (the per-token kernels' lanes, the table GEMM's tables and
-  int16 sums) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps them in
-  registers and drops the overlap checks it would otherwise run at every block (GEMV: ~1.4x).
+  int16 sums) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps the
+  small ones in registers and drops the overlap checks it would otherwise run at every block or row
+  (GEMV: ~1.4x).
 - Threads: prange over chunks of output rows (of all the matrices of a call, one after the other: a
   chunk may span the end of q and the start of k); the chunk count is an argument (numba's
   get_num_threads() inside a cached function would make it uncacheable). Calls with little work
@@ -543,8 +545,8 @@ def _stack_array(typingctx, n, dtype):
 
 @njit(cache=True, inline="always")
 def _aligned_empty(n, dtype):
-    """np.empty(n, dtype) starting on a cache line: numba's np.empty promises only 32 bytes, and a
-    table whose vectors straddle lines made the table GEMM 1.4x slower (in some processes, not others)."""
+    """np.empty(n, dtype) starting on a cache line: numba's np.empty promises only 32 bytes, and vectors
+    that straddle two lines cost two loads (tables on the heap made an earlier table GEMM 1.4x slower)."""
     buf = np.empty(n + ALIGN, dtype)
     off = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN // buf.itemsize
     return buf[off:off + n]
@@ -586,8 +588,9 @@ def _base3(v):
 
 @njit(cache=True)
 def _ternary_quad_codes(w, r0, r1, codes):
-    """codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e, e = a0 + 3 a1 + 9 a2 + 27 a3 for
-    the quad's weights (a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1: e = base3(nz) + base3(ng))."""
+    """codes (2 nb, GEMM_ROWS, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e,
+    e = a0 + 3 a1 + 9 a2 + 27 a3 for the quad's weights (a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1:
+    e = base3(nz) + base3(ng))."""
     for b in range(w.shape[1] // (2 * PLANE)):
         o = 2 * PLANE * b
         for r in range(r0, r1):
@@ -603,7 +606,8 @@ def _ternary_quad_codes(w, r0, r1, codes):
 
 @njit(cache=True)
 def _binary_quad_codes(w, r0, r1, codes):
-    """codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS) + (nibble h of plane byte j)."""
+    """codes (2 nb, GEMM_ROWS, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS)
+    + (nibble h of plane byte j)."""
     for b in range(w.shape[1] // PLANE):
         for r in range(r0, r1):
             plane = w[r, PLANE * b:PLANE * (b + 1)]
@@ -662,7 +666,7 @@ def _table_rows(codes, tab, n_quads, q, acc16, n_rows):
     uint16 entry numbers; tab (entries, GEMM_LANES) int16; acc16 (rows, GEMM_LANES) int16."""
     for r in range(n_rows):
         c, a = codes[r, n_quads * q:n_quads * (q + 1)], acc16[r]
-        for m in range(0, n_quads, 4):  # (unsigned: no negative-index wraparound)
+        for m in range(0, n_quads, 4):  # (unsigned entry numbers: no negative-index wraparound)
             t0, t1, t2, t3 = tab[np.uintp(c[m])], tab[np.uintp(c[m + 1])], tab[np.uintp(c[m + 2])], tab[np.uintp(c[m + 3])]
             for l in range(GEMM_LANES):
                 a[l] += (t0[l] + t1[l]) + (t2[l] + t3[l])
@@ -681,13 +685,14 @@ def _flush(acc16, acc32):
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
     """acc32[:n_rows] = the sums of one tile of tokens for a block of rows. codes (2 nb, GEMM_ROWS,
-    PLANE) uint16 (_ternary_quad_codes / _binary_quad_codes); xt (n_pad, GEMM_LANES) int16.
+    PLANE) uint16 (_ternary_quad_codes / _binary_quad_codes); xt (n_pad, GEMM_LANES) int16;
+    acc32 (GEMM_ROWS, GEMM_LANES) int32.
     The tables and the int16 accumulators are two stack arrays: they alias nothing, so the row loop
     runs without overlap checks; they go into the int32 ones before a lane can pass 32767."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_ENTRIES, GEMM_LANES))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (GEMM_ROWS, GEMM_LANES))
     n_quads = BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
-    flush_steps = 32767 // (QUAD_LIMIT * n_quads)
+    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 15 steps (ternary), 7 (binary)
     n_steps = codes.shape[0] * (PLANE // n_quads)
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
