@@ -588,7 +588,7 @@ def _base3(v):
 
 @njit(cache=True)
 def _ternary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, GEMM_ROWS, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e,
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e,
     e = a0 + 3 a1 + 9 a2 + 27 a3 for the quad's weights (a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1:
     e = base3(nz) + base3(ng))."""
     for b in range(w.shape[1] // (2 * PLANE)):
@@ -606,7 +606,7 @@ def _ternary_quad_codes(w, r0, r1, codes):
 
 @njit(cache=True)
 def _binary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, GEMM_ROWS, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS)
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS)
     + (nibble h of plane byte j)."""
     for b in range(w.shape[1] // PLANE):
         for r in range(r0, r1):
@@ -684,9 +684,9 @@ def _flush(acc16, acc32):
 
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] = the sums of one tile of tokens for a block of rows. codes (2 nb, GEMM_ROWS,
+    """acc32[:n_rows] = the sums of one tile of tokens for a block of rows. codes (2 nb, >= n_rows,
     PLANE) uint16 (_ternary_quad_codes / _binary_quad_codes); xt (n_pad, GEMM_LANES) int16;
-    acc32 (GEMM_ROWS, GEMM_LANES) int32.
+    acc32 (>= n_rows, GEMM_LANES) int32; n_rows <= GEMM_ROWS.
     The tables and the int16 accumulators are two stack arrays: they alias nothing, so the row loop
     runs without overlap checks; they go into the int32 ones before a lane can pass 32767."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_ENTRIES, GEMM_LANES))
@@ -728,8 +728,9 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
     binary ones if `binary`; xT (n_tiles, nb*256, GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
     nb = w.shape[1] // PLANE if binary else w.shape[1] // (2 * PLANE)
-    acc32 = _aligned_empty(ACC_SIZE, np.int32).reshape((GEMM_ROWS, GEMM_LANES))
-    codes = np.empty((2 * nb, GEMM_ROWS, PLANE), np.uint16)
+    block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
+    acc32 = _aligned_empty(block_rows * GEMM_LANES, np.int32).reshape((block_rows, GEMM_LANES))
+    codes = np.empty((2 * nb, block_rows, PLANE), np.uint16)
     for rb0 in range(r0, r1, GEMM_ROWS):
         rb1 = min(rb0 + GEMM_ROWS, r1)
         if binary:
