@@ -286,6 +286,22 @@ def test_empty_and_bad_inputs():
                            np.zeros((1, 4), np.float32), 2, np.zeros((1, 8), np.float32))  # 1 LUT, 3 groups
     with pytest.raises(TinybitError):
         kernels.set_threads(0)
+    for bad in (4.0, True, "4"):  # bits and group_rows: integers only (int(2.5) would quietly be 2)
+        with pytest.raises(TinybitError, match="bits"):
+            kernels.lut_matmul(pack.pack_indices(np.zeros((5, 8), np.int64), 4), bad,
+                               np.zeros((1, 16), np.float32), None, np.zeros((1, 8), np.float32))
+    with pytest.raises(TinybitError, match="group_rows"):
+        kernels.vq_matmul(pack.pack_indices(np.zeros((4, 4), np.int64), 2), 1,
+                          np.zeros((2, 4, 2), np.float32), 2.5, np.zeros((1, 8), np.float32))
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # the per-token and the table kernels
+def test_rows_of_no_inputs_sum_to_zero(tokens):
+    """n_in = 0: empty packed rows, every output 0 (no tile of zero bytes, no division by zero)."""
+    x_q = np.zeros((tokens, 0), np.int8)
+    for f, w in ((kernels.ternary_matmul, pack.pack_ternary(np.zeros((4, 0), np.int64))),
+                 (kernels.binary_matmul, pack.pack_binary(np.zeros((4, 0), np.int64)))):
+        np.testing.assert_array_equal(f(w, x_q), np.zeros((tokens, 4), np.int32))
 
 
 # --- subprocess checks: multiply-free machine code, bounds-checked run -------------------------

@@ -156,6 +156,26 @@ def test_linears_sharing_an_input_in_one_call(monkeypatch, threads, spec, tokens
     np.testing.assert_array_equal(mixed[1], linear.apply(f32, x))
 
 
+@pytest.mark.parametrize("spec", [{"scheme": s} for s in ("f32", "f16", "ternary", "binary", "onebit", "int8")]
+                         + [{"scheme": "lut", "bits": 2}, {"scheme": "vq", "bits": 1}], ids=lambda s: s["scheme"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_linear_refuses_activations_of_another_width(spec, tokens):
+    """The packed kernels pad n_in to whole blocks, so a row one short would pass them silently:
+    every scheme checks x against the layer's n_in (and apply_many that its layers share it)."""
+    rng = np.random.default_rng(4)
+    layer = linear.make(spec, linear.quantize(rng.standard_normal((8, 300)).astype(np.float32), spec), 8, 300)
+    for shape in ((tokens, 299), (tokens, 301), (300,), (1, tokens, 300)):
+        for ref in (False, True):
+            with pytest.raises(UsageError, match=r"expected \(tokens, 300\)"):
+                linear.apply(layer, np.ones(shape, np.float32), ref=ref)
+    assert linear.apply(layer, np.ones((tokens, 300), np.float32)).shape == (tokens, 8)
+    narrow = linear.make(spec, linear.quantize(rng.standard_normal((8, 299)).astype(np.float32), spec), 8, 299)
+    with pytest.raises(UsageError, match="apply_many"):
+        linear.apply_many([layer, narrow], np.ones((tokens, 300), np.float32))
+    with pytest.raises(UsageError, match="unknown scheme"):
+        linear.quantize(np.ones((2, 2)), {"scheme": "int3"})
+
+
 @pytest.mark.parametrize("block_rows", [None, 3])  # one block per layer; blocks of 3 rows (8 with groups of 8)
 @pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head", "lut4-rows"])
 def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows):
@@ -189,7 +209,7 @@ def test_kv_cache_decode_equals_full_recompute(models, arch):
 
 def test_cache_overflow_is_an_error(models):
     m = tinybit.load(models["bitnet-2b4t"])
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="max_len 3"):
         m.forward(IDS, m.new_cache(3))
 
 
@@ -298,6 +318,15 @@ def test_load_rejects_bad_directories(tmp_path, models):
     (bad / "config.json").write_text('{"vocab_size": 0}')
     with pytest.raises(ConfigError):
         tinybit.load(str(bad))
+
+
+@pytest.mark.parametrize("eps", [1e300, 1e-50, 0.0, -1e-5])
+def test_norm_eps_must_be_a_float32(eps):
+    """The norms add norm_eps in float32: 1e300 would be inf there, 1e-50 zero."""
+    from tinybit import io
+    with pytest.raises(ConfigError, match="norm_eps"):
+        io.Config.from_dict(tiny_config(norm_eps=eps).to_dict())
+    io.Config.from_dict(tiny_config(norm_eps=1e-6).to_dict())
 
 
 # --- the command line, end to end, with a real (tiny) tokenizer ------------------------------------

@@ -365,6 +365,17 @@ def test_unpack_rejects_wrong_dtype_and_shape(name, mangle):
 
 
 @pytest.mark.parametrize("name", sorted(UNPACKERS))
+@pytest.mark.parametrize("shape", [(0, 300), (0, 0), (3, 0)])
+def test_empty_matrices_round_trip(name, shape):
+    """No rows or no columns: packed to (n_out, row bytes of n_in) and back, as any other shape."""
+    pack_fn, unpack_fn, _ = UNPACKERS[name]
+    packed = pack_fn(np.zeros(shape, dtype=np.int64))
+    row_bytes = pack_fn(np.zeros((1, shape[1]), dtype=np.int64)).shape[1]
+    assert packed.dtype == np.uint8 and packed.shape == (shape[0], row_bytes)
+    assert unpack_fn(packed, shape[1]).shape == shape
+
+
+@pytest.mark.parametrize("name", sorted(UNPACKERS))
 def test_unpack_rejects_n_in_of_another_row_size(name):
     pack_fn, unpack_fn, per_unit = UNPACKERS[name]
     packed = pack_fn(np.zeros((2, 300), dtype=np.int64))
@@ -387,10 +398,11 @@ def test_unpack_rejects_n_in_of_another_row_size(name):
     lambda: pack.pack_indices(np.array([1, 2]), 3),
     lambda: pack.pack_indices(np.array([[0]]), 0),
     lambda: pack.pack_indices(np.array([[0]]), 9),
+    lambda: pack.pack_indices(np.array([[1.5, 2.0]]), 3),
     lambda: pack.unpack_indices(np.zeros((1, 1), dtype=np.uint8), 1, 0),
     lambda: pack.unpack_indices(np.zeros((1, 9), dtype=np.uint8), 1, 9),
 ], ids=["t-2", "t--2", "t-0.5", "t-1d", "t-3d", "b-0", "b-1d", "2bit-3", "base3--3",
-        "idx-too-big", "idx-negative", "idx-1d", "idx-bits-0", "idx-bits-9", "unidx-bits-0", "unidx-bits-9"])
+        "idx-too-big", "idx-negative", "idx-1d", "idx-bits-0", "idx-bits-9", "idx-float", "unidx-bits-0", "unidx-bits-9"])
 def test_pack_rejects_illegal_codes_and_parameters(call):
     with pytest.raises(PackError):
         call()

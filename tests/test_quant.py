@@ -222,10 +222,21 @@ def test_absmax_beyond_float32_range_is_rejected_or_in_range():
     assert np.abs(x_q.astype(int)).max() <= 127 and np.all(np.isfinite(scale))
 
 
-@pytest.mark.parametrize("bits", [0, 1, 17])
+@pytest.mark.parametrize("bits", [0, 1, 17, 4.0, True])
 def test_absmax_rejects_bad_bits(bits):
     with pytest.raises(QuantError):
         quant.absmax_quantize(np.ones((2, 3)), bits=bits)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_absmax_rejects_rows_of_no_values(per_token):
+    """Tokens of zero width have no absmax (both quantizers); zero tokens are fine per token."""
+    with pytest.raises(QuantError, match="nothing to take the absmax of"):
+        quant.absmax_quantize(np.zeros((2, 0)), per_token=per_token)
+    with pytest.raises(QuantError, match="nothing to take the absmax of"):
+        kernels.absmax_quantize(np.zeros((2, 0), np.float32))
+    x_q, scale = quant.absmax_quantize(np.zeros((0, 5)))
+    assert x_q.shape == (0, 5) and scale.shape == (0, 1)
 
 
 # --- 2. BitNet binary weights -----------------------------------------------------------------
@@ -422,10 +433,14 @@ def test_quant_error_is_a_tinybit_error():
 
 @pytest.mark.parametrize("call", [
     lambda: quant.binarize(np.ones((2, 2)), group_rows=0),
+    lambda: quant.binarize(np.ones((2, 2)), group_rows=1.5),
+    lambda: quant.lut_quantize(np.ones((2, 2)), bits=2, group_rows=True),
+    lambda: quant.ternarize(np.array([["a", "b"]])),
+    lambda: quant.int8_rows(np.ones((2, 2), complex)),
     lambda: quant.onebit_svid(np.ones((2, 2)), method="qr"),
     lambda: quant.lut_quantize(np.ones((2, 2)), bits=5),
     lambda: quant.vq_quantize(np.ones((2, 2)), bits=5),
-], ids=["group_rows=0", "svid-method", "lut-bits", "vq-bits"])
+], ids=["group_rows=0", "group_rows=1.5", "group_rows=True", "strings", "complex", "svid-method", "lut-bits", "vq-bits"])
 def test_bad_parameters_rejected(call):
     with pytest.raises(QuantError):
         call()

@@ -104,6 +104,10 @@ class Config:
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                  f"{name} must be a positive number, got {v!r}")
+        f32 = np.finfo(np.float32)  # the norms add norm_eps in float32
+        need(float(f32.smallest_subnormal) <= self.norm_eps <= float(f32.max),
+             f"norm_eps must be within float32's range ({f32.smallest_subnormal:.1e} to {f32.max:.1e}), "
+             f"got {self.norm_eps!r}")
         need(self.embed_dtype in ("f32", "f16"), f"embed_dtype must be 'f32' or 'f16', got {self.embed_dtype!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("sub_norms", "tie_embeddings", "add_bos"):

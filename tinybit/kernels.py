@@ -257,7 +257,7 @@ def _chunk(c, n_chunks, ws, m):
 @njit(cache=True)
 def _token_tile(tokens, bytes_per_token):
     """Tokens per GEMM tile: as many as fit X_TILE_BYTES (each tile sweeps all rows once)."""
-    return max(1, min(tokens, X_TILE_BYTES // bytes_per_token))
+    return max(1, min(tokens, X_TILE_BYTES // max(1, bytes_per_token)))  # (n_in = 0: one tile)
 
 
 # ternary: per block, plane nz (w != 0) then plane ng (w < 0). x comes as two byte arrays,
@@ -923,8 +923,14 @@ def _padded(x, n_pad, dtype):
     return out
 
 
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _group_rows(group_rows, n_out, table, what):
     """group_rows as an int (0 = one table for the tensor); check the table has a row per group."""
+    if group_rows is not None and not _is_int(group_rows):
+        raise UsageError(f"{what}: group_rows must be an integer or None, got {group_rows!r}")
     g = int(group_rows or 0)
     n_groups = -(-n_out // g) if g else 1
     if g < 0 or table.shape[0] < n_groups:
@@ -935,6 +941,8 @@ def _group_rows(group_rows, n_out, table, what):
 def absmax_quantize(x):
     """Same as absmax_quantize_ref: (tokens, n) float32 -> x_q int8, scale (tokens, 1) float32."""
     x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
+    if x.shape[1] == 0:
+        raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
     x_q = np.empty(x.shape, np.int8)
     scale = np.empty((x.shape[0], 1), np.float32)
     if not _absmax_rows(x, x_q, scale):
@@ -1000,7 +1008,7 @@ def binary_matmul_f32(w_packed, x):
 def lut_matmul(w_idx, bits, lut, group_rows, x):
     """Same as lut_matmul_ref: w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32,
     group_rows None/0 (one LUT) or rows per LUT row, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
-    if bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+    if not _is_int(bits) or bits not in (1, 2, 3, 4, 5, 6, 7, 8):
         raise UsageError(f"lut bits must be in 1..8, got {bits!r}")
     x = _check_x(x)
     w = _check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
@@ -1017,7 +1025,7 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
 def vq_matmul(w_idx, bits, codebook, group_rows, x):
     """Same as vq_matmul_ref: w_idx (n_out, 2*bits*ceil(n_pairs/8)) uint8 codes of input pairs,
     codebook (n_groups, 2^(2 bits), 2) float32, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
-    if bits not in (1, 2, 3, 4):
+    if not _is_int(bits) or bits not in (1, 2, 3, 4):
         raise UsageError(f"vq bits must be in 1..4 (2*bits-bit codes), got {bits!r}")
     x = _check_x(x)
     nbits = 2 * bits

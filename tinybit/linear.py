@@ -23,6 +23,7 @@ Schemes (spec = {"scheme": name, **params}), and what y is:
 import numpy as np
 
 from . import kernels, pack, quant
+from .errors import UsageError
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
 # The weight-only schemes lut, vq and int8 run many-token inputs (prefill, perplexity windows) as float32
@@ -65,12 +66,14 @@ def tensor_specs(spec, n_out, n_in):
         bits = spec["bits"]
         return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(-(-n_in // 2), 2 * bits))),
                 "codebook": (np.float32, (_groups(n_out, spec.get("group_rows")), 2 ** (2 * bits), 2))}
-    raise ValueError(f"unknown scheme {s!r}")
+    raise UsageError(f"unknown scheme {s!r}")
 
 
 def quantize(w, spec, onebit_method="svd"):
     """Quantize a float weight (n_out, n_in) with the data-free quantizer of the scheme."""
-    s = spec["scheme"]
+    s = spec.get("scheme") if isinstance(spec, dict) else None
+    if s in ("lut", "vq") and "bits" not in spec:
+        raise UsageError(f"scheme {s!r} needs 'bits', got {spec!r}")
     if s in ("f32", "f16"):
         return {"weight": np.asarray(w, dtype=np.float32 if s == "f32" else np.float16)}
     if s == "ternary":
@@ -91,7 +94,7 @@ def quantize(w, spec, onebit_method="svd"):
     if s == "vq":
         w_idx, codebook = quant.vq_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
         return {"w_idx": pack.pack_indices(w_idx, 2 * spec["bits"]), "codebook": codebook}
-    raise ValueError(f"unknown scheme {s!r}")
+    raise UsageError(f"unknown scheme {spec!r}")
 
 
 def check_codes(spec, tensors, n_in, where):
@@ -123,11 +126,20 @@ def layer_norm(x, eps=LN_EPS):
     return ((x - mean) / np.sqrt(var + np.float32(eps))).astype(np.float32)
 
 
+def _input(x, n_in):
+    """x as a C-contiguous float32 (tokens, n_in) array; the packed kernels pad n_in to whole blocks,
+    so only the layer can tell a short row."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_in:
+        raise UsageError(f"activations: expected (tokens, {n_in}) for this layer, got shape {x.shape}")
+    return x
+
+
 def apply(layer, x, ref=False):
     """y = layer(x): x (tokens, n_in) float32 -> (tokens, n_out) float32."""
     spec = layer["scheme"]
     s = spec["scheme"]
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = _input(x, layer["n_in"])
     k = kernels
     if s in ("f32", "f16"):  # a few tokens (decode): the kernels' GEMV, else BLAS
         gemv = (not ref and x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
@@ -149,13 +161,15 @@ def apply(layer, x, ref=False):
     if s == "vq":
         f = k.vq_matmul_ref if ref else k.vq_matmul
         return f(layer["w_idx"], spec["bits"], layer["codebook"], spec.get("group_rows"), x)
-    raise ValueError(f"unknown scheme {s!r}")
+    raise UsageError(f"unknown scheme {s!r}")
 
 
 def apply_many(layers, x, ref=False):
     """[apply(layer, x) for layer in layers]: ternary (or binary) layers of one spec that read the
     same x (q, k, v; gate, up) share one quantized x and one kernel call."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = _input(x, layers[0]["n_in"])
+    if any(layer["n_in"] != layers[0]["n_in"] for layer in layers):
+        raise UsageError(f"apply_many: the layers read inputs of {[layer['n_in'] for layer in layers]} columns")
     spec = layers[0]["scheme"]
     if spec["scheme"] in ("ternary", "binary") and all(layer["scheme"] == spec for layer in layers):
         return _apply_integer(layers, x, ref)
@@ -219,5 +233,5 @@ def dequantize(layer):
     if s == "vq":
         idx = pack.unpack_indices(layer["w_idx"], -(-n_in // 2), 2 * spec["bits"])
         return quant.vq_dequantize(idx, layer["codebook"], n_in, g)
-    raise ValueError(f"unknown scheme {s!r}")
+    raise UsageError(f"unknown scheme {s!r}")
 

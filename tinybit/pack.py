@@ -81,7 +81,7 @@ def _from_plane(plane):
 def pack_binary(w_sign):
     """w_sign (n_out, n_in) in {-1, +1} -> w_packed (n_out, n_blocks * 32) uint8 (bit 1 = +1)."""
     w_sign = _check_codes(w_sign, (-1, 1), "binary weights")
-    return _to_plane(w_sign > 0).reshape(w_sign.shape[0], -1)
+    return _to_plane(w_sign > 0).reshape(w_sign.shape[0], plane_row_bytes(w_sign.shape[1]))
 
 
 def _plane_padding_mask(n_in):
@@ -103,7 +103,7 @@ def check_binary_planes(w_packed, n_in, what="binary planes"):
 def unpack_binary(w_packed, n_in):
     """Inverse of pack_binary: -> (n_out, n_in) int8 in {-1, +1}."""
     check_binary_planes(w_packed, n_in)
-    bits = _from_plane(w_packed.reshape(w_packed.shape[0], -1, PLANE_BYTES))
+    bits = _from_plane(w_packed.reshape(w_packed.shape[0], _ceil_div(n_in, BLOCK), PLANE_BYTES))
     return (bits[:, :n_in].astype(np.int8) * 2 - 1)
 
 
@@ -112,7 +112,7 @@ def pack_ternary(w_t):
     per 256-weight block, 32 bytes of the nonzero plane then 32 bytes of the negative plane."""
     w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
     planes = np.stack([_to_plane(w_t != 0), _to_plane(w_t < 0)], axis=2)  # (n_out, n_blocks, 2, 32)
-    return planes.reshape(w_t.shape[0], -1)
+    return planes.reshape(w_t.shape[0], 2 * plane_row_bytes(w_t.shape[1]))
 
 
 def check_ternary_planes(w_packed, n_in, what="ternary planes"):
@@ -120,7 +120,7 @@ def check_ternary_planes(w_packed, n_in, what="ternary planes"):
     (n_out, 64 * ceil(n_in / 256)) uint8, no negative bit on a zero weight (negative & ~nonzero = 0,
     byte-wise over every block), padding weights 0 (nonzero bits of the last block's padding)."""
     n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), what)
-    planes = w_packed.reshape(n_out, -1, 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
+    planes = w_packed.reshape(n_out, _ceil_div(n_in, BLOCK), 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
     if (planes[:, :, 1] & ~planes[:, :, 0]).any():
         raise PackError(f"{what}: a negative bit is set on a zero weight (illegal code)")
     if n_out and n_in and (planes[:, -1, 0] & _plane_padding_mask(n_in)).any():
@@ -130,7 +130,7 @@ def check_ternary_planes(w_packed, n_in, what="ternary planes"):
 def unpack_ternary(w_packed, n_in):
     """Inverse of pack_ternary: -> (n_out, n_in) int8 in {-1, 0, +1}."""
     check_ternary_planes(w_packed, n_in)
-    planes = w_packed.reshape(w_packed.shape[0], -1, 2, PLANE_BYTES)
+    planes = w_packed.reshape(w_packed.shape[0], _ceil_div(n_in, BLOCK), 2, PLANE_BYTES)
     nonzero, negative = _from_plane(planes[:, :, 0]), _from_plane(planes[:, :, 1])
     w_t = nonzero.astype(np.int8) * (1 - 2 * negative.astype(np.int8))
     return w_t[:, :n_in]
@@ -144,14 +144,14 @@ def pack_ternary_2bit(w_t):
     n_out, n_in = w_t.shape
     codes = np.ones((n_out, _ceil_div(n_in, 4) * 4), dtype=np.uint8)  # padding code 1 = weight 0
     codes[:, :n_in] = w_t + 1
-    c = codes.reshape(n_out, -1, 4)
+    c = codes.reshape(n_out, _ceil_div(n_in, 4), 4)
     return (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
 
 
 def unpack_ternary_2bit(w_packed, n_in):
     n_out = _check_packed(w_packed, _ceil_div(n_in, 4), "ternary 2-bit codes")
     codes = (w_packed[:, :, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
-    codes = codes.reshape(n_out, -1)
+    codes = codes.reshape(n_out, 4 * w_packed.shape[1])
     if (codes == 3).any():
         raise PackError("ternary 2-bit codes: code 3 is illegal (0 -> -1, 1 -> 0, 2 -> +1)")
     if (codes[:, n_in:] != 1).any():
@@ -170,7 +170,7 @@ def pack_ternary_base3(w_t):
     n_out, n_in = w_t.shape
     trits = np.ones((n_out, _ceil_div(n_in, 5) * 5), dtype=np.uint8)
     trits[:, :n_in] = w_t + 1
-    return (trits.reshape(n_out, -1, 5) * _POW3).sum(axis=2, dtype=np.uint8)
+    return (trits.reshape(n_out, _ceil_div(n_in, 5), 5) * _POW3).sum(axis=2, dtype=np.uint8)
 
 
 def unpack_ternary_base3(w_packed, n_in):
@@ -178,7 +178,7 @@ def unpack_ternary_base3(w_packed, n_in):
     if (w_packed > 242).any():
         raise PackError("ternary base-3: byte values above 242 (3^5 - 1) are illegal")
     trits = (w_packed[:, :, None] // _POW3) % 3
-    trits = trits.reshape(n_out, -1)
+    trits = trits.reshape(n_out, 5 * w_packed.shape[1])
     if (trits[:, n_in:] != 1).any():
         raise PackError("ternary base-3: padding past n_in must be trit 1 (weight 0)")
     return trits[:, :n_in].astype(np.int8) - 1
@@ -195,13 +195,15 @@ def pack_indices(idx, bits):
     if not 1 <= bits <= 8:
         raise PackError(f"index bits must be in 1..8, got {bits}")
     idx = np.asarray(idx)
+    if idx.dtype.kind not in "biu":
+        raise PackError(f"indices: expected an integer array, got {idx.dtype}")
     if idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= 2 ** bits)):
         raise PackError(f"indices: expected a 2-D array of values in [0, {2 ** bits}), got shape {idx.shape}")
     n_out, n_idx = idx.shape
     padded = np.zeros((n_out, _ceil_div(n_idx, 8) * 8), dtype=np.uint8)
     padded[:, :n_idx] = idx
     bits_ = (padded[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (n_out, n_pad, bits)
-    return np.packbits(bits_.reshape(n_out, -1), axis=1, bitorder="little")
+    return np.packbits(bits_.reshape(n_out, padded.shape[1] * bits), axis=1, bitorder="little")
 
 
 def check_indices(w_packed, n_idx, bits, what=None):
@@ -223,8 +225,8 @@ def unpack_indices(w_packed, n_idx, bits):
     check_indices(w_packed, n_idx, bits)
     n_out = w_packed.shape[0]
     # every 8 indices fill `bits` bytes: read them as one little-endian word, then shift out each index
-    groups = w_packed.reshape(n_out, -1, bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
+    groups = w_packed.reshape(n_out, _ceil_div(n_idx, 8), bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
     word = (groups << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=2, dtype=np.uint64)
     shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    idx = ((word[:, :, None] >> shifts) & np.uint64(2 ** bits - 1)).astype(np.uint8).reshape(n_out, -1)
+    idx = ((word[:, :, None] >> shifts) & np.uint64(2 ** bits - 1)).astype(np.uint8).reshape(n_out, 8 * groups.shape[1])
     return idx[:, :n_idx]

@@ -19,6 +19,8 @@ EPS = 1e-5  # the clamp of transformers' BitNet code (absmax and absmean floors)
 
 def _check_weight(w, name="weight"):
     w = np.asarray(w)
+    if w.dtype.kind not in "biuf":
+        raise QuantError(f"{name}: expected real numbers, got dtype {w.dtype}")
     if w.ndim != 2:
         raise QuantError(f"{name}: expected a 2-D weight matrix (n_out, n_in), got shape {w.shape}")
     if w.size == 0:
@@ -32,8 +34,8 @@ def _row_groups(n_rows, group_rows):
     """Group index of each row: groups of `group_rows` consecutive output rows (None: one group)."""
     if group_rows is None:
         return np.zeros(n_rows, dtype=np.int64)
-    if group_rows < 1:
-        raise QuantError(f"group_rows must be >= 1, got {group_rows}")
+    if not isinstance(group_rows, (int, np.integer)) or isinstance(group_rows, bool) or group_rows < 1:
+        raise QuantError(f"group_rows must be an integer >= 1 (or None), got {group_rows!r}")
     return np.arange(n_rows) // group_rows
 
 
@@ -62,9 +64,11 @@ def absmax_quantize(x, bits=8, per_token=True):
     Returns x_q (int8 for b <= 8, else int32), scale (float32, shape (..., 1) or ()).
     Dequantize: x ~= x_q / scale.
     """
-    if not 2 <= bits <= 16:
-        raise QuantError(f"activation bits must be in 2..16, got {bits}")
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise QuantError(f"activation bits must be an integer in 2..16, got {bits!r}")
     x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] == 0 or (not per_token and x.size == 0):
+        raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
     q = np.float32(2 ** (bits - 1) - 1)
     gamma = np.abs(x).max(axis=-1, keepdims=True) if per_token else np.abs(x).max()
     if not np.all(np.isfinite(gamma)):
