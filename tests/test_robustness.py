@@ -633,6 +633,7 @@ def test_ctrl_c_while_streaming_keeps_the_text(tmp_path):
     (["--text", "EMPTY"], "perplexity needs at least 2"),
     (["--text", "BADUTF8"], "UTF-8"),
     (["--model", "/nonexistent/model"], "--model"),
+    (["--ctx", "4", "--stride", "4"], "--stride"),  # a stride of ctx would leave each window's first token unscored
 ])
 def test_eval_cli_errors_are_one_line(word_model, tmp_path, capsys, args, words):
     from tinybit import eval as tbeval
@@ -644,6 +645,136 @@ def test_eval_cli_errors_are_one_line(word_model, tmp_path, capsys, args, words)
     assert tbeval.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[-1], err
+
+
+def test_eval_refuses_windows_of_one_token(tmp_path, capsys):
+    """max_seq_len 1 caps --ctx 2 to windows of one token, which score nothing: an error, not "perplexity: nan"."""
+    from tinybit import eval as tbeval
+    path = write_model(tmp_path, max_seq_len=1)
+    (tmp_path / "t.txt").write_text("w1 w2 w3 w4")
+    assert tbeval.main(["--model", path, "--text", str(tmp_path / "t.txt"), "--ctx", "2"]) == 2
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert out == "" and len(err) == 1 and "--ctx" in err[0] and "max_seq_len 1" in err[0], err
+
+
+def test_perplexity_scores_every_token_once(word_model):
+    """Every stride 1..ctx-1 scores tokens 1..n-1 once each; one window holding the whole text gives
+    exp(mean NLL) of its logits; a stride of ctx (which would skip each window's first token) is refused."""
+    from tinybit.eval import log_softmax, perplexity
+    m = tinybit.load(word_model)
+    ids = np.random.default_rng(0).integers(1, m.config.vocab_size, 13)
+    for stride in (1, 2, 3):
+        assert perplexity(m, ids, ctx=4, stride=stride)[1] == len(ids) - 1
+    logp = log_softmax(m.logits(ids))  # (13, vocab): row t predicts ids[t + 1]
+    want = np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+    assert np.isclose(perplexity(m, ids, ctx=16)[0], want, rtol=1e-9)
+    with pytest.raises(UsageError, match="stride"):
+        perplexity(m, ids, ctx=4, stride=4)
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{{ '%d' % 'x' }}", "TypeError"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError"),  # jinja's sandbox: range() up to 100000
+    ("{{ 'x' * 10**9 }}", "OverflowError: '*'"),  # would allocate a gigabyte in one step
+    ("{{ 10 ** (10 ** 8) }}", "OverflowError: '**'"),  # a 300-million-bit integer, minutes in one step
+    ("{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}", "'*'"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "TimeoutError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "TimeoutError"),
+])
+def test_chat_template_failures_are_format_errors(template, words):
+    """The template is input from the model directory: any exception while rendering it, and work
+    past the bounds (time, size of one step), is one FormatError naming chat_template, within ~1 s."""
+    from tinybit.generate import CHAT_TEMPLATE_SECONDS, render_chat_template
+    t0 = time.perf_counter()
+    with pytest.raises(FormatError, match="^config.json: chat_template: ") as e:
+        render_chat_template(template, messages=[{"role": "user", "content": "hi"}])
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert time.perf_counter() - t0 < CHAT_TEMPLATE_SECONDS + 2
+    # the bounds leave ordinary templates alone, and the caller's trace function is restored
+    trace = sys.gettrace()
+    assert render_chat_template("{% for m in messages %}<{{ m.role }}>{{ m.content * 2 }}{{ 2 ** 10 }}{% endfor %}",
+                                messages=[{"role": "user", "content": "hi"}]) == "<user>hihi1024"
+    assert sys.gettrace() is trace
+
+
+def test_chat_template_hang_is_one_line_in_the_cli(tmp_path):
+    path = write_model(tmp_path, chat_template="{% for i in range(100000) %}{% for j in range(100000) %}"
+                                               "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
+    t0 = time.perf_counter()
+    one_line_error(run_generate("--model", path, "-p", "w1", "--chat", "-n", "1"), "chat_template", "TimeoutError")
+    assert time.perf_counter() - t0 < 60  # the interpreter's start and imports, then 1 s of rendering
+
+
+def test_tiny_temperature_is_greedy(word_model):
+    """logits / T overflowed to inf (then inf - inf = NaN) for a subnormal T: now the max is
+    subtracted first, so any finite T > 0 samples, and a tiny one is the argmax."""
+    from tinybit.generate import sample
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.standard_normal(61).astype(np.float32) * 5
+        for t in (1e-310, 5e-324, 1e-30):
+            for top_k, top_p in ((0, 1.0), (40, 0.95)):
+                assert sample(logits, t, top_k, top_p, rng) == np.argmax(logits)
+        assert 0 <= sample(logits, 1e300, 0, 1.0, rng) < 61  # a huge T: near uniform, still a distribution
+    m = tinybit.load(word_model)
+    greedy = m.generate("w1 w2", max_new_tokens=4, temperature=0)
+    for t in (1e-310, 1e-30):
+        assert m.generate("w1 w2", max_new_tokens=4, temperature=t, seed=0) == greedy
+
+
+def test_stop_string_is_not_split_into_characters(word_model):
+    m = tinybit.load(word_model)
+    full = m.generate("w1 w2", max_new_tokens=6, temperature=0)
+    stop = " " + full.split()[1]  # first found after the first word; its characters ("w") at once
+    want = full[:full.index(stop)]
+    assert want.strip()
+    assert m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=stop) == want
+    assert m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=[stop]) == want
+    assert "".join(m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=stop, stream=True)) == want
+    for bad in (5, [stop, 5], b"w1"):
+        with pytest.raises(UsageError, match="stop must be a string or a list of strings"):
+            m.generate("w1 w2", max_new_tokens=2, stop=bad)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(max_new_tokens="3"), "max_new_tokens"),
+    (dict(top_k=None), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_k=False), "top_k"),
+    (dict(temperature="0.5"), "temperature"),
+    (dict(temperature=None), "temperature"),
+    (dict(temperature=10 ** 400), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p="1"), "top_p"),
+    (dict(top_p=[0.5]), "top_p"),
+    (dict(seed=1.5), "seed"),
+])
+def test_sampling_arguments_of_the_wrong_type(word_model, kwargs, name):
+    m = tinybit.load(word_model)
+    with pytest.raises(UsageError, match=f"^{name} \\(--"):
+        m.generate("w1 w2", **dict(dict(max_new_tokens=2), **kwargs))
+
+
+def test_sampling_arguments_accept_numpy_numbers(word_model):
+    m = tinybit.load(word_model)
+    want = m.generate("w1 w2", max_new_tokens=3, temperature=0.5, top_k=5, top_p=0.9, seed=1)
+    assert m.generate("w1 w2", max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
+                      top_p=np.float64(0.9), seed=np.uint8(1)) == want
+
+
+def test_forward_past_the_cache_is_a_usage_error(word_model):
+    m = tinybit.load(word_model)
+    cache = m.new_cache(4)
+    m.forward([1, 2, 3], cache)
+    with pytest.raises(UsageError, match=r"^tokens: 2 more after the cache's 3 make 5, past its max_len 4"):
+        m.forward([4, 5], cache)
+    assert cache.length == 3  # refused before anything is written
+    m.forward([4], cache)
 
 
 # --- the converter ---------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 The text is tokenized once. Windows of `ctx` tokens start every `stride` tokens (default ctx/2);
 each window scores only the tokens the previous window did not (the first window scores all
 but its first token), each with the window's preceding tokens as context, as in the usual
-sliding-window perplexity. perplexity = exp(mean negative log-likelihood over scored tokens).
+sliding-window perplexity. Every token but token 0 is scored exactly once: a window's first
+token is context only (its row predicts the second), so a window scores at most ctx - 1 new
+tokens and the stride is at most ctx - 1 (a stride of ctx would leave each window's first
+token unscored). perplexity = exp(mean negative log-likelihood over scored tokens).
 """
 import math
 import os
@@ -28,19 +31,24 @@ def log_softmax(logits):
 def perplexity(model, ids, ctx=512, stride=None):
     """(perplexity, number of scored tokens) of token ids under the model."""
     ids = check_token_ids(ids, "ids")
-    ctx = min(ctx, model.config.max_seq_len)
+    max_seq_len = model.config.max_seq_len
+    if min(ctx, max_seq_len) < 2:
+        raise UsageError(f"ctx (--ctx) {ctx}, capped at the model's max_seq_len {max_seq_len}, leaves windows of "
+                         f"{min(ctx, max_seq_len)} token: a window needs 2 (a token of context, a token to score)")
+    ctx = min(ctx, max_seq_len)
     stride = max(ctx // 2, 1) if stride is None else stride
     if len(ids) < 2:
         raise UsageError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
     if ids.min() < 0 or ids.max() >= model.config.vocab_size:
         raise UsageError(f"token ids must be in 0..{model.config.vocab_size - 1}, got {ids.min()}..{ids.max()}")
-    if not 0 < stride <= ctx:
-        raise UsageError(f"stride must be in 1..ctx ({ctx}), got {stride}")
+    if not 0 < stride < ctx:
+        raise UsageError(f"stride (--stride) must be in 1..ctx - 1 ({ctx - 1}): a window scores at most ctx - 1 "
+                         f"tokens, got {stride}")
     nll, scored, done = 0.0, 0, 1  # done: tokens 0..done-1 already scored (token 0 never is)
     for start in range(0, len(ids) - 1, stride):
         window = ids[start:start + ctx]
         logp = log_softmax(model.logits(window))  # (len, vocab): row t predicts window[t + 1]
-        first = max(done - start, 1)  # first position in the window not scored yet
+        first = done - start  # first position in the window not scored yet: >= 1 as stride < ctx
         targets = window[first:]
         nll -= logp[np.arange(first - 1, len(window) - 1), targets].sum()
         scored += len(targets)
@@ -55,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--model", "-m", required=True)
     ap.add_argument("--text", required=True, help="a UTF-8 text file")
     ap.add_argument("--ctx", type=int, default=512, help="window length in tokens")
-    ap.add_argument("--stride", type=int, default=None, help="window step, 1..ctx (default ctx/2)")
+    ap.add_argument("--stride", type=int, default=None, help="window step, 1..ctx-1 (default ctx/2)")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N >= 2 tokens of the text")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--debug", action="store_true")
@@ -68,8 +76,8 @@ def run(args):
     from .model import load
     if args.ctx < 2:
         raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
-    if args.stride is not None and not 1 <= args.stride <= args.ctx:
-        raise UsageError(f"--stride must be in 1..--ctx ({args.ctx}), got {args.stride}")
+    if args.stride is not None and not 1 <= args.stride < args.ctx:
+        raise UsageError(f"--stride must be in 1..--ctx - 1 ({args.ctx - 1}), got {args.stride}")
     check_threads(args.threads)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2 (perplexity scores token 1 onwards), got {args.max_tokens}")

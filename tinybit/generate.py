@@ -6,6 +6,7 @@ Prefill runs the whole prompt through the model at once (GEMM kernels); each new
 then one decode step over the KV cache (GEMV kernels). Stats go to stderr, text to stdout.
 """
 import argparse
+import math
 import os
 import resource
 import sys
@@ -30,11 +31,14 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
         raise FormatError("the model's logits are NaN or Inf: its weights or scales overflow float32")
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    # z = (logits - max) / T <= 0 in float64: the largest is 0, so any finite T > 0 gives no
+    # inf - inf (a subnormal T sends the others to -inf: exp 0, i.e. greedy)
+    with np.errstate(over="ignore"):  # overflow to -inf is meant: exp(-inf) = 0
+        z = (logits.astype(np.float64) - float(logits.max())) / temperature  # (vocab,)
     order = np.argsort(-z, kind="stable")  # most likely first
     if top_k > 0:
         order = order[:top_k]
-    p = np.exp(z[order] - z[order[0]])
+    p = np.exp(z[order])  # p[0] = exp(0) = 1: the sum is >= 1
     p /= p.sum()
     if top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1  # smallest prefix with mass >= top_p
@@ -42,20 +46,95 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     return int(order[rng.choice(len(p), p=p)])
 
 
+def is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def is_finite_real(x):
+    """x is an int or float (Python or NumPy, not bool) that is a finite float64."""
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float64's range
+        return False
+
+
 def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
-    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
-        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
-    if not (np.isfinite(temperature) and temperature >= 0):
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    """A UsageError naming the parameter (and its flag) unless each is a number of the right kind and range."""
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise UsageError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
+    if not (is_finite_real(temperature) and temperature >= 0):
+        raise UsageError(f"temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (is_int(top_k) and top_k >= 0):
+        raise UsageError(f"top_k (--top-k) must be an integer >= 0 (0 = no limit), got {top_k!r}")
+    if not (is_finite_real(top_p) and 0 < top_p <= 1):
+        raise UsageError(f"top_p (--top-p) must be a number in (0, 1], got {top_p!r}")
+    if not (is_int(max_new_tokens) and max_new_tokens >= 0):
+        raise UsageError(f"max_new_tokens (--max-new-tokens) must be an integer >= 0, got {max_new_tokens!r}")
 
 
 # --- prompts ------------------------------------------------------------------------------------
+
+# A chat template is code that comes with the model (config.json): it formats a handful of
+# messages in milliseconds, so rendering is bounded far above that. Python-level work by a time
+# limit; the one-step C-level operations that could run or allocate without bound by size limits
+# (jinja's sandbox already refuses range() over 100000 items).
+CHAT_TEMPLATE_SECONDS = 1.0
+CHAT_TEMPLATE_MAX_LEN = 10 ** 6  # longest string, list or tuple `*` may build
+CHAT_TEMPLATE_MAX_BITS = 10 ** 5  # largest int `**` may build
+
+
+def bounded_binop(context, operator, left, right):
+    """left * right or left ** right in a chat template (jinja's call_binop hook for intercepted
+    operators), refused with an OverflowError when the result would exceed the limits above."""
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and is_int(n) and len(seq) * n > CHAT_TEMPLATE_MAX_LEN:
+                raise OverflowError(f"'*' would repeat a sequence of {len(seq)} items {n} times "
+                                    f"(at most {CHAT_TEMPLATE_MAX_LEN} items)")
+    if is_int(left) and is_int(right) and abs(left) > 1:
+        # a * b has about bits(a) + bits(b) bits, a ** b about b * bits(a) (repeated squaring in a loop
+        # would otherwise make one multiplication take minutes)
+        bits = int(abs(left)).bit_length()
+        if (bits + int(abs(right)).bit_length() if operator == "*" else right * bits) > CHAT_TEMPLATE_MAX_BITS:
+            raise OverflowError(f"'{operator}' would build an integer of more than {CHAT_TEMPLATE_MAX_BITS} bits")
+    return left * right if operator == "*" else left ** right
+
+
+def call_with_deadline(f, seconds):
+    """f() stopped by a TimeoutError once it runs past `seconds`: every Python line it runs (in
+    this thread) checks the clock, through sys.settrace; the caller's trace function is restored."""
+    deadline = time.perf_counter() + seconds
+
+    def trace(frame, event, arg):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"rendering ran past {seconds:g} s")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        return f()
+    finally:
+        sys.settrace(previous)
+
+
+def render_chat_template(template, **variables):
+    """The chat template rendered with `variables`. The template is untrusted input from the
+    model directory: sandboxed as transformers does (it cannot reach Python internals), bounded
+    in time and size (above), and any exception while compiling or rendering it is a one-line
+    FormatError naming config.json's chat_template."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.intercepted_binops = frozenset({"*", "**"})  # also keeps them out of compile-time constant folding
+    env.call_binop = bounded_binop
+    try:
+        return call_with_deadline(lambda: env.from_string(template).render(**variables), CHAT_TEMPLATE_SECONDS)
+    except Exception as e:  # whatever the template does wrong (any exception), the model file is at fault
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise FormatError(f"config.json: chat_template: {type(e).__name__}: {first}") from None
+
 
 def encode_prompt(model, prompt, chat=False):
     """Token ids of a prompt string (chat: wrapped in the model's chat template)."""
@@ -65,16 +144,10 @@ def encode_prompt(model, prompt, chat=False):
     if chat:
         if not c.chat_template:
             raise UsageError("--chat: this model has no chat template")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         bos = tok.id_to_token(c.bos_token_id) if c.bos_token_id is not None else ""
         eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
-        try:  # the template comes with the model: sandboxed (as transformers does), so it cannot run code
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            prompt = env.from_string(c.chat_template).render(messages=[{"role": "user", "content": prompt}],
-                                                             add_generation_prompt=True, bos_token=bos, eos_token=eos)
-        except jinja2.TemplateError as e:
-            raise FormatError(f"config.json: chat_template: {str(e).splitlines()[0][:200]}") from None
+        prompt = render_chat_template(c.chat_template, messages=[{"role": "user", "content": prompt}],
+                                      add_generation_prompt=True, bos_token=bos, eos_token=eos)
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if c.add_bos and (not ids or ids[0] != c.bos_token_id):
         ids = [c.bos_token_id] + ids
@@ -164,9 +237,13 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
              stream=False, chat=False, stop=(), stats=None, truncate=False):
     """Continue `prompt` (text, or a list of token ids) and return the new text, or with
     stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
+    stop: one stop string, or several (a list, tuple or set of strings); the text ends before the first.
     truncate: keep the end of a prompt too long for the context (generate_tokens).
     A model without a tokenizer takes and returns token ids."""
     from .model import check_token_ids
+    stop = (stop,) if isinstance(stop, str) else stop  # a string is one stop string, not its characters
+    if not (isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop)):
+        raise UsageError(f"stop must be a string or a list of strings, got {stop!r}")
     if isinstance(prompt, str):
         prompt_ids = encode_prompt(model, prompt, chat=chat)
     else:

@@ -230,7 +230,8 @@ class Model:
         tokens = check_token_ids(tokens, "tokens")
         T, start = len(tokens), cache.length
         if start + T > cache.max_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the cache ({cache.max_len})")
+            raise UsageError(f"tokens: {T} more after the cache's {start} make {start + T}, past its max_len "
+                             f"{cache.max_len} (Model.new_cache(max_len))")
         if not (0 <= tokens.min() and tokens.max() < c.vocab_size):
             raise UsageError(f"token ids must be in 0..{c.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
         x = self.embed_rows(tokens).astype(np.float32)  # (T, dim)
