@@ -7,6 +7,8 @@ time per call in µs (median and min), G weights/s (weights x tokens / median ti
 weights read, the ratio to NumPy float32 (time of x @ W.T / kernel time, same threads and tokens), and
 for 128 tokens the ratio of G weights/s to the same kernel's 1-token (GEMV) figure: the reuse of each
 weight across tokens that the table GEMM kernels buy (target >= 4 for ternary and binary).
+The `read` row is no kernel: a parallel streaming read (XOR) of the ternary packed bytes, the
+memory bandwidth the threads share, measured in the same run (the ceiling of a streamed GEMV).
 Weights are streamed from memory: each call uses the next of enough copies of the packed (or
 float32) matrix to exceed 256 MB (--stream-mb), so no call finds its weights in the caches.
 --stream-mb 0 cycles through 2 copies instead: the packed weights stay in the L3 cache, which
@@ -25,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinybit import kernels, pack  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]  # (n_out, n_in): q/o, k/v, gate/up, down
 GEMM_TOKENS = 128
@@ -64,6 +67,20 @@ def copies(a, stream_bytes):
     return [a.copy() for _ in range(max(2, -(-stream_bytes // a.nbytes)))]
 
 
+@njit(cache=True, parallel=True)
+def stream_read(lines, n_chunks):
+    """XOR of all the 512-byte lines (n, 512) uint8, in n_chunks runs of lines, one per thread."""
+    out = np.zeros((n_chunks, 64), np.uint8)
+    n = lines.shape[0]
+    for c in prange(n_chunks):
+        acc = out[c]
+        for i in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            r = lines[i]
+            for j in range(64):
+                acc[j] ^= (r[j] ^ r[64 + j] ^ r[128 + j] ^ r[192 + j]) ^ (r[256 + j] ^ r[320 + j] ^ r[384 + j] ^ r[448 + j])
+    return out
+
+
 def cases(n_out, n_in, rng):
     """(name, packed weights, call(w, tokens) -> fn(w)) for every kernel on one shape."""
     w_t = rng.integers(-1, 2, (n_out, n_in))
@@ -77,6 +94,8 @@ def cases(n_out, n_in, rng):
     return [
         ("f32_numpy", lambda: rng.standard_normal((n_out, n_in)).astype(np.float32),
          lambda t: (lambda w: x_f[t] @ w.T)),
+        ("read", lambda: pack.pack_ternary(w_t),
+         lambda t: (lambda w: stream_read(w.reshape(-1, 512), kernels.kernel_threads))),  # (the shapes' bytes: x 512)
         ("ternary", lambda: pack.pack_ternary(w_t), lambda t: (lambda w: kernels.ternary_matmul(w, x_q[t]))),
         ("binary", lambda: pack.pack_binary(w_s), lambda t: (lambda w: kernels.binary_matmul(w, x_q[t]))),
         ("binary_f32", lambda: pack.pack_binary(w_s),
@@ -118,7 +137,7 @@ def main(argv=None):
                 if args.quick and tokens > 1:
                     todo = [b for b in built if b[0] in ("f32_numpy", "ternary", "binary")]
                 else:
-                    todo = built
+                    todo = [b for b in built if tokens == 1 or b[0] != "read"]
                 f32_med = None
                 for name, ws, call in todo:
                     slow = name in ("lut4", "vq2") and tokens > 1  # scalar scatter: ~1 s per GEMM call
