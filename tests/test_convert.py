@@ -713,3 +713,160 @@ def test_existing_out_and_force(float_llama, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["out"]
     with pytest.raises(tinybit.TinybitError):  # --debug re-raises
         convert.main([str(src), str(out), "--debug"])
+
+
+# --- malformed inputs: exit 2 and one line naming the file and key, never a traceback -------------
+
+def _config_edit(edit):
+    """A SRC maker: a copy of the float llama whose config.json is edit(config dict) (a str is the file text)."""
+    def make(src, d):
+        c = json.loads((src / "config.json").read_text())
+        text = edit(c)
+        (d / "config.json").write_text(text if isinstance(text, str) else json.dumps(c))
+        return d
+    return make
+
+
+def _file(name, text):
+    def make(src, d):
+        (d / name).write_text(text)
+        return d
+    return make
+
+
+def _st_header(edit):
+    """A SRC maker: model.safetensors with its JSON header replaced by edit(header dict) (bytes)."""
+    def make(src, d):
+        raw = (src / "model.safetensors").read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = edit(json.loads(raw[8:8 + n]))
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+        return d
+    return make
+
+
+def _gguf_zero_heads(src, d):
+    import gguf
+    path = str(d / "m.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_head_count(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _without_rope_parameters(**kw):
+    return _config_edit(lambda c: (c.pop("rope_parameters", None), c.update(kw)))
+
+
+def _dtype_list(h):
+    h["model.norm.weight"]["dtype"] = ["F32"]
+    return json.dumps(h).encode()
+
+
+@pytest.mark.parametrize("make, needles", [
+    (_config_edit(lambda c: "[1, 2]"), ("config.json", "expected a JSON object")),
+    (_config_edit(lambda c: c.update(rms_norm_eps="abc")), ("config.json", "rms_norm_eps", "positive number")),
+    (_config_edit(lambda c: c.update(max_position_embeddings="big")),
+     ("config.json", "max_position_embeddings", "positive integer")),
+    (_config_edit(lambda c: json.dumps(c)[:-1] + ', "max_position_embeddings": Infinity}'),
+     ("config.json", "max_position_embeddings", "positive integer")),
+    (_config_edit(lambda c: c.update(max_position_embeddings=10 ** 400)),
+     ("config.json", "max_position_embeddings", "positive integer")),
+    (_config_edit(lambda c: c.update(rms_norm_eps=10 ** 400)), ("config.json", "rms_norm_eps", "positive number")),
+    (_without_rope_parameters(rope_theta=[1]), ("config.json", "rope_theta", "positive number")),
+    (_without_rope_parameters(rope_scaling="linear"), ("config.json", "rope_scaling", "an object or null")),
+    (_without_rope_parameters(rope_scaling={"rope_type": "linear", "factor": "2"}),
+     ("config.json", "rope_scaling.factor", "positive number")),
+    (_config_edit(lambda c: c.update(rope_parameters=[1])), ("config.json", "rope_parameters", "an object or null")),
+    (_config_edit(lambda c: c.update(quantization_config=[1])), ("config.json", "quantization_config", "an object")),
+    (_config_edit(lambda c: c.update(hidden_act=["silu"])), ("config.json", "hidden_act", "not supported")),
+    (_config_edit(lambda c: c.update(tie_word_embeddings="false")),
+     ("config.json", "tie_word_embeddings", "true or false")),
+    (_config_edit(lambda c: '{"a": ' + "[" * 100000 + "]" * 100000 + "}"), ("config.json", "cannot read JSON")),
+    (_config_edit(lambda c: json.dumps(c)[:-1] + ', "x": 1' + "0" * 5000 + "}"), ("config.json", "cannot read JSON")),
+    (_file("generation_config.json", "[1]"), ("generation_config.json", "expected a JSON object")),
+    (_file("tokenizer_config.json", "[1]"), ("tokenizer_config.json", "expected a JSON object")),
+    (_st_header(_dtype_list), ("model.safetensors", "model.norm.weight", "unsupported dtype")),
+    (_st_header(lambda h: b'{"x": ' + b"[" * 50000 + b"]" * 50000 + b", " + json.dumps(h).encode()[1:]),
+     ("model.safetensors", "not a safetensors file")),
+    (_gguf_zero_heads, ("m.gguf", "llama.attention.head_count", "positive integer")),
+], ids=["config-list", "eps-str", "maxpos-str", "maxpos-inf", "maxpos-huge", "eps-huge", "theta-list",
+        "rope-scaling-str", "rope-factor-str", "rope-parameters-list", "quant-config-list", "act-list", "tie-str",
+        "config-deep", "config-5000-digits", "generation-config-list", "tokenizer-config-list", "st-dtype-list",
+        "st-header-deep", "gguf-head-count-0"])
+def test_malformed_inputs_one_line_error(float_llama, tmp_path, capsys, make, needles):
+    src, _ = float_llama
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    path = make(src, d)
+    capsys.readouterr()
+    rc = convert.main([str(path), str(tmp_path / "out")])
+    err = _err(capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("convert.py:")]
+    assert rc == 2 and "Traceback" not in err and lines == [err.splitlines()[-1]], err[-2000:]
+    assert lines[0].startswith("convert.py: error: ") and len(lines[0]) < 400, lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+# --- --force never replaces data that is not a tinybit model; OUT never overlaps SRC ---------------
+
+@pytest.mark.parametrize("keep", [["config.json", "model.safetensors"], None])
+def test_force_refuses_a_hf_checkpoint(float_llama, tmp_path, capsys, keep):
+    """A Hugging Face checkpoint (just config.json + model.safetensors, or with its other files) is kept."""
+    src, _ = float_llama
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    for name in os.listdir(other):
+        if keep is not None and name not in keep:
+            os.remove(other / name)
+    before = {name: (other / name).read_bytes() for name in os.listdir(other)}
+    capsys.readouterr()
+    assert convert.main([str(src), str(other), "--force"]) == 2
+    err = _err(capsys).splitlines()[-1]
+    assert err.startswith(f"convert.py: error: {other}: ") and "not a tinybit model" in err, err
+    assert {name: (other / name).read_bytes() for name in os.listdir(other)} == before
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_force_refuses_a_tinybit_model_with_other_files(float_llama, tmp_path, capsys):
+    src, _ = float_llama
+    out = tmp_path / "out"
+    run(src, out)
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert convert.main([str(src), str(out), "--force"]) == 2 and "not a tinybit model" in _err(capsys)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+    os.remove(out / "notes.txt")
+    run(src, out, "--force", "--scheme", "ternary")  # a previous tinybit output alone is replaced
+    assert json.loads((out / "config.json").read_text())["quant"] == {"scheme": "ternary"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("out_of, words", [
+    (lambda d: d, "is the input SRC"),
+    (lambda d: d / "sub", "lies inside the input SRC"),
+    (lambda d: d / "model.safetensors", "lies inside the input SRC"),
+    (lambda d: d.parent, "contains the input SRC"),
+    (lambda d: d.parent / "link", "is the input SRC"),  # a symlink to SRC: real paths are compared
+], ids=["out-is-src", "out-inside-src", "out-is-a-src-file", "src-inside-out", "out-links-to-src"])
+def test_out_never_overlaps_src(float_llama, tmp_path, capsys, out_of, words):
+    src, _ = float_llama
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    os.symlink(d, tmp_path / "link")
+    before = {name: (d / name).read_bytes() for name in os.listdir(d)}
+    for extra in ([], ["--force"]):
+        capsys.readouterr()
+        assert convert.main([str(d), str(out_of(d)), *extra]) == 2
+        err = _err(capsys).splitlines()[-1]
+        assert err.startswith(f"convert.py: error: {out_of(d)}: ") and words in err and str(d) in err, err
+    assert {name: (d / name).read_bytes() for name in os.listdir(d)} == before
+    assert sorted(os.listdir(tmp_path)) == ["link", "src"]

@@ -22,6 +22,7 @@ one line `convert.py: error: ...` and exits 2 (--debug shows the traceback).
 torch is imported only to read .bin/.pt/.pth files.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -72,6 +73,10 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 # --- source tensors -----------------------------------------------------------------------------
 
 class Ref:
@@ -114,8 +119,8 @@ def read_safetensors_refs(path):
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not a safetensors file: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a huge integer
+        raise FormatError(f"{path}: not a safetensors file: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header must be a JSON object")
     header.pop("__metadata__", None)
@@ -125,13 +130,14 @@ def read_safetensors_refs(path):
     refs = {}
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
-            raise FormatError(f"{where}: unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in ST_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else info
+            raise FormatError(f"{where}: unsupported dtype {dtype!r:.80} (expected one of {', '.join(ST_DTYPES)})")
         shape, offs = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise FormatError(f"{where}: bad shape {shape!r:.80}")
         dt = np.dtype(ST_DTYPES[info["dtype"]])
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_len and offs[1] - offs[0] == math.prod(shape) * dt.itemsize):
             raise FormatError(f"{where}: data_offsets {offs!r:.80} do not match shape {shape} in {data_len} data bytes")
 
@@ -205,29 +211,35 @@ def read_text(path):
 
 
 def read_json(path, required=False):
+    """The JSON object in path (every JSON file a checkpoint has is an object), or None if it is absent."""
     if not os.path.exists(path):
         if required:
             raise FormatError(f"{path}: not found")
         return None
     try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: cannot read JSON: {e}") from None
+        d = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or a huge integer; RecursionError: deep nesting
+        raise FormatError(f"{path}: cannot read JSON: {str(e)[:200]}") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: expected a JSON object, got a JSON {type(d).__name__}")
+    return d
 
 
 class Source:
     """What a checkpoint provides: HF-style config dict, {hf_name: Ref}, tokenizer material."""
 
     def __init__(self, hf_config, refs, where, tokenizer_json=None, tokenizer_config=None,
-                 generation_config=None, chat_template=None, add_bos=None, notes=()):
+                 generation_config=None, chat_template=None, add_bos=None, notes=(), config_path=None):
         self.hf_config, self.refs, self.where = hf_config, refs, where
+        self.config_path = config_path or where  # the file that errors in hf_config name
         self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config or {}
         self.generation_config = generation_config or {}
         self.chat_template, self.add_bos, self.notes = chat_template, add_bos, list(notes)
 
 
 def read_hf_dir(src, config_path=None):
-    config = read_json(config_path or os.path.join(src, "config.json"), required=True)
+    config_path = config_path or os.path.join(src, "config.json")
+    config = read_json(config_path, required=True)
     weights = []
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -263,7 +275,8 @@ def read_hf_dir(src, config_path=None):
     tok_cfg = read_json(os.path.join(src, "tokenizer_config.json")) or {}
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t["name"]: t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default") or next(iter(named.values()), None)
     jinja = os.path.join(src, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
@@ -274,7 +287,8 @@ def read_hf_dir(src, config_path=None):
     add_bos = tok_cfg.get("add_bos_token") if isinstance(tok_cfg.get("add_bos_token"), bool) else None
     return Source(config, refs, src, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
                   generation_config=read_json(os.path.join(src, "generation_config.json")),
-                  chat_template=template if isinstance(template, str) else None, add_bos=add_bos)
+                  chat_template=template if isinstance(template, str) else None, add_bos=add_bos,
+                  config_path=config_path)
 
 
 # --- GGUF ---------------------------------------------------------------------------------------
@@ -316,8 +330,9 @@ def read_gguf(path):
     n_head = field(a + "attention.head_count")
     n_kv = field(a + "attention.head_count_kv", n_head)
     dim = field(a + "embedding_length")
-    if not all(isinstance(v, int) for v in (n_head, n_kv, dim)):
-        raise FormatError(f"{path}: missing llama.attention.head_count / head_count_kv / embedding_length")
+    for key, v in (("attention.head_count", n_head), ("attention.head_count_kv", n_kv), ("embedding_length", dim)):
+        if not _is_int(v) or v <= 0:
+            raise FormatError(f"{path}: {a}{key} must be a positive integer, got {v!r:.80}")
     tensors = {t.name: t for t in reader.tensors}
     tokens = field("tokenizer.ggml.tokens")
     emb = tensors.get("token_embd.weight")
@@ -431,14 +446,18 @@ def read_source(args):
     if not args.config:
         raise UsageError(f"{src}: a raw state-dict file needs --config CONFIG.json (a Hugging Face config.json)")
     config = read_json(args.config, required=True)
-    return Source(config, read_weight_file(src), src)
+    return Source(config, read_weight_file(src), src, config_path=args.config)
 
 
 def detect_family(src):
-    c = src.hf_config
+    c, where = src.hf_config, src.config_path
     qc = c.get("quantization_config") or {}
     mt = c.get("model_type")
     archs = c.get("architectures") or []
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{where}: quantization_config must be an object, got {qc!r:.80}")
+    if not isinstance(archs, list):
+        raise ConfigError(f"{where}: architectures must be a list of class names, got {archs!r:.80}")
     if mt == "bitllama":
         return "onebit"
     if qc.get("quant_method") == "bitnet":
@@ -446,16 +465,16 @@ def detect_family(src):
             return "bitnet-bf16" if qc.get("quantization_mode", "offline") == "online" else "bitnet"
         return "hf-bitlinear"
     if qc:
-        raise UsageError(f"{src.where}: quantization_config with quant_method {qc.get('quant_method')!r} "
+        raise UsageError(f"{where}: quantization_config with quant_method {qc.get('quant_method')!r:.80} "
                          "is not supported")
     if "BitnetForCausalLM" in archs or "weight_bits" in c or any("inner_attn_ln" in n for n in src.refs):
         return "1bitllm"
     if mt == "bitnet":
-        raise UsageError(f"{src.where}: model_type 'bitnet' without a quantization_config; "
+        raise UsageError(f"{where}: model_type 'bitnet' without a quantization_config; "
                          "pass --family bitnet-bf16 (master weights) or --family bitnet (packed)")
     if mt in ("llama", "mistral") or src.where.endswith(".gguf"):
         return "llama"
-    raise UsageError(f"{src.where}: model_type {mt!r} is not supported; pass --family llama if it is "
+    raise UsageError(f"{where}: model_type {mt!r:.80} is not supported; pass --family llama if it is "
                      "a plain LLaMA-architecture checkpoint")
 
 
@@ -483,27 +502,42 @@ def parse_scheme(name, group, flag="--scheme", group_flag="--group-size"):
 
 def _int(c, key, default=None, where="config.json"):
     v = c.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"{where}: {key} must be a positive integer, got {v!r}")
+    if not _is_int(v) or not 0 < v <= 1 << 24:  # io.Config's bound on sizes
+        raise ConfigError(f"{where}: {key} must be a positive integer up to {1 << 24}, got {v!r:.80}")
     return v
+
+
+def _number(v, key, where):
+    """v if it is a positive finite number (a float, or an int a float can hold), else a ConfigError naming key."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            if math.isfinite(float(v)) and v > 0:
+                return v
+        except OverflowError:  # an int beyond the float range
+            pass
+    raise ConfigError(f"{where}: {key} must be a positive number, got {v!r:.80}")
 
 
 def rope_from_hf(c, where):
     """(rope_theta, tinybit rope_scaling) from rope_parameters (transformers 5) or rope_theta/rope_scaling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise ConfigError(f"{where}: {key} must be an object or null, got {c[key]!r:.80}")
     rp = c.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_parameters" in c and any(isinstance(v, dict) for v in rp.values()):
+    if rp is not None and any(isinstance(v, dict) for v in rp.values()):
         raise ConfigError(f"{where}: per-layer-type rope_parameters are not supported")
-    rp = dict(rp) if isinstance(rp, dict) else dict(c.get("rope_scaling") or {})
-    theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
+    key = "rope_parameters" if rp is not None else "rope_scaling"
+    rp = dict(rp if rp is not None else c.get("rope_scaling") or {})
+    theta = float(_number(rp.get("rope_theta", c.get("rope_theta", 10000.0)), "rope_theta", where))
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rtype in ("default", None):
-        return float(theta), None
+        return theta, None
     if rtype == "linear":
-        return float(theta), {"type": "linear", "factor": rp.get("factor")}
+        return theta, {"type": "linear", "factor": _number(rp.get("factor"), f"{key}.factor", where)}
     if rtype == "llama3":
-        return float(theta), {"type": "llama3", **{k: rp.get(k) for k in (
+        return theta, {"type": "llama3", **{k: _number(rp.get(k), f"{key}.{k}", where) for k in (
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
-    raise ConfigError(f"{where}: rope type {rtype!r} is not supported (default, linear, llama3)")
+    raise ConfigError(f"{where}: rope type {rtype!r:.80} is not supported (default, linear, llama3)")
 
 
 ACT = {"silu": "silu", "swish": "silu", "relu2": "relu2", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -515,21 +549,21 @@ def token_ids(src, vocab):
     bos = g.get("bos_token_id", c.get("bos_token_id"))
     eos = g.get("eos_token_id", c.get("eos_token_id"))
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    ok = lambda i: isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab  # noqa: E731
+    ok = lambda i: _is_int(i) and 0 <= i < vocab  # noqa: E731
     for i in [bos] + eos:
         if i is not None and not ok(i):
-            src.notes.append(f"token id {i!r} from the config is outside the vocabulary ({vocab}); dropped")
-    return (bos if ok(bos) else None), [i for i in dict.fromkeys(eos) if ok(i)]
+            src.notes.append(f"token id {i!r:.80} from the config is outside the vocabulary ({vocab}); dropped")
+    return (bos if ok(bos) else None), list(dict.fromkeys(i for i in eos if ok(i)))
 
 
 def build_config(src, family, args):
-    c, where = src.hf_config, src.where
+    c, where = src.hf_config, src.config_path
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             raise ConfigError(f"{where}: {key} is true; biases are not supported")
     act = c.get("hidden_act", "relu2" if family in ("bitnet", "bitnet-bf16") else "silu")
-    if act not in ACT:
-        raise ConfigError(f"{where}: hidden_act {act!r} is not supported ({', '.join(ACT)})")
+    if not isinstance(act, str) or act not in ACT:
+        raise ConfigError(f"{where}: hidden_act {act!r:.80} is not supported ({', '.join(ACT)})")
     n_heads = _int(c, "num_attention_heads", where=where)
     dim = _int(c, "hidden_size", where=where)
     head_dim = c.get("head_dim") or dim // n_heads
@@ -537,8 +571,13 @@ def build_config(src, family, args):
     vocab = _int(c, "vocab_size", where=where)
     bos, eos = token_ids(src, vocab)
     add_bos = src.add_bos if src.add_bos is not None else False
+    max_seq_len = _int(c, "max_position_embeddings", 2048, where)
+    tie = c.get("tie_word_embeddings")
+    tie = False if tie is None else tie
+    if not isinstance(tie, bool):
+        raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {tie!r:.80}")
     sw = c.get("sliding_window")
-    if isinstance(sw, int) and sw < int(c.get("max_position_embeddings", 2048)):
+    if _is_int(sw) and sw < max_seq_len:
         src.notes.append(f"sliding_window {sw} is ignored: tinybit attends to the whole context "
                          f"(identical for sequences up to {sw} tokens)")
     quant = {"scheme": "ternary"}
@@ -550,10 +589,11 @@ def build_config(src, family, args):
         config = io.Config(
             vocab_size=vocab, dim=dim, n_layers=_int(c, "num_hidden_layers", where=where), n_heads=n_heads,
             n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-            ffn_dim=_int(c, "intermediate_size", where=where), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta, rope_scaling=scaling, max_seq_len=int(c.get("max_position_embeddings", 2048)),
+            ffn_dim=_int(c, "intermediate_size", where=where),
+            norm_eps=float(_number(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where)),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len,
             activation=ACT[act], sub_norms=family in ("bitnet", "bitnet-bf16", "1bitllm"),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)), embed_dtype=args.embed_dtype,
+            tie_embeddings=tie, embed_dtype=args.embed_dtype,
             quant=quant, bos_token_id=bos, eos_token_ids=eos, add_bos=bool(add_bos and bos is not None),
             chat_template=src.chat_template, family=family)
         config.validate(where)
@@ -768,12 +808,40 @@ def convert_weights(src, config, family, args):
 
 # --- output -------------------------------------------------------------------------------------
 
+TINYBIT_FILES = {"config.json", "model.safetensors", "tokenizer.json"}  # what io.save_model writes
+
+
 def _is_replaceable(path):
-    """--force only replaces an existing tinybit model directory (or an empty directory)."""
+    """--force only replaces an empty directory or a tinybit model directory: nothing in it but the files
+    io.save_model writes, and a config.json that reads as a tinybit config (a format_version key, tinybit
+    field names only). A Hugging Face checkpoint, which has config.json and model.safetensors too, is not."""
     if not os.path.isdir(path) or os.path.islink(path):
         return False
-    entries = os.listdir(path)
-    return not entries or ("config.json" in entries and "model.safetensors" in entries)
+    entries = set(os.listdir(path))
+    if not entries:
+        return True
+    if "config.json" not in entries or not entries <= TINYBIT_FILES:
+        return False
+    try:
+        d = read_json(os.path.join(path, "config.json"))
+    except FormatError:
+        return False
+    return "format_version" in d and set(d) <= {f.name for f in dataclasses.fields(io.Config)}
+
+
+def check_out_path(args):
+    """OUT must not be SRC (or --config), lie inside it, or contain it: compared as real paths."""
+    out = os.path.realpath(args.out)
+    for flag, path in (("SRC", args.src), ("--config", args.config)):
+        if path is None:
+            continue
+        inp = os.path.realpath(path)
+        if out == inp:
+            raise UsageError(f"{args.out}: is the input {flag} {path}; choose another output path")
+        if out.startswith(inp.rstrip(os.sep) + os.sep):
+            raise UsageError(f"{args.out}: lies inside the input {flag} {path}; choose an output path outside it")
+        if inp.startswith(out.rstrip(os.sep) + os.sep):
+            raise UsageError(f"{args.out}: contains the input {flag} {path}; choose another output path")
 
 
 def write_output(out_dir, config, tensors, tokenizer_json, force):
@@ -873,12 +941,14 @@ def convert(argv):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     out_dir = os.path.abspath(args.out)
+    check_out_path(args)
     if os.path.lexists(out_dir):
         if not args.force:
             raise UsageError(f"{args.out}: already exists; pass --force to replace it")
         if not _is_replaceable(out_dir):
-            raise UsageError(f"{args.out}: exists and is not a tinybit model directory; refusing to replace it "
-                             "even with --force")
+            raise UsageError(f"{args.out}: exists and is not a tinybit model directory (a config.json with a "
+                             "format_version, model.safetensors, tokenizer.json, nothing else) or an empty one; "
+                             "refusing to replace it even with --force")
     src = read_source(args)
     family = args.family or detect_family(src)
     args.onebit_method = "svd"
