@@ -320,12 +320,18 @@ def test_load_rejects_bad_directories(tmp_path, models):
         tinybit.load(str(bad))
 
 
-@pytest.mark.parametrize("eps", [1e300, 1e-50, 0.0, -1e-5])
+@pytest.mark.parametrize("eps", [1e300, 1e-50, 0.0, -1e-5, 10 ** 400])
 def test_norm_eps_must_be_a_float32(eps):
-    """The norms add norm_eps in float32: 1e300 would be inf there, 1e-50 zero."""
+    """The norms add norm_eps in float32: 1e300 would be inf there, 1e-50 zero; an int past
+    float64's range is refused too (math.isfinite would raise OverflowError), in one short line."""
     from tinybit import io
-    with pytest.raises(ConfigError, match="norm_eps"):
+    with pytest.raises(ConfigError, match="norm_eps") as e:
         io.Config.from_dict(tiny_config(norm_eps=eps).to_dict())
+    assert len(str(e.value)) < 260
+    for key in ("rope_theta", "rope_scaling"):
+        with pytest.raises(ConfigError, match=key):
+            io.Config.from_dict(tiny_config(**{key: 10 ** 400 if key == "rope_theta" else
+                                              {"type": "linear", "factor": 10 ** 400}}).to_dict())
     io.Config.from_dict(tiny_config(norm_eps=1e-6).to_dict())
 
 

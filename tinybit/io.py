@@ -84,11 +84,15 @@ class Config:
 
     def validate(self, source="config.json"):
         def need(ok, what):
-            if not ok:
-                raise ConfigError(f"{source}: {what}")
+            if not ok:  # (one line: a 400-digit value is cut)
+                raise ConfigError(f"{source}: {what if len(what) <= 200 else what[:200] + ' ...'}")
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_positive_number(v):  # (an int past float64's range: not a number here)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and -1e308 < v < 1e308 \
+                and math.isfinite(v) and v > 0
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)
@@ -102,7 +106,7 @@ class Config:
         need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("norm_eps", "rope_theta"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+            need(is_positive_number(v),
                  f"{name} must be a positive number, got {v!r}")
         f32 = np.finfo(np.float32)  # the norms add norm_eps in float32
         need(float(f32.smallest_subnormal) <= self.norm_eps <= float(f32.max),
@@ -120,7 +124,7 @@ class Config:
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             for k in keys:
                 v = rs.get(k)
-                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                need(is_positive_number(v),
                      f"rope_scaling.{k} must be a positive number, got {v!r}")
             if rs["type"] == "llama3":  # the blend divides by high - low
                 need(rs["high_freq_factor"] > rs["low_freq_factor"],
