@@ -281,6 +281,37 @@ def test_bitnet_bf16_online(tmp_path):
     check_parity(ref, tmp_path / "out", 150, seed=5)
 
 
+@pytest.mark.parametrize("family", ["bitnet-bf16", "llama"])
+def test_left_out_keys_take_transformers_defaults(tmp_path, family):
+    """A config.json without rms_norm_eps and rope_theta / rope_parameters: transformers fills in its config
+    class's defaults (BitNetConfig: 1e-5 and 500000, LlamaConfig: 1e-6 and 10000), so must the converter;
+    the logits match transformers loading the same file. The llama model also uses hidden_act gelu_new,
+    transformers' name for the tanh GELU."""
+    if family == "llama":
+        m = randomize(LlamaForCausalLM(llama_config(hidden_act="gelu_new")), seed=6, std=0.2)
+    else:
+        qc = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+        m = randomize(BitNetForCausalLM(bitnet_config(quantization_config=qc)), seed=4, std=0.2).to(torch.bfloat16)
+    m.save_pretrained(tmp_path / "hf")
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters"):
+        c.pop(key, None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(c))
+    run(tmp_path / "hf", tmp_path / "out")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    eps, theta = (1e-6, 10000.0) if family == "llama" else (1e-5, 500000.0)
+    assert (out["family"], out["norm_eps"], out["rope_theta"]) == (family, eps, theta)
+    if family == "llama":
+        assert out["activation"] == "gelu_tanh"
+        ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    else:
+        state = {k: v.float() for k, v in m.state_dict().items()}
+        ref = to_bitnet_layers(BitNetForCausalLM(BitNetConfig.from_pretrained(tmp_path / "hf")),
+                               "autobitlinear", "online", state)
+    assert (ref.config.rms_norm_eps, ref.config.rope_parameters["rope_theta"]) == (eps, theta)
+    check_parity(ref, tmp_path / "out", c["vocab_size"], seed=5)
+
+
 def ternarize_torch(w, convention):
     """T and the stored weight_scale of the two packed conventions (transformers / TII formulas)."""
     s = 1.0 / w.float().abs().mean().clamp(min=1e-5)

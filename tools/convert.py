@@ -518,7 +518,17 @@ def _number(v, key, where):
     raise ConfigError(f"{where}: {key} must be a positive number, got {v!r:.80}")
 
 
-def rope_from_hf(c, where):
+# What transformers' config classes assume for keys a config.json leaves out: LlamaConfig (llama and
+# the LLaMA-based families), BitNetConfig (model_type bitnet: the bitnet and bitnet-bf16 families)
+HF_DEFAULTS = {"llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+               "bitnet": {"rms_norm_eps": 1e-5, "rope_theta": 500000.0}}
+
+
+def hf_defaults(family):
+    return HF_DEFAULTS["bitnet" if family in ("bitnet", "bitnet-bf16") else "llama"]
+
+
+def rope_from_hf(c, where, default_theta):
     """(rope_theta, tinybit rope_scaling) from rope_parameters (transformers 5) or rope_theta/rope_scaling."""
     for key in ("rope_parameters", "rope_scaling"):
         if c.get(key) is not None and not isinstance(c[key], dict):
@@ -528,7 +538,7 @@ def rope_from_hf(c, where):
         raise ConfigError(f"{where}: per-layer-type rope_parameters are not supported")
     key = "rope_parameters" if rp is not None else "rope_scaling"
     rp = dict(rp if rp is not None else c.get("rope_scaling") or {})
-    theta = float(_number(rp.get("rope_theta", c.get("rope_theta", 10000.0)), "rope_theta", where))
+    theta = float(_number(rp.get("rope_theta", c.get("rope_theta", default_theta)), "rope_theta", where))
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rtype in ("default", None):
         return theta, None
@@ -540,7 +550,10 @@ def rope_from_hf(c, where):
     raise ConfigError(f"{where}: rope type {rtype!r:.80} is not supported (default, linear, llama3)")
 
 
-ACT = {"silu": "silu", "swish": "silu", "relu2": "relu2", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+# transformers' hidden_act names -> tinybit's; every *gelu*tanh* name below is the same tanh approximation
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (gelu_fast to 1e-12); the exact (erf) gelu is not supported
+ACT = {"silu": "silu", "swish": "silu", "relu2": "relu2", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+       "gelu_new": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
 def token_ids(src, vocab):
@@ -567,7 +580,8 @@ def build_config(src, family, args):
     n_heads = _int(c, "num_attention_heads", where=where)
     dim = _int(c, "hidden_size", where=where)
     head_dim = c.get("head_dim") or dim // n_heads
-    theta, scaling = rope_from_hf(c, where)
+    defaults = hf_defaults(family)
+    theta, scaling = rope_from_hf(c, where, defaults["rope_theta"])
     vocab = _int(c, "vocab_size", where=where)
     bos, eos = token_ids(src, vocab)
     add_bos = src.add_bos if src.add_bos is not None else False
@@ -590,7 +604,7 @@ def build_config(src, family, args):
             vocab_size=vocab, dim=dim, n_layers=_int(c, "num_hidden_layers", where=where), n_heads=n_heads,
             n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim,
             ffn_dim=_int(c, "intermediate_size", where=where),
-            norm_eps=float(_number(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where)),
+            norm_eps=float(_number(c.get("rms_norm_eps", defaults["rms_norm_eps"]), "rms_norm_eps", where)),
             rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len,
             activation=ACT[act], sub_norms=family in ("bitnet", "bitnet-bf16", "1bitllm"),
             tie_embeddings=tie, embed_dtype=args.embed_dtype,
