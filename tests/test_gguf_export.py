@@ -202,8 +202,17 @@ def test_llama_round_trip_through_convert_gguf_reader(tmp_path, tokenizer_json):
     assert convert.main([path, str(tmp_path / "tern"), "--scheme", "ternary-row",
                          "--head-scheme", "ternary-row"]) == 0
     back = io.read_safetensors(str(tmp_path / "tern" / "model.safetensors"))
-    for name, _, _ in model.linear_shapes(c):  # re-ternarized per row: the very same planes
+    for name, n_out, _ in model.linear_shapes(c):  # already t * d per row: the very same planes, d kept
         assert np.array_equal(back[name + ".w_packed"], tensors[name + ".w_packed"]), name
+        d = tensors[name + ".scale"].astype(np.float16).astype(np.float32)
+        assert np.array_equal(back[name + ".scale"], np.broadcast_to(d, (n_out,))), name
+    assert convert.main([path, str(tmp_path / "tern1"), "--scheme", "ternary", "--head-scheme", "ternary"]) == 0
+    back = io.read_safetensors(str(tmp_path / "tern1" / "model.safetensors"))
+    for name, n_out, _ in model.linear_shapes(c):  # per-tensor layers: t and d kept, not absmean's d * mean|t|
+        if c.scheme_of(name).get("per_row"):
+            continue
+        assert np.array_equal(back[name + ".w_packed"], tensors[name + ".w_packed"]), name
+        assert np.array_equal(back[name + ".scale"], tensors[name + ".scale"].astype(np.float16).astype(np.float32))
     cfg = io.load_config(str(tmp_path / "tern"))
     assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.rope_theta, cfg.norm_eps,
             cfg.max_seq_len, cfg.bos_token_id, cfg.eos_token_ids, cfg.chat_template, cfg.add_bos) == \
@@ -228,11 +237,32 @@ def test_convert_cli_to_gguf(tmp_path, tokenizer_json):
     assert set(ta) == set(tb)
     for name, t in ta.items():
         assert tb[name].tensor_type == t.tensor_type, name
-        if t.tensor_type == TQ2_0:  # 66-byte blocks: the 64 code bytes identical (d = gamma differs)
-            qa, qb = (np.asarray(x.data).reshape(-1, 66)[:, :64] for x in (t, tb[name]))
-            assert np.array_equal(qa, qb), name
+        if t.tensor_type == TQ2_0:  # 66-byte blocks, codes and d: read back exactly, written the same
+            assert np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
     assert field(b, "tokenizer.ggml.tokens") == field(a, "tokenizer.ggml.tokens")
     assert field(b, "llama.attention.head_count_kv") == c.n_kv_heads
+
+
+def test_convert_to_gguf_refuses_before_converting(tmp_path, tokenizer_json, capsys):
+    """convert.py --to gguf refuses a model it cannot export (a scheme, a block size, an existing OUT) from
+    the config and flags, before any linear is converted (a 2B model: minutes to hours of work)."""
+    c = llama_cfg(quant_overrides={}, head_quant={"scheme": "f32"}, tie_embeddings=True, embed_dtype="f32")
+    src = str(tmp_path / "a.gguf")
+    gguf_export.write_gguf(src, c, stored(c, seed=2), tokenizer_json)
+    (tmp_path / "empty").mkdir()
+    for args, needle in [(["--scheme", "lut2"], "layers.0.q is lut"),
+                         (["--scheme", "ternary", "--head-scheme", "lut4"], "head is lut"),
+                         (["--scheme", "ternary", "--head-scheme", "int8"], None),  # exportable: converts
+                         ([str(tmp_path / "empty"), "--force"], "never overwritten")]:
+        out = args.pop(0) if not args[0].startswith("--") else str(tmp_path / "out.gguf")
+        rc = convert.main([src, out, *args, "--to", "gguf"])
+        err = capsys.readouterr().err
+        if needle is None:
+            assert rc == 0 and os.path.exists(out)
+            os.remove(out)
+        else:
+            assert rc == 2 and needle in err and "convert: [1/" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "empty"]
 
 
 def test_bitnet_arch_sub_norms_not_permuted(tmp_path, tokenizer_json):

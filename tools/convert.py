@@ -716,7 +716,7 @@ def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
         w = float_weight(parts, n_out, n_in, name)
         if spec["scheme"] == "f32":
             return {"weight": w}, spec, None
-        return linear.quantize(w, spec, onebit_method=onebit_method), spec, w
+        return quantize_float(w, spec, onebit_method), spec, w
     if family in ("bitnet", "hf-bitlinear"):
         ref = parts.get("weight")
         if ref is not None and ref.is_float and "weight_scale" not in parts:  # a module left unquantized
@@ -755,7 +755,29 @@ def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
         return {"w_packed": pack.pack_binary(sign), "g": g.load(), "h": h.load()}, spec, None
     # llama PTQ
     w = float_weight(parts, n_out, n_in, name)
-    return linear.quantize(w, spec, onebit_method=onebit_method), spec, w
+    return quantize_float(w, spec, onebit_method), spec, w
+
+
+def quantize_float(w, spec, onebit_method):
+    """linear.quantize(w, spec), but a weight that is already ternary is stored as it is (exact_ternary)."""
+    exact = exact_ternary(w, spec.get("per_row", False)) if spec["scheme"] == "ternary" else None
+    if exact is not None:
+        t, gamma = exact
+        return {"w_packed": pack.pack_ternary(t), "scale": gamma}
+    return linear.quantize(w, spec, onebit_method=onebit_method)
+
+
+def exact_ternary(w, per_row):
+    """(t, gamma) if w (n_out, n_in) is already t * gamma, t in {-1, 0, +1}, one gamma > 0 for the tensor
+    (or per row): a ternary model read back as floats (a GGUF's TQ2_0 with one scale per tensor, as
+    tinybit exports it). Absmean would requantize it with the scale gamma * mean|t|: another model.
+    t (n_out, n_in) int8, gamma (1,) or (n_out,) float32; None if w is not of that form."""
+    a = np.abs(w)
+    gamma = a.max(axis=1) if per_row else a.max(keepdims=True).reshape(1)  # (n_out,) or (1,)
+    g = gamma.reshape(-1, 1) if per_row else gamma[0]
+    if not (gamma > 0).all() or not ((a == 0) | (a == g)).all():
+        return None
+    return np.sign(w).astype(np.int8), gamma.astype(np.float32)
 
 
 def convert_weights(src, config, family, args):
@@ -956,6 +978,8 @@ def convert(argv):
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     out_dir = os.path.abspath(args.out)
     check_out_path(args)
+    if os.path.lexists(out_dir) and args.to == "gguf":
+        raise UsageError(f"{args.out}: already exists; a GGUF file is never overwritten (--force or not)")
     if os.path.lexists(out_dir):
         if not args.force:
             raise UsageError(f"{args.out}: already exists; pass --force to replace it")
@@ -980,6 +1004,12 @@ def convert(argv):
         args.onebit_method = head_method
     config = build_config(src, family, args)
     calib_ids, block_spec = None, config.quant
+    if args.to == "gguf":  # every refusal before any weight is converted or calibrated
+        import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
+        quantized_head = args.head_spec["scheme"] != "f32"  # (stored untied, as convert_weights does)
+        gguf_export.check_exportable(out_dir, dataclasses.replace(
+            config, head_quant=args.head_spec, tie_embeddings=config.tie_embeddings and not quantized_head),
+            src.tokenizer_json)
     if args.calibrate:  # every calibration error is raised here, before any work
         if family != "llama" or block_spec["scheme"] in ("f32", "f16") or not 0 <= args.damp < math.inf:
             raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
@@ -999,7 +1029,6 @@ def convert(argv):
         stats = calib_stats + [s for s in stats if s[0] == "head"]
         io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
     if args.to == "gguf":
-        import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
         gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json)
     else:
         write_output(out_dir, config, tensors, src.tokenizer_json, args.force)

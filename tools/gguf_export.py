@@ -1,5 +1,7 @@
 """Write a tinybit model as a llama.cpp GGUF file (docs/convert.md, "GGUF output").
 
+    check_exportable(path, config, tokenizer_json)   every refusal, from the config alone (before any
+                                                     weight is converted or calibrated)
     write_gguf(path, config, tensors, tokenizer_json)
 
 config is a tinybit.io.Config, tensors its canonical stored tensors (tinybit/model.py), and
@@ -97,22 +99,26 @@ def _gguf():
     return gguf
 
 
+def check_linear(config, name, n_in):
+    """UsageError unless linear `name` has a GGML type: float, int8 rows (Q8_0) or ternary (TQ2_0)."""
+    s = config.scheme_of(name)["scheme"]
+    if s == "int8" and n_in % Q8_0_BLOCK:
+        raise UsageError(f"GGUF export: {name}.w_q has n_in {n_in}, not a multiple of {Q8_0_BLOCK} (the Q8_0 block)")
+    if s == "ternary" and n_in % QK:
+        raise UsageError(f"GGUF export: {name}.w_packed has n_in {n_in}, not a multiple of {QK} (the TQ2_0 block)")
+    if s not in ("f32", "f16", "int8", "ternary"):
+        raise UsageError(f"GGUF export supports ternary, int8 and float linears; {name} is {s}")
+
+
 def gguf_linear(config, tensors, name, n_out, n_in):
-    """Stored tensors of linear `name` -> (array, GGML type or None for plain float)."""
+    """Stored tensors of linear `name` (check_linear passed) -> (array, GGML type or None for plain float)."""
     gguf = _gguf()
     s = config.scheme_of(name)["scheme"]
     if s in ("f32", "f16"):
         return np.ascontiguousarray(tensors[name + ".weight"]), None
     if s == "int8":
-        if n_in % Q8_0_BLOCK:
-            raise UsageError(f"GGUF export: {name}.w_q has n_in {n_in}, not a multiple of {Q8_0_BLOCK} (the Q8_0 block)")
         w = quant.int8_dequantize(tensors[name + ".w_q"], tensors[name + ".scale"])  # (n_out, n_in) f32
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    if s != "ternary":
-        raise UsageError(f"GGUF export supports ternary, int8 and float linears; {name} is {s}")
-    if n_in % QK:
-        raise UsageError(f"GGUF export: {name}.w_packed has n_in {n_in}, not a multiple of {QK} "
-                         "(the TQ2_0 block)")
     w_t = pack.unpack_ternary(tensors[name + ".w_packed"], n_in)  # (n_out, n_in) int8
     return tq2_0_blocks(w_t, tensors[name + ".scale"], name), gguf.GGMLQuantizationType.TQ2_0
 
@@ -185,18 +191,31 @@ def tokenizer_metadata(tokenizer_json, vocab_size):
     return pre, tokens, token_types, merges
 
 
-def write_gguf(path, config, tensors, tokenizer_json):
-    """Write the model as a llama.cpp GGUF at `path` (must not exist), atomically."""
-    gguf = _gguf()
+def check_exportable(path, config, tokenizer_json):
+    """Every UsageError of write_gguf, from the config, the tokenizer and the path alone: the
+    architecture, rope scaling, each linear's type and block size, the tokenizer, a free path.
+    Returns the llama.cpp architecture."""
+    _gguf()
     c = config
     arch = choose_arch(c)
     if c.rope_scaling is not None and c.rope_scaling["type"] != "linear":
         raise UsageError(f"GGUF export: rope_scaling {c.rope_scaling['type']!r} is not supported (only linear)")
-    entries = gguf_tensors(c, tensors, arch)  # every UsageError about a tensor comes before any write
+    for name, _, n_in in tbmodel.linear_shapes(c):
+        check_linear(c, name, n_in)
+    tokenizer_metadata(tokenizer_json, c.vocab_size)
+    if os.path.lexists(path):
+        raise UsageError(f"{os.path.abspath(path)}: already exists; a GGUF file is never overwritten")
+    return arch
+
+
+def write_gguf(path, config, tensors, tokenizer_json):
+    """Write the model as a llama.cpp GGUF at `path` (must not exist), atomically."""
+    gguf = _gguf()
+    c = config
+    arch = check_exportable(path, c, tokenizer_json)  # every refusal before any write
+    entries = gguf_tensors(c, tensors, arch)
     pre, tokens, token_types, merges = tokenizer_metadata(tokenizer_json, c.vocab_size)
     path = os.path.abspath(path)
-    if os.path.lexists(path):
-        raise UsageError(f"{path}: already exists; not overwritten")
     parent = os.path.dirname(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
