@@ -100,3 +100,21 @@ def test_corpus_encoding_and_split(model):
     assert stdlib_corpus.is_held_out("json/decoder.py") == stdlib_corpus.is_held_out("json/decoder.py")
     held = sum(stdlib_corpus.is_held_out(f"pkg/mod{i}.py") for i in range(2000))
     assert 50 <= held <= 150  # about HELD_OUT_PERCENT = 5 %
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--export", "EXPORT"], "config.json: not found"),  # nothing trained in the work directory
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "nan"], "a finite --lr"),
+    (["--dim", "100", "--heads", "3"], "--dim 100 must split"),
+    (["--heads", "4", "--kv-heads", "3"], "--kv-heads 3"),
+])
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, args, words):
+    """tools/train.py: usage and one error line, exit status 2, nothing written."""
+    import train
+    args = [str(tmp_path / "exp") if a == "EXPORT" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--workdir", str(tmp_path / "w"), *args])
+    assert e.value.code == 2 and words in capsys.readouterr().err.splitlines()[-1]
+    assert os.listdir(tmp_path) == []

@@ -325,11 +325,29 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=100)
     args = ap.parse_args(argv)
+    check_args(ap, args)
     torch.set_num_threads(args.threads)
     if args.export:
         export(args)
     else:
         train(args)
+
+
+def check_args(ap, args):
+    """ap.error (usage, one error line, exit status 2) for a value the run would trip over later."""
+    for flag in ("steps", "batch", "ctx", "vocab", "dim", "layers", "heads", "kv_heads", "ffn_dim", "threads",
+                 "log_every", "ckpt_every"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or not (args.lr > 0 and math.isfinite(args.lr)) or not (0 <= args.wd < math.inf):
+        ap.error(f"need --warmup >= 0, a finite --lr > 0 and --wd >= 0, got {args.warmup}, {args.lr}, {args.wd}")
+    if args.dim % args.heads or (args.dim // args.heads) % 2 or args.heads % args.kv_heads:
+        ap.error(f"--dim {args.dim} must split into --heads {args.heads} of an even size, and --heads into "
+                 f"--kv-heads {args.kv_heads} groups")
+    if args.export:
+        for name in ("config.json", "ckpt.pt"):
+            if not os.path.isfile(os.path.join(args.workdir, name)):
+                ap.error(f"{os.path.join(args.workdir, name)}: not found (--export needs a trained --workdir)")
 
 
 if __name__ == "__main__":
