@@ -647,6 +647,24 @@ def test_eval_cli_errors_are_one_line(word_model, tmp_path, capsys, args, words)
     assert len(err) == 1 and words in err[-1], err
 
 
+def test_eval_reads_the_text_as_stored(tmp_path, capsys):
+    """Line endings are text (CRLF is scored as CRLF); a UTF-8 byte-order mark is not (it is dropped)."""
+    from tinybit import eval as tbeval
+    from tinybit.generate import DEFAULT_MODEL
+    text = "def f(x):\r\n    return x + 1\r\n\r\nprint(f(2))\r\n"
+    (tmp_path / "crlf_bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert tbeval.main(["--model", DEFAULT_MODEL, "--text", str(tmp_path / "crlf_bom.txt"), "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    m = tinybit.load(DEFAULT_MODEL)
+    ids = m.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = [m.config.bos_token_id] * m.config.add_bos + ids
+    assert ids != [m.config.bos_token_id] * m.config.add_bos + m.tokenizer.encode(
+        text.replace("\r\n", "\n"), add_special_tokens=False).ids  # CRLF and LF tokenize differently
+    from tinybit.eval import perplexity
+    ppl, n = perplexity(m, ids, ctx=512)
+    assert f"perplexity: {ppl:.4f}" in out and f"tokens: {n} scored of {len(ids)}" in out, out
+
+
 def test_eval_refuses_windows_of_one_token(tmp_path, capsys):
     """max_seq_len 1 caps --ctx 2 to windows of one token, which score nothing: an error, not "perplexity: nan"."""
     from tinybit import eval as tbeval

@@ -61,7 +61,8 @@ def perplexity(model, ids, ctx=512, stride=None):
 def main(argv=None):
     ap = OneLineParser(prog="tinybit.eval", description="Perplexity of a tinybit model on a text file.")
     ap.add_argument("--model", "-m", required=True)
-    ap.add_argument("--text", required=True, help="a UTF-8 text file")
+    ap.add_argument("--text", required=True, help="a UTF-8 text file (read as stored: line endings kept, "
+                                                   "a leading byte-order mark dropped)")
     ap.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     ap.add_argument("--stride", type=int, default=None, help="window step, 1..ctx-1 (default ctx/2)")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N >= 2 tokens of the text")
@@ -84,7 +85,7 @@ def run(args):
     if not os.path.isdir(args.model):
         raise UsageError(f"--model: {args.model} is not a directory")
     try:
-        with open(args.text, encoding="utf-8") as f:
+        with open(args.text, encoding="utf-8-sig", newline="") as f:  # the text as stored (CRLF kept), no BOM
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--text {args.text}: cannot read as UTF-8 text: {e}") from None
