@@ -229,6 +229,15 @@ def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_calibration_windows_fit_the_context(hf_dir, tmp_path):
+    """A window past max_position_embeddings would calibrate on positions the model never runs."""
+    n_ctx = json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(TinybitError, match=f"--calib-len {n_ctx + 1} is past the model's context"):
+        run_convert(hf_dir, tmp_path / "x", "--scheme", "lut2", "--calib-len", n_ctx + 1)
+    run_convert(hf_dir, tmp_path / "y", "--scheme", "lut2", "--calib-len", n_ctx, "--calib-samples", 1)
+    assert not (tmp_path / "x").exists()
+
+
 def test_calib_chat_cuts_windows_into_chat_turns(hf_dir):
     from tokenizers import Tokenizer
     tj = (hf_dir / "tokenizer.json").read_text()

@@ -1014,6 +1014,9 @@ def convert(argv):
         if family != "llama" or block_spec["scheme"] in ("f32", "f16") or not 0 <= args.damp < math.inf:
             raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
                              f"and --damp >= 0 (here: family {family}, scheme {block_spec['scheme']}, damp {args.damp})")
+        if args.calib_len > config.max_seq_len:
+            raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
+                             "tokens): it would calibrate on positions the model never runs")
         calib_ids = calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
                                                args.calib_len, args.seed,
                                                config.bos_token_id if config.add_bos else None,
