@@ -399,10 +399,11 @@ def test_unpack_rejects_n_in_of_another_row_size(name):
     lambda: pack.pack_indices(np.array([[0]]), 0),
     lambda: pack.pack_indices(np.array([[0]]), 9),
     lambda: pack.pack_indices(np.array([[1.5, 2.0]]), 3),
+    lambda: pack.pack_indices(np.array([[1]]), 2.0),
     lambda: pack.unpack_indices(np.zeros((1, 1), dtype=np.uint8), 1, 0),
     lambda: pack.unpack_indices(np.zeros((1, 9), dtype=np.uint8), 1, 9),
 ], ids=["t-2", "t--2", "t-0.5", "t-1d", "t-3d", "b-0", "b-1d", "2bit-3", "base3--3",
-        "idx-too-big", "idx-negative", "idx-1d", "idx-bits-0", "idx-bits-9", "idx-float", "unidx-bits-0", "unidx-bits-9"])
+        "idx-too-big", "idx-negative", "idx-1d", "idx-bits-0", "idx-bits-9", "idx-float", "idx-bits-float", "unidx-bits-0", "unidx-bits-9"])
 def test_pack_rejects_illegal_codes_and_parameters(call):
     with pytest.raises(PackError):
         call()

@@ -36,7 +36,7 @@ def perplexity(model, ids, ctx=512, stride=None):
         raise UsageError(f"ctx (--ctx) {ctx}, capped at the model's max_seq_len {max_seq_len}, leaves windows of "
                          f"{min(ctx, max_seq_len)} token: a window needs 2 (a token of context, a token to score)")
     ctx = min(ctx, max_seq_len)
-    stride = max(ctx // 2, 1) if stride is None else stride
+    stride = ctx // 2 if stride is None else stride  # (ctx >= 2)
     if len(ids) < 2:
         raise UsageError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
     if ids.min() < 0 or ids.max() >= model.config.vocab_size:

@@ -77,9 +77,11 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
 # --- prompts ------------------------------------------------------------------------------------
 
 # A chat template is code that comes with the model (config.json): it formats a handful of
-# messages in milliseconds, so rendering is bounded far above that. Python-level work by a time
-# limit; the one-step C-level operations that could run or allocate without bound by size limits
-# (jinja's sandbox already refuses range() over 100000 items).
+# messages in milliseconds, so rendering is bounded far above that: Python-level work by a time
+# limit, and the two one-step C-level operations that could run for minutes (`*` of a sequence,
+# `**` of an int) by size limits (jinja's sandbox already refuses range() over 100000 items).
+# Memory is not bounded as such: a filter such as center(10**8) still allocates what it is asked
+# to, within the time limit (a real bound would need a child process under RLIMIT_AS).
 CHAT_TEMPLATE_SECONDS = 1.0
 CHAT_TEMPLATE_MAX_LEN = 10 ** 6  # longest string, list or tuple `*` may build
 CHAT_TEMPLATE_MAX_BITS = 10 ** 5  # largest int `**` may build
@@ -123,7 +125,7 @@ def call_with_deadline(f, seconds):
 def render_chat_template(template, **variables):
     """The chat template rendered with `variables`. The template is untrusted input from the
     model directory: sandboxed as transformers does (it cannot reach Python internals), bounded
-    in time and size (above), and any exception while compiling or rendering it is a one-line
+    in time and in the size of `*` and `**` (above), and any exception while compiling or rendering it is a one-line
     FormatError naming config.json's chat_template."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -90,9 +90,8 @@ class Config:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_positive_number(v):  # (an int past float64's range: not a number here)
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and -1e308 < v < 1e308 \
-                and math.isfinite(v) and v > 0
+        def is_positive_number(v):  # (NaN, inf and an int past float64's range fail the comparison)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e308
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)

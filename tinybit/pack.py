@@ -186,14 +186,18 @@ def unpack_ternary_base3(w_packed, n_in):
 
 # --- n-bit indices (LUT palettization, VQ codes) ---------------------------------------------
 
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise PackError(f"index bits must be an integer in 1..8, got {bits!r}")
+
+
 def index_row_bytes(n_idx, bits):
     return _ceil_div(n_idx, 8) * bits
 
 
 def pack_indices(idx, bits):
     """idx (n_out, n_idx) with 0 <= idx < 2^bits -> (n_out, bits * ceil(n_idx / 8)) uint8, LSB-first bit string."""
-    if not 1 <= bits <= 8:
-        raise PackError(f"index bits must be in 1..8, got {bits}")
+    _check_bits(bits)
     idx = np.asarray(idx)
     if idx.dtype.kind not in "biu":
         raise PackError(f"indices: expected an integer array, got {idx.dtype}")
@@ -210,8 +214,7 @@ def check_indices(w_packed, n_idx, bits, what=None):
     """Raise PackError unless w_packed is a legal array of n_idx bits-bit indices per row:
     (n_out, bits * ceil(n_idx / 8)) uint8 whose padding bits (bits * n_idx and above) are 0.
     Every bits-bit value is a legal index; the padding lies in each row's last `bits` bytes."""
-    if not 1 <= bits <= 8:
-        raise PackError(f"index bits must be in 1..8, got {bits}")
+    _check_bits(bits)
     what = what or f"{bits}-bit indices"
     n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), what)
     if n_out and n_idx % 8:

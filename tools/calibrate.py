@@ -79,7 +79,7 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     streams = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig", newline="") as f:  # as stored (CRLF kept), no BOM: as eval
                 text = f.read()
         except FileNotFoundError:
             raise UsageError(f"--calibrate {path}: no such file") from None

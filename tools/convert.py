@@ -536,16 +536,15 @@ def rope_from_hf(c, where, default_theta):
     rp = c.get("rope_parameters")
     if rp is not None and any(isinstance(v, dict) for v in rp.values()):
         raise ConfigError(f"{where}: per-layer-type rope_parameters are not supported")
-    key = "rope_parameters" if rp is not None else "rope_scaling"
     rp = dict(rp if rp is not None else c.get("rope_scaling") or {})
     theta = float(_number(rp.get("rope_theta", c.get("rope_theta", default_theta)), "rope_theta", where))
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rtype in ("default", None):
         return theta, None
     if rtype == "linear":
-        return theta, {"type": "linear", "factor": _number(rp.get("factor"), f"{key}.factor", where)}
+        return theta, {"type": "linear", "factor": rp.get("factor")}  # (factors: checked by io.Config.validate)
     if rtype == "llama3":
-        return theta, {"type": "llama3", **{k: _number(rp.get(k), f"{key}.{k}", where) for k in (
+        return theta, {"type": "llama3", **{k: rp.get(k) for k in (
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     raise ConfigError(f"{where}: rope type {rtype!r:.80} is not supported (default, linear, llama3)")
 
@@ -780,6 +779,11 @@ def exact_ternary(w, per_row):
     return np.sign(w).astype(np.int8), gamma.astype(np.float32)
 
 
+def stored_tie(config, head_spec):
+    """Whether the output stays tied to the embedding: a quantized head is stored untied."""
+    return config.tie_embeddings and head_spec["scheme"] == "f32"
+
+
 def convert_weights(src, config, family, args):
     plain, lin = group_source(src, config)
     c = config
@@ -807,7 +811,7 @@ def convert_weights(src, config, family, args):
                 not np.array_equal(h["weight"].load(), plain["embed.weight"].load()):
             raise FormatError(f"unexpected tensor {h['weight'].name!r}: tie_word_embeddings is true but it "
                               "differs from the embedding")
-    if c.tie_embeddings and head_spec["scheme"] != "f32":  # a quantized head is stored untied
+    if c.tie_embeddings and not stored_tie(c, head_spec):  # a quantized head is stored untied
         c.tie_embeddings = False
         embed = plain["embed.weight"]
         lin["head"] = {"weight": Ref(f"{embed.name} (as the untied head)", embed.shape, "F32", embed.load)}
@@ -978,9 +982,9 @@ def convert(argv):
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     out_dir = os.path.abspath(args.out)
     check_out_path(args)
-    if os.path.lexists(out_dir) and args.to == "gguf":
-        raise UsageError(f"{args.out}: already exists; a GGUF file is never overwritten (--force or not)")
     if os.path.lexists(out_dir):
+        if args.to == "gguf":
+            raise UsageError(f"{args.out}: already exists; a GGUF file is never overwritten (--force or not)")
         if not args.force:
             raise UsageError(f"{args.out}: already exists; pass --force to replace it")
         if not _is_replaceable(out_dir):
@@ -1006,10 +1010,9 @@ def convert(argv):
     calib_ids, block_spec = None, config.quant
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
-        quantized_head = args.head_spec["scheme"] != "f32"  # (stored untied, as convert_weights does)
-        gguf_export.check_exportable(out_dir, dataclasses.replace(
-            config, head_quant=args.head_spec, tie_embeddings=config.tie_embeddings and not quantized_head),
-            src.tokenizer_json)
+        stored = dataclasses.replace(config, head_quant=args.head_spec,
+                                     tie_embeddings=stored_tie(config, args.head_spec))  # as convert_weights stores it
+        gguf_export.check_exportable(out_dir, stored, src.tokenizer_json)
     if args.calibrate:  # every calibration error is raised here, before any work
         if family != "llama" or block_spec["scheme"] in ("f32", "f16") or not 0 <= args.damp < math.inf:
             raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "

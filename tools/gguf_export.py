@@ -194,7 +194,7 @@ def tokenizer_metadata(tokenizer_json, vocab_size):
 def check_exportable(path, config, tokenizer_json):
     """Every UsageError of write_gguf, from the config, the tokenizer and the path alone: the
     architecture, rope scaling, each linear's type and block size, the tokenizer, a free path.
-    Returns the llama.cpp architecture."""
+    Returns the llama.cpp architecture and the tokenizer metadata (tokenizer_metadata)."""
     _gguf()
     c = config
     arch = choose_arch(c)
@@ -202,19 +202,18 @@ def check_exportable(path, config, tokenizer_json):
         raise UsageError(f"GGUF export: rope_scaling {c.rope_scaling['type']!r} is not supported (only linear)")
     for name, _, n_in in tbmodel.linear_shapes(c):
         check_linear(c, name, n_in)
-    tokenizer_metadata(tokenizer_json, c.vocab_size)
+    tokenizer = tokenizer_metadata(tokenizer_json, c.vocab_size)
     if os.path.lexists(path):
         raise UsageError(f"{os.path.abspath(path)}: already exists; a GGUF file is never overwritten")
-    return arch
+    return arch, tokenizer
 
 
 def write_gguf(path, config, tensors, tokenizer_json):
     """Write the model as a llama.cpp GGUF at `path` (must not exist), atomically."""
     gguf = _gguf()
     c = config
-    arch = check_exportable(path, c, tokenizer_json)  # every refusal before any write
+    arch, (pre, tokens, token_types, merges) = check_exportable(path, c, tokenizer_json)  # every refusal first
     entries = gguf_tensors(c, tensors, arch)
-    pre, tokens, token_types, merges = tokenizer_metadata(tokenizer_json, c.vocab_size)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     try:

@@ -345,7 +345,7 @@ def check_args(ap, args):
         ap.error(f"--dim {args.dim} must split into --heads {args.heads} of an even size, and --heads into "
                  f"--kv-heads {args.kv_heads} groups")
     if args.export:
-        for name in ("config.json", "ckpt.pt"):
+        for name in ("config.json", "ckpt.pt", "tokenizer.json", "heldout.npy"):
             if not os.path.isfile(os.path.join(args.workdir, name)):
                 ap.error(f"{os.path.join(args.workdir, name)}: not found (--export needs a trained --workdir)")
 
