@@ -183,8 +183,10 @@ def load_config(model_dir):
     return Config.from_dict(d, source=path)
 
 
-def read_safetensors(path):
-    """Parse and check a safetensors file; return {name: read-only array} memory-mapped from it."""
+def read_safetensors_header(path, dtypes=DTYPES):
+    """Parse and check a safetensors file's header against its size: ({name: (dtype name, shape,
+    (start, end))}, data), data the file's data region memory-mapped (uint8), every tensor's bytes
+    inside it, of its shape x the size of dtypes[dtype name], no two overlapping."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -206,11 +208,11 @@ def read_safetensors(path):
     header.pop("__metadata__", None)
     start, data_len = 8 + n, size - 8 - n
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
-    tensors, spans = {}, []
+    entries, spans = {}, []
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
-            raise FormatError(f"{where}: dtype must be one of {sorted(DTYPES)}, got {info!r:.80}")
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in dtypes:
+            raise FormatError(f"{where}: dtype must be one of {sorted(dtypes)}, got {info!r:.80}")
         shape, offs = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -218,18 +220,25 @@ def read_safetensors(path):
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_len):
             raise FormatError(f"{where}: data_offsets {offs!r:.80} outside the data region ({data_len} bytes)")
-        dtype = np.dtype(DTYPES[info["dtype"]])
-        if offs[1] - offs[0] != math.prod(shape) * dtype.itemsize:
-            raise FormatError(f"{where}: byte length {offs[1] - offs[0]} != shape {shape} x {dtype.itemsize} bytes")
+        itemsize = np.dtype(dtypes[info["dtype"]]).itemsize
+        if offs[1] - offs[0] != math.prod(shape) * itemsize:
+            raise FormatError(f"{where}: byte length {offs[1] - offs[0]} != shape {shape} x {itemsize} bytes")
         spans.append((offs[0], offs[1], name))
-        arr = data[offs[0]:offs[1]].view(dtype).reshape(shape)
-        if not arr.flags.aligned:
-            arr = arr.copy()
-        tensors[name] = arr
+        entries[name] = (info["dtype"], tuple(shape), (offs[0], offs[1]))
     spans.sort()
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise FormatError(f"{path}: tensors {an!r} and {bn!r} overlap")
+    return entries, data
+
+
+def read_safetensors(path):
+    """Parse and check a safetensors file; return {name: read-only array} memory-mapped from it."""
+    entries, data = read_safetensors_header(path)
+    tensors = {}
+    for name, (kind, shape, (start, end)) in entries.items():
+        arr = data[start:end].view(DTYPES[kind]).reshape(shape)
+        tensors[name] = arr if arr.flags.aligned else arr.copy()
     return tensors
 
 

@@ -109,42 +109,15 @@ def bf16_to_f32(u16):
 
 
 def read_safetensors_refs(path):
-    """{name: Ref} of a safetensors file (BF16 included), memory-mapped, header checked."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > min(io.MAX_HEADER, size - 8):
-                raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found") from None
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a huge integer
-        raise FormatError(f"{path}: not a safetensors file: {str(e)[:200]}") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header must be a JSON object")
-    header.pop("__metadata__", None)
-    start, data_len = 8 + n, size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len > 0 \
-        else np.zeros(0, np.uint8)
+    """{name: Ref} of a safetensors file (BF16 included), memory-mapped, header checked (io's parser
+    with the dtypes a checkpoint may hold); a tensor is read (copied) only when loaded."""
     refs = {}
-    for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in ST_DTYPES:
-            dtype = info.get("dtype") if isinstance(info, dict) else info
-            raise FormatError(f"{where}: unsupported dtype {dtype!r:.80} (expected one of {', '.join(ST_DTYPES)})")
-        shape, offs = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise FormatError(f"{where}: bad shape {shape!r:.80}")
-        dt = np.dtype(ST_DTYPES[info["dtype"]])
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_len and offs[1] - offs[0] == math.prod(shape) * dt.itemsize):
-            raise FormatError(f"{where}: data_offsets {offs!r:.80} do not match shape {shape} in {data_len} data bytes")
-
-        def loader(o=offs, dt=dt, shape=shape, kind=info["dtype"]):
-            a = np.array(data[o[0]:o[1]]).view(dt).reshape(shape)
+    entries, data = io.read_safetensors_header(path, ST_DTYPES)
+    for name, (kind, shape, (start, end)) in entries.items():
+        def loader(start=start, end=end, kind=kind, shape=shape):
+            a = np.array(data[start:end]).view(ST_DTYPES[kind]).reshape(shape)
             return bf16_to_f32(a) if kind == "BF16" else a
-        refs[name] = Ref(name, shape, info["dtype"], loader)
+        refs[name] = Ref(name, shape, kind, loader)
     return refs
 
 
