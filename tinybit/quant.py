@@ -17,6 +17,10 @@ from .errors import QuantError
 EPS = 1e-5  # the clamp of transformers' BitNet code (absmax and absmean floors)
 
 
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _check_weight(w, name="weight"):
     w = np.asarray(w)
     if w.dtype.kind not in "biuf":
@@ -34,7 +38,7 @@ def _row_groups(n_rows, group_rows):
     """Group index of each row: groups of `group_rows` consecutive output rows (None: one group)."""
     if group_rows is None:
         return np.zeros(n_rows, dtype=np.int64)
-    if not isinstance(group_rows, (int, np.integer)) or isinstance(group_rows, bool) or group_rows < 1:
+    if not _is_int(group_rows) or group_rows < 1:
         raise QuantError(f"group_rows must be an integer >= 1 (or None), got {group_rows!r}")
     return np.arange(n_rows) // group_rows
 
@@ -64,7 +68,7 @@ def absmax_quantize(x, bits=8, per_token=True):
     Returns x_q (int8 for b <= 8, else int32), scale (float32, shape (..., 1) or ()).
     Dequantize: x ~= x_q / scale.
     """
-    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 2 <= bits <= 16:
+    if not _is_int(bits) or not 2 <= bits <= 16:
         raise QuantError(f"activation bits must be an integer in 2..16, got {bits!r}")
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 0 or x.shape[-1] == 0 or (not per_token and x.size == 0):
