@@ -9,6 +9,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -262,4 +263,58 @@ def test_calib_chat_errors(hf_dir, tmp_path, capsys, value, needle):
                        str(hf_dir / "calib.txt"), "--calib-len", "24", "--calib-chat", value])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "--calib-chat" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+# --- audit: a plain float64 GPTQ as the reference, and bad inputs -------------------------------
+
+def algorithm1(w, H, damp, round_col):
+    """GPTQ as Frantar et al. 2022 write it (Algorithm 1), no lazy batches, no act-order: U = Cholesky(Hd⁻¹)
+    upper; for each column j: q_j = round(w_j), e = (w_j - q_j) / U_jj, W[:, j:] -= e ⊗ U[j, j:]."""
+    W = w.copy()
+    Hd = H + damp * np.mean(np.diag(H)) * np.eye(len(H))
+    U = np.linalg.cholesky(np.linalg.inv(Hd)).T
+    codes = np.zeros(w.shape, dtype=np.int64)
+    for j in range(w.shape[1]):
+        q, codes[:, j] = round_col(W[:, j])
+        W[:, j:] -= np.outer((W[:, j] - q) / U[j, j], U[j, j:])
+    return codes
+
+
+@pytest.mark.parametrize("name", ["ternary-row", "lut4-row"])
+def test_gptq_equals_algorithm1(name):
+    """Lazy batches of 128 columns (150 inputs: one full block and a partial one) change no code."""
+    spec = SPECS[name]
+    w, x = correlated_layer(n_out=16, n_in=150, n=1000, seed=7)
+    H = 2 * x.T @ x / len(x)
+    _, grid, round_fn, _, _ = calibrate.scheme_ops(w, spec, "svd")
+    rows = np.arange(len(w))
+    if name == "ternary-row":
+        def round_col(col):
+            c = np.clip(np.rint(col / (grid + quant.EPS)), -1, 1).astype(np.int64)
+            return c * grid, c
+    else:
+        def round_col(col):
+            c = nearest(col, grid)
+            return grid[rows, c], c
+    _, codes = calibrate.gptq(w, calibrate.prepare(H, 0.01, 1, act_order=False), round_fn(grid))
+    assert np.array_equal(codes, algorithm1(w, H, 0.01, round_col))
+
+
+@pytest.mark.parametrize("damp, needle", [(0.0, "singular"), (1e308, "not finite")])
+def test_a_hessian_without_a_cholesky_factor_is_a_usage_error(damp, needle):
+    """Duplicated inputs with --damp 0, or a damp past float64's range, raised numpy's LinAlgError."""
+    w, x = correlated_layer(seed=8)
+    x[:, 1] = x[:, 0]
+    with pytest.raises(TinybitError, match=re.escape(f"--damp {damp}: ") + f".*{needle}"):
+        calibrate.quantize_calibrated(w, 2 * x.T @ x / len(x), SPECS["lut2"], damp=damp)
+
+
+@pytest.mark.parametrize("damp, needle", [("0", "singular"), ("1e308", "not finite")])
+def test_convert_damp_without_a_cholesky_factor(hf_dir, tmp_path, capsys, damp, needle):
+    """The fixture's text has fewer distinct tokens than the model's 64 inputs: X has rank < 64."""
+    rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
+                       str(hf_dir / "calib.txt"), "--calib-samples", "6", "--calib-len", "24", "--damp", damp])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "--damp" in err and "layers.0.q, layers.0.k, layers.0.v" in err, err
     assert os.listdir(tmp_path) == []

@@ -152,7 +152,7 @@ def damped(H, damp):
     H = np.array(H, dtype=np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))  # a Python float: inf, not a warning
     return H
 
 
@@ -160,14 +160,23 @@ def prepare(H, damp=DAMP, d=1, act_order=True):
     """What GPTQ needs from a Hessian H (n_in, n_in), computed once for all the linears that share it:
     (Hd the damped H, units (n_in // d,) the order of the units, cols (n_in,) the original column at each
     position, U (n_in, n_in) upper triangular with (Hd permuted)⁻¹ = Uᵀ U). With act_order the units go
-    in order of decreasing diag(H) (summed over the unit; stable, so ties keep the stored order)."""
+    in order of decreasing diag(H) (summed over the unit; stable, so ties keep the stored order).
+    A Hessian with no such U (singular with --damp 0, or not finite) is a UsageError naming --damp."""
     Hd = damped(H, damp)
     n_in = len(Hd)
+    if not np.isfinite(Hd).all():
+        raise UsageError(f"--damp {damp}: the damped Hessian of {n_in} inputs is not finite (a damp this large "
+                         f"overflows float64, or the float model's activations overflow on the calibration text)")
     units = np.arange(n_in // d)
     if act_order:
         units = np.argsort(-np.diag(Hd).reshape(-1, d).sum(axis=1), kind="stable")
     cols = (units[:, None] * d + np.arange(d)).ravel()
-    U = np.linalg.cholesky(np.linalg.inv(Hd[np.ix_(cols, cols)])).T
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(Hd[np.ix_(cols, cols)])).T
+    except np.linalg.LinAlgError:
+        raise UsageError(f"--damp {damp}: the Hessian of {n_in} inputs is singular on the calibration tokens (an "
+                         f"input that is a combination of others, e.g. fewer distinct tokens than inputs); use a "
+                         f"larger --damp (default {DAMP})") from None
     return Hd, units, cols, U
 
 
@@ -546,6 +555,12 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     d = 2 if spec["scheme"] == "vq" else 1
 
     def quantize(names, H):
+        try:
+            quantize_group(names, H)
+        except UsageError as e:  # a Hessian without a Cholesky factor: name the linears it belongs to
+            raise UsageError(f"{e} ({', '.join(names)})") from None
+
+    def quantize_group(names, H):
         prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
         for name in names:
             n_out, n_in = shapes[name]
