@@ -318,3 +318,12 @@ def test_convert_damp_without_a_cholesky_factor(hf_dir, tmp_path, capsys, damp, 
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "--damp" in err and "layers.0.q, layers.0.k, layers.0.v" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_negative_seed_is_a_usage_error(hf_dir, tmp_path, capsys):
+    """numpy's default_rng(-1) raised ValueError (a traceback)."""
+    rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
+                       str(hf_dir / "calib.txt"), "--calib-len", "24", "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--seed must be >= 0, got -1" in err, err
+    assert os.listdir(tmp_path) == []

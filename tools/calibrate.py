@@ -69,6 +69,8 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
         raise UsageError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {n_samples} and {length}")
     if not 0 <= chat_fraction <= 1:
         raise UsageError(f"--calib-chat must be a fraction in [0, 1], got {chat_fraction}")
+    if seed < 0:  # numpy's default_rng takes no negative seed
+        raise UsageError(f"--seed must be >= 0, got {seed}")
     if tokenizer_json is None:
         raise UsageError("--calibrate needs the model's tokenizer, and the source has none (no tokenizer.json)")
     from tokenizers import Tokenizer
