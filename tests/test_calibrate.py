@@ -327,3 +327,13 @@ def test_negative_seed_is_a_usage_error(hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--seed must be >= 0, got -1" in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("n", [10 ** 12, 10 ** 20])
+def test_calibration_past_memory_is_a_usage_error(hf_dir, tmp_path, capsys, n):
+    """The sample offsets alone raised MemoryError (10^12) or ValueError (10^20, past numpy's dimensions)."""
+    rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
+                       str(hf_dir / "calib.txt"), "--calib-len", "24", "--calib-samples", str(n)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--calib-samples {n} x --calib-len 24" in err and "GiB of memory" in err, err
+    assert os.listdir(tmp_path) == []

@@ -30,6 +30,7 @@ does not change.
 """
 import copy
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,17 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     if bos_token_id is not None:
         ids = np.concatenate([np.full((n_samples, 1), bos_token_id, np.int64), ids], axis=1)
     return ids
+
+
+def check_memory(config, n_samples, length):
+    """Refuse a calibration set whose activations cannot fit in this machine's memory (it would fail, or
+    swap, in the model pass). Per calibration token the model pass holds its id (int64) and float32 vectors:
+    the block's input and its updated copy (dim each), then the attention or the MLP output."""
+    need = n_samples * length * (8 + 4 * (2 * config.dim + max(config.n_heads * config.head_dim, config.ffn_dim)))
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"--calib-samples {n_samples} x --calib-len {length}: the calibration activations need "
+                         f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB of memory")
 
 
 CHAT_TURNS = (32, 96)  # text tokens of a user turn, of an assistant turn, in a chat-framed calibration sample

@@ -993,6 +993,7 @@ def convert(argv):
         if args.calib_len > config.max_seq_len:
             raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
                              "tokens): it would calibrate on positions the model never runs")
+        calibrate.check_memory(config, args.calib_samples, args.calib_len)
         calib_ids = calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
                                                args.calib_len, args.seed,
                                                config.bos_token_id if config.add_bos else None,
