@@ -577,6 +577,55 @@ def test_kmeans_1d_error_never_increases(w, k):
         assert after <= before * (1 + 1e-9) + 1e-28 * scale, errs
 
 
+def _lloyd_1d(v, k, iters):
+    """kmeans_1d as its docstring states it, written out value by value: quantile start (ends
+    pinned for k >= 4), then rounds of 'each centroid to the mean of its values (an empty
+    cluster keeps its centroid), each value to its nearest centroid': the number of midpoints
+    between consecutive centroids that lie strictly below it (a value on a midpoint goes to the
+    lower index; of two equal centroids, the values above them take the upper one)."""
+    vs = sorted(v)
+    c = list(np.quantile(vs, (np.arange(k) + 0.5) / k))
+    if k >= 4:
+        c[0], c[-1] = vs[0], vs[-1]
+
+    def nearest(c):
+        return [sum((c[i] + c[i + 1]) / 2 < x for i in range(k - 1)) for x in v]
+
+    idx = nearest(c)
+    for _ in range(iters):
+        members = [[x for x, i in zip(v, idx) if i == j] for j in range(k)]
+        c = [math.fsum(m) / len(m) if m else c[j] for j, m in enumerate(members)]
+        new = nearest(c)
+        if new == idx:
+            break
+        idx = new
+    return c, nearest(c)
+
+
+def test_kmeans_1d_one_round_hand_example():
+    # 12 values, 10 of them the maximum 5: both start quantiles (k = 2) are 5, every value is
+    # <= the midpoint 5, so cluster 0 holds all 12 and cluster 1 is empty. One round moves
+    # centroid 0 to the mean of all 12, (0 + 1 + 10 * 5) / 12 = 4.25, and keeps centroid 1 at 5.
+    v = np.array([0.0, 1.0] + [5.0] * 10)
+    c, idx = quant.kmeans_1d(v, 2, iters=1)
+    np.testing.assert_array_equal(c, [4.25, 5.0])
+    np.testing.assert_array_equal(idx, [0, 0] + [1] * 10)  # 5 is nearer 5 than 4.25
+
+
+@given(vals=st.lists(st.integers(0, 9), min_size=3, max_size=40), k=st.sampled_from([2, 4, 8]),
+       top=st.floats(0.0, 0.9), iters=st.integers(0, 12), seed=st.integers(0, 2 ** 32 - 1))
+def test_kmeans_1d_equals_the_documented_lloyd(vals, k, top, iters, seed):
+    """Small integers (every sum exact, every mean one rounding) with a share `top` of them set to
+    the maximum: many equal start centroids, so empty clusters, at the top end too."""
+    v = np.array(vals, dtype=np.float64)
+    v[np.random.default_rng(seed).random(v.size) < top] = v.max()
+    assume(len(np.unique(v)) > k)  # at most k distinct: the exact start (test_lut_lossless_*)
+    c, idx = quant.kmeans_1d(v, k, iters=iters)
+    c_ref, idx_ref = _lloyd_1d(v.tolist(), k, iters)
+    np.testing.assert_array_equal(c, c_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
 @given(w=matrices(shapes=st.tuples(st.integers(1, 12), st.integers(1, 40))),
        k=st.sampled_from([4, 16, 64]))
 def test_kmeans_2d_error_never_increases(w, k):

@@ -205,10 +205,10 @@ def kmeans_1d(values, k, iters=30):
     (i + 0.5) / k, with the smallest and largest value as the end centroids when k >= 4 (an
     outlier weight keeps a centroid of its own instead of being pulled to the nearest quantile).
     Each round moves every centroid to the mean of its values (an empty cluster keeps its
-    centroid), then reassigns every value to its nearest centroid (ties to the lower index), so
-    the squared error never increases and the centroids stay sorted. Stops early when no
-    assignment changes. The values are sorted once: a cluster is a run of them, cut at the
-    midpoints between centroids.
+    centroid), then reassigns every value to its nearest centroid (ties to the lower index; of two
+    equal centroids, the values above them take the upper one), so the squared error never
+    increases and the centroids stay sorted. Stops early when no assignment changes. The values
+    are sorted once: a cluster is a run of them, cut at the midpoints between centroids.
     Returns centroids (k,) float64 ascending, idx (len(values),) int64.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -224,7 +224,9 @@ def kmeans_1d(values, k, iters=30):
     for _ in range(iters):
         starts = np.concatenate([[0], ends])  # cluster i is vs[starts[i]:starts[i] + counts[i]]
         counts = np.diff(np.concatenate([starts, [len(vs)]]))
-        sums = np.add.reduceat(vs, np.minimum(starts, len(vs) - 1))  # (empty clusters: ignored below)
+        # a 0 appended past the end: every start (len(vs) for an empty last cluster) is a valid index,
+        # and the last non-empty cluster's sum runs to the true end (empty clusters: ignored below)
+        sums = np.add.reduceat(np.append(vs, 0.0), starts)
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
         new_ends = _cluster_ends(vs, centroids)
         if np.array_equal(new_ends, ends):
