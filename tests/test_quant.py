@@ -440,7 +440,11 @@ def test_quant_error_is_a_tinybit_error():
     lambda: quant.onebit_svid(np.ones((2, 2)), method="qr"),
     lambda: quant.lut_quantize(np.ones((2, 2)), bits=5),
     lambda: quant.vq_quantize(np.ones((2, 2)), bits=5),
-], ids=["group_rows=0", "group_rows=1.5", "group_rows=True", "strings", "complex", "svid-method", "lut-bits", "vq-bits"])
+    lambda: quant.lut_quantize(np.ones((2, 2)), bits=2.0),  # equal to a legal width, but not an integer
+    lambda: quant.lut_quantize(np.ones((2, 2)), bits=True),
+    lambda: quant.vq_quantize(np.ones((2, 2)), bits=2.0),
+], ids=["group_rows=0", "group_rows=1.5", "group_rows=True", "strings", "complex", "svid-method", "lut-bits",
+        "vq-bits", "lut-bits-float", "lut-bits-bool", "vq-bits-float"])
 def test_bad_parameters_rejected(call):
     with pytest.raises(QuantError):
         call()

@@ -254,8 +254,8 @@ def lut_quantize(w, bits, group_rows=None, iters=30):
     Returns w_idx (n_out, n_in) uint8 centroid indices, lut (n_groups, 2^bits) float32.
     Dequantize: W[o, i] ~= lut[group(o), w_idx[o, i]].
     """
-    if bits not in LUT_BITS:
-        raise QuantError(f"LUT bits must be one of {LUT_BITS}, got {bits}")
+    if not _is_int(bits) or bits not in LUT_BITS:
+        raise QuantError(f"LUT bits must be one of {LUT_BITS}, got {bits!r}")
     w = _check_weight(w)
     groups = _row_groups(w.shape[0], group_rows)
     n_groups = groups[-1] + 1
@@ -326,8 +326,8 @@ def vq_quantize(w, bits, group_rows=None, iters=20):
     Returns w_idx (n_out, ceil(n_in/2)) uint8 and codebook (n_groups, 2^(2 bits), 2) float32.
     Dequantize: (W[o, 2j], W[o, 2j+1]) ~= codebook[group(o), w_idx[o, j]] (then drop a padded column).
     """
-    if bits not in VQ_BITS:
-        raise QuantError(f"VQ bits per weight must be one of {VQ_BITS}, got {bits}")
+    if not _is_int(bits) or bits not in VQ_BITS:
+        raise QuantError(f"VQ bits per weight must be one of {VQ_BITS}, got {bits!r}")
     w = _check_weight(w)
     pairs = vq_pairs(w)  # (n_out, n_pairs, 2)
     groups = _row_groups(w.shape[0], group_rows)
