@@ -420,6 +420,17 @@ def test_weight_quantizers_reject_nan_inf(name, w, bad, data):
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHT_QUANTIZERS))
+@pytest.mark.parametrize("big", [1e300, -3.5e38])  # -3.5e38: just past float32's max 3.40e38
+def test_weight_quantizers_reject_values_past_float32(name, big):
+    """Finite float64 weights that float32 cannot hold would give Inf scales or tables (silently,
+    before): a QuantError instead. float32's own extremes still quantize to finite outputs."""
+    with pytest.raises(QuantError, match="float32's range"):
+        WEIGHT_QUANTIZERS[name](np.array([[big, 1.0], [-2.0, 3.0]]))
+    outs = WEIGHT_QUANTIZERS[name](np.array([[F32MAX, -F32MAX], [1.0, 0.0]]))
+    assert all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_QUANTIZERS))
 @pytest.mark.parametrize("w", [np.ones(5), np.ones((2, 3, 4)), np.zeros((0, 4)), np.zeros((3, 0))],
                          ids=["1d", "3d", "no-rows", "no-cols"])
 def test_weight_quantizers_reject_bad_shapes(name, w):

@@ -8,7 +8,7 @@ Conventions used throughout (state them once, use them everywhere):
 - Statistics (means, absmax, k-means) are computed in float64 and stored as float32,
   so that no tensor, however large its values (up to 1e30), overflows a sum.
 - Rounding is NumPy's rint: round half to even, the same as torch.round.
-- Weight quantizers reject NaN/Inf with a QuantError.
+- Weight quantizers reject NaN/Inf, and values past float32's range, with a QuantError.
 """
 import numpy as np
 
@@ -31,7 +31,11 @@ def _check_weight(w, name="weight"):
         raise QuantError(f"{name}: empty weight matrix {w.shape}")
     if not np.all(np.isfinite(w)):
         raise QuantError(f"{name}: contains NaN or Inf; cannot quantize")
-    return w.astype(np.float64)
+    w = w.astype(np.float64)
+    big = np.abs(w).max()  # the scales and tables are float32: past its range they would be Inf
+    if big > np.finfo(np.float32).max:
+        raise QuantError(f"{name}: |values| up to {big:.3g} exceed float32's range; cannot quantize")
+    return w
 
 
 def _row_groups(n_rows, group_rows):
