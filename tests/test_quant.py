@@ -395,6 +395,14 @@ def test_ternarize_zero_and_tiny(per_row):
     np.testing.assert_allclose(np.float64(gamma), 1e-30, rtol=2 * U32)
 
 
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf"), "1e-5", True, np.complex128(1j)])
+def test_ternarize_rejects_eps_not_positive_finite(eps):
+    """quantizers.md's eps is a small positive float. eps = 0 made a zero row 0 / 0 = NaN, cast to an
+    int8 code (a RuntimeWarning, no error); NaN coded everything 0; a negative eps divides by ~0."""
+    with pytest.raises(QuantError, match="eps"):
+        quant.ternarize(np.array([[0.0, 0.0], [1.0, -2.0]]), per_row=True, eps=eps)
+
+
 # --- NaN / Inf / shape rejection for every weight quantizer ----------------------------------
 
 WEIGHT_QUANTIZERS = {

@@ -137,6 +137,9 @@ def ternarize(w, per_row=False, eps=EPS):
     Returns w_t (n_out, n_in) int8 in {-1, 0, +1} and gamma, float32 of shape (1,) or (n_out,).
     Dequantize: W ~= W~ * gamma.
     """
+    # eps > 0: with eps = 0 an all-zero row (or tensor) would be 0 / 0
+    if not (_is_int(eps) or isinstance(eps, (float, np.floating))) or not 0 < eps < np.inf:
+        raise QuantError(f"ternarize eps must be a positive finite number, got {eps!r}")
     w = _check_weight(w)
     gamma = np.abs(w).mean(axis=1) if per_row else np.array([np.abs(w).mean()])
     scaled = w / ((gamma[:, None] if per_row else gamma) + eps)
