@@ -218,7 +218,9 @@ def kmeans_1d(values, k, iters=30):
     are sorted once: a cluster is a run of them, cut at the midpoints between centroids.
     Returns centroids (k,) float64 ascending, idx (len(values),) int64.
     """
-    v = np.asarray(values, dtype=np.float64).ravel()
+    v = _check_points(np.asarray(values, dtype=np.float64).ravel(), "kmeans_1d values")
+    if not _is_int(k) or k < 1:
+        raise QuantError(f"kmeans_1d: k must be an integer >= 1, got {k!r}")
     vs = np.sort(v)
     distinct = np.unique(vs)
     if len(distinct) <= k:
@@ -240,6 +242,13 @@ def kmeans_1d(values, k, iters=30):
             break
         ends = new_ends
     return centroids, _nearest_1d(v, centroids)
+
+
+def _check_points(p, what):
+    """The k-means helpers, called directly, see what the quantizers check: some values, all finite."""
+    if p.size == 0 or not np.all(np.isfinite(p)):
+        raise QuantError(f"{what}: expected finite values, got " + ("none" if p.size == 0 else "NaN or Inf"))
+    return p
 
 
 def _cluster_ends(vs, centroids):
@@ -298,8 +307,10 @@ def kmeans_2d(points, k, iters=20, chunk=1 << 16):
     """Lloyd's k-means on 2-D points, deterministic: the k = s*s start centroids are the grid of
     per-axis quantiles (i + 0.5)/s, s = sqrt(k). Empty clusters keep their centroid; ties go to
     the lower index. Returns centroids (k, 2) float64 and idx (n,) int64."""
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    s = int(round(np.sqrt(k)))
+    p = _check_points(np.asarray(points, dtype=np.float64).reshape(-1, 2), "kmeans_2d points")
+    s = int(round(np.sqrt(k))) if _is_int(k) and k >= 1 else 0
+    if s < 1 or s * s != k:
+        raise QuantError(f"kmeans_2d: k must be a square s * s >= 1 (the start grid), got {k!r}")
     qs = (np.arange(s) + 0.5) / s
     q0, q1 = np.quantile(p[:, 0], qs), np.quantile(p[:, 1], qs)
     centroids = np.stack(np.meshgrid(q0, q1, indexing="ij"), axis=-1).reshape(-1, 2)
