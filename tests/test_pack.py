@@ -383,6 +383,18 @@ def test_unpack_rejects_n_in_of_another_row_size(name):
         unpack_fn(packed, 300 + per_unit)
 
 
+@pytest.mark.parametrize("name", sorted(UNPACKERS))
+@pytest.mark.parametrize("n_in", [300.0, -1, None, True, "300"])
+def test_unpack_rejects_a_row_length_not_a_count(name, n_in):
+    """n_in is an integer >= 0, else a PackError naming it: 300.0 crashed in slicing (TypeError),
+    None in the byte count, and n_in = -1 over rows of 0 bytes came back as empty rows (2-bit, base-3)."""
+    pack_fn, unpack_fn, _ = UNPACKERS[name]
+    packed = pack_fn(np.zeros((2, 300), dtype=np.int64))
+    for p in (packed, packed[:, :0]):
+        with pytest.raises(PackError, match="row length"):
+            unpack_fn(p, n_in)
+
+
 @pytest.mark.parametrize("call", [
     lambda: pack.pack_ternary(np.array([[0, 2]])),
     lambda: pack.pack_ternary(np.array([[0, -2]])),

@@ -35,6 +35,12 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+def _check_length(n, what):
+    """A row length (n_in, or n_idx indices) given to a reader: an integer >= 0."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise PackError(f"{what}: row length must be an integer >= 0, got {n!r}")
+
+
 def _check_packed(packed, row_bytes, what):
     """Check a packed array is 2-D uint8 with `row_bytes` bytes per row; return its row count."""
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 2:
@@ -95,6 +101,7 @@ def _plane_padding_mask(n_in):
 def check_binary_planes(w_packed, n_in, what="binary planes"):
     """Raise PackError unless w_packed is a legal binary-plane array for rows of n_in weights:
     (n_out, 32 * ceil(n_in / 256)) uint8 with padding bits 0 (only the last block holds padding)."""
+    _check_length(n_in, what)
     n_out = _check_packed(w_packed, plane_row_bytes(n_in), what)
     if n_out and n_in and (w_packed[:, -PLANE_BYTES:] & _plane_padding_mask(n_in)).any():
         raise PackError(f"{what}: padding bits past n_in ({n_in}) must be 0")
@@ -119,6 +126,7 @@ def check_ternary_planes(w_packed, n_in, what="ternary planes"):
     """Raise PackError unless w_packed is a legal ternary-plane array for rows of n_in weights:
     (n_out, 64 * ceil(n_in / 256)) uint8, no negative bit on a zero weight (negative & ~nonzero = 0,
     byte-wise over every block), padding weights 0 (nonzero bits of the last block's padding)."""
+    _check_length(n_in, what)
     n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), what)
     planes = w_packed.reshape(n_out, _ceil_div(n_in, BLOCK), 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
     if (planes[:, :, 1] & ~planes[:, :, 0]).any():
@@ -149,6 +157,7 @@ def pack_ternary_2bit(w_t):
 
 
 def unpack_ternary_2bit(w_packed, n_in):
+    _check_length(n_in, "ternary 2-bit codes")
     n_out = _check_packed(w_packed, _ceil_div(n_in, 4), "ternary 2-bit codes")
     codes = (w_packed[:, :, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
     codes = codes.reshape(n_out, 4 * w_packed.shape[1])
@@ -174,6 +183,7 @@ def pack_ternary_base3(w_t):
 
 
 def unpack_ternary_base3(w_packed, n_in):
+    _check_length(n_in, "ternary base-3")
     n_out = _check_packed(w_packed, _ceil_div(n_in, 5), "ternary base-3")
     if (w_packed > 242).any():
         raise PackError("ternary base-3: byte values above 242 (3^5 - 1) are illegal")
@@ -216,6 +226,7 @@ def check_indices(w_packed, n_idx, bits, what=None):
     Every bits-bit value is a legal index; the padding lies in each row's last `bits` bytes."""
     _check_bits(bits)
     what = what or f"{bits}-bit indices"
+    _check_length(n_idx, what)
     n_out = _check_packed(w_packed, index_row_bytes(n_idx, bits), what)
     if n_out and n_idx % 8:
         pad = np.arange(8 * bits) >= bits * (n_idx % 8)  # (8 * bits,) bits of the last 8-index group
