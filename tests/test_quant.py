@@ -222,6 +222,17 @@ def test_absmax_beyond_float32_range_is_rejected_or_in_range():
     assert np.abs(x_q.astype(int)).max() <= 127 and np.all(np.isfinite(scale))
 
 
+@pytest.mark.parametrize("x", [np.array([[1.0, 1e300]]), np.array([[1 + 2j, 3.0]]), np.array([["1", "a"]]),
+                               np.array([[1.0, None]], dtype=object)], ids=["1e300", "complex", "strings", "object"])
+def test_absmax_rejects_what_float32_cannot_hold(x):
+    """A QuantError, and no warning on the way: 1e300 overflowed the float32 cast with a RuntimeWarning,
+    complex input lost its imaginary part with only a ComplexWarning, strings raised a ValueError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(QuantError, match="float32's range|real numbers"):
+            quant.absmax_quantize(x)
+
+
 @pytest.mark.parametrize("bits", [0, 1, 17, 4.0, True])
 def test_absmax_rejects_bad_bits(bits):
     with pytest.raises(QuantError):

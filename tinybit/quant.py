@@ -74,13 +74,17 @@ def absmax_quantize(x, bits=8, per_token=True):
     """
     if not _is_int(bits) or not 2 <= bits <= 16:
         raise QuantError(f"activation bits must be an integer in 2..16, got {bits!r}")
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise QuantError(f"activation: expected real numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore"):  # a float64 past float32's range becomes Inf: refused below
+        x = x.astype(np.float32, copy=False)
     if x.ndim == 0 or x.shape[-1] == 0 or (not per_token and x.size == 0):
         raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
     q = np.float32(2 ** (bits - 1) - 1)
     gamma = np.abs(x).max(axis=-1, keepdims=True) if per_token else np.abs(x).max()
     if not np.all(np.isfinite(gamma)):
-        raise QuantError("activation contains NaN or Inf; cannot quantize")
+        raise QuantError("activation contains NaN or Inf (or values past float32's range); cannot quantize")
     scale = q / np.maximum(gamma, np.float32(EPS))
     x_q = np.clip(np.rint(x * scale), -q, q)
     return x_q.astype(np.int8 if bits <= 8 else np.int32), scale.astype(np.float32)
