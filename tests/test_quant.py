@@ -461,6 +461,18 @@ def test_quant_error_is_a_tinybit_error():
     assert issubclass(QuantError, TinybitError)
 
 
+@pytest.mark.parametrize("group_rows", [3, 10 ** 30, np.uint64(2 ** 63)])
+def test_group_rows_past_the_row_count_is_one_group(group_rows):
+    """group_rows >= n_out: one group, as group_rows = None (10 ** 30 raised OverflowError, a uint64
+    past int64 a TypeError)."""
+    w = np.arange(6.0).reshape(3, 2) - 2.0
+    for fn in (lambda g: quant.binarize(w, group_rows=g), lambda g: quant.lut_quantize(w, 1, group_rows=g),
+               lambda g: quant.vq_quantize(w, 1, group_rows=g)):
+        for got, want in zip(fn(group_rows), fn(None)):
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(quant.lut_dequantize(*quant.lut_quantize(w, 3), group_rows), w)  # 6 values, 8 slots
+
+
 @pytest.mark.parametrize("call", [
     lambda: quant.binarize(np.ones((2, 2)), group_rows=0),
     lambda: quant.binarize(np.ones((2, 2)), group_rows=1.5),

@@ -44,6 +44,8 @@ def _row_groups(n_rows, group_rows):
         return np.zeros(n_rows, dtype=np.int64)
     if not _is_int(group_rows) or group_rows < 1:
         raise QuantError(f"group_rows must be an integer >= 1 (or None), got {group_rows!r}")
+    if group_rows >= n_rows:  # one group; also keeps a group_rows past int64 out of the division
+        return np.zeros(n_rows, dtype=np.int64)
     return np.arange(n_rows) // group_rows
 
 
