@@ -485,6 +485,8 @@ def test_group_rows_past_the_row_count_is_one_group(group_rows):
     lambda: quant.lut_quantize(np.ones((2, 2)), bits=2.0),  # equal to a legal width, but not an integer
     lambda: quant.lut_quantize(np.ones((2, 2)), bits=True),
     lambda: quant.vq_quantize(np.ones((2, 2)), bits=2.0),
+    lambda: quant.onebit_svid(np.ones((2, 2)), method="nmf", nmf_iters=0),  # was h = 0: W~ = 0
+    lambda: quant.onebit_svid(np.ones((2, 2)), method="nmf", nmf_iters=2.5),
     lambda: quant.kmeans_1d(np.array([1.0, np.nan, 2.0]), 2),  # was a NaN centroid
     lambda: quant.kmeans_1d(np.array([1.0, np.inf, 2.0, 3.0]), 2),
     lambda: quant.kmeans_1d(np.array([]), 2),  # was an IndexError
@@ -494,8 +496,9 @@ def test_group_rows_past_the_row_count_is_one_group(group_rows):
     lambda: quant.kmeans_2d(np.arange(20.0).reshape(10, 2), 8),  # not s * s: was 9 centroids back
     lambda: quant.kmeans_2d(np.arange(20.0).reshape(10, 2), 0),
 ], ids=["group_rows=0", "group_rows=1.5", "group_rows=True", "strings", "complex", "svid-method", "lut-bits",
-        "vq-bits", "lut-bits-float", "lut-bits-bool", "vq-bits-float", "kmeans1-nan", "kmeans1-inf",
-        "kmeans1-empty", "kmeans1-k0", "kmeans2-nan", "kmeans2-empty", "kmeans2-k8", "kmeans2-k0"])
+        "vq-bits", "lut-bits-float", "lut-bits-bool", "vq-bits-float", "nmf-iters-0", "nmf-iters-float",
+        "kmeans1-nan", "kmeans1-inf", "kmeans1-empty", "kmeans1-k0", "kmeans2-nan", "kmeans2-empty", "kmeans2-k8",
+        "kmeans2-k0"])
 def test_bad_parameters_rejected(call):
     with pytest.raises(QuantError):
         call()

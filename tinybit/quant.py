@@ -185,6 +185,8 @@ def onebit_svid(w, method="svd", nmf_iters=100):
         if b @ b > 0:  # best a for this b: repairs a mixed-sign vector from a repeated singular value
             a = m @ b / (b @ b)
     elif method == "nmf":
+        if not _is_int(nmf_iters) or nmf_iters < 1:  # 0 rounds: no a at all (h = 0, W~ = 0)
+            raise QuantError(f"onebit nmf_iters must be an integer >= 1, got {nmf_iters!r}")
         b = m.mean(axis=0)
         a = np.zeros(m.shape[0])
         for _ in range(nmf_iters):
