@@ -495,10 +495,12 @@ def test_group_rows_past_the_row_count_is_one_group(group_rows):
     lambda: quant.kmeans_2d(np.zeros((0, 2)), 4),
     lambda: quant.kmeans_2d(np.arange(20.0).reshape(10, 2), 8),  # not s * s: was 9 centroids back
     lambda: quant.kmeans_2d(np.arange(20.0).reshape(10, 2), 0),
+    lambda: quant.lut_quantize(np.arange(20.0).reshape(2, 10), bits=2, iters=2.5),  # was a TypeError
+    lambda: quant.vq_quantize(np.arange(40.0).reshape(2, 20), bits=1, iters=-1),  # was 0 rounds
 ], ids=["group_rows=0", "group_rows=1.5", "group_rows=True", "strings", "complex", "svid-method", "lut-bits",
         "vq-bits", "lut-bits-float", "lut-bits-bool", "vq-bits-float", "nmf-iters-0", "nmf-iters-float",
         "kmeans1-nan", "kmeans1-inf", "kmeans1-empty", "kmeans1-k0", "kmeans2-nan", "kmeans2-empty", "kmeans2-k8",
-        "kmeans2-k0"])
+        "kmeans2-k0", "lut-iters-float", "vq-iters-negative"])
 def test_bad_parameters_rejected(call):
     with pytest.raises(QuantError):
         call()

@@ -229,6 +229,8 @@ def kmeans_1d(values, k, iters=30):
     v = _check_points(np.asarray(values, dtype=np.float64).ravel(), "kmeans_1d values")
     if not _is_int(k) or k < 1:
         raise QuantError(f"kmeans_1d: k must be an integer >= 1, got {k!r}")
+    if not _is_int(iters) or iters < 0:
+        raise QuantError(f"kmeans_1d: iters must be an integer >= 0, got {iters!r}")
     vs = np.sort(v)
     distinct = np.unique(vs)
     if len(distinct) <= k:
@@ -319,6 +321,8 @@ def kmeans_2d(points, k, iters=20, chunk=1 << 16):
     s = int(round(np.sqrt(k))) if _is_int(k) and k >= 1 else 0
     if s < 1 or s * s != k:
         raise QuantError(f"kmeans_2d: k must be a square s * s >= 1 (the start grid), got {k!r}")
+    if not _is_int(iters) or iters < 0:
+        raise QuantError(f"kmeans_2d: iters must be an integer >= 0, got {iters!r}")
     qs = (np.arange(s) + 0.5) / s
     q0, q1 = np.quantile(p[:, 0], qs), np.quantile(p[:, 1], qs)
     centroids = np.stack(np.meshgrid(q0, q1, indexing="ij"), axis=-1).reshape(-1, 2)
