@@ -56,7 +56,7 @@ def _log(msg):
 # --- calibration data -------------------------------------------------------------------------------
 
 def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_id=None,
-                     chat_fraction=0.0, chat_template=None, eos_token_id=None, vocab_size=None):
+                     chat_fraction=0.0, chat_template=None, eos_token_id=None):
     """Calibration token ids (n_samples, length) int64.
 
     Each file is read as UTF-8 and tokenized (no special tokens added; special-token text such as
@@ -65,7 +65,7 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     drawn with numpy's default_rng(seed). The first round(chat_fraction · n_samples) windows are then cut
     into chat turns (chat_sample). With bos_token_id, each window is bos followed by length - 1 tokens.
     A missing, unreadable or empty file, or one with fewer tokens than one sample, is a UsageError naming
-    the file; so is a token id past vocab_size (the model's embeddings: a tokenizer that does not fit it)."""
+    the file."""
     if n_samples < 1 or length < 2:
         raise UsageError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {n_samples} and {length}")
     if not 0 <= chat_fraction <= 1:
@@ -102,10 +102,6 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
         ids[i] = chat_sample(frame, ids[i])
     if bos_token_id is not None:
         ids = np.concatenate([np.full((n_samples, 1), bos_token_id, np.int64), ids], axis=1)
-    if vocab_size is not None and ids.max() >= vocab_size:
-        t = int(ids.max())
-        raise UsageError(f"--calibrate {' '.join(paths)}: the tokenizer gives token {t} ({tok.id_to_token(t)!r}), "
-                         f"past the model's {vocab_size} embeddings: the tokenizer does not fit the model")
     return ids
 
 

@@ -998,8 +998,7 @@ def convert(argv):
                                                args.calib_len, args.seed,
                                                config.bos_token_id if config.add_bos else None,
                                                args.calib_chat, config.chat_template,
-                                               config.eos_token_ids[0] if config.eos_token_ids else None,
-                                               config.vocab_size)
+                                               config.eos_token_ids[0] if config.eos_token_ids else None)
         config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
     tensors, stats = convert_weights(src, config, family, args)
     if calib_ids is not None:
