@@ -711,6 +711,22 @@ def test_bad_tokenizer_files_name_the_file(float_llama, tmp_path, capsys, name, 
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_tokenizer_past_the_embeddings_is_refused(float_llama, tmp_path, capsys):
+    """The engine's loader refuses such a tokenizer, so the converter must not write the model."""
+    from tokenizers import Tokenizer, models
+    src, _ = float_llama
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    vocab_size = json.loads((d / "config.json").read_text())["vocab_size"]
+    words = {f"w{i}": i for i in range(vocab_size + 3)}  # 3 ids past the embeddings
+    Tokenizer(models.WordLevel(words, unk_token="w0")).save(str(d / "tokenizer.json"))
+    capsys.readouterr()
+    assert convert.main([str(d), str(tmp_path / "out")]) == 2
+    err = _err(capsys).splitlines()[-1]
+    assert err.startswith("convert.py: error: ") and "outside the model's vocabulary" in err, err
+    assert f"vocab_size {vocab_size}" in err and not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("args, words", [
     (["--head-scheme", "int8", "--head-group-size", "2"], "--head-group-size applies to binary, lut* and vq*"),
     (["--head-scheme", "lut4", "--head-group-size", "0"], "--head-group-size must be a positive integer"),
