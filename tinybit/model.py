@@ -16,7 +16,6 @@ Canonical tensor names (docs/FORMAT.md):
     layers.{i}.attn_sub_norm.weight (n_heads*head_dim,)   layers.{i}.ffn_sub_norm.weight (ffn_dim,)  (sub_norms)
 """
 import math
-import mmap
 import os
 
 import numpy as np
@@ -164,27 +163,14 @@ def attention(q, k, v, start):
     return out.reshape(KV, group, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
-def lazy_zeros(shape):
-    """float32 zeros in an anonymous memory map whose pages take memory only once written, 4 KB at a time.
-    (NumPy asks for 2 MB pages for large arrays: the first position written in each (layer, head) of a
-    cache would then make the whole cache resident, 0.6 GB for 2048 positions of a 0.7 B model.)"""
-    n = math.prod(shape)
-    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # (Windows has no flags)
-    buf = mmap.mmap(-1, max(4 * n, 1), **private)  # zero-filled
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # (Linux, also where huge pages are on for every mapping)
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, np.float32, count=n).reshape(shape)
-
-
 class KVCache:
     """Keys and values of past positions, preallocated: k, v (n_layers, n_kv_heads, max_len, head_dim)
-    (each head's positions are rows of one matrix, as the attention products want them); memory is
-    taken as positions are written."""
+    (each head's positions are rows of one matrix, as the attention products want them)."""
 
     def __init__(self, config, max_len):
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
-        self.k = lazy_zeros(shape)
-        self.v = lazy_zeros(shape)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0  # positions filled
         self.work = None  # (config, decode.workspace): the compiled one-token blocks' buffers, made at their first step
 
