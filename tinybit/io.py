@@ -221,6 +221,8 @@ def read_safetensors_header(path, dtypes=DTYPES):
                 and 0 <= offs[0] <= offs[1] <= data_len):
             raise FormatError(f"{where}: data_offsets {offs!r:.80} outside the data region ({data_len} bytes)")
         itemsize = np.dtype(dtypes[info["dtype"]]).itemsize
+        if math.prod(d for d in shape if d) * itemsize >= 1 << 63:  # NumPy's limit; 0 bytes match [0, 2**70]
+            raise FormatError(f"{where}: shape {shape!r:.80} is too large for an array")
         if offs[1] - offs[0] != math.prod(shape) * itemsize:
             raise FormatError(f"{where}: byte length {offs[1] - offs[0]} != shape {shape} x {itemsize} bytes")
         spans.append((offs[0], offs[1], name))
