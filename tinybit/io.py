@@ -194,8 +194,10 @@ def read_safetensors_header(path, dtypes=DTYPES):
             if len(head) < 8:
                 raise FormatError(f"{path}: file too short for a safetensors header ({size} bytes)")
             n = int.from_bytes(head, "little")
-            if n > min(MAX_HEADER, size - 8):
+            if n > size - 8:
                 raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+            if n > MAX_HEADER:
+                raise FormatError(f"{path}: header length {n} is past the limit of {MAX_HEADER} bytes")
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
