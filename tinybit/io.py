@@ -100,6 +100,7 @@ class Config:
         need(is_int(self.format_version) and self.format_version == FORMAT_VERSION,
              f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
         need(self.architecture == "llama", f"architecture must be 'llama', got {self.architecture!r}")
+        need(isinstance(self.family, str), f"family must be a string, got {self.family!r}")
         need(self.n_heads % self.n_kv_heads == 0,
              f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
