@@ -122,6 +122,8 @@ class Config:
         if rs is not None:
             keys = ("factor",) if rs["type"] == "linear" else (
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            extra = sorted(set(rs) - {"type", *keys})
+            need(not extra, f"rope_scaling: unknown key(s) {extra} for type {rs['type']!r} (it takes {list(keys)})")
             for k in keys:
                 v = rs.get(k)
                 need(is_positive_number(v),
