@@ -66,6 +66,10 @@ class Config:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {missing}")
         try:
             config = cls(**d)
         except TypeError as e:
