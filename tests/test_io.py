@@ -127,3 +127,176 @@ def test_symlinked_weights_load_and_a_dangling_link_is_named(tmp_path):
     os.remove(str(tmp_path / "weights.st"))
     with pytest.raises(FormatError, match=f"{st_path}: not found"):
         tinybit.load(path)
+
+
+# --- GGUF input to tools/convert.py -------------------------------------------------------------
+
+GGUF_DIM, GGUF_HEADS, GGUF_KV, GGUF_VOCAB = 256, 4, 2, 24  # 256: K-quants pack rows of 256
+
+
+def k_quant_blocks(rng, qtype, n_rows, n_cols):
+    """Random bytes of Q4_K / Q6_K blocks (gguf cannot quantize to these) with float16 super-block
+    scales of 0.01: (n_rows, n_cols // 256 * block bytes) uint8."""
+    import gguf
+    size, scales_at = {gguf.GGMLQuantizationType.Q4_K: (144, (0, 2)), gguf.GGMLQuantizationType.Q6_K: (210, (208,))}[qtype]
+    b = rng.integers(0, 256, (n_rows, n_cols // 256, size), dtype=np.uint8)
+    for at in scales_at:
+        b[..., at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return b.reshape(n_rows, -1)
+
+
+def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", shapes=None, seed=0):
+    """A 1-block llama GGUF as llama.cpp lays it out (ggml shapes, Q/K rows as stored). types: {tensor
+    name: GGMLQuantizationType} (default F32); meta: {GGUFWriter.add_* suffix: value} over the defaults;
+    drop: those not to write. Returns {name: (qtype, stored array, (n_out, n_in) or (n,))}."""
+    import gguf
+    qt = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(seed)
+    d, hd = GGUF_DIM, GGUF_DIM // GGUF_HEADS
+    w = gguf.GGUFWriter(path, arch)
+    kv = dict(dict(block_count=1, context_length=64, embedding_length=d, feed_forward_length=d, head_count=GGUF_HEADS,
+                   head_count_kv=GGUF_KV, rope_freq_base=10000.0, layer_norm_rms_eps=1e-5), **(meta or {}))
+    for key, value in kv.items():
+        if key not in drop:
+            getattr(w, "add_" + key)(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(GGUF_VOCAB)])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    shape = {"token_embd.weight": (GGUF_VOCAB, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
+             "blk.0.ffn_norm.weight": (d,), "blk.0.attn_q.weight": (GGUF_HEADS * hd, d),
+             "blk.0.attn_k.weight": (GGUF_KV * hd, d), "blk.0.attn_v.weight": (GGUF_KV * hd, d),
+             "blk.0.attn_output.weight": (d, GGUF_HEADS * hd), "blk.0.ffn_gate.weight": (d, d),
+             "blk.0.ffn_up.weight": (d, d), "blk.0.ffn_down.weight": (d, d),
+             **({} if tied else {"output.weight": (GGUF_VOCAB, d)}), **(shapes or {})}
+    stored = {}
+    for name, s in shape.items():
+        a = (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.2 * rng.standard_normal(s)).astype(np.float32)
+        t = (types or {}).get(name, qt.F32)
+        if t in (qt.F32, qt.F16):
+            raw = a.astype(np.float16 if t == qt.F16 else np.float32)
+            w.add_tensor(name, raw)
+        else:
+            raw = k_quant_blocks(rng, t, *s) if t in (qt.Q4_K, qt.Q6_K) else gguf.quants.quantize(a, t)
+            w.add_tensor(name, raw, raw_dtype=t)
+        stored[name] = (t, raw, s)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def convert_cli(*argv):
+    """(exit code, the lines convert.py wrote to stderr other than progress)."""
+    err = _io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()):
+        rc = convert.main([str(a) for a in argv])
+    return rc, [ln for ln in err.getvalue().splitlines() if not ln.startswith("convert: ")]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_tensor_types_are_dequantized_as_gguf_does(tmp_path, tied):
+    """Every tensor of the --scheme f32 output equals gguf.quants.dequantize of the stored blocks
+    (Q/K rows put back in HF order), for each type a llama GGUF commonly holds."""
+    import gguf
+    from safetensors.numpy import load_file
+    qt = gguf.GGMLQuantizationType
+    types = {"blk.0.attn_q.weight": qt.Q4_K, "blk.0.attn_k.weight": qt.Q6_K, "blk.0.attn_v.weight": qt.BF16,
+             "blk.0.attn_output.weight": qt.Q4_0, "blk.0.ffn_gate.weight": qt.Q4_1, "blk.0.ffn_up.weight": qt.Q8_0,
+             "blk.0.ffn_down.weight": qt.F16, "token_embd.weight": qt.Q8_0 if tied else qt.F32,
+             "output.weight": qt.Q6_K}
+    stored = write_gguf(str(tmp_path / "m.gguf"), types, tied=tied)
+    rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out", "--scheme", "f32")
+    assert rc == 0, err
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "head.weight"}
+    for name, (t, raw, shape) in stored.items():
+        want = gguf.quants.dequantize(raw, t).reshape(shape).astype(np.float32)
+        if "attn_q" in name or "attn_k" in name:  # llama.cpp's permute: (heads, 2, hd/2) rows -> (heads, hd/2, 2)
+            n = GGUF_HEADS if "attn_q" in name else GGUF_KV
+            want = want.reshape(n, -1, 2, shape[1]).swapaxes(1, 2).reshape(shape)
+        part = name.split(".")[2] if name.startswith("blk.") else None
+        key = names.get(name) or "layers.0." + {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "q",
+                                                "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate",
+                                                "ffn_up": "up", "ffn_down": "down"}[part] + ".weight"
+        np.testing.assert_array_equal(out[key], want, err_msg=f"{name} ({t.name})")
+    assert ("head.weight" in out) is not tied
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_embeddings"] is tied
+
+
+def gguf_refused(tmp_path, *needles, **kw):
+    """write_gguf(**kw) is refused by convert.py: exit 2, one line naming the file and needles, nothing written."""
+    path = tmp_path / "m.gguf"
+    write_gguf(str(path), **kw)
+    rc, err = convert_cli(path, tmp_path / "out")
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"convert.py: error: {path}: "), err
+    for n in needles:
+        assert n in err[0], err[0]
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("drop_or_meta, key", [
+    (dict(drop=("block_count",)), "llama.block_count"),
+    (dict(drop=("feed_forward_length",)), "llama.feed_forward_length"),
+    (dict(meta=dict(context_length=0)), "llama.context_length"),
+    (dict(meta=dict(layer_norm_rms_eps=0.0)), "llama.attention.layer_norm_rms_epsilon"),
+    (dict(meta=dict(rope_freq_base=-1.0)), "llama.rope.freq_base"),
+], ids=["no-block-count", "no-ffn-length", "context-0", "eps-0", "theta-negative"])
+def test_gguf_bad_metadata_names_the_gguf_key(tmp_path, drop_or_meta, key):
+    """(The messages named the Hugging Face key the value became: num_hidden_layers, intermediate_size, ...)"""
+    gguf_refused(tmp_path, key, **drop_or_meta)
+
+
+def test_gguf_rope_scaling(tmp_path):
+    """llama.cpp reads rope.scaling.factor with type 'linear' when rope.scaling.type is absent: the factor
+    was dropped (positions unscaled). A factor without a type is linear; 'none' with a factor is refused."""
+    import gguf
+    for i, meta in enumerate([dict(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=4.0),
+                              dict(rope_scaling_factor=4.0)]):
+        write_gguf(str(tmp_path / f"m{i}.gguf"), meta=meta)
+        rc, err = convert_cli(tmp_path / f"m{i}.gguf", tmp_path / f"out{i}")
+        assert rc == 0, err
+        cfg = json.loads((tmp_path / f"out{i}" / "config.json").read_text())
+        assert cfg["rope_scaling"] == {"type": "linear", "factor": 4.0}
+    for d in [tmp_path / "a", tmp_path / "b", tmp_path / "c"]:
+        os.makedirs(d)
+    gguf_refused(tmp_path / "a", "llama.rope.scaling.factor", meta=dict(rope_scaling_type=gguf.RopeScalingType.LINEAR))
+    gguf_refused(tmp_path / "b", "rope scaling type 'yarn'",
+                 meta=dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0))
+    gguf_refused(tmp_path / "c", "'none'", "llama.rope.scaling.factor",
+                 meta=dict(rope_scaling_type=gguf.RopeScalingType.NONE, rope_scaling_factor=4.0))
+
+
+def test_gguf_value_length_other_than_key_length_is_refused(tmp_path):
+    """tinybit has one head_dim: a value_length other than key_length was ignored."""
+    gguf_refused(tmp_path, "llama.attention.value_length 32", "key_length 64",
+                 meta=dict(key_length=64, value_length=32))
+
+
+@pytest.mark.parametrize("kw, needles", [
+    (dict(arch="qwen2"), ("GGUF architecture 'qwen2' is not supported",)),
+    (dict(shapes={"blk.0.ffn_gate.weight": (128, GGUF_DIM)}), ("blk.0.ffn_gate.weight", "[128, 256]", "[256, 256]")),
+    (dict(meta=dict(head_count_kv=3)), ("n_kv_heads (3)",)),
+])
+def test_gguf_inconsistent_files_are_refused(tmp_path, kw, needles):
+    path = tmp_path / "m.gguf"
+    write_gguf(str(path), **kw)
+    rc, err = convert_cli(path, tmp_path / "out")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("convert.py: error: "), err
+    for n in needles:
+        assert n in err[0], err[0]
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_truncated_gguf_is_one_line_and_writes_nothing(tmp_path):
+    full = tmp_path / "full.gguf"
+    write_gguf(str(full))
+    raw = full.read_bytes()
+    os.remove(full)
+    for cut in (0, 7, 100, len(raw) // 2, len(raw) - 1):
+        path = tmp_path / "m.gguf"
+        path.write_bytes(raw[:cut])
+        rc, err = convert_cli(path, tmp_path / "out")
+        assert rc == 2 and err == [err[-1]] and f"{path}: not a readable GGUF file" in err[-1], (cut, err)
+        assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

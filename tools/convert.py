@@ -303,9 +303,14 @@ def read_gguf(path):
     n_head = field(a + "attention.head_count")
     n_kv = field(a + "attention.head_count_kv", n_head)
     dim = field(a + "embedding_length")
-    for key, v in (("attention.head_count", n_head), ("attention.head_count_kv", n_kv), ("embedding_length", dim)):
+    n_layers, ffn_dim = field(a + "block_count"), field(a + "feed_forward_length")
+    ctx = field(a + "context_length", 2048)
+    for key, v in (("attention.head_count", n_head), ("attention.head_count_kv", n_kv), ("embedding_length", dim),
+                   ("block_count", n_layers), ("feed_forward_length", ffn_dim), ("context_length", ctx)):
         if not _is_int(v) or v <= 0:
             raise FormatError(f"{path}: {a}{key} must be a positive integer, got {v!r:.80}")
+    eps = _number(field(a + "attention.layer_norm_rms_epsilon", 1e-5), a + "attention.layer_norm_rms_epsilon", path)
+    theta = _number(field(a + "rope.freq_base", 10000.0), a + "rope.freq_base", path)
     tensors = {t.name: t for t in reader.tensors}
     tokens = field("tokenizer.ggml.tokens")
     emb = tensors.get("token_embd.weight")
@@ -316,11 +321,9 @@ def read_gguf(path):
         raise UsageError(f"{path}: partial rotary (rope.dimension_count {rope_dim} != head_dim {head_dim}) "
                          "is not supported")
     hf = {"model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
-          "intermediate_size": field(a + "feed_forward_length"), "num_hidden_layers": field(a + "block_count"),
+          "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
           "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": head_dim,
-          "rms_norm_eps": field(a + "attention.layer_norm_rms_epsilon", 1e-5),
-          "rope_theta": field(a + "rope.freq_base", 10000.0),
-          "max_position_embeddings": field(a + "context_length", 2048), "hidden_act": "silu",
+          "rms_norm_eps": eps, "rope_theta": theta, "max_position_embeddings": ctx, "hidden_act": "silu",
           "tie_word_embeddings": "output.weight" not in tensors,
           "bos_token_id": field("tokenizer.ggml.bos_token_id"),
           "eos_token_id": [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
