@@ -328,11 +328,14 @@ def read_gguf(path):
           "bos_token_id": field("tokenizer.ggml.bos_token_id"),
           "eos_token_id": [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
                            if i is not None]}
-    stype = field(a + "rope.scaling.type")
-    if stype not in (None, "none"):
-        if stype != "linear":
-            raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": field(a + "rope.scaling.factor")}
+    # llama.cpp reads rope.scaling.factor as linear scaling when rope.scaling.type is absent
+    stype, factor = field(a + "rope.scaling.type"), field(a + "rope.scaling.factor")
+    if stype not in (None, "none", "linear"):
+        raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
+    if stype == "none" and factor not in (None, 1.0):
+        raise FormatError(f"{path}: {a}rope.scaling.type 'none' contradicts {a}rope.scaling.factor {factor!r:.80}")
+    if stype == "linear" or stype is None and factor is not None:
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": _number(factor, a + "rope.scaling.factor", path)}
     refs = {}
     qtypes = gguf.GGMLQuantizationType
     for name, t in tensors.items():
