@@ -316,6 +316,9 @@ def read_gguf(path):
     emb = tensors.get("token_embd.weight")
     vocab = field(a + "vocab_size") or (len(tokens) if tokens else None) or (int(emb.shape[1]) if emb else None)
     head_dim = field(a + "attention.key_length") or dim // n_head
+    v_dim = field(a + "attention.value_length", head_dim)
+    if v_dim != head_dim:
+        raise UsageError(f"{path}: {a}attention.value_length {v_dim!r:.80} != key_length {head_dim} is not supported")
     rope_dim = field(a + "rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UsageError(f"{path}: partial rotary (rope.dimension_count {rope_dim} != head_dim {head_dim}) "
