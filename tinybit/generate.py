@@ -213,26 +213,28 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
 
 def stream_text(model, token_iter, stop=()):
     """Turn a stream of token ids into a stream of text pieces. Text is emitted once it decodes
-    to complete characters; generation ends at the first stop string (which is not emitted)."""
-    ids, emitted = [], ""
+    to complete characters; generation ends at the first stop string (which is not emitted).
+    The decoded text of more tokens extends that of fewer (byte-level BPE, SentencePiece), except
+    that a trailing U+FFFD may be an incomplete UTF-8 sequence that the next token completes."""
+    ids, emitted, text = [], "", ""
     for token in token_iter:
         ids.append(token)
         text = model.tokenizer.decode(ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            continue
-        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        ready = text.rstrip("\ufffd")  # trailing U+FFFD: perhaps an incomplete character, wait
+        cut = min((ready.find(s) for s in stop if s and s in ready), default=-1)
         if cut >= 0:
             if cut > len(emitted):
-                yield text[len(emitted):cut]
+                yield ready[len(emitted):cut]
             return
         # hold back a tail that could still grow into a stop string
-        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if len(text) - hold > len(emitted):
-            yield text[len(emitted):len(text) - hold]
-            emitted = text[:len(text) - hold]
-    text = model.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+        hold = max((k for s in stop for k in range(1, len(s)) if ready.endswith(s[:k])), default=0)
+        if len(ready) - hold > len(emitted):
+            yield ready[len(emitted):len(ready) - hold]
+            emitted = ready[:len(ready) - hold]
+    # the end: a trailing U+FFFD is now text (a stop string may end in it)
+    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    if cut > len(emitted):
+        yield text[len(emitted):cut]
 
 
 def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, seed=None,
