@@ -145,7 +145,7 @@ def k_quant_blocks(rng, qtype, n_rows, n_cols):
     return b.reshape(n_rows, -1)
 
 
-def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", shapes=None, seed=0):
+def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", shapes=None, seed=0, tokenizer="gpt2"):
     """A 1-block llama GGUF as llama.cpp lays it out (ggml shapes, Q/K rows as stored). types: {tensor
     name: GGMLQuantizationType} (default F32); meta: {GGUFWriter.add_* suffix: value} over the defaults;
     drop: those not to write. Returns {name: (qtype, stored array, (n_out, n_in) or (n,))}."""
@@ -159,7 +159,7 @@ def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", sh
     for key, value in kv.items():
         if key not in drop:
             getattr(w, "add_" + key)(value)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer)
     w.add_token_list([chr(0x100 + i) for i in range(GGUF_VOCAB)])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
@@ -300,3 +300,14 @@ def test_truncated_gguf_is_one_line_and_writes_nothing(tmp_path):
         rc, err = convert_cli(path, tmp_path / "out")
         assert rc == 2 and err == [err[-1]] and f"{path}: not a readable GGUF file" in err[-1], (cut, err)
         assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_gguf_with_a_sentencepiece_vocabulary_converts_without_a_tokenizer(tmp_path):
+    """tokenizer.ggml.model 'llama' is not rebuilt: the weights convert, the report says so, no tokenizer.json."""
+    write_gguf(str(tmp_path / "m.gguf"), tokenizer="llama")
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(_io.StringIO()):
+        assert convert.main([str(tmp_path / "m.gguf"), str(tmp_path / "out")]) == 0
+    assert "GGUF tokenizer model 'llama' is not rebuilt" in out.getvalue()
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert tinybit.load(str(tmp_path / "out")).tokenizer is None
