@@ -6,6 +6,8 @@ import sys
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinybit
 from tinybit import generate
@@ -53,3 +55,44 @@ def test_a_replacement_character_from_the_model_is_text(byte_tok):
     assert "".join(stream(byte_tok, ids)) == "a\ufffd\ufffd"
     assert stream(byte_tok, ids, stop=["\ufffd"]) == ["a"]
     assert stream(byte_tok, ids, stop=["a\ufffd\ufffd"]) == []
+
+
+def reader_cut(text, stop):
+    """text up to the stop string a reader going character by character sees whole first (the
+    longest of those ending there), or all of it."""
+    for end in range(1, len(text) + 1):
+        ending = [len(s) for s in stop if s and text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(ending)]
+    return text
+
+
+@pytest.fixture(scope="module")
+def stdlib_tok():
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(os.path.join(generate.DEFAULT_MODEL, "tokenizer.json"))
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(byte_tok, stdlib_tok, data):
+    """For any token ids (bytes that are not UTF-8, characters split across tokens) and stop strings
+    (pieces of the text, overlapping, prefixes of each other, empty, or absent), the pieces are
+    non-empty and join to the whole decoded text cut where a reader would first see a stop string."""
+    tok = {"bytes": byte_tok, "stdlib": stdlib_tok}[data.draw(st.sampled_from(["bytes", "stdlib"]))]
+    ids = data.draw(st.lists(st.integers(0, tok.get_vocab_size() - 1), max_size=12))
+    text = tok.decode(ids, skip_special_tokens=False)
+    piece = st.tuples(st.integers(0, len(text)), st.integers(0, 4)).map(lambda a: text[a[0]:a[0] + a[1]])
+    stop = data.draw(st.lists(piece | st.text(max_size=3), max_size=3))
+    pieces = stream(tok, ids, stop)
+    assert all(pieces) and "".join(pieces) == reader_cut(text, stop)
+
+
+def test_overlapping_stop_strings_cut_the_same_whatever_the_tokens(stdlib_tok):
+    """["return", "t"]: "t" is whole first. As one token "return" the text was cut to "" (the
+    stop string starting first), as six one-letter tokens to "re"; now "re" in both cases."""
+    one, six = stdlib_tok.encode("return").ids, [stdlib_tok.token_to_id(c) for c in "return"]
+    assert len(one) == 1 and None not in six
+    for ids in (one, six):
+        assert "".join(stream(stdlib_tok, ids, stop=["return", "t"])) == "re"
+        assert "".join(stream(stdlib_tok, ids, stop=["ret", "return"])) == ""  # a prefix of another

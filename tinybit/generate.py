@@ -211,9 +211,17 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
             stats["decode_s"] += time.perf_counter() - t0
 
 
+def first_stop(text, stop):
+    """Where text ends for the stop strings: the start of the one a reader going character by
+    character sees whole first (the earliest end; of those, the longest), or -1. Then the cut does
+    not depend on how tokens split the text (["abcd", "c"] cut "abcd" to "ab" in any case)."""
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stop if s and s in text]  # (end, start)
+    return min(hits)[1] if hits else -1
+
+
 def stream_text(model, token_iter, stop=()):
     """Turn a stream of token ids into a stream of text pieces. Text is emitted once it decodes
-    to complete characters; generation ends at the first stop string (which is not emitted).
+    to complete characters; generation ends at the first stop string (first_stop; not emitted).
     The decoded text of more tokens extends that of fewer (byte-level BPE, SentencePiece), except
     that a trailing U+FFFD may be an incomplete UTF-8 sequence that the next token completes."""
     ids, emitted, text = [], "", ""
@@ -221,7 +229,7 @@ def stream_text(model, token_iter, stop=()):
         ids.append(token)
         text = model.tokenizer.decode(ids, skip_special_tokens=False)
         ready = text.rstrip("\ufffd")  # trailing U+FFFD: perhaps an incomplete character, wait
-        cut = min((ready.find(s) for s in stop if s and s in ready), default=-1)
+        cut = first_stop(ready, stop)
         if cut >= 0:
             if cut > len(emitted):
                 yield ready[len(emitted):cut]
@@ -232,7 +240,8 @@ def stream_text(model, token_iter, stop=()):
             yield ready[len(emitted):len(ready) - hold]
             emitted = ready[:len(ready) - hold]
     # the end: a trailing U+FFFD is now text (a stop string may end in it)
-    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    cut = first_stop(text, stop)
+    cut = len(text) if cut < 0 else cut
     if cut > len(emitted):
         yield text[len(emitted):cut]
 
