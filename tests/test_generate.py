@@ -96,3 +96,24 @@ def test_overlapping_stop_strings_cut_the_same_whatever_the_tokens(stdlib_tok):
     for ids in (one, six):
         assert "".join(stream(stdlib_tok, ids, stop=["return", "t"])) == "re"
         assert "".join(stream(stdlib_tok, ids, stop=["ret", "return"])) == ""  # a prefix of another
+
+
+# --- the Python API -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return tinybit.load(generate.DEFAULT_MODEL, threads=1)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(prompt=[5] * 300), "exceeds the model's context"),
+    (dict(prompt=[5, 4096]), "outside the vocabulary"),
+])
+def test_stream_checks_its_arguments_at_the_call(stdlib, kwargs, words):
+    """stream=True raised only at the first next(), after the caller had moved on."""
+    kwargs = dict(dict(prompt="def f", stream=True), **kwargs)
+    with pytest.raises(UsageError, match=words):
+        stdlib.generate(kwargs.pop("prompt"), **kwargs)

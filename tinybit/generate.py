@@ -168,7 +168,7 @@ def truncate_prompt(prompt_ids, keep, bos_token_id=None):
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None, truncate=False):
-    """Yield new token ids one by one: prefill the prompt, then decode over the KV cache.
+    """An iterator of new token ids (sample_tokens), its arguments checked here, at the call.
     With truncate, a prompt that leaves no room for max_new_tokens keeps its last
     max_seq_len - max_new_tokens tokens (truncate_prompt) instead of being an error.
     Stops at an end-of-sequence token (not yielded), after max_new_tokens, or when prompt and
@@ -189,6 +189,12 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
         raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len} "
                          "(--truncate keeps its end)")
     n_new = min(max_new_tokens, c.max_seq_len - len(prompt_ids))  # prompt + output stay within the context
+    return sample_tokens(model, prompt_ids, n_new, temperature, top_k, top_p, seed, stats)
+
+
+def sample_tokens(model, prompt_ids, n_new, temperature, top_k, top_p, seed, stats):
+    """Yield up to n_new token ids one by one: prefill the prompt, then decode over the KV cache."""
+    c = model.config
     if n_new == 0:
         return
     rng = np.random.default_rng(seed)
