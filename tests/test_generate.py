@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import tinybit
 from tinybit import generate
 from tinybit.errors import UsageError
+from util import save_random_model, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -117,3 +118,13 @@ def test_stream_checks_its_arguments_at_the_call(stdlib, kwargs, words):
     kwargs = dict(dict(prompt="def f", stream=True), **kwargs)
     with pytest.raises(UsageError, match=words):
         stdlib.generate(kwargs.pop("prompt"), **kwargs)
+
+
+def test_arguments_that_cannot_apply_are_refused(stdlib, tmp_path):
+    """chat=True with token ids, and stop strings on a model without a tokenizer, were ignored."""
+    with pytest.raises(UsageError, match="^chat: .*token ids"):
+        stdlib.generate([0, 530], max_new_tokens=2, chat=True)
+    m = tinybit.load(save_random_model(str(tmp_path / "m"), tiny_config()))
+    assert m.tokenizer is None and len(m.generate([1, 5], max_new_tokens=2, temperature=0)) == 2
+    with pytest.raises(UsageError, match="^stop: .*no tokenizer.json"):
+        m.generate([1, 5], max_new_tokens=2, stop="w")

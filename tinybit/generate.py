@@ -263,8 +263,12 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
     stop = (stop,) if isinstance(stop, str) else stop  # a string is one stop string, not its characters
     if not (isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop)):
         raise UsageError(f"stop must be a string or a list of strings, got {stop!r}")
+    if stop and model.tokenizer is None:
+        raise UsageError("stop: this model has no tokenizer.json, so it generates token ids, not text to stop at")
     if isinstance(prompt, str):
         prompt_ids = encode_prompt(model, prompt, chat=chat)
+    elif chat:
+        raise UsageError("chat: the chat template formats text; pass the prompt as a string, not token ids")
     else:
         prompt_ids = check_token_ids(prompt, "prompt (a string or token ids)").tolist()
     tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats,
