@@ -128,3 +128,25 @@ def test_arguments_that_cannot_apply_are_refused(stdlib, tmp_path):
     assert m.tokenizer is None and len(m.generate([1, 5], max_new_tokens=2, temperature=0)) == 2
     with pytest.raises(UsageError, match="^stop: .*no tokenizer.json"):
         m.generate([1, 5], max_new_tokens=2, stop="w")
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def run_cli(*args, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "tinybit.generate", "-t", "1", *args], stderr=subprocess.PIPE,
+                          text=True, timeout=120, cwd=ROOT, env=ENV, **kw)
+
+
+def test_cli_output_that_cannot_be_written():
+    """`| head` (the reader gone) ends quietly with 141, as SIGPIPE would; a full disk is one line
+    and exit 2. Both were a BrokenPipeError / OSError traceback."""
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write fails with EPIPE
+    p = run_cli("-p", "def f", "-n", "8", stdout=w)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
+    with open("/dev/full", "w") as full:
+        p = run_cli("-p", "def f", "-n", "8", stdout=full)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "standard output: No space left" in lines[0], p.stderr

@@ -332,6 +332,20 @@ def exit_on_error(prog, debug, body):
         return 130
 
 
+def write_out(out, text):
+    """text to out (stdout), flushed. A reader that went away (`| head`) is BrokenPipeError, passed
+    on; another failure (a full disk) is a UsageError. Either way out's file descriptor is then
+    /dev/null, so that the interpreter's flush at exit does not fail again."""
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise UsageError(f"cannot write to standard output: {e.strerror}") from None
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -363,13 +377,14 @@ def run(args):
         for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                               args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats,
                               truncate=args.truncate):
-            out.write(piece)
-            out.flush()
+            write_out(out, piece)
         code = 0
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated, report, exit 130
         code = 130
         print("\n[interrupted]", file=sys.stderr)
-    out.write("\n")
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as SIGPIPE would (128 + 13)
+        return 141
+    write_out(out, "\n")
     if stats.get("truncated"):
         print(f"prompt truncated: dropped its first {stats['truncated']} tokens (--truncate)", file=sys.stderr)
     pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
