@@ -319,9 +319,13 @@ def check_threads(threads):
 
 def exit_on_error(prog, debug, body):
     """Run body() and return its exit code; a TinybitError becomes one line on stderr and exit
-    code 2 (with debug, the traceback instead); Ctrl-C is one line and exit code 130."""
+    code 2 (with debug, the traceback instead); Ctrl-C is one line and exit code 130; a reader of
+    stdout that went away (`| head`) ends it quietly with 141, as SIGPIPE would."""
     try:
         return body()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        return 141
     except TinybitError as e:
         if debug:
             raise
@@ -333,16 +337,15 @@ def exit_on_error(prog, debug, body):
 
 
 def write_out(out, text):
-    """text to out (stdout), flushed. A reader that went away (`| head`) is BrokenPipeError, passed
-    on; another failure (a full disk) is a UsageError. Either way out's file descriptor is then
-    /dev/null, so that the interpreter's flush at exit does not fail again."""
+    """text to out (stdout), flushed. A failed write (a full disk) is a UsageError; a reader that
+    went away (`| head`) is BrokenPipeError, for exit_on_error."""
     try:
         out.write(text)
         out.flush()
+    except BrokenPipeError:
+        raise
     except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-        if isinstance(e, BrokenPipeError):
-            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # the flush at exit would fail again
         raise UsageError(f"cannot write to standard output: {e.strerror}") from None
 
 
@@ -382,8 +385,6 @@ def run(args):
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated, report, exit 130
         code = 130
         print("\n[interrupted]", file=sys.stderr)
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as SIGPIPE would (128 + 13)
-        return 141
     write_out(out, "\n")
     if stats.get("truncated"):
         print(f"prompt truncated: dropped its first {stats['truncated']} tokens (--truncate)", file=sys.stderr)
