@@ -164,3 +164,18 @@ def test_cli_rates_do_not_time_the_kernels_loading():
     rates = [float(x) for x in re.findall(r"prefill 97 tokens ([\d.]+) tok/s", p.stderr)]
     assert p.returncode == 0 and len(rates) == 2, p.stderr
     assert rates[0] > rates[1] / 10, p.stderr
+
+
+def test_special_token_text_and_context_limits(stdlib):
+    """As encode_prompt and --truncate's help say: "<|endoftext|>" in a prompt is the special token
+    (the shipped model's BOS, not added twice); a prompt of exactly the context generates nothing,
+    one past it is an error, and with truncate it keeps its end after BOS."""
+    c = stdlib.config
+    assert generate.encode_prompt(stdlib, "<|endoftext|>def") == generate.encode_prompt(stdlib, "def") == [0, 530]
+    full = [c.bos_token_id] + [530] * (c.max_seq_len - 1)
+    assert stdlib.generate(full, max_new_tokens=4, temperature=0) == ""
+    with pytest.raises(UsageError, match="exceeds the model's context"):
+        stdlib.generate(full + [530], max_new_tokens=4)
+    stats = {}
+    out = stdlib.generate(full + [530], max_new_tokens=4, temperature=0, truncate=True, stats=stats)
+    assert stats["truncated"] == 5 and out == stdlib.generate(full[:-4], max_new_tokens=4, temperature=0)

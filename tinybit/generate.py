@@ -139,7 +139,8 @@ def render_chat_template(template, **variables):
 
 
 def encode_prompt(model, prompt, chat=False):
-    """Token ids of a prompt string (chat: wrapped in the model's chat template)."""
+    """Token ids of a prompt string (chat: wrapped in the model's chat template). Text that spells a
+    special token ("<|endoftext|>", "<|im_start|>") is encoded as that token, as transformers does."""
     c, tok = model.config, model.tokenizer
     if tok is None:
         raise UsageError("this model has no tokenizer.json: pass token ids instead of text")
@@ -302,8 +303,9 @@ def parse_args(argv):
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ap.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     ap.add_argument("--truncate", action="store_true",
-                    help="a prompt longer than the context minus -n keeps only its last tokens (after BOS) "
-                         "instead of being an error")
+                    help="a prompt longer than the context minus -n keeps only its last tokens (after BOS); "
+                         "without it a prompt longer than the context is an error, and a shorter one "
+                         "generates until the context is full")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     return args
