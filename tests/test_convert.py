@@ -711,6 +711,26 @@ def test_bad_tokenizer_files_name_the_file(float_llama, tmp_path, capsys, name, 
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("post_bos, add_bos_token, add_bos", [
+    (True, None, True),    # Llama 3: tokenizer.json's post-processor adds BOS, tokenizer_config.json is silent
+    (False, None, False), (True, False, False), (False, True, True)])
+def test_add_bos_follows_the_tokenizer_as_transformers_does(float_llama, tmp_path, post_bos, add_bos_token, add_bos):
+    from tokenizers import Tokenizer, models, processors
+    src, _ = float_llama
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(8)} | {"a": 8}, unk_token="w0"))
+    if post_bos:  # bos_token_id 1 (generation_config.json) = "w1"
+        tk.post_processor = processors.TemplateProcessing(single="w1 $A", special_tokens=[("w1", 1)])
+    tk.save(str(d / "tokenizer.json"))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    if add_bos_token is not None:
+        cfg["add_bos_token"] = add_bos_token
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    run(d, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["add_bos"] is add_bos
+
+
 def test_tokenizer_past_the_embeddings_is_refused(float_llama, tmp_path, capsys):
     """The engine's loader refuses such a tokenizer, so the converter must not write the model."""
     from tokenizers import Tokenizer, models

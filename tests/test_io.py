@@ -145,10 +145,12 @@ def k_quant_blocks(rng, qtype, n_rows, n_cols):
     return b.reshape(n_rows, -1)
 
 
-def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", shapes=None, seed=0, tokenizer="gpt2"):
+def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", shapes=None, seed=0, tokenizer="gpt2",
+               floats=None):
     """A 1-block llama GGUF as llama.cpp lays it out (ggml shapes, Q/K rows as stored). types: {tensor
     name: GGMLQuantizationType} (default F32); meta: {GGUFWriter.add_* suffix: value} over the defaults;
-    drop: those not to write. Returns {name: (qtype, stored array, (n_out, n_in) or (n,))}."""
+    drop: those not to write; floats: {key: float32 value} written as they are.
+    Returns {name: (qtype, stored array, (n_out, n_in) or (n,))}."""
     import gguf
     qt = gguf.GGMLQuantizationType
     rng = np.random.default_rng(seed)
@@ -159,6 +161,8 @@ def write_gguf(path, types=None, tied=True, meta=None, drop=(), arch="llama", sh
     for key, value in kv.items():
         if key not in drop:
             getattr(w, "add_" + key)(value)
+    for key, value in (floats or {}).items():
+        w.add_float32(key, value)
     w.add_tokenizer_model(tokenizer)
     w.add_token_list([chr(0x100 + i) for i in range(GGUF_VOCAB)])
     w.add_bos_token_id(0)
@@ -266,6 +270,25 @@ def test_gguf_rope_scaling(tmp_path):
                  meta=dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0))
     gguf_refused(tmp_path / "c", "'none'", "llama.rope.scaling.factor",
                  meta=dict(rope_scaling_type=gguf.RopeScalingType.NONE, rope_scaling_factor=4.0))
+
+
+def test_gguf_old_rope_scale_linear_key(tmp_path):
+    """Older GGUFs store linear scaling as llama.rope.scale_linear, which llama.cpp still reads."""
+    write_gguf(str(tmp_path / "m.gguf"), floats={"llama.rope.scale_linear": 2.0})
+    rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"] == {"type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("pre, meta, add_bos", [
+    ("llama-bpe", {}, True), ("llama3", {}, True),       # llama.cpp's default for the Llama 3 pre-tokenizers
+    ("llama-bpe", {"add_bos_token": False}, False),       # the file's own key wins
+    ("smollm", {}, False), ("default", {"add_bos_token": True}, True)])
+def test_gguf_add_bos_as_llama_cpp_reads_it(tmp_path, pre, meta, add_bos):
+    write_gguf(str(tmp_path / "m.gguf"), meta=dict(tokenizer_pre=pre, **meta))
+    rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["add_bos"] is add_bos
 
 
 def test_gguf_value_length_other_than_key_length_is_refused(tmp_path):

@@ -65,6 +65,7 @@ LAYER_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_lay
                "self_attn.inner_attn_ln.weight": "attn_sub_norm.weight",    # 1bitLLM
                "mlp.ffn_layernorm.weight": "ffn_sub_norm.weight"}
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")  # GGUF pre-tokenizer names of the Llama 3 tokenizer
 LLAMA3_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -331,8 +332,9 @@ def read_gguf(path):
           "bos_token_id": field("tokenizer.ggml.bos_token_id"),
           "eos_token_id": [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
                            if i is not None]}
-    # llama.cpp reads rope.scaling.factor as linear scaling when rope.scaling.type is absent
-    stype, factor = field(a + "rope.scaling.type"), field(a + "rope.scaling.factor")
+    # llama.cpp reads rope.scaling.factor (older files: rope.scale_linear) as linear scaling when
+    # rope.scaling.type is absent
+    stype, factor = field(a + "rope.scaling.type"), field(a + "rope.scaling.factor", field(a + "rope.scale_linear"))
     if stype not in (None, "none", "linear"):
         raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
     if stype == "none" and factor not in (None, 1.0):
@@ -372,8 +374,11 @@ def read_gguf(path):
         tok_json, note = gguf_tokenizer_json(field, tokens)
         if note:
             notes.append(note)
+    add_bos = field("tokenizer.ggml.add_bos_token")
+    if add_bos is None and field("tokenizer.ggml.pre") in LLAMA3_PRES:  # llama.cpp's default for these
+        add_bos = True
     return Source(hf, refs, path, tokenizer_json=tok_json, chat_template=field("tokenizer.chat_template"),
-                  add_bos=field("tokenizer.ggml.add_bos_token"), notes=notes)
+                  add_bos=add_bos, notes=notes)
 
 
 def gguf_tokenizer_json(field, tokens):
@@ -383,12 +388,12 @@ def gguf_tokenizer_json(field, tokens):
     if model != "gpt2":
         return None, (f"tokenizer: GGUF tokenizer model {model!r} is not rebuilt (only byte-level BPE 'gpt2'); "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
-    if pre not in ("default", "gpt-2", "gpt2", "llama-bpe", "llama3", "smollm"):  # gpt2: older tinybit exports
+    if pre not in ("default", "gpt-2", "gpt2", "smollm") + LLAMA3_PRES:  # gpt2: older tinybit exports
         return None, (f"tokenizer: GGUF pre-tokenizer {pre!r} is not known to this converter; "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     merges = [tuple(m.split(" ", 1)) for m in (field("tokenizer.ggml.merges") or [])]
-    llama3 = pre in ("llama-bpe", "llama3")
+    llama3 = pre in LLAMA3_PRES
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=llama3))
     if llama3:
         tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -411,6 +416,16 @@ def gguf_tokenizer_json(field, tokens):
     if user:
         tk.add_tokens(user)
     return tk.to_str(), None
+
+
+def tokenizer_adds_bos(tokenizer_json, bos):
+    """Whether tokenizer.json's post-processor puts bos first, as transformers' tokenizer(text) then does
+    (the rule when tokenizer_config.json has no add_bos_token: Llama 3's tokenizer.json adds <|begin_of_text|>)."""
+    if not tokenizer_json or bos is None:
+        return False
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_str(tokenizer_json)
+    return tk.encode("a").ids[:1] == [bos] and tk.encode("a", add_special_tokens=False).ids[:1] != [bos]
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -565,7 +580,7 @@ def build_config(src, family, args):
     theta, scaling = rope_from_hf(c, where, defaults["rope_theta"])
     vocab = _int(c, "vocab_size", where=where)
     bos, eos = token_ids(src, vocab)
-    add_bos = src.add_bos if src.add_bos is not None else False
+    add_bos = src.add_bos if src.add_bos is not None else tokenizer_adds_bos(src.tokenizer_json, bos)
     max_seq_len = _int(c, "max_position_embeddings", 2048, where)
     tie = c.get("tie_word_embeddings")
     tie = False if tie is None else tie
