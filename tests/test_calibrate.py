@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tinybit import linear, model, quant
-from tinybit.errors import TinybitError
+from tinybit.errors import TinybitError, UsageError
 
 from util import random_float_tensors, tiny_config
 
@@ -337,3 +337,15 @@ def test_calibration_past_memory_is_a_usage_error(hf_dir, tmp_path, capsys, n):
     err = capsys.readouterr().err
     assert rc == 2 and f"--calib-samples {n} x --calib-len 24" in err and "GiB of memory" in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{{ raise_exception('only user roles') }}", "TemplateError: only user roles"),
+    ("{% for m in messages %}{{ m.content * 10 ** 9 }}{% endfor %}", "OverflowError"),  # bounded as generate's
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
+     "does not render a user/assistant conversation")])
+def test_chat_frame_renders_as_generate_does(template, needle):
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    with pytest.raises(UsageError, match=needle):
+        calibrate.chat_frame(template, tok)

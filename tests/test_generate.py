@@ -179,3 +179,19 @@ def test_special_token_text_and_context_limits(stdlib):
     stats = {}
     out = stdlib.generate(full + [530], max_new_tokens=4, temperature=0, truncate=True, stats=stats)
     assert stats["truncated"] == 5 and out == stdlib.generate(full[:-4], max_new_tokens=4, temperature=0)
+
+
+def test_chat_templates_get_the_helpers_transformers_gives_them():
+    """raise_exception, strftime_now, {% break %} and a tojson that keeps '<' and non-ASCII text: templates
+    that use them (Llama 3.x's strftime_now, the role checks of many) failed as undefined or unknown tags."""
+    import datetime
+    from tinybit.errors import FormatError
+    render = generate.render_chat_template
+    msgs = [{"role": "user", "content": "<é>"}, {"role": "assistant", "content": "b"}]
+    assert render("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
+                  messages=msgs) == "<é>"
+    assert render("{{ messages[0] | tojson }}", messages=msgs) == '{"role": "user", "content": "<é>"}'
+    assert render("{{ strftime_now('%Y') }}") in {str(datetime.date.today().year), str(datetime.date.today().year + 1)}
+    with pytest.raises(FormatError, match="chat_template: TemplateError: roles must alternate"):
+        render("{% if messages[1].role == 'assistant' %}{{ raise_exception('roles must alternate') }}{% endif %}",
+               messages=msgs)

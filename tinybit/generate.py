@@ -6,6 +6,8 @@ Prefill runs the whole prompt through the model at once (GEMM kernels); each new
 then one decode step over the KV cache (GEMV kernels). Stats go to stderr, text to stdout.
 """
 import argparse
+import datetime
+import json
 import math
 import os
 import resource
@@ -122,13 +124,26 @@ def call_with_deadline(f, seconds):
         sys.settrace(previous)
 
 
+def template_error(message):
+    """raise_exception(message) in a chat template: the template's own refusal."""
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
 def render_chat_template(template, **variables):
-    """The chat template rendered with `variables`. The template is untrusted input from the
-    model directory: sandboxed as transformers does (it cannot reach Python internals), bounded
-    in time and in the size of `*` and `**` (above), and any exception while compiling or rendering it is a one-line
-    FormatError naming config.json's chat_template."""
+    """The chat template rendered with `variables`, in the environment transformers gives templates:
+    {% break %} / {% continue %}, raise_exception(msg), strftime_now(fmt), and a tojson that keeps
+    non-ASCII and HTML characters as they are. The template is untrusted input from the model
+    directory: sandboxed as transformers does (it cannot reach Python internals), bounded in time
+    and in the size of `*` and `**` (above), and any exception while compiling or rendering it is
+    a one-line FormatError naming config.json's chat_template."""
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=template_error,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     env.intercepted_binops = frozenset({"*", "**"})  # also keeps them out of compile-time constant folding
     env.call_binop = bounded_binop
     try:

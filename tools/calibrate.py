@@ -40,7 +40,8 @@ import numpy as np
 
 from tinybit import linear, pack, quant
 from tinybit import model as tbmodel
-from tinybit.errors import UsageError
+from tinybit.errors import FormatError, UsageError
+from tinybit.generate import render_chat_template
 
 DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
 BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
@@ -122,22 +123,20 @@ CHAT_TURNS = (32, 96)  # text tokens of a user turn, of an assistant turn, in a 
 def chat_frame(chat_template, tok, bos_token_id=None, eos_token_id=None):
     """The token ids a chat template puts around the messages: (head, user_to_assistant, assistant_to_user).
 
-    The template is rendered (sandboxed, as tinybit.generate does) for the conversation user U1, assistant A1,
+    The template is rendered by tinybit.generate.render_chat_template (sandboxed, bounded) for the conversation user U1, assistant A1,
     user U2, assistant A2 with placeholder contents; head is what comes before U1 (a system prompt, the
     first role header), user_to_assistant what lies between U1 and A1, assistant_to_user between A1 and U2."""
     if not chat_template:
         raise UsageError("--calib-chat needs the model's chat template, and the source has none")
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
     marks = ["\x00U1\x00", "\x00A1\x00", "\x00U2\x00", "\x00A2\x00"]
     messages = [{"role": r, "content": m} for r, m in zip(("user", "assistant") * 2, marks)]
     bos, eos = ((tok.id_to_token(t) or "") if t is not None else "" for t in (bos_token_id, eos_token_id))
     try:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(chat_template).render(messages=messages, add_generation_prompt=False,
-                                                     bos_token=bos, eos_token=eos)
-    except jinja2.TemplateError as e:
-        raise UsageError(f"--calib-chat: the chat template fails: {str(e).splitlines()[0][:200]}") from None
+        text = render_chat_template(chat_template, messages=messages, add_generation_prompt=False,
+                                    bos_token=bos, eos_token=eos)
+    except FormatError as e:
+        why = str(e).removeprefix("config.json: chat_template: ")
+        raise UsageError(f"--calib-chat: the chat template fails: {why}") from None
     at = [text.find(m) for m in marks]
     if min(at) < 0 or at != sorted(at):
         raise UsageError("--calib-chat: the chat template does not render a user/assistant conversation in order")
