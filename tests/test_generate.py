@@ -152,18 +152,19 @@ def test_cli_output_that_cannot_be_written():
     assert p.returncode == 2 and len(lines) == 1 and "standard output: No space left" in lines[0], p.stderr
 
 
-def test_warm_up_loads_the_kernels_of_short_prompts_and_decode():
+@pytest.mark.parametrize("n_prompt", [10, 97])  # the per-token kernels; the table GEMM (from 24 tokens)
+def test_warm_up_loads_the_kernels_the_prompt_and_decode_take(n_prompt):
     """numba loads each kernel's compiled code at its first call (~0.3 s for the shipped model): the CLI
     timed that as prefill (97 tokens at ~300 tok/s instead of ~10000). generate.warm_up, counted under
-    "load", makes those first calls: afterwards a short prompt and decode steps load nothing more."""
-    code = ("import numba, tinybit\nfrom tinybit import decode, generate, kernels\n"
+    "load", makes those first calls: afterwards the prompt's prefill and decode steps load nothing more."""
+    code = ("import numba, tinybit\nfrom tinybit import decode, generate, kernels, linear\n"
             "def loaded():\n"
-            "    return sum(len(f.signatures) for mod in (kernels, decode) for f in vars(mod).values()\n"
+            "    return sum(len(f.signatures) for mod in (kernels, decode, linear) for f in vars(mod).values()\n"
             "               if isinstance(f, numba.core.dispatcher.Dispatcher))\n"
             "m = tinybit.load('models/stdlib-b158', threads=1)\n"
-            "before = loaded()\ngenerate.warm_up(m)\nwarm = loaded()\n"
-            "cache = m.new_cache(12)\nm.forward(list(range(5, 15)), cache)\nm.forward([3], cache)\n"
-            "print(before, warm, loaded())\n")
+            f"before = loaded()\ngenerate.warm_up(m, {n_prompt})\nwarm = loaded()\n"
+            f"cache = m.new_cache({n_prompt} + 2)\nm.forward(list(range(5, 5 + {n_prompt})), cache)\n"
+            "m.forward([3], cache)\nprint(before, warm, loaded())\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr
     before, warm, after = map(int, p.stdout.split())

@@ -16,10 +16,12 @@ import time
 
 import numpy as np
 
+from . import kernels, linear
 from .errors import FormatError, TinybitError, UsageError
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 DEFAULT_MODEL = os.path.join(MODELS_DIR, "stdlib-b158")
+WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -366,14 +368,16 @@ def write_out(out, text):
         raise UsageError(f"cannot write to standard output: {e.strerror}") from None
 
 
-def warm_up(model):
-    """A 2-token prefill and a decode step on a cache of their own: numba loads a kernel's compiled
-    code at its first call (~0.3 s for the shipped model), which would otherwise be timed as prefill
-    and decode (its 10-token prefill at 40 tok/s instead of thousands)."""
-    if model.config.max_seq_len >= 3:
-        cache = model.new_cache(3)
+def warm_up(model, n_prompt):
+    """A prefill of min(n_prompt, WARM_TOKENS) tokens and a decode step on a cache of their own: numba
+    loads a kernel's compiled code at its first call (~0.3 s for the shipped model), which would otherwise
+    be timed as prefill and decode. That many tokens take the same kernels as the prompt (the table GEMM
+    from kernels.GEMM_MIN_TOKENS on, the dequantized matmul from linear.DEQUANT_MIN_TOKENS)."""
+    n = min(max(n_prompt, 1), WARM_TOKENS, model.config.max_seq_len - 1)
+    if n >= 1:
+        cache = model.new_cache(n + 1)
         try:
-            model.forward([0, 0], cache, last_only=True)
+            model.forward([0] * n, cache, last_only=True)
             model.forward([0], cache, last_only=True)
         except TinybitError:  # a fault token 0 meets (a NaN embedding row) is reported if the prompt meets it
             pass
@@ -398,15 +402,15 @@ def run(args):
         raise UsageError(f"no default model at {path}: pass --model PATH (see README.md)")
     if not os.path.isdir(path):
         raise UsageError(f"--model: {path} is not a directory")
-    t0 = time.perf_counter()
-    model = load(path, threads=args.threads)
-    warm_up(model)
-    load_s = time.perf_counter() - t0
     prompt = args.prompt if args.prompt is not None else sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes arrive as lone surrogates
         raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
+    t0 = time.perf_counter()
+    model = load(path, threads=args.threads)
+    warm_up(model, len(encode_prompt(model, prompt, chat=args.chat)))
+    load_s = time.perf_counter() - t0
     try:
         for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                               args.seed, stream=True, chat=args.chat, stop=args.stop, stats=stats,
