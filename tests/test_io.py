@@ -252,32 +252,35 @@ def test_gguf_bad_metadata_names_the_gguf_key(tmp_path, drop_or_meta, key):
     gguf_refused(tmp_path, key, **drop_or_meta)
 
 
-def test_gguf_rope_scaling(tmp_path):
-    """llama.cpp reads rope.scaling.factor with type 'linear' when rope.scaling.type is absent: the factor
-    was dropped (positions unscaled). A factor without a type is linear; 'none' with a factor is refused."""
+LINEAR, NONE = "LINEAR", "NONE"  # gguf.RopeScalingType members (gguf is imported in the tests only)
+
+
+@pytest.mark.parametrize("meta, floats, scaling", [
+    (dict(rope_scaling_type=LINEAR, rope_scaling_factor=4.0), {}, {"type": "linear", "factor": 4.0}),
+    (dict(rope_scaling_factor=4.0), {}, {"type": "linear", "factor": 4.0}),  # the type defaults to linear
+    ({}, {"llama.rope.scale_linear": 2.0}, {"type": "linear", "factor": 2.0}),  # older files' key
+    (dict(rope_scaling_type=NONE, rope_scaling_factor=4.0), {}, None),  # 'none' ignores the factor
+    (dict(rope_scaling_type=LINEAR), {}, None), (dict(rope_scaling_factor=0.0), {}, None),  # no factor, or 0
+    (dict(rope_scaling_factor=1.0), {}, None)])
+def test_gguf_rope_scaling_as_llama_cpp_reads_it(tmp_path, meta, floats, scaling):
+    """The factor was dropped when rope.scaling.type was absent (positions unscaled)."""
     import gguf
-    for i, meta in enumerate([dict(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=4.0),
-                              dict(rope_scaling_factor=4.0)]):
-        write_gguf(str(tmp_path / f"m{i}.gguf"), meta=meta)
-        rc, err = convert_cli(tmp_path / f"m{i}.gguf", tmp_path / f"out{i}")
-        assert rc == 0, err
-        cfg = json.loads((tmp_path / f"out{i}" / "config.json").read_text())
-        assert cfg["rope_scaling"] == {"type": "linear", "factor": 4.0}
-    for d in [tmp_path / "a", tmp_path / "b", tmp_path / "c"]:
-        os.makedirs(d)
-    gguf_refused(tmp_path / "a", "llama.rope.scaling.factor", meta=dict(rope_scaling_type=gguf.RopeScalingType.LINEAR))
-    gguf_refused(tmp_path / "b", "rope scaling type 'yarn'",
-                 meta=dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0))
-    gguf_refused(tmp_path / "c", "'none'", "llama.rope.scaling.factor",
-                 meta=dict(rope_scaling_type=gguf.RopeScalingType.NONE, rope_scaling_factor=4.0))
-
-
-def test_gguf_old_rope_scale_linear_key(tmp_path):
-    """Older GGUFs store linear scaling as llama.rope.scale_linear, which llama.cpp still reads."""
-    write_gguf(str(tmp_path / "m.gguf"), floats={"llama.rope.scale_linear": 2.0})
+    meta = {k: getattr(gguf.RopeScalingType, v) if k == "rope_scaling_type" else v for k, v in meta.items()}
+    write_gguf(str(tmp_path / "m.gguf"), meta=meta, floats=floats)
     rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out")
     assert rc == 0, err
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"] == scaling
+
+
+def test_gguf_bad_rope_scaling_is_refused_naming_the_key(tmp_path):
+    import gguf
+    for d in [tmp_path / "a", tmp_path / "b", tmp_path / "c"]:
+        os.makedirs(d)
+    gguf_refused(tmp_path / "a", "rope scaling type 'yarn'",
+                 meta=dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0))
+    gguf_refused(tmp_path / "b", "llama.rope.scaling.factor must be a positive number", meta=dict(rope_scaling_factor=-2.0))
+    gguf_refused(tmp_path / "c", "llama.rope.scale_linear must be a positive number",
+                 floats={"llama.rope.scale_linear": -2.0})
 
 
 @pytest.mark.parametrize("pre, meta, add_bos", [
@@ -334,3 +337,4 @@ def test_gguf_with_a_sentencepiece_vocabulary_converts_without_a_tokenizer(tmp_p
     assert "GGUF tokenizer model 'llama' is not rebuilt" in out.getvalue()
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
     assert tinybit.load(str(tmp_path / "out")).tokenizer is None
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["add_bos"]  # llama.cpp's SPM default

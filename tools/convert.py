@@ -332,15 +332,15 @@ def read_gguf(path):
           "bos_token_id": field("tokenizer.ggml.bos_token_id"),
           "eos_token_id": [i for i in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
                            if i is not None]}
-    # llama.cpp reads rope.scaling.factor (older files: rope.scale_linear) as linear scaling when
-    # rope.scaling.type is absent
-    stype, factor = field(a + "rope.scaling.type"), field(a + "rope.scaling.factor", field(a + "rope.scale_linear"))
-    if stype not in (None, "none", "linear"):
+    # rope scaling as llama.cpp reads it: the factor is rope.scaling.factor (older files: rope.scale_linear),
+    # absent or 0 meaning none; the type is rope.scaling.type, default linear, and 'none' ignores the factor
+    stype = field(a + "rope.scaling.type", "linear")
+    if stype not in ("none", "linear"):
         raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
-    if stype == "none" and factor not in (None, 1.0):
-        raise FormatError(f"{path}: {a}rope.scaling.type 'none' contradicts {a}rope.scaling.factor {factor!r:.80}")
-    if stype == "linear" or stype is None and factor is not None:
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": _number(factor, a + "rope.scaling.factor", path)}
+    fkey = a + ("rope.scaling.factor" if reader.get_field(a + "rope.scaling.factor") is not None else "rope.scale_linear")
+    factor = field(fkey, 0.0)
+    if stype == "linear" and factor != 0 and _number(factor, fkey, path) != 1:
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     refs = {}
     qtypes = gguf.GGMLQuantizationType
     for name, t in tensors.items():
@@ -375,8 +375,8 @@ def read_gguf(path):
         if note:
             notes.append(note)
     add_bos = field("tokenizer.ggml.add_bos_token")
-    if add_bos is None and field("tokenizer.ggml.pre") in LLAMA3_PRES:  # llama.cpp's default for these
-        add_bos = True
+    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies and the Llama 3 pre-tokenizers add BOS
+        add_bos = field("tokenizer.ggml.model") == "llama" or field("tokenizer.ggml.pre") in LLAMA3_PRES
     return Source(hf, refs, path, tokenizer_json=tok_json, chat_template=field("tokenizer.chat_template"),
                   add_bos=add_bos, notes=notes)
 
