@@ -70,10 +70,7 @@ class Config:
                          and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         if missing:
             raise ConfigError(f"{source}: missing field(s) {missing}")
-        try:
-            config = cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        config = cls(**d)
         config.validate(source)
         return config
 
@@ -313,14 +310,18 @@ def load_tokenizer(model_dir, vocab_size=None):
         return None
     try:
         tok = Tokenizer.from_file(path)
-        top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
         raise FormatError(f"{path}: not a valid tokenizer: {str(e)[:200]}") from None
-    vocab_size = load_config(model_dir).vocab_size if vocab_size is None else vocab_size
-    if top >= vocab_size:
-        raise FormatError(f"{path}: token id {top} is outside the model's vocabulary "
-                          f"(vocab_size {vocab_size} in config.json)")
+    check_tokenizer_fits(tok, load_config(model_dir).vocab_size if vocab_size is None else vocab_size, path)
     return tok
+
+
+def check_tokenizer_fits(tok, vocab_size, where):
+    """Every token id tok can produce is below vocab_size, else a prompt could index past the embedding."""
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab_size:
+        raise FormatError(f"{where}: token id {top} of the tokenizer is outside the model's vocabulary "
+                          f"(vocab_size {vocab_size})")
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -1004,12 +1004,9 @@ def convert(argv):
     if head_method and family != "llama":
         args.onebit_method = head_method
     config = build_config(src, family, args)
-    if src.tokenizer_json:  # (io.load_tokenizer refuses a tokenizer that can index past the embeddings)
+    if src.tokenizer_json:  # (the converted model would not load)
         from tokenizers import Tokenizer
-        top = max(Tokenizer.from_str(src.tokenizer_json).get_vocab(with_added_tokens=True).values(), default=-1)
-        if top >= config.vocab_size:
-            raise FormatError(f"{src.where}: the tokenizer's token id {top} is outside the model's vocabulary "
-                              f"(vocab_size {config.vocab_size}): the converted model would not load")
+        io.check_tokenizer_fits(Tokenizer.from_str(src.tokenizer_json), config.vocab_size, src.where)
     calib_ids, block_spec = None, config.quant
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
