@@ -133,9 +133,10 @@ def template_error(message):
 
 
 def render_chat_template(template, **variables):
-    """The chat template rendered with `variables`, in the environment transformers gives templates:
+    """The chat template rendered with `variables`, with the helpers transformers gives templates:
     {% break %} / {% continue %}, raise_exception(msg), strftime_now(fmt), and a tojson that keeps
-    non-ASCII and HTML characters as they are. The template is untrusted input from the model
+    non-ASCII and HTML characters as they are (not its {% generation %} tag, which marks the assistant's
+    tokens for training). The template is untrusted input from the model
     directory: sandboxed as transformers does (it cannot reach Python internals), bounded in time
     and in the size of `*` and `**` (above), and any exception while compiling or rendering it is
     a one-line FormatError naming config.json's chat_template."""

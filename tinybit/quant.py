@@ -240,12 +240,13 @@ def kmeans_1d(values, k, iters=30):
     if k >= 4:
         centroids[0], centroids[-1] = vs[0], vs[-1]
     ends = _cluster_ends(vs, centroids)
+    # a 0 appended past the end: every start (len(vs) for an empty last cluster) is a valid index of
+    # reduceat, and the last non-empty cluster's sum runs to the true end (empty clusters: ignored below)
+    vs0 = np.append(vs, 0.0)
     for _ in range(iters):
         starts = np.concatenate([[0], ends])  # cluster i is vs[starts[i]:starts[i] + counts[i]]
         counts = np.diff(np.concatenate([starts, [len(vs)]]))
-        # a 0 appended past the end: every start (len(vs) for an empty last cluster) is a valid index,
-        # and the last non-empty cluster's sum runs to the true end (empty clusters: ignored below)
-        sums = np.add.reduceat(np.append(vs, 0.0), starts)
+        sums = np.add.reduceat(vs0, starts)
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
         new_ends = _cluster_ends(vs, centroids)
         if np.array_equal(new_ends, ends):
