@@ -203,10 +203,15 @@ class Source:
     """What a checkpoint provides: HF-style config dict, {hf_name: Ref}, tokenizer material."""
 
     def __init__(self, hf_config, refs, where, tokenizer_json=None, tokenizer_config=None,
-                 generation_config=None, chat_template=None, add_bos=None, notes=(), config_path=None):
+                 generation_config=None, chat_template=None, add_bos=None, notes=(), config_path=None,
+                 tokenizer=None):
         self.hf_config, self.refs, self.where = hf_config, refs, where
         self.config_path = config_path or where  # the file that errors in hf_config name
         self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config or {}
+        if tokenizer is None and tokenizer_json:  # (parsed once; read_hf_dir hands over the one it checked)
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
         self.chat_template, self.add_bos, self.notes = chat_template, add_bos, list(notes)
 
@@ -237,13 +242,13 @@ def read_hf_dir(src, config_path=None):
             if name in refs:
                 raise FormatError(f"{src}: tensor {name!r} appears in more than one weight file")
             refs[name] = ref
-    tok_json = None
+    tok_json = tok = None
     tok_path = os.path.join(src, "tokenizer.json")
     if os.path.exists(tok_path):
         tok_json = read_text(tok_path)
         try:
             from tokenizers import Tokenizer
-            Tokenizer.from_str(tok_json)
+            tok = Tokenizer.from_str(tok_json)
         except Exception as e:
             raise FormatError(f"{tok_path}: not a valid tokenizer: {str(e)[:200]}") from None
     tok_cfg = read_json(os.path.join(src, "tokenizer_config.json")) or {}
@@ -259,7 +264,7 @@ def read_hf_dir(src, config_path=None):
     if template is None and isinstance(ct_json, dict):
         template = ct_json.get("chat_template")
     add_bos = tok_cfg.get("add_bos_token") if isinstance(tok_cfg.get("add_bos_token"), bool) else None
-    return Source(config, refs, src, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
+    return Source(config, refs, src, tokenizer_json=tok_json, tokenizer=tok, tokenizer_config=tok_cfg,
                   generation_config=read_json(os.path.join(src, "generation_config.json")),
                   chat_template=template if isinstance(template, str) else None, add_bos=add_bos,
                   config_path=config_path)
@@ -418,14 +423,12 @@ def gguf_tokenizer_json(field, tokens):
     return tk.to_str(), None
 
 
-def tokenizer_adds_bos(tokenizer_json, bos):
-    """Whether tokenizer.json's post-processor puts bos first, as transformers' tokenizer(text) then does
+def tokenizer_adds_bos(tok, bos):
+    """Whether the tokenizer's post-processor puts bos first, as transformers' tokenizer(text) then does
     (the rule when tokenizer_config.json has no add_bos_token: Llama 3's tokenizer.json adds <|begin_of_text|>)."""
-    if not tokenizer_json or bos is None:
+    if tok is None or bos is None:
         return False
-    from tokenizers import Tokenizer
-    tk = Tokenizer.from_str(tokenizer_json)
-    return tk.encode("a").ids[:1] == [bos] and tk.encode("a", add_special_tokens=False).ids[:1] != [bos]
+    return tok.encode("a").ids[:1] == [bos] and tok.encode("a", add_special_tokens=False).ids[:1] != [bos]
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -580,7 +583,7 @@ def build_config(src, family, args):
     theta, scaling = rope_from_hf(c, where, defaults["rope_theta"])
     vocab = _int(c, "vocab_size", where=where)
     bos, eos = token_ids(src, vocab)
-    add_bos = src.add_bos if src.add_bos is not None else tokenizer_adds_bos(src.tokenizer_json, bos)
+    add_bos = src.add_bos if src.add_bos is not None else tokenizer_adds_bos(src.tokenizer, bos)
     max_seq_len = _int(c, "max_position_embeddings", 2048, where)
     tie = c.get("tie_word_embeddings")
     tie = False if tie is None else tie
@@ -1004,9 +1007,8 @@ def convert(argv):
     if head_method and family != "llama":
         args.onebit_method = head_method
     config = build_config(src, family, args)
-    if src.tokenizer_json:  # (the converted model would not load)
-        from tokenizers import Tokenizer
-        io.check_tokenizer_fits(Tokenizer.from_str(src.tokenizer_json), config.vocab_size, src.where)
+    if src.tokenizer is not None:  # (the converted model would not load)
+        io.check_tokenizer_fits(src.tokenizer, config.vocab_size, src.where)
     calib_ids, block_spec = None, config.quant
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
