@@ -344,7 +344,7 @@ def exit_on_error(prog, debug, body):
     try:
         return body()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        silence(sys.stdout)
         return 141
     except TinybitError as e:
         if debug:
@@ -356,6 +356,11 @@ def exit_on_error(prog, debug, body):
         return 130
 
 
+def silence(out):
+    """Point out's file descriptor at /dev/null: the flush at exit would otherwise fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+
+
 def write_out(out, text):
     """text to out (stdout), flushed. A failed write (a full disk) is a UsageError; a reader that
     went away (`| head`) is BrokenPipeError, for exit_on_error."""
@@ -365,7 +370,7 @@ def write_out(out, text):
     except BrokenPipeError:
         raise
     except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # the flush at exit would fail again
+        silence(out)
         raise UsageError(f"cannot write to standard output: {e.strerror}") from None
 
 
@@ -410,7 +415,7 @@ def run(args):
         raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
     t0 = time.perf_counter()
     model = load(path, threads=args.threads)
-    warm_up(model, len(encode_prompt(model, prompt, chat=args.chat)))
+    warm_up(model, len(encode_prompt(model, prompt, chat=args.chat)))  # (generate encodes it again: microseconds)
     load_s = time.perf_counter() - t0
     try:
         for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
