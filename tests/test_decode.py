@@ -1,4 +1,4 @@
-"""The compiled one-token block (tinybit/decode.py) against the NumPy block it replaces in decode."""
+"""The compiled one-token block (kernels.attention_step, down_step) against its reference, model.block."""
 import os
 
 import numba
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tinybit
-from tinybit import decode, io, kernels, linear
+from tinybit import io, kernels, linear
 from tinybit import model as tbmodel
 from tinybit.errors import FormatError
 from util import random_float_tensors, save_random_model, tiny_config
@@ -52,9 +52,9 @@ def test_rms_norm_equals_model(n):
         x = (rng.standard_normal(n) * scale).astype(np.float32)
         w = rng.standard_normal(n).astype(np.float32)
         out = np.empty_like(x)
-        decode._rms_norm(x, w, np.float32(1e-5), out)
+        kernels._rms_norm(x, w, np.float32(1e-5), out)
         np.testing.assert_array_equal(out, tbmodel.rms_norm(x[None], w, 1e-5)[0])
-        decode._rms_norm(x, w, np.float32(1e-5), x)  # in place
+        kernels._rms_norm(x, w, np.float32(1e-5), x)  # in place
         np.testing.assert_array_equal(x, out)
 
 
@@ -64,7 +64,7 @@ def test_rope_equals_model():
         x = rng.standard_normal((heads, hd)).astype(np.float32)
         cos, sin = rng.standard_normal((2, hd // 2)).astype(np.float32)
         want = tbmodel.rope(x[None], cos[None], sin[None])[0]
-        decode._rope(x, cos, sin)
+        kernels._rope(x, cos, sin)
         np.testing.assert_array_equal(x, want)
 
 
@@ -81,11 +81,11 @@ def test_attention_equals_model(n_heads, n_kv, n_pos, q_scale):
     k_cache, v_cache = rng.standard_normal((2, n_kv, max_len, hd)).astype(np.float32)
     want = tbmodel.attention(q[None], k_cache[:, :n_pos], v_cache[:, :n_pos], n_pos - 1)[0].reshape(n_heads, hd)
     out, scores = np.zeros((n_heads, hd), np.float32), np.zeros((n_heads, max_len), np.float32)
-    decode._attention_heads(q, k_cache, v_cache, n_pos, scores, out, 0, n_heads)
+    kernels._attention_heads(q, k_cache, v_cache, n_pos, scores, out, 0, n_heads)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * q_scale * np.abs(want).max())
     for n_chunks in (2, 3):
         par = np.zeros_like(out)
-        decode._attention_par(q, k_cache, v_cache, n_pos, scores, par, n_chunks)
+        kernels._attention_par(q, k_cache, v_cache, n_pos, scores, par, n_chunks)
         np.testing.assert_array_equal(par, out)
 
 
@@ -97,7 +97,7 @@ def test_attention_nan_score_is_nan_as_in_model():
     k_cache[0, 2, 3] = np.nan  # KV head 0: query heads 0 and 1
     want = tbmodel.attention(q[None], k_cache[:, :5], v_cache[:, :5], 4)[0].reshape(4, 8)
     out = np.zeros((4, 8), np.float32)
-    decode._attention_heads(q, k_cache, v_cache, 5, np.zeros((4, 6), np.float32), out, 0, 4)
+    kernels._attention_heads(q, k_cache, v_cache, 5, np.zeros((4, 6), np.float32), out, 0, 4)
     assert np.isnan(want[:2]).all() and np.isnan(out[:2]).all()
     np.testing.assert_allclose(out[2:], want[2:], rtol=1e-5, atol=1e-6)
 
@@ -113,21 +113,21 @@ def test_linears_equal_apply_many(threads, per_row, n_in):
     layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
               for n in (8, 5, 13)]
     config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
-    floats, x_q, x8, accs, _ = decode.workspace(config, 4)
+    floats, x_q, x8, accs, _ = tbmodel.decode_workspace(config, 4)
     x = rng.standard_normal(n_in).astype(np.float32)
     x8[0][:] = 77  # stale values past n_in must not be read as inputs
-    _, ws, scales = decode.block_args([None] * 4, layers)
+    _, ws, scales = tbmodel.decode_args(dict.fromkeys(tbmodel.BLOCK_NORMS), layers)
     ys = tuple(np.zeros(n, np.float32) for n in (8, 5, 13))
     outs = tuple(np.zeros((1, n), np.int32) for n in (8, 5, 13))
     kernels.set_threads(threads)
     try:
-        assert decode._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
+        assert kernels._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
     finally:
         kernels.set_threads()
     for y, want in zip(ys, linear.apply_many(layers, x[None])):
         np.testing.assert_array_equal(y, want[0])
     x[3] = np.nan
-    assert not decode._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
+    assert not kernels._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
 
 
 # --- the model: compiled blocks in decode, NumPy elsewhere ---------------------------------------

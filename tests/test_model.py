@@ -82,7 +82,7 @@ def independent_logits(m, ids):
     x = m.embed[ids].astype(np.float32)
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        h = rms(x, m.norms[p + "attn_norm.weight"])
+        h = rms(x, m.block_norms[i]["attn_norm"])
         q = lin(p + "q", h).reshape(T, c.n_heads, c.head_dim)
         k = lin(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
         v = lin(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
@@ -97,12 +97,12 @@ def independent_logits(m, ids):
                 a[t, hh] = (w / w.sum()) @ v[:t + 1, kv]
         a = a.reshape(T, -1)
         if c.sub_norms:
-            a = rms(a, m.norms[p + "attn_sub_norm.weight"])
+            a = rms(a, m.block_norms[i]["attn_sub_norm"])
         x = (x + lin(p + "o", a)).astype(np.float32)
-        h = rms(x, m.norms[p + "ffn_norm.weight"])
+        h = rms(x, m.block_norms[i]["ffn_norm"])
         g = act(lin(p + "gate", h)) * lin(p + "up", h)
         if c.sub_norms:
-            g = rms(g, m.norms[p + "ffn_sub_norm.weight"])
+            g = rms(g, m.block_norms[i]["ffn_sub_norm"])
         x = (x + lin(p + "down", g)).astype(np.float32)
     return lin("head", rms(x, m.norm))
 
@@ -249,16 +249,16 @@ def test_sampling_follows_the_distribution():
 
 def test_fixed_seed_is_deterministic(models):
     m = tinybit.load(models["bitnet-2b4t"])
-    a = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
-    b = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
-    c = m.generate(IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=8)
+    a = generate.generate(m, IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
+    b = generate.generate(m, IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=7)
+    c = generate.generate(m, IDS[:3], max_new_tokens=12, temperature=5.0, top_k=0, top_p=1.0, seed=8)
     assert a == b and len(a) <= 12
     assert a != c or len(a) < 3  # another seed gives another sample (a tiny model could stop early)
 
 
 def test_greedy_generation_follows_logits(models):
     m = tinybit.load(models["llama-f32-gqa-untied"])
-    out = m.generate(IDS[:3], max_new_tokens=6, temperature=0)
+    out = generate.generate(m, IDS[:3], max_new_tokens=6, temperature=0)
     ids = list(IDS[:3])
     for t in out:
         assert t == int(np.argmax(m.logits(ids)[-1]))
@@ -272,20 +272,20 @@ def test_greedy_generation_follows_logits(models):
 def test_bad_sampling_parameters_are_usage_errors(models, kwargs):
     m = tinybit.load(models["bitnet-2b4t"])
     with pytest.raises(UsageError):
-        m.generate(IDS[:3], **{"max_new_tokens": 4, **kwargs})
+        generate.generate(m, IDS[:3], **{"max_new_tokens": 4, **kwargs})
 
 
 @pytest.mark.parametrize("prompt", [None, [1.5, 2], [[1, 2]], b"ab", 7])
 def test_prompts_that_are_not_text_or_token_ids_are_usage_errors(models, prompt):
     m = tinybit.load(models["bitnet-2b4t"])
     with pytest.raises(UsageError, match="prompt"):
-        m.generate(prompt, max_new_tokens=2)
+        generate.generate(m, prompt, max_new_tokens=2)
 
 
 def test_token_id_prompts_of_any_integer_sequence(models):
     m = tinybit.load(models["bitnet-2b4t"])
     for prompt in ((1, 17, 5), np.array([1, 17, 5], np.int32), np.array([1, 17, 5], np.uint16), range(1, 18, 8)):
-        assert m.generate(prompt, max_new_tokens=4, temperature=0) == m.generate(
+        assert generate.generate(m, prompt, max_new_tokens=4, temperature=0) == generate.generate(m, 
             [int(t) for t in prompt], max_new_tokens=4, temperature=0)
 
 
@@ -299,13 +299,13 @@ def test_logits_of_no_tokens_or_a_batch_is_a_usage_error(models, ids):
 
 def test_prompt_limits(models):
     m = tinybit.load(models["bitnet-2b4t"])
-    assert m.generate(IDS[:3], max_new_tokens=0) == []
+    assert generate.generate(m, IDS[:3], max_new_tokens=0) == []
     with pytest.raises(UsageError):
-        m.generate([], max_new_tokens=4)
+        generate.generate(m, [], max_new_tokens=4)
     with pytest.raises(UsageError):
-        m.generate([5] * (m.config.max_seq_len + 1), max_new_tokens=1)
+        generate.generate(m, [5] * (m.config.max_seq_len + 1), max_new_tokens=1)
     # generation stops at the end of the context
-    assert len(m.generate([5] * (m.config.max_seq_len - 2), max_new_tokens=10, temperature=0)) <= 2
+    assert len(generate.generate(m, [5] * (m.config.max_seq_len - 2), max_new_tokens=10, temperature=0)) <= 2
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_cli_generates_and_reports_stats(cli_model):
 
 def test_cli_greedy_equals_api(cli_model):
     m = tinybit.load(cli_model)
-    want = m.generate("def f", max_new_tokens=8, temperature=0)
+    want = generate.generate(m, "def f", max_new_tokens=8, temperature=0)
     r = run_cli("--model", cli_model, "-p", "def f", "-n", "8", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
@@ -379,10 +379,10 @@ def test_cli_chat_and_stop(cli_model):
     ids = generate.encode_prompt(m, "hi", chat=True)
     assert m.tokenizer.decode(ids, skip_special_tokens=False).startswith("<s>")
     assert "assistant:" in m.tokenizer.decode(ids)
-    full = m.generate("def", max_new_tokens=16, temperature=0)
+    full = generate.generate(m, "def", max_new_tokens=16, temperature=0)
     if len(full) > 2:
         stop = full[1:3]
-        cut = m.generate("def", max_new_tokens=16, temperature=0, stop=[stop])
+        cut = generate.generate(m, "def", max_new_tokens=16, temperature=0, stop=[stop])
         assert cut == full[:full.find(stop)]
     r = run_cli("--model", cli_model, "-p", "hi", "--chat", "-n", "4", "--temperature", "0")
     assert r.returncode == 0, r.stderr

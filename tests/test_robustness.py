@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import tinybit  # noqa: E402
-from tinybit import io, pack  # noqa: E402
+from tinybit import io, linear, pack  # noqa: E402
+from tinybit.generate import generate  # noqa: E402
 from tinybit.errors import ConfigError, FormatError, TinybitError, UsageError  # noqa: E402
 from util import save_random_model, tiny_config  # noqa: E402
 
@@ -74,9 +75,9 @@ def run_model(path):
     """Load the model directory and run a short sampled generation (prefill GEMM + decode GEMV)."""
     m = tinybit.load(path)
     if m.tokenizer is not None:
-        return m.generate("w1 w2 w3", max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0)
+        return generate(m, "w1 w2 w3", max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0)
     v = m.config.vocab_size
-    return m.generate([0, 1 % v, v - 1], max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0)
+    return generate(m, [0, 1 % v, v - 1], max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0)
 
 
 # --- mutations of a model directory: {file name: bytes} -> {file name: bytes | None | DIR} -------
@@ -103,7 +104,7 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner,
                                                                    st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                            max_leaves=6)
 scheme_specs = st.fixed_dictionaries(
-    {"scheme": st.one_of(st.sampled_from(io.SCHEMES), json_scalars)},
+    {"scheme": st.one_of(st.sampled_from(tuple(linear.SCHEMES)), json_scalars)},
     optional={"bits": st.one_of(st.integers(0, 9), json_scalars), "group_rows": st.one_of(st.integers(-1, 100), json_scalars),
               "per_row": json_scalars, "ln": json_scalars, "post_ln": json_scalars, "junk": json_scalars})
 config_keys = st.sampled_from(sorted(tiny_config().to_dict()) + ["unknown_field"])
@@ -477,7 +478,7 @@ def test_chat_template_is_sandboxed(tmp_path):
     path = write_model(tmp_path, chat_template=template)
     m = tinybit.load(path)
     with pytest.raises(FormatError, match="chat_template"):
-        m.generate("w1", max_new_tokens=1, chat=True)
+        generate(m, "w1", max_new_tokens=1, chat=True)
     assert not marker.exists()
 
 
@@ -492,7 +493,7 @@ def test_overflowing_weights_give_a_clear_error(tmp_path):
     m = tinybit.load(path)
     for t in (0, 1.0):
         with pytest.raises(FormatError, match="NaN or Inf"):
-            m.generate([1, 2, 3], max_new_tokens=2, temperature=t, seed=0)
+            generate(m, [1, 2, 3], max_new_tokens=2, temperature=t, seed=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -586,7 +587,7 @@ def test_generate_cli_limits(word_model):
     assert r.returncode == 0 and "dropped its first 8 tokens" in r.stderr, r.stderr
     m = tinybit.load(word_model)
     kept = " ".join(f"w{i}" for i in range(9, 21))  # the last 16 - 4 = 12 tokens
-    assert r.stdout == m.generate(kept, max_new_tokens=4, temperature=0) + "\n"
+    assert r.stdout == generate(m, kept, max_new_tokens=4, temperature=0) + "\n"
     r = run_generate("--model", word_model, "-p", "w1 w2", "-n", "0")  # -n 0: nothing generated, not an error
     assert r.returncode == 0 and r.stdout == "\n", r.stderr
     one_line_error(run_generate("--model", word_model, "-p", "", "-n", "2"), "empty prompt")
@@ -596,7 +597,7 @@ def test_generate_api_refuses_ids_outside_the_vocabulary(word_model):
     m = tinybit.load(word_model)
     for ids in ([1, 61], [-1, 2]):
         with pytest.raises(UsageError, match="outside the vocabulary"):
-            m.generate(ids, max_new_tokens=1)
+            generate(m, ids, max_new_tokens=1)
 
 
 def test_ctrl_c_while_streaming_keeps_the_text(tmp_path):
@@ -705,7 +706,7 @@ def test_perplexity_scores_every_token_once(word_model):
 def test_chat_template_failures_are_format_errors(template, words):
     """The template is input from the model directory: any exception while rendering it, and work
     past the bounds (time, size of one step), is one FormatError naming chat_template, within ~1 s."""
-    from tinybit.generate import CHAT_TEMPLATE_SECONDS, render_chat_template
+    from tinybit.chat import CHAT_TEMPLATE_SECONDS, render_chat_template
     t0 = time.perf_counter()
     with pytest.raises(FormatError, match="^config.json: chat_template: ") as e:
         render_chat_template(template, messages=[{"role": "user", "content": "hi"}])
@@ -738,23 +739,23 @@ def test_tiny_temperature_is_greedy(word_model):
                 assert sample(logits, t, top_k, top_p, rng) == np.argmax(logits)
         assert 0 <= sample(logits, 1e300, 0, 1.0, rng) < 61  # a huge T: near uniform, still a distribution
     m = tinybit.load(word_model)
-    greedy = m.generate("w1 w2", max_new_tokens=4, temperature=0)
+    greedy = generate(m, "w1 w2", max_new_tokens=4, temperature=0)
     for t in (1e-310, 1e-30):
-        assert m.generate("w1 w2", max_new_tokens=4, temperature=t, seed=0) == greedy
+        assert generate(m, "w1 w2", max_new_tokens=4, temperature=t, seed=0) == greedy
 
 
 def test_stop_string_is_not_split_into_characters(word_model):
     m = tinybit.load(word_model)
-    full = m.generate("w1 w2", max_new_tokens=6, temperature=0)
+    full = generate(m, "w1 w2", max_new_tokens=6, temperature=0)
     stop = " " + full.split()[1]  # first found after the first word; its characters ("w") at once
     want = full[:full.index(stop)]
     assert want.strip()
-    assert m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=stop) == want
-    assert m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=[stop]) == want
-    assert "".join(m.generate("w1 w2", max_new_tokens=6, temperature=0, stop=stop, stream=True)) == want
+    assert generate(m, "w1 w2", max_new_tokens=6, temperature=0, stop=stop) == want
+    assert generate(m, "w1 w2", max_new_tokens=6, temperature=0, stop=[stop]) == want
+    assert "".join(generate(m, "w1 w2", max_new_tokens=6, temperature=0, stop=stop, stream=True)) == want
     for bad in (5, [stop, 5], b"w1"):
         with pytest.raises(UsageError, match="stop must be a string or a list of strings"):
-            m.generate("w1 w2", max_new_tokens=2, stop=bad)
+            generate(m, "w1 w2", max_new_tokens=2, stop=bad)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -775,13 +776,13 @@ def test_stop_string_is_not_split_into_characters(word_model):
 def test_sampling_arguments_of_the_wrong_type(word_model, kwargs, name):
     m = tinybit.load(word_model)
     with pytest.raises(UsageError, match=f"^{name} \\(--"):
-        m.generate("w1 w2", **dict(dict(max_new_tokens=2), **kwargs))
+        generate(m, "w1 w2", **dict(dict(max_new_tokens=2), **kwargs))
 
 
 def test_sampling_arguments_accept_numpy_numbers(word_model):
     m = tinybit.load(word_model)
-    want = m.generate("w1 w2", max_new_tokens=3, temperature=0.5, top_k=5, top_p=0.9, seed=1)
-    assert m.generate("w1 w2", max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
+    want = generate(m, "w1 w2", max_new_tokens=3, temperature=0.5, top_k=5, top_p=0.9, seed=1)
+    assert generate(m, "w1 w2", max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
                       top_p=np.float64(0.9), seed=np.uint8(1)) == want
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import tinybit
-from tinybit.generate import DEFAULT_MODEL
+from tinybit.generate import DEFAULT_MODEL, generate
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -87,7 +88,7 @@ def test_python_lines_ok():
 def test_samples_after_def_are_python(model):
     """20 seeded samples of 64 tokens after "def " with the default sampling settings: at least 16
     must be Python that tokenizes up to their last complete line."""
-    results = [python_lines_ok("def " + model.generate("def ", max_new_tokens=64, seed=seed)) for seed in range(20)]
+    results = [python_lines_ok("def " + generate(model, "def ", max_new_tokens=64, seed=seed)) for seed in range(20)]
     print(f"{sum(ok for ok, _ in results)} / 20 samples tokenize;", [why for ok, why in results if not ok])
     assert sum(ok for ok, _ in results) >= 16
 

@@ -1,4 +1,5 @@
 """The one exception hierarchy of tinybit: every error a user can cause is a TinybitError."""
+import numpy as np
 
 
 class TinybitError(Exception):
@@ -19,3 +20,8 @@ class UsageError(TinybitError):
 
 class QuantError(TinybitError):
     """A tensor cannot be quantized (NaN/Inf, wrong rank, bad parameters)."""
+
+
+def is_int(v):
+    """An integer (Python or NumPy), not a bool: what every count and size parameter must be."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

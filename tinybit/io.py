@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import linear
 from .errors import ConfigError, FormatError, UsageError
 
 FORMAT_VERSION = 1
 MAX_LAYERS = 4096  # more layers than any released model; bounds the tensor list a config implies
 ACTIVATIONS = ("silu", "relu2", "gelu_tanh")
-SCHEMES = ("f32", "f16", "ternary", "binary", "onebit", "lut", "vq", "int8")
 TMP_PREFIX = ".tinybit-tmp-"  # save_model's temporary directories: TMP_PREFIX + PID + "-" + random
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
 LINEAR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(q|k|v|o|gate|up|down)")
@@ -146,31 +146,9 @@ class Config:
                  f"I < {self.n_layers})")
         for where, spec in [("quant", self.quant), ("head_quant", self.head_quant)] + \
                 [(f"quant_overrides.{k}", v) for k, v in self.quant_overrides.items()]:
-            validate_scheme(spec, f"{source}: {where}")
+            linear.check_spec(spec, f"{source}: {where}")
         need(not self.tie_embeddings or self.head_quant.get("scheme") == "f32",
              "tie_embeddings needs head_quant f32 (a quantized head is stored as head.* tensors)")
-
-
-def validate_scheme(spec, where):
-    """Check one scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
-    allowed = {"f32": set(), "f16": set(), "ternary": {"per_row"}, "binary": {"group_rows", "ln"},
-               "onebit": {"post_ln"}, "lut": {"bits", "group_rows"}, "vq": {"bits", "group_rows"},
-               "int8": set()}
-    if not isinstance(spec, dict) or not isinstance(spec.get("scheme"), str) or spec["scheme"] not in allowed:
-        raise ConfigError(f"{where}: scheme must be one of {SCHEMES}, got {spec!r}")
-    extra = set(spec) - {"scheme"} - allowed[spec["scheme"]]
-    if extra:
-        raise ConfigError(f"{where}: unknown parameter(s) {sorted(extra)} for scheme {spec['scheme']!r}")
-    for k in ("per_row", "ln", "post_ln"):
-        if k in spec and not isinstance(spec[k], bool):
-            raise ConfigError(f"{where}: {k} must be true or false")
-    g = spec.get("group_rows")
-    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-        raise ConfigError(f"{where}: group_rows must be a positive integer or null, got {g!r}")
-    valid_bits = {"lut": (1, 2, 3, 4, 6, 8), "vq": (1, 2, 3, 4)}.get(spec["scheme"])
-    bits = spec.get("bits")
-    if valid_bits and (not isinstance(bits, int) or isinstance(bits, bool) or bits not in valid_bits):
-        raise ConfigError(f"{where}: bits must be one of {valid_bits}, got {spec.get('bits')!r}")
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -1,62 +1,22 @@
 """Matrix kernels over the packed layouts of pack.py: y = x W^T without unpacking W to floats.
 
-Each fast Numba kernel sits beside the plain NumPy function it must equal (`*_ref`).
-Inputs are activations x of shape (tokens, n_in); outputs (tokens, n_out).
-
-- ternary_matmul(w_packed, x_q): ternary planes x int8 -> exact int32 sums.
-- binary_matmul(w_packed, x_q):  binary planes x int8 -> exact int32 sums.
-- ternary_matmuls(ws, x_q), binary_matmuls(ws, x_q): the same for several matrices that read the same x
-  (q, k, v of a layer) in one call.
-- binary_matmul_f32(w_packed, x): binary planes x float32 -> float32 (OneBit, W1A16).
-- lut_matmul(w_idx, bits, lut, group_rows, x): n-bit indices into a per-row-group LUT, float32.
-- vq_matmul(w_idx, bits, codebook, group_rows, x): 2-D VQ codes, float32.
-- int8_matmul(w_q, x): int8 weights x float32 (weight-only int8 head; multiplies, 1 byte/weight).
-- f32_matmul(w, x): float32 weights, a few tokens (a float head's decode on the kernels' threads).
-- absmax_quantize(x): the int8 activations of quant.absmax_quantize, in one pass per token.
-- set_threads(n, blas): threads of the Numba kernels and of NumPy's OpenBLAS (default: all cores).
-
-How the fast kernels work (measurements: shared/reference/numba-gemv-prototype.md):
-- Plane layouts: per 256-weight block, byte j bit p of a 32-byte plane is weight 32 p + j, so
-  bit p of the 32 bytes w[0:32] selects among the 32 consecutive inputs x[32 p : 32 p + 32].
-  `vptestmb` turns a bit of each plane byte into a mask and masked moves / selects apply it. No
-  multiplies: the weight-times-activation step is additions, subtractions, selects and bit tests only.
-- Binary: int16 lanes (`vpaddw`), flushed into int32 lanes every FLUSH_BLOCKS blocks, before they
-  can overflow. Ternary: x comes as the bytes x + 128 and 127 - x, each weight selects one of them
-  or 0, and `vpsadbw` (sums of |a - 0| over 8 bytes) adds 64 selected bytes at a time into 64-bit
-  lanes; the offsets (128 per +1 weight, 127 per -1) come off at the end, from popcounts of the
-  planes (`vpopcntb`). Twice the inputs per vector of int16 lanes, and no flush: 1.3-1.5x the
-  GEMV speed of the int16 version it replaced. (Without AVX-512BW the byte sums compile to portable
-  LLVM vector code.) Both are exact for any n_in. Scales are never applied here (the caller does).
-- 4 output rows per pass share each activation load and the per-block loop overhead.
-  A few tokens (below GEMM_MIN_TOKENS) run the same loop per token over 4 rows whose packed
-  bytes stay in L1, so each weight row is read from memory once per call, not once per token.
-- GEMM from GEMM_MIN_TOKENS tokens on (prefill): tokens on the vector lanes, table lookups instead
-  of bit tests (T-MAC style). For each quad of inputs (the 4 weights of a plane nibble) and each token,
-  the 81 sums s0 x0 + s1 x1 + s2 x2 + s3 x3 (s in {0, +1, -1}) are built once by additions (9 x 9 sums
-  of two pair tables); each row then adds, per quad, the entry its four weights select: one 64-token
-  add (2 vectors) per 4 weights, where the per-token kernel spends about 6 vector ops per 64 weights
-  per token. Binary: the 16 sums +-x0 +-x1 +-x2 +-x3 of each quad. The tables of one step of inputs
-  stay in L1, the accumulators of a block of rows in L2; both are stack arrays (below), ~170 KB of
-  stack per kernel thread (glibc's default thread stack is 8 MB or 2 MB; musl's 128 KB would not do).
-  1.15-1.2x the speed of the previous form (pairs, 128 tokens per tile); from 24 (binary: 20) tokens
-  on as fast as the per-token kernel, then faster.
-- Accumulators that the vector loops write (the per-token kernels' lanes, the table GEMM's tables and
-  int16 sums) are stack arrays (`_stack_array`): LLVM can then prove they alias no input, keeps the
-  small ones in registers and drops the overlap checks it would otherwise run at every block or row
-  (GEMV: ~1.4x).
-- Threads: prange over chunks of output rows (of all the matrices of a call, one after the other: a
-  chunk may span the end of q and the start of k); the chunk count is an argument (numba's
-  get_num_threads() inside a cached function would make it uncacheable). Calls with little work
-  (small layers, one token) run the row function directly, with no parallel region.
-- Weights stream from memory once per token: each pass prefetches the rows PREFETCH_ROWS ahead
-  (`_prefetch`, llvm.prefetch), +10-20% over the hardware prefetcher alone on these row lengths.
-- Numba pitfalls avoided: slices are taken outside the vector loop (a computed signed index makes
-  numba emit negative-index wraparound that blocks vectorization); both operands of a select are
-  loaded unconditionally; bit tests are written `np.uint8(w & bit) != 0` (byte-wide vptestmb).
-- Every function is @njit(cache=True) and compiled lazily on first call (no eager signatures).
+Each fast Numba kernel sits beside the plain NumPy function it must equal (`*_ref`); a test holds
+them equal. Activations x are (tokens, n_in), outputs (tokens, n_out); scales are the caller's.
+    ternary_matmul(s), binary_matmul(s)   planes x int8 -> exact int32 (several matrices, one x: q/k/v)
+    binary_matmul_f32                     binary planes x float32 (OneBit, W1A16)
+    lut_matmul, vq_matmul                 n-bit indices into per-row-group tables, float32
+    int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
+    absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
+    attention_step, down_step             model.block for one token of an all-ternary block (its twin)
+Ternary and binary weights are applied with additions, selects and bit tests only (no multiplies):
+per 256-weight block a plane bit selects among 32 consecutive inputs (docs/FORMAT.md); a prompt of
+GEMM_MIN_TOKENS tokens or more runs table lookups with the tokens on the vector lanes. How and why,
+with measurements: docs/KERNELS.md. Every function is @njit(cache=True), compiled at its first call;
+the fused step lives here, beside the kernels it inlines, so numba's cache of it is never stale.
 """
 import ctypes
 import glob
+import math
 import os
 
 import numba
@@ -67,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import pack, quant
-from .errors import QuantError, UsageError
+from .errors import QuantError, UsageError, is_int
 
 
 # --- NumPy references: unpack, then the textbook product --------------------------------------
@@ -90,10 +50,6 @@ def binary_matmul_f32_ref(w_packed, x):
     return (x.astype(np.float64) @ w_sign.T).astype(np.float32)
 
 
-def _row_groups(n_out, group_rows):
-    return np.arange(n_out) // group_rows if group_rows else np.zeros(n_out, dtype=np.int64)
-
-
 def lut_matmul_ref(w_idx, bits, lut, group_rows, x):
     """y[t, o] = sum_k lut[g(o), k] * (sum of x[t, j] over the j with index k): bucket sums, then k multiplies.
 
@@ -103,14 +59,14 @@ def lut_matmul_ref(w_idx, bits, lut, group_rows, x):
     k = 2 ** bits
     onehot = idx[:, :, None] == np.arange(k)  # (n_out, n_in, k)
     buckets = np.einsum("tj,ojk->tok", x.astype(np.float64), onehot)  # (tokens, n_out, k)
-    return (buckets * lut[_row_groups(idx.shape[0], group_rows)]).sum(-1).astype(np.float32)
+    return (buckets * lut[quant.row_groups(idx.shape[0], group_rows or None)]).sum(-1).astype(np.float32)
 
 
 def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
     """y[t, o] = sum_k c[k, 0] * S0[t, o, k] + c[k, 1] * S1[t, o, k], where S0/S1 sum the even/odd
     inputs of the pairs coded k. w_idx (n_out, 2*bits*ceil(n_pairs/8)) uint8,
     codebook (n_groups, 2^(2 bits), 2) float32, x (tokens, n_in) float32 (odd n_in: padded with 0)."""
-    n_pairs = -(-x.shape[1] // 2)
+    n_pairs = pack.ceil_div(x.shape[1], 2)
     idx = pack.unpack_indices(w_idx, n_pairs, 2 * bits)  # (n_out, n_pairs)
     xp = np.zeros((x.shape[0], 2 * n_pairs))
     xp[:, :x.shape[1]] = x
@@ -118,7 +74,7 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
     k = 2 ** (2 * bits)
     onehot = idx[:, :, None] == np.arange(k)  # (n_out, n_pairs, k)
     buckets = np.einsum("tpd,opk->tokd", xp, onehot)  # (tokens, n_out, k, 2)
-    cb = codebook[_row_groups(idx.shape[0], group_rows)]  # (n_out, k, 2)
+    cb = codebook[quant.row_groups(idx.shape[0], group_rows or None)]  # (n_out, k, 2)
     return (buckets * cb).sum((-1, -2)).astype(np.float32)
 
 
@@ -223,7 +179,7 @@ def _prefetch_rows(w, r, last):
 def _n_chunks(n_out, work, threads, min_work):
     """Row chunks of a call over n_out rows with `work` products: one per thread, at least min_work
     products and one ROWS-row group each (1: run the row function directly, no parallel region)."""
-    return max(1, min(threads, -(-n_out // ROWS), work // min_work))
+    return max(1, min(threads, (n_out + ROWS - 1) // ROWS, work // min_work))
 
 
 def _launch(par, rows, ws, args, ys, work):
@@ -239,19 +195,20 @@ def _launch(par, rows, ws, args, ys, work):
 
 
 @njit(cache=True)
-def _chunk(c, n_chunks, ws, m):
-    """Rows [r0, r1) of matrix m of ws in chunk c of n_chunks (empty if r0 >= r1): the rows of all
-    the matrices, one after the other, split into runs of whole ROWS-row groups."""
+def _chunk(i, n_chunks, ws):
+    """(m, r0, r1): matrix m = i % len(ws) and its rows [r0, r1) in chunk i // len(ws) of n_chunks (r0 = r1:
+    none): the rows of all the matrices, one after the other, split into runs of whole ROWS-row groups."""
+    m, c = i % len(ws), i // len(ws)
     offset = 0  # rows of the matrices before m
-    for i in range(m):
-        offset += ws[i].shape[0]
+    for j in range(m):
+        offset += ws[j].shape[0]
     n_out = 0  # rows of all of them
-    for i in range(len(ws)):
-        n_out += ws[i].shape[0]
-    groups = -(-n_out // ROWS)
-    r0 = c * groups // n_chunks * ROWS - offset
-    r1 = (c + 1) * groups // n_chunks * ROWS - offset
-    return max(r0, 0), min(r1, ws[m].shape[0])
+    for j in range(len(ws)):
+        n_out += ws[j].shape[0]
+    groups = (n_out + ROWS - 1) // ROWS
+    r0 = max(c * groups // n_chunks * ROWS - offset, 0)
+    r1 = min((c + 1) * groups // n_chunks * ROWS - offset, ws[m].shape[0])
+    return m, r0, max(r0, r1)
 
 
 @njit(cache=True)
@@ -384,11 +341,9 @@ def _ternary_rows(w, xu, xn, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _ternary_par(ws, xu, xn, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _ternary_rows(ws[m], xu, xn, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _ternary_rows(ws[m], xu, xn, ys[m], r0, r1)
 
 
 # binary: one plane, bit 1 = +1, 0 = -1; y = S1 - (sum(x) - S1) = S1 + S1 - sum(x), S1 = sum over bit 1
@@ -445,11 +400,9 @@ def _binary_rows(w, x, xsum, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _binary_par(ws, x, xsum, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _binary_rows(ws[m], x, xsum, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _binary_rows(ws[m], x, xsum, ys[m], r0, r1)
 
 
 # binary x float32 (OneBit): the same with float32 lanes (no overflow, no flush)
@@ -503,11 +456,9 @@ def _binary_f32_rows(w, x, xsum, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _binary_f32_par(ws, x, xsum, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _binary_f32_rows(ws[m], x, xsum, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _binary_f32_rows(ws[m], x, xsum, ys[m], r0, r1)
 
 
 # --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
@@ -557,7 +508,7 @@ def _lanes_major(x_q, n_pad):
     """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16 on a cache line: xt[i, j, l] =
     x_q[GEMM_LANES i + l, j], zeros past the tokens and n_in. 4 inputs per pass (NumPy's strided
     copy of the transpose: 3.6x slower)."""
-    n_tiles, n_in = -(-x_q.shape[0] // GEMM_LANES), x_q.shape[1]
+    n_tiles, n_in = (x_q.shape[0] + GEMM_LANES - 1) // GEMM_LANES, x_q.shape[1]
     xt = _aligned_empty(n_tiles * n_pad * GEMM_LANES, np.int16).reshape((n_tiles, n_pad, GEMM_LANES))
     xt[:] = 0
     n_fours = n_in - n_in % 4
@@ -752,11 +703,9 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _gemm_par(ws, xT, binary, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _gemm_rows(ws[m], xT, binary, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _gemm_rows(ws[m], xT, binary, ys[m], r0, r1)
 
 
 # LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
@@ -804,11 +753,9 @@ def _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _lut_par(ws, nbits, lut, group_rows, x, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _lut_rows(ws[m], nbits, lut, group_rows, x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _lut_rows(ws[m], nbits, lut, group_rows, x, ys[m], r0, r1)
 
 
 @njit(cache=True)
@@ -841,11 +788,9 @@ def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _vq_rows(ws[m], nbits, codebook, group_rows, x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _vq_rows(ws[m], nbits, codebook, group_rows, x, ys[m], r0, r1)
 
 
 # int8 or float32 rows x float32: a dot product per row (int8: 1 byte per weight); "reassoc" lets LLVM split
@@ -867,11 +812,9 @@ def _dense_rows(w, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _dense_par(ws, x, ys, n_chunks):
-    for c in prange(n_chunks):
-        for m in range(len(ws)):
-            r0, r1 = _chunk(c, n_chunks, ws, m)
-            if r0 < r1:
-                _dense_rows(ws[m], x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
+        m, r0, r1 = _chunk(i, n_chunks, ws)
+        _dense_rows(ws[m], x, ys[m], r0, r1)
 
 
 # int8 activations: absmax per token, fused into one pass per row (the NumPy version makes ~8)
@@ -899,7 +842,7 @@ def _absmax_rows(x, x_q, scale):
 
 # --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
 
-def _check_packed(w, row_bytes, what):
+def check_packed(w, row_bytes, what):
     if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
         raise pack.PackError(f"{what}: expected a 2-D uint8 array with {row_bytes} bytes per row, got "
                              f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
@@ -923,16 +866,12 @@ def _padded(x, n_pad, dtype):
     return out
 
 
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _group_rows(group_rows, n_out, table, what):
     """group_rows as an int (0 = one table for the tensor); check the table has a row per group."""
-    if group_rows is not None and not _is_int(group_rows):
+    if group_rows is not None and not is_int(group_rows):
         raise UsageError(f"{what}: group_rows must be an integer or None, got {group_rows!r}")
     g = int(group_rows or 0)
-    n_groups = -(-n_out // g) if g else 1
+    n_groups = pack.ceil_div(n_out, g) if g else 1
     if g < 0 or table.shape[0] < n_groups:
         raise UsageError(f"{what}: {table.shape[0]} groups for {n_out} rows with group_rows={group_rows}")
     return g
@@ -976,7 +915,7 @@ def _plane_matmuls(ws, x_q, binary):
     else the per-token kernels (ternary: the bytes x + 128 and 127 - x; binary: x and sum(x))."""
     x_q = _check_x(x_q, np.int8)
     planes, what = (1, "binary planes") if binary else (2, "ternary planes")
-    ws = tuple(_check_packed(w, planes * pack.plane_row_bytes(x_q.shape[1]), what) for w in ws)
+    ws = tuple(check_packed(w, planes * pack.plane_row_bytes(x_q.shape[1]), what) for w in ws)
     if not ws:
         raise UsageError(f"{what}: no weight matrices")
     n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
@@ -998,7 +937,7 @@ def binary_matmul_f32(w_packed, x):
     """Same as binary_matmul_f32_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) float32 -> (tokens, n_out)
     float32. Exact for integer-valued x with partial sums below 2^24; else float32 lane sums."""
     x = _check_x(x)
-    w = _check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
+    w = check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
     xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
     _launch(_binary_f32_par, _binary_f32_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), (y,), xf.size * w.shape[0])
@@ -1008,10 +947,10 @@ def binary_matmul_f32(w_packed, x):
 def lut_matmul(w_idx, bits, lut, group_rows, x):
     """Same as lut_matmul_ref: w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32,
     group_rows None/0 (one LUT) or rows per LUT row, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
-    if not _is_int(bits) or bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+    if not is_int(bits) or bits not in (1, 2, 3, 4, 5, 6, 7, 8):
         raise UsageError(f"lut bits must be in 1..8, got {bits!r}")
     x = _check_x(x)
-    w = _check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
+    w = check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
     lut = np.ascontiguousarray(lut, dtype=np.float32)
     if lut.ndim != 2 or lut.shape[1] != 2 ** bits:
         raise UsageError(f"lut: expected (n_groups, {2 ** bits}), got {lut.shape}")
@@ -1025,11 +964,11 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
 def vq_matmul(w_idx, bits, codebook, group_rows, x):
     """Same as vq_matmul_ref: w_idx (n_out, 2*bits*ceil(n_pairs/8)) uint8 codes of input pairs,
     codebook (n_groups, 2^(2 bits), 2) float32, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
-    if not _is_int(bits) or bits not in (1, 2, 3, 4):
+    if not is_int(bits) or bits not in (1, 2, 3, 4):
         raise UsageError(f"vq bits must be in 1..4 (2*bits-bit codes), got {bits!r}")
     x = _check_x(x)
     nbits = 2 * bits
-    w = _check_packed(w_idx, pack.index_row_bytes(-(-x.shape[1] // 2), nbits), f"{nbits}-bit codes")
+    w = check_packed(w_idx, pack.index_row_bytes(pack.ceil_div(x.shape[1], 2), nbits), f"{nbits}-bit codes")
     cb = np.ascontiguousarray(codebook, dtype=np.float32)
     if cb.ndim != 3 or cb.shape[1:] != (2 ** nbits, 2):
         raise UsageError(f"codebook: expected (n_groups, {2 ** nbits}, 2), got {cb.shape}")
@@ -1059,3 +998,157 @@ def f32_matmul(w, x):
     """Same as f32_matmul_ref (float32 lane sums), for a few tokens: a float head's GEMV on the
     kernels' threads (OpenBLAS's own threads would spin against them). w (n_out, n_in) float32."""
     return _dense_matmul(w, x, np.float32, "float32 weights")
+
+
+# --- the fused one-token block: model.block's compiled twin for all-ternary blocks -------------------
+# model.Model.block runs a block as ~30 NumPy operations around four kernel calls; for one token their
+# call overheads are a real share of the step. attention_step and down_step are the same block for
+# T = 1 (RMSNorm, absmax, the kernels, rotary, the cache write, attention) into buffers made once
+# (model.decode_workspace). Same floats as model.block but attention's summation order (~1e-7).
+
+
+@njit(cache=True)
+def _rms_norm(x, weight, eps, out):
+    """out = weight * (x / sqrt(mean(x^2) + eps)): model.rms_norm of one token (out may be x)."""
+    ss = 0.0
+    for j in range(x.shape[0]):
+        ss += np.float64(x[j]) * x[j]
+    r = np.float32(math.sqrt(np.float32(ss / x.shape[0]) + eps))
+    for j in range(x.shape[0]):
+        out[j] = weight[j] * (x[j] / r)
+
+
+@njit(cache=True)
+def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
+    """ys[m] = (x_q W_m~^T) * scale_m / s_x for the ternary matrices ws that read x (n_in,):
+    linear.apply_many for one token. Returns False if x has a NaN or Inf (nothing computed)."""
+    n = x.shape[0]
+    if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
+        return False
+    xu, xn = x8
+    n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK  # the kernels read n_pad inputs: zeros past n
+    _ternary_inputs(x_q, n, xu[:, :n_pad], xn[:, :n_pad])
+    n_out = 0
+    for m in range(len(ws)):
+        n_out += ws[m].shape[0]
+    n_chunks = _n_chunks(n_out, n_pad * n_out, threads, min_work)
+    if n_chunks == 1:
+        for m in range(len(ws)):
+            _ternary_rows(ws[m], xu, xn, accs[m], 0, ws[m].shape[0])
+    else:
+        _ternary_par(ws, xu, xn, accs, n_chunks)
+    for m in range(len(ws)):
+        acc, scale, y = accs[m][0], scales[m], ys[m]
+        for r in range(y.shape[0]):  # gamma per tensor (1,) or per row (n_out,)
+            y[r] = np.float32(acc[r]) * (scale[r if scale.shape[0] > 1 else 0] / s_x[0])
+    return True
+
+
+@njit(cache=True)
+def _rope(x, cos, sin):
+    """model.rope of one token, in place: x (heads, hd); cos, sin (hd/2,) of its position."""
+    half = x.shape[1] // 2
+    for h in range(x.shape[0]):
+        for j in range(half):
+            x1, x2 = x[h, j], x[h, half + j]
+            x[h, j] = x1 * cos[j] - x2 * sin[j]
+            x[h, half + j] = x2 * cos[j] + x1 * sin[j]
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products and sums vectorized
+def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
+    """Heads h0..h1-1 of model.attention for one query at position n_pos - 1: q (H, hd);
+    k_cache, v_cache (KV, max_len, hd) with positions 0..n_pos-1 filled; scores (H, max_len)
+    scratch; out (H, hd). Softmax weights below e^-60 of the largest are 0, as there."""
+    hd = q.shape[1]
+    group = q.shape[0] // k_cache.shape[0]  # query heads per KV head
+    scale = np.float32(hd ** -0.5)
+    for h in range(h0, h1):
+        qh, kh, vh, sc, o = q[h], k_cache[h // group], v_cache[h // group], scores[h], out[h]
+        top, nan = -np.inf, False
+        for s in range(n_pos):
+            ks = kh[s]
+            d = np.float32(0)
+            for j in range(hd):
+                d += qh[j] * ks[j]
+            sc[s] = d * scale
+            top = max(top, sc[s])
+            nan |= sc[s] != sc[s]
+        if nan:  # NumPy's max is NaN, so is the head's output (max() above skips a NaN)
+            o[:] = np.nan
+            continue
+        total = np.float32(0)
+        for s in range(n_pos):
+            d = sc[s] - top
+            sc[s] = np.exp(d) if d >= -60 else np.float32(0)
+            total += sc[s]
+        o[:] = 0
+        for s in range(n_pos):
+            p, vs = sc[s] / total, vh[s]
+            for j in range(hd):
+                o[j] += p * vs[j]
+
+
+@njit(cache=True, parallel=True)
+def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
+    H = q.shape[0]
+    for c in prange(n_chunks):
+        _attention_heads(q, k_cache, v_cache, n_pos, scores, out, c * H // n_chunks, (c + 1) * H // n_chunks)
+
+
+@njit(cache=True)
+def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
+    """model.Model.block for one token at position pos, up to the MLP's activation: x (dim,) float32
+    += o(attention), then work's gate, up = gate(h), up(h) with h = ffn_norm(x).
+    norms: attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm weights (the last two empty: no sub-norms);
+    ws, scales: w_packed and gamma of q, k, v, o, gate, up, down; k_cache, v_cache (KV, max_len, hd):
+    this layer's cache, position pos written here; cos, sin (hd/2,) of pos; work: workspace();
+    threads, min_work: kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the linear
+    (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
+    attn_norm, ffn_norm, attn_sub, _ = norms
+    wq, wk, wv, wo, wg, wu, _ = ws
+    sq, sk, sv, so, sg, su, _ = scales
+    (h, q, k, v, att, y, gate, up, s_x), x_q, x8, accs, scores = work
+    aq, ak, av, ao, ag, au, _ = accs
+    n_kv, hd = k_cache.shape[0], k_cache.shape[2]
+    n_heads = q.shape[0] // hd
+    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+    _rms_norm(x, attn_norm, eps, h)
+    if not _linears((wq, wk, wv), (sq, sk, sv), h, x_q, x8, s_x, (aq, ak, av), (q, k, v), threads, min_work):
+        return 1
+    q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
+    _rope(q2, cos, sin)
+    _rope(k2, cos, sin)
+    k_cache[:, pos] = k2
+    v_cache[:, pos] = v.reshape((n_kv, hd))
+    att2 = att.reshape((n_heads, hd))
+    n_chunks = min(threads, n_heads, n_heads * (pos + 1) * hd // min_work)
+    if n_chunks > 1:
+        _attention_par(q2, k_cache, v_cache, pos + 1, scores, att2, n_chunks)
+    else:
+        _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, 0, n_heads)
+    if attn_sub.shape[0]:
+        _rms_norm(att, attn_sub, eps, att)
+    if not _linears((wo,), (so,), att, x_q, x8, s_x, (ao,), (y,), threads, min_work):
+        return 2
+    x += y
+    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
+    _rms_norm(x, ffn_norm, eps, h)
+    if not _linears((wg, wu), (sg, su), h, x_q, x8, s_x, (ag, au), (gate, up), threads, min_work):
+        return 3
+    return 0
+
+
+@njit(cache=True)
+def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
+    """The rest of the block: x += down(ffn_sub_norm(m)), m = act(gate) * up (computed by the caller
+    with model.gate_activation: NumPy's tanh is vectorized, numba's is not). Returns 0, or 4 if m
+    has a NaN or Inf."""
+    ffn_sub, wd, sd = norms[3], ws[6], scales[6]
+    (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
+    if ffn_sub.shape[0]:
+        _rms_norm(m, ffn_sub, eps, m)
+    if not _linears((wd,), (sd,), m, x_q, x8, s_x, (accs[6],), (y,), threads, min_work):
+        return 4
+    x += y
+    return 0

@@ -1,114 +1,271 @@
-"""Linear layers, one row per quantization scheme: the one seam a new scheme plugs into.
+"""The scheme table: one record per way of storing a linear layer y = x W^T (as ggml's type traits).
 
+A spec names a row of SCHEMES and its parameters: {"scheme": "lut", "bits": 4, "group_rows": 1}.
 A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arrays}.
-    tensor_specs(spec, n_out, n_in) -> {suffix: (dtype, shape)}   what a model file must hold
-    quantize(w, spec)               -> {suffix: array}            float W (n_out, n_in) -> stored tensors
-    check_codes(spec, tensors, n_in, where)                       packed codes legal (FormatError if not)
-    make(spec, tensors, n_out, n_in)-> layer                      (tensors already validated)
-    apply(layer, x)                 -> y                          x (tokens, n_in) f32 -> (tokens, n_out) f32
-    apply(layer, x, ref=True)       -> y, through the plain NumPy reference kernels
-    apply_many(layers, x)           -> [y], one activation quantization and kernel call for q/k/v
-    dequantize(layer)               -> W (n_out, n_in) f32        what the layer effectively multiplies by
 
-Schemes (spec = {"scheme": name, **params}), and what y is:
-    f32, f16  y = x W^T (float32 arithmetic)
-    ternary   BitNet b1.58: x_q, sx = absmax8(x); y = (x_q W~^T) * gamma / sx          gamma per tensor or per row (per_row)
-    binary    BitNet:       x_q, sx = absmax8(LN(x) if ln else x); y = (x_q W~^T) * beta / sx   beta per group of rows
-    onebit    OneBit:       y = [(x ⊙ g) Sign(W)^T] ⊙ h, then LayerNorm without affine over outputs if post_ln
-    lut       palettized:   y[o] = sum_k lut[o, k] * (sum of x_j with idx[o, j] = k)   (weight-only, float x)
-    vq        2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs
-    int8      int8 rows:    y = (x W_q^T) * scale, scale = max|w_row| / 127 per row   (weight-only, float x;
-                            a smaller output head: 1 byte per weight)
+    scheme   y = layer(x), x (tokens, n_in) float32                                      stored tensors
+    f32,f16  y = x W^T                                                                   weight
+    ternary  BitNet b1.58: x_q, s_x = absmax8(x); y = (x_q W~^T) * gamma / s_x            w_packed, scale
+    binary   BitNet:       x_q, s_x = absmax8(LN(x) if ln else x); y = (x_q W~^T) beta / s_x   w_packed, scale
+    onebit   OneBit:       y = [(x ⊙ g) Sign(W)^T] ⊙ h, then LN over the outputs if post_ln   w_packed, g, h
+    lut      palettized:   y[o] = sum_k lut[o, k] (sum of x_j with idx[o, j] = k)         w_idx, lut
+    vq       2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs      w_idx, codebook
+    int8     int8 rows:    y = (x W_q^T) * scale, scale = max|w_row| / 127 (a smaller head)   w_q, scale
+Formulas and papers: docs/QUANTIZERS.md; bit layouts: docs/FORMAT.md. Adding a scheme is one
+record here, its quantizer (quant.py), its codec (pack.py) and its kernel (kernels.py).
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from . import kernels, pack, quant
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
-# The weight-only schemes lut, vq and int8 run many-token inputs (prefill, perplexity windows) as float32
-# BLAS products with the dequantized weight, DEQUANT_BYTES of it at a time: the same y, summed in another
-# order, and far faster than bucket sums or per-row dot products once this many tokens share the unpack.
+# Weight-only schemes (lut, vq, int8) run many-token inputs as BLAS products with the dequantized
+# weight, DEQUANT_BYTES of it at a time: the same y in another summation order, far faster once
+# this many tokens share the unpack.
 DEQUANT_MIN_TOKENS = 32
 DEQUANT_BYTES = 16 << 20
-# In a model whose other linears use the Numba kernels, NumPy's BLAS is kept on one thread (the two
-# thread pools would compete for the cores): its large float layers (a tied head) over at most this
-# many tokens then run kernels.f32_matmul on the kernels' threads (2b4t head, 2 threads: 30 vs 41 ms).
+# While the Numba kernels own the threads, NumPy's BLAS runs on one: a large float layer (a tied
+# head) over at most this many tokens runs kernels.f32_matmul on the kernels' threads instead.
 F32_GEMV_MAX_TOKENS = 4
 F32_GEMV_MIN_WEIGHTS = 1 << 22
 
 
-def _groups(n_out, group_rows):
-    return -(-n_out // group_rows) if group_rows else 1
+@dataclass(frozen=True)
+class Scheme:
+    """One row of the table. codes/grid: what quant.py returns (integer codes, float parameters)."""
+    name: str
+    params: dict          # spec key -> bool (optional flag), int (optional group size), or tuple (required, one of)
+    tensors: Callable     # (spec, n_out, n_in) -> {suffix: (dtype, shape)}: what a model file holds
+    quantize: Callable    # (w, spec, onebit_method) -> (codes, grid): the data-free quantizer
+    encode: Callable      # (spec, codes, grid) -> {suffix: array}: the stored tensors
+    check: Callable       # (spec, tensors, n_in, where): raise pack.PackError on an illegal code
+    apply: Callable       # (layers, x) -> [y]: the fast kernels, layers of one spec reading one x
+    apply_ref: Callable   # (layers, x) -> [y]: the plain NumPy references the kernels must equal
+    dequantize: Callable  # layer -> W (n_out, n_in) float32: what the layer multiplies by
+    bits: Callable        # spec -> stored bits per weight (scales aside)
+    calibrate: str | None = None  # the grid tools/calibrate.py fits: "table", "scale", "onebit"
+    unit: int = 1         # input columns per code (2-D VQ: 2)
+    gguf: str | None = None  # the GGUF tensor type tools/gguf_export.py writes
+    blas: bool = False    # runs on NumPy's BLAS: a model of such layers only gives BLAS the threads
+
+
+def n_groups(n_out, group_rows):
+    return pack.ceil_div(n_out, group_rows) if group_rows else 1
+
+
+def layer_norm(x, eps=LN_EPS):
+    """LayerNorm without affine parameters over the last axis: (x - E[x]) / sqrt(Var[x] + eps)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + np.float32(eps))).astype(np.float32)
+
+
+def _each(f):
+    """An apply over a list of layers from a function of one layer."""
+    return lambda layers, x: [f(layer, x) for layer in layers]
+
+
+# --- float: f32, f16 ----------------------------------------------------------------------------
+
+def _float_apply(layer, x):
+    """A few tokens through a large layer: the kernels' GEMV on the kernels' threads; else BLAS."""
+    k = kernels
+    if (x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
+            and k.blas_threads < k.kernel_threads):
+        return k.f32_matmul(layer["weight"], x)
+    return x @ layer["weight"].T
+
+
+def _float(name, dtype):
+    return Scheme(
+        name, {}, lambda spec, n_out, n_in: {"weight": (dtype, (n_out, n_in))},
+        quantize=lambda w, spec, method: (np.asarray(w, dtype), None),
+        encode=lambda spec, w, grid: {"weight": w},
+        check=lambda spec, t, n_in, where: None,
+        apply=_each(_float_apply), apply_ref=_each(lambda layer, x: x @ layer["weight"].T),
+        dequantize=lambda layer: np.asarray(layer["weight"], np.float32),
+        bits=lambda spec: 8 * np.dtype(dtype).itemsize, gguf=name.upper(), blas=True)
+
+
+# --- int8 activations: ternary, binary -----------------------------------------------------------
+
+def _integer_apply(ref):
+    """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x
+    and one kernel call for all of them (q, k, v; gate, up)."""
+    k = kernels
+
+    def apply(layers, x):
+        spec, ws = layers[0]["scheme"], [layer["w_packed"] for layer in layers]
+        absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
+        if spec["scheme"] == "ternary":
+            x_q, s_x = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
+            accs = [k.ternary_matmul_ref(w, x_q) for w in ws] if ref else k.ternary_matmuls(ws, x_q)
+        else:
+            x_q, s_x = absmax(layer_norm(x) if spec.get("ln") else x)
+            accs = [k.binary_matmul_ref(w, x_q) for w in ws] if ref else k.binary_matmuls(ws, x_q)
+        return [acc.astype(np.float32) * (_row_scales(layer) / s_x) for acc, layer in zip(accs, layers)]
+    return apply
+
+
+def _row_scales(layer):
+    """gamma (1,) or (n_out,) of a ternary layer; beta repeated over each group of rows of a binary one."""
+    g = layer["scheme"].get("group_rows")
+    return np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
+
+
+def _plane_check(check):
+    return lambda spec, t, n_in, where: check(t["w_packed"], n_in, f"{where}.w_packed")
+
+
+TERNARY = Scheme(
+    "ternary", {"per_row": bool},
+    lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, 2 * pack.plane_row_bytes(n_in))),
+                               "scale": (np.float32, (n_out if spec.get("per_row") else 1,))},
+    quantize=lambda w, spec, method: quant.ternarize(w, per_row=spec.get("per_row", False)),
+    encode=lambda spec, w_t, gamma: {"w_packed": pack.pack_ternary(w_t), "scale": np.asarray(gamma, np.float32)},
+    check=_plane_check(pack.check_ternary_planes),
+    apply=_integer_apply(ref=False), apply_ref=_integer_apply(ref=True),
+    dequantize=lambda layer: quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], layer["n_in"]),
+                                                      layer["scale"]),
+    bits=lambda spec: 2, calibrate="scale", gguf="TQ2_0")
+
+BINARY = Scheme(
+    "binary", {"group_rows": int, "ln": bool},
+    lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
+                               "scale": (np.float32, (n_groups(n_out, spec.get("group_rows")),))},
+    quantize=lambda w, spec, method: quant.binarize(w, group_rows=spec.get("group_rows"))[::2],  # (w_sign, beta)
+    encode=lambda spec, w_sign, beta: {"w_packed": pack.pack_binary(w_sign), "scale": np.asarray(beta, np.float32)},
+    check=_plane_check(pack.check_binary_planes),
+    apply=_integer_apply(ref=False), apply_ref=_integer_apply(ref=True),
+    dequantize=lambda layer: quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
+                                                     layer["scale"], layer["scheme"].get("group_rows")),
+    bits=lambda spec: 1, calibrate="scale")
+
+
+# --- float activations: onebit, lut, vq, int8 -----------------------------------------------------
+
+def _onebit_apply(ref):
+    def apply(layer, x):
+        f = kernels.binary_matmul_f32_ref if ref else kernels.binary_matmul_f32
+        y = f(layer["w_packed"], x * layer["g"]) * layer["h"]
+        return layer_norm(y) if layer["scheme"].get("post_ln") else y
+    return _each(apply)
+
+
+ONEBIT = Scheme(
+    "onebit", {"post_ln": bool},
+    lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
+                               "g": (np.float32, (n_in,)), "h": (np.float32, (n_out,))},
+    quantize=lambda w, spec, method: (lambda s, g, h: (s, (g, h)))(*quant.onebit_svid(w, method=method)),
+    encode=lambda spec, w_sign, gh: {"w_packed": pack.pack_binary(w_sign), "g": np.asarray(gh[0], np.float32),
+                                     "h": np.asarray(gh[1], np.float32)},
+    check=_plane_check(pack.check_binary_planes),
+    apply=_onebit_apply(ref=False), apply_ref=_onebit_apply(ref=True),
+    dequantize=lambda layer: quant.onebit_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
+                                                     layer["g"], layer["h"]),
+    bits=lambda spec: 1, calibrate="onebit")
+
+
+def _weight_only(kernel):
+    """The fast apply of a weight-only scheme: its kernel for a few tokens, else BLAS over the
+    dequantized weight (_dequantized_matmul)."""
+    return _each(lambda layer, x: _dequantized_matmul(layer, x) if x.shape[0] >= DEQUANT_MIN_TOKENS
+                 else kernel(layer, x))
+
+
+def _index_scheme(name, table, bits, unit, kernel, kernel_ref, quantize, dequantize):
+    """lut and vq: n-bit indices (pack.pack_indices) into a table per group of rows."""
+    def code_bits(spec):
+        return unit * spec["bits"]
+    run = (lambda f: lambda layer, x: f(layer["w_idx"], layer["scheme"]["bits"], layer[table],
+                                        layer["scheme"].get("group_rows"), x))
+    return Scheme(
+        name, {"bits": bits, "group_rows": int},
+        lambda spec, n_out, n_in: {
+            "w_idx": (np.uint8, (n_out, pack.index_row_bytes(pack.ceil_div(n_in, unit), code_bits(spec)))),
+            # a LUT (n_groups, 2^bits); a codebook (n_groups, 2^(2 bits), 2)
+            table: (np.float32, (n_groups(n_out, spec.get("group_rows")), 2 ** code_bits(spec)) + (unit,) * (unit > 1))},
+        quantize=lambda w, spec, method: quantize(w, spec["bits"], group_rows=spec.get("group_rows")),
+        encode=lambda spec, idx, tab: {"w_idx": pack.pack_indices(idx, code_bits(spec)),
+                                       table: np.asarray(tab, np.float32)},
+        check=lambda spec, t, n_in, where: pack.check_indices(t["w_idx"], pack.ceil_div(n_in, unit), code_bits(spec),
+                                                              f"{where}.w_idx"),
+        apply=_weight_only(run(kernel)), apply_ref=_each(run(kernel_ref)),
+        dequantize=lambda layer: dequantize(
+            pack.unpack_indices(layer["w_idx"], pack.ceil_div(layer["n_in"], unit), code_bits(layer["scheme"])),
+            layer[table], layer["n_in"], layer["scheme"].get("group_rows")),
+        bits=lambda spec: spec["bits"], calibrate="table", unit=unit)
+
+
+LUT = _index_scheme("lut", "lut", quant.LUT_BITS, 1, kernels.lut_matmul, kernels.lut_matmul_ref, quant.lut_quantize,
+                    lambda idx, lut, n_in, g: quant.lut_dequantize(idx, lut, g))
+VQ = _index_scheme("vq", "codebook", quant.VQ_BITS, 2, kernels.vq_matmul, kernels.vq_matmul_ref, quant.vq_quantize,
+                   quant.vq_dequantize)
+
+INT8 = Scheme(
+    "int8", {},
+    lambda spec, n_out, n_in: {"w_q": (np.int8, (n_out, n_in)), "scale": (np.float32, (n_out,))},
+    quantize=lambda w, spec, method: quant.int8_rows(w),
+    encode=lambda spec, w_q, scale: {"w_q": w_q, "scale": scale},
+    check=lambda spec, t, n_in, where: None,
+    apply=_weight_only(lambda layer, x: kernels.int8_matmul(layer["w_q"], x) * layer["scale"]),
+    apply_ref=_each(lambda layer, x: kernels.int8_matmul_ref(layer["w_q"], x) * layer["scale"]),
+    dequantize=lambda layer: quant.int8_dequantize(layer["w_q"], layer["scale"]),
+    bits=lambda spec: 8, gguf="Q8_0")
+
+SCHEMES = {s.name: s for s in (_float("f32", np.float32), _float("f16", np.float16), TERNARY, BINARY, ONEBIT,
+                               LUT, VQ, INT8)}
+
+
+# --- the interface: everything below dispatches through SCHEMES ---------------------------------
+
+def check_spec(spec, where):
+    """Raise ConfigError unless spec is a legal scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
+    if not isinstance(spec, dict) or spec.get("scheme") not in SCHEMES:
+        raise ConfigError(f"{where}: scheme must be one of {tuple(SCHEMES)}, got {spec!r}")
+    params = SCHEMES[spec["scheme"]].params
+    extra = set(spec) - {"scheme"} - set(params)
+    if extra:
+        raise ConfigError(f"{where}: unknown parameter(s) {sorted(extra)} for scheme {spec['scheme']!r}")
+    for key, kind in params.items():
+        v = spec.get(key)
+        if kind is bool and key in spec and not isinstance(v, bool):
+            raise ConfigError(f"{where}: {key} must be true or false")
+        if kind is int and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{where}: {key} must be a positive integer or null, got {v!r}")
+        if isinstance(kind, tuple) and (not isinstance(v, int) or isinstance(v, bool) or v not in kind):
+            raise ConfigError(f"{where}: {key} must be one of {kind}, got {v!r}")
+
+
+def scheme(spec):
+    """The record of a spec."""
+    if not isinstance(spec, dict) or spec.get("scheme") not in SCHEMES:
+        raise UsageError(f"unknown scheme {spec!r}")
+    return SCHEMES[spec["scheme"]]
 
 
 def tensor_specs(spec, n_out, n_in):
     """{suffix: (dtype, shape)} of the tensors that store one linear of this scheme."""
-    s = spec["scheme"]
-    if s in ("f32", "f16"):
-        return {"weight": (np.float32 if s == "f32" else np.float16, (n_out, n_in))}
-    if s == "ternary":
-        return {"w_packed": (np.uint8, (n_out, 2 * pack.plane_row_bytes(n_in))),
-                "scale": (np.float32, (n_out if spec.get("per_row") else 1,))}
-    if s == "binary":
-        return {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
-                "scale": (np.float32, (_groups(n_out, spec.get("group_rows")),))}
-    if s == "onebit":
-        return {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
-                "g": (np.float32, (n_in,)), "h": (np.float32, (n_out,))}
-    if s == "int8":
-        return {"w_q": (np.int8, (n_out, n_in)), "scale": (np.float32, (n_out,))}
-    if s == "lut":
-        bits = spec["bits"]
-        return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(n_in, bits))),
-                "lut": (np.float32, (_groups(n_out, spec.get("group_rows")), 2 ** bits))}
-    if s == "vq":
-        bits = spec["bits"]
-        return {"w_idx": (np.uint8, (n_out, pack.index_row_bytes(-(-n_in // 2), 2 * bits))),
-                "codebook": (np.float32, (_groups(n_out, spec.get("group_rows")), 2 ** (2 * bits), 2))}
-    raise UsageError(f"unknown scheme {s!r}")
+    return scheme(spec).tensors(spec, n_out, n_in)
 
 
 def quantize(w, spec, onebit_method="svd"):
-    """Quantize a float weight (n_out, n_in) with the data-free quantizer of the scheme."""
-    s = spec.get("scheme") if isinstance(spec, dict) else None
-    if s in ("lut", "vq") and "bits" not in spec:
-        raise UsageError(f"scheme {s!r} needs 'bits', got {spec!r}")
-    if s in ("f32", "f16"):
-        return {"weight": np.asarray(w, dtype=np.float32 if s == "f32" else np.float16)}
-    if s == "ternary":
-        w_t, gamma = quant.ternarize(w, per_row=spec.get("per_row", False))
-        return {"w_packed": pack.pack_ternary(w_t), "scale": gamma}
-    if s == "binary":
-        w_sign, _alpha, beta = quant.binarize(w, group_rows=spec.get("group_rows"))
-        return {"w_packed": pack.pack_binary(w_sign), "scale": beta}
-    if s == "onebit":
-        w_sign, g, h = quant.onebit_svid(w, method=onebit_method)
-        return {"w_packed": pack.pack_binary(w_sign), "g": g, "h": h}
-    if s == "int8":
-        w_q, scale = quant.int8_rows(w)
-        return {"w_q": w_q, "scale": scale}
-    if s == "lut":
-        w_idx, lut = quant.lut_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
-        return {"w_idx": pack.pack_indices(w_idx, spec["bits"]), "lut": lut}
-    if s == "vq":
-        w_idx, codebook = quant.vq_quantize(w, spec["bits"], group_rows=spec.get("group_rows"))
-        return {"w_idx": pack.pack_indices(w_idx, 2 * spec["bits"]), "codebook": codebook}
-    raise UsageError(f"unknown scheme {spec!r}")
+    """Quantize a float weight (n_out, n_in) with the data-free quantizer of the scheme -> stored tensors."""
+    s = scheme(spec)
+    for key, kind in s.params.items():
+        if isinstance(kind, tuple) and key not in spec:
+            raise UsageError(f"scheme {s.name!r} needs {key!r}, got {spec!r}")
+    return s.encode(spec, *s.quantize(w, spec, onebit_method))
 
 
 def check_codes(spec, tensors, n_in, where):
     """Raise pack.PackError (a FormatError) unless the packed arrays of one linear hold only legal
-    codes: no illegal ternary code, zero padding. Shapes and dtypes are checked before (io)."""
-    s = spec["scheme"]
-    if s == "ternary":
-        pack.check_ternary_planes(tensors["w_packed"], n_in, f"{where}.w_packed")
-    elif s in ("binary", "onebit"):
-        pack.check_binary_planes(tensors["w_packed"], n_in, f"{where}.w_packed")
-    elif s == "lut":
-        pack.check_indices(tensors["w_idx"], n_in, spec["bits"], f"{where}.w_idx")
-    elif s == "vq":
-        pack.check_indices(tensors["w_idx"], -(-n_in // 2), 2 * spec["bits"], f"{where}.w_idx")
+    codes and zero padding. Shapes and dtypes are checked before (io.check_tensors)."""
+    scheme(spec).check(spec, tensors, n_in, where)
 
 
 def make(spec, tensors, n_out, n_in):
@@ -117,13 +274,6 @@ def make(spec, tensors, n_out, n_in):
         t = tensors[suffix]
         layer[suffix] = t.astype(np.float32) if t.dtype == np.float16 else t  # f16 weights computed in f32
     return layer
-
-
-def layer_norm(x, eps=LN_EPS):
-    """LayerNorm without affine parameters over the last axis: (x - E[x]) / sqrt(Var[x] + eps)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    return ((x - mean) / np.sqrt(var + np.float32(eps))).astype(np.float32)
 
 
 def _input(x, n_in):
@@ -137,60 +287,23 @@ def _input(x, n_in):
 
 def apply(layer, x, ref=False):
     """y = layer(x): x (tokens, n_in) float32 -> (tokens, n_out) float32."""
-    spec = layer["scheme"]
-    s = spec["scheme"]
-    x = _input(x, layer["n_in"])
-    k = kernels
-    if s in ("f32", "f16"):  # a few tokens (decode): the kernels' GEMV, else BLAS
-        gemv = (not ref and x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
-                and k.blas_threads < k.kernel_threads)
-        return k.f32_matmul(layer["weight"], x) if gemv else x @ layer["weight"].T
-    if s in ("ternary", "binary"):
-        return _apply_integer([layer], x, ref)[0]
-    if s == "onebit":
-        y = (k.binary_matmul_f32_ref if ref else k.binary_matmul_f32)(layer["w_packed"], x * layer["g"])
-        y = y * layer["h"]
-        return layer_norm(y) if spec.get("post_ln") else y
-    if s in ("lut", "vq", "int8") and not ref and x.shape[0] >= DEQUANT_MIN_TOKENS:
-        return _dequantized_matmul(layer, x)
-    if s == "int8":
-        return (k.int8_matmul_ref if ref else k.int8_matmul)(layer["w_q"], x) * layer["scale"]
-    if s == "lut":
-        f = k.lut_matmul_ref if ref else k.lut_matmul
-        return f(layer["w_idx"], spec["bits"], layer["lut"], spec.get("group_rows"), x)
-    if s == "vq":
-        f = k.vq_matmul_ref if ref else k.vq_matmul
-        return f(layer["w_idx"], spec["bits"], layer["codebook"], spec.get("group_rows"), x)
-    raise UsageError(f"unknown scheme {s!r}")
+    return apply_many([layer], x, ref)[0]
 
 
 def apply_many(layers, x, ref=False):
-    """[apply(layer, x) for layer in layers]: ternary (or binary) layers of one spec that read the
-    same x (q, k, v; gate, up) share one quantized x and one kernel call."""
+    """[apply(layer, x) for layer in layers]; layers of one spec (q, k, v; gate, up) run as one call."""
     x = _input(x, layers[0]["n_in"])
     if any(layer["n_in"] != layers[0]["n_in"] for layer in layers):
         raise UsageError(f"apply_many: the layers read inputs of {[layer['n_in'] for layer in layers]} columns")
-    spec = layers[0]["scheme"]
-    if spec["scheme"] in ("ternary", "binary") and all(layer["scheme"] == spec for layer in layers):
-        return _apply_integer(layers, x, ref)
-    return [apply(layer, x, ref) for layer in layers]
+    if any(layer["scheme"] != layers[0]["scheme"] for layer in layers):
+        return [y for layer in layers for y in apply_many([layer], x, ref)]
+    s = scheme(layers[0]["scheme"])
+    return (s.apply_ref if ref else s.apply)(layers, x)
 
 
-def _apply_integer(layers, x, ref):
-    """The ternary / binary rows of the table above, for layers of one spec over the same x."""
-    spec, k = layers[0]["scheme"], kernels
-    absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
-    ws = [layer["w_packed"] for layer in layers]
-    if spec["scheme"] == "ternary":
-        x_q, sx = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
-        accs = [k.ternary_matmul_ref(w, x_q) for w in ws] if ref else k.ternary_matmuls(ws, x_q)
-        scales = [layer["scale"] for layer in layers]  # gamma (1,) or (n_out,): multiplies
-    else:
-        x_q, sx = absmax(layer_norm(x) if spec.get("ln") else x)
-        accs = [k.binary_matmul_ref(w, x_q) for w in ws] if ref else k.binary_matmuls(ws, x_q)
-        g = spec.get("group_rows")  # beta per group of g rows
-        scales = [np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"] for layer in layers]
-    return [acc.astype(np.float32) * (scale / sx) for acc, scale in zip(accs, scales)]
+def dequantize(layer):
+    """The float matrix W (n_out, n_in) this layer multiplies by (activation quantization aside)."""
+    return scheme(layer["scheme"]).dequantize(layer)
 
 
 def _dequantized_matmul(layer, x):
@@ -208,30 +321,6 @@ def _dequantized_matmul(layer, x):
                 block[key] = layer[key][r0:r1]
         for key in ("lut", "codebook"):  # one per group of rows (or one for the tensor)
             if key in layer and g:
-                block[key] = layer[key][r0 // g:-(-r1 // g)]
+                block[key] = layer[key][r0 // g:pack.ceil_div(r1, g)]
         y[:, r0:r1] = x @ dequantize(block).T
     return y
-
-
-def dequantize(layer):
-    """The float matrix W (n_out, n_in) this layer multiplies by (activation quantization aside)."""
-    spec, n_in = layer["scheme"], layer["n_in"]
-    s, g = spec["scheme"], spec.get("group_rows")
-    if s in ("f32", "f16"):
-        return np.asarray(layer["weight"], dtype=np.float32)
-    if s == "ternary":
-        return quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], n_in), layer["scale"])
-    if s == "binary":
-        return quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["scale"], g)
-    if s == "onebit":
-        return quant.onebit_dequantize(pack.unpack_binary(layer["w_packed"], n_in), layer["g"], layer["h"])
-    if s == "int8":
-        return quant.int8_dequantize(layer["w_q"], layer["scale"])
-    if s == "lut":
-        idx = pack.unpack_indices(layer["w_idx"], n_in, spec["bits"])
-        return quant.lut_dequantize(idx, layer["lut"], g)
-    if s == "vq":
-        idx = pack.unpack_indices(layer["w_idx"], -(-n_in // 2), 2 * spec["bits"])
-        return quant.vq_dequantize(idx, layer["codebook"], n_in, g)
-    raise UsageError(f"unknown scheme {s!r}")
-

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from . import decode, io, kernels, linear
+from . import io, kernels, linear, pack
 from .errors import FormatError, QuantError, UsageError
 
 
@@ -100,7 +100,7 @@ def check_token_ids(ids, what):
 def rms_norm(x, weight, eps):
     """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d).
     The mean of squares is summed in float64, then rounded to float32: the order of the sum then
-    changes the float32 only at a rounding tie (decode.py's one-token block sums in another order)."""
+    changes the float32 only at a rounding tie (kernels.attention_step sums in another order)."""
     mean_sq = np.square(x, dtype=np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
     return weight * (x / np.sqrt(mean_sq + np.float32(eps)))
 
@@ -163,6 +163,64 @@ def attention(q, k, v, start):
     return out.reshape(KV, group, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
+def block(c, norms, x, cos, sin, attend, linears):
+    """The transformer block of config c, the reference every path runs: x (T, dim) -> (T, dim).
+    norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm"} weights (sub-norms: None
+    without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
+    attention of the rotated queries over the past and these rotated keys and values (a KV cache,
+    or the calibration batch's own sequences); linears(names, x) -> [y]: the linears that read x."""
+    T, H, KV, hd, eps = len(x), c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
+    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+    h = rms_norm(x, norms["attn_norm"], eps)                                    # (T, dim)
+    q, k, v = linears(("q", "k", "v"), h)                                        # (T, H*hd), (T, KV*hd) x 2
+    a = attend(rope(q.reshape(T, H, hd), cos, sin), rope(k.reshape(T, KV, hd), cos, sin),
+               v.reshape(T, KV, hd))                                             # (T, H*hd)
+    if c.sub_norms:
+        a = rms_norm(a, norms["attn_sub_norm"], eps)
+    x = x + linears(("o",), a)[0]                                                # (T, dim)
+    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
+    h = rms_norm(x, norms["ffn_norm"], eps)
+    gate, up = linears(("gate", "up"), h)                                        # (T, ffn_dim) x 2
+    m = gate_activation(gate, c.activation) * up
+    if c.sub_norms:
+        m = rms_norm(m, norms["ffn_sub_norm"], eps)
+    return x + linears(("down",), m)[0]
+
+
+def tensors_by_linear(tensors):
+    """{"layers.0.q": {"w_packed": ..., "scale": ...}, ...}: a model's tensors grouped by the layer they store."""
+    by_linear = {}
+    for key, t in tensors.items():
+        name, suffix = key.rsplit(".", 1)
+        by_linear.setdefault(name, {})[suffix] = t
+    return by_linear
+
+
+# --- the compiled one-token block: block()'s fast twin for all-ternary blocks (kernels.attention_step) ---
+
+def decode_workspace(c, max_len):
+    """The scratch buffers of kernels.attention_step and down_step for config c and a cache of
+    max_len positions: (floats, x_q, x8, accs, scores)."""
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    n_pad = max(pack.ceil_div(n, pack.BLOCK) * pack.BLOCK for n in (c.dim, q_dim, c.ffn_dim))
+    # h, q, k, v, attention out, a linear's y, gate, up, s_x (the absmax scale)
+    floats = tuple(np.zeros(n, np.float32) for n in (c.dim, q_dim, kv_dim, kv_dim, q_dim, c.dim, c.ffn_dim, c.ffn_dim, 1))
+    x_q = np.zeros((1, n_pad), np.int8)
+    x8 = (np.zeros((1, n_pad), np.uint8), np.zeros((1, n_pad), np.uint8))  # x_q + 128, 127 - x_q as the kernels read them
+    accs = tuple(np.zeros((1, n), np.int32) for n in (q_dim, kv_dim, kv_dim, c.dim, c.ffn_dim, c.ffn_dim, c.dim))
+    scores = np.zeros((c.n_heads, max_len), np.float32)  # (H, max_len)
+    return floats, x_q, x8, accs, scores
+
+
+def decode_args(norms, layers):
+    """(norms, ws, scales) of kernels.attention_step and down_step for one block: norms as block() takes
+    them; layers, its q, k, v, o, gate, up and down layers (linear.make dicts, ternary)."""
+    norms = tuple(np.array(norms[name] if norms[name] is not None else (), np.float32) for name in BLOCK_NORMS)
+    # read-only views, as the kernels' callers pass them: one compiled version for mapped and in-memory weights
+    ws = tuple(kernels.check_packed(layer["w_packed"], layer["w_packed"].shape[1], "ternary planes") for layer in layers)
+    return norms, ws, tuple(np.array(layer["scale"], np.float32) for layer in layers)
+
+
 class KVCache:
     """Keys and values of past positions, preallocated: k, v (n_layers, n_kv_heads, max_len, head_dim)
     (each head's positions are rows of one matrix, as the attention products want them)."""
@@ -172,7 +230,7 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.length = 0  # positions filled
-        self.work = None  # (config, decode.workspace): the compiled one-token blocks' buffers, made at their first step
+        self.work = None  # (config, decode_workspace(config, max_len)): made at the first compiled step
 
     @property
     def max_len(self):
@@ -188,39 +246,31 @@ class Model:
         c = config
         self.embed = tensors["embed.weight"]  # (vocab, dim) f32 or f16
         self.embed_rows = embed_rows or (lambda ids: self.embed[ids])
-        self.norm = tensors["norm.weight"]
-        by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
-        for key, t in tensors.items():
-            name, suffix = key.rsplit(".", 1)
-            by_linear.setdefault(name, {})[suffix] = t
+        self.norm = tensors["norm.weight"]  # (dim,)
+        by_linear = tensors_by_linear(tensors)
         self.linears = {name: linear.make(c.scheme_of(name), by_linear[name], n_out, n_in)
                         for name, n_out, n_in in linear_shapes(c)}
         if c.tie_embeddings:
             self.linears["head"] = linear.make({"scheme": "f32"}, {"weight": self.embed.astype(np.float32, copy=False)},
                                                c.vocab_size, c.dim)
-        self.norms = {k: v for k, v in tensors.items() if k.endswith("norm.weight")}
+        # block i's norm weights by name, None where the model has none (sub-norms)
+        self.block_norms = [{name: tensors.get(f"layers.{i}.{name}.weight") for name in BLOCK_NORMS}
+                            for i in range(c.n_layers)]
         self.inv_freq = rope_inv_freq(c)
-        # one-token steps through blocks whose linears are all ternary run compiled (decode.py)
-        self.compiled_blocks = {}  # i -> decode.block_args of block i
+        # one-token steps through blocks whose linears are all ternary run compiled (kernels.attention_step)
+        self.compiled_blocks = {}  # i -> decode_args of block i
         for i in range(c.n_layers):
-            p = f"layers.{i}."
-            layers = [self.linears[p + name] for name in BLOCK_LINEARS]
-            if not ref and all(layer["scheme"]["scheme"] == "ternary" for layer in layers):
-                norms = [self.norms[p + name + ".weight"] if c.sub_norms or "sub" not in name else None
-                         for name in BLOCK_NORMS]
-                self.compiled_blocks[i] = decode.block_args(norms, layers)
+            layers = [self.linears[f"layers.{i}.{name}"] for name in BLOCK_LINEARS]
+            if not ref and all(linear.scheme(layer["scheme"]) is linear.TERNARY for layer in layers):
+                self.compiled_blocks[i] = decode_args(self.block_norms[i], layers)
 
     def new_cache(self, max_len=None):
         """A cache of max_len positions (default max_seq_len): 2 n_layers n_kv_heads head_dim float32 each,
         all resident from the first token (NumPy gives large arrays 2 MB pages), as llama.cpp's context is:
-        size it to the prompt plus the tokens to generate. (An anonymous 4 KB-page map that grows with the
-        positions written cost 5% of prefill at 2 threads here: one page fault per 4 KB.)"""
+        size it to the prompt plus the tokens to generate."""
         return KVCache(self.config, max_len or self.config.max_seq_len)
 
-    def _linear(self, name, x):
-        return self._linears([name], x)[0]
-
-    def _linears(self, names, x):
+    def linears_of(self, names, x):
         """[linear name(x) for name in names]: the linears that read the same x, in one call."""
         try:
             return linear.apply_many([self.linears[name] for name in names], x, ref=self.ref)
@@ -248,7 +298,7 @@ class Model:
         cache.length = start + T
         if last_only:
             x = x[-1:]
-        return self._linear("head", rms_norm(x, self.norm, c.norm_eps))
+        return self.linears_of(["head"], rms_norm(x, self.norm, c.norm_eps))[0]
 
     def rope_tables(self, start, T):
         """cos, sin (T, head_dim/2) float32 of positions start..start+T-1."""
@@ -257,46 +307,34 @@ class Model:
 
     def block(self, i, x, cache, cos, sin):
         """Transformer block i over x (T, dim) at positions cache.length.. ; writes its keys and
-        values into the cache (cache.length is advanced by forward, after the last block).
-        One token through a compiled block updates x in place and returns it."""
+        values into the cache (forward advances cache.length after the last block). One token
+        through a compiled block (kernels.attention_step, its tested twin) updates x in place."""
         if len(x) == 1 and i in self.compiled_blocks:
             return self._block_step(i, x, cache, cos, sin)
-        c, p = self.config, f"layers.{i}."
-        T, start = len(x), cache.length
-        # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-        h = rms_norm(x, self.norms[p + "attn_norm.weight"], c.norm_eps)
-        q, k, v = self._linears([p + "q", p + "k", p + "v"], h)
-        q = q.reshape(T, c.n_heads, c.head_dim)
-        k = k.reshape(T, c.n_kv_heads, c.head_dim)
-        v = v.reshape(T, c.n_kv_heads, c.head_dim)
-        cache.k[i, :, start:start + T] = rope(k, cos, sin).transpose(1, 0, 2)
-        cache.v[i, :, start:start + T] = v.transpose(1, 0, 2)
-        a = attention(rope(q, cos, sin), cache.k[i, :, :start + T], cache.v[i, :, :start + T], start)
-        if c.sub_norms:
-            a = rms_norm(a, self.norms[p + "attn_sub_norm.weight"], c.norm_eps)
-        x = x + self._linear(p + "o", a)
-        # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
-        h = rms_norm(x, self.norms[p + "ffn_norm.weight"], c.norm_eps)
-        gate, up = self._linears([p + "gate", p + "up"], h)
-        m = gate_activation(gate, c.activation) * up
-        if c.sub_norms:
-            m = rms_norm(m, self.norms[p + "ffn_sub_norm.weight"], c.norm_eps)
-        return x + self._linear(p + "down", m)
+        start, p = cache.length, f"layers.{i}."
+
+        def attend(q, k, v):  # (T, H, hd), (T, KV, hd) x 2 -> (T, H * hd)
+            end = start + len(q)
+            cache.k[i, :, start:end] = k.transpose(1, 0, 2)
+            cache.v[i, :, start:end] = v.transpose(1, 0, 2)
+            return attention(q, cache.k[i, :, :end], cache.v[i, :, :end], start)
+        return block(self.config, self.block_norms[i], x, cos, sin, attend,
+                     lambda names, h: self.linears_of([p + name for name in names], h))
 
     def _block_step(self, i, x, cache, cos, sin):
-        """block() for one token, x (1, dim), in compiled steps (decode.py): x is updated in place."""
+        """block() for one token, x (1, dim), in compiled steps: x is updated in place."""
         c = self.config
         if cache.work is None or cache.work[0] is not c:  # made for this model's shapes
-            cache.work = (c, decode.workspace(c, cache.max_len))
+            cache.work = (c, decode_workspace(c, cache.max_len))
         work = cache.work[1]
         args, eps = self.compiled_blocks[i], np.float32(c.norm_eps)
         threads = (kernels.kernel_threads, kernels.MIN_WORK_PER_THREAD)
-        failed = decode.attention_step(x[0], *args, cache.k[i], cache.v[i], cache.length, cos[0], sin[0],
-                                       work, eps, *threads)
+        failed = kernels.attention_step(x[0], *args, cache.k[i], cache.v[i], cache.length, cos[0], sin[0],
+                                        work, eps, *threads)
         if not failed:
             gate, up = work[0][6:8]  # (ffn_dim,) each
             m = gate_activation(gate, c.activation) * up
-            failed = decode.down_step(x[0], m, *args, work, eps, *threads)
+            failed = kernels.down_step(x[0], m, *args, work, eps, *threads)
         if failed:
             p = f"layers.{i}."
             raise overflow_error([p + name for name in BLOCK_CALLS[failed - 1]])
@@ -307,11 +345,6 @@ class Model:
         ids = check_token_ids(token_ids, "token_ids")
         return self.forward(ids, self.new_cache(len(ids)))
 
-    def generate(self, prompt, **kwargs):
-        """Text continuation of `prompt` (a string, or token ids); see tinybit.generate.generate."""
-        from .generate import generate
-        return generate(self, prompt, **kwargs)
-
 
 def load(path, threads=None, ref=False):
     """Load a tinybit model directory: config.json, model.safetensors (memory-mapped), tokenizer.json."""
@@ -321,15 +354,12 @@ def load(path, threads=None, ref=False):
     # an untied embedding is only gathered from: its rows are checked when read (Model.forward)
     io.check_tensors(tensors, expected_tensors(config), st_path,
                      checked_at_use=() if config.tie_embeddings else ("embed.weight",))
-    by_linear = {}  # "layers.0.q" -> {"w_packed": ..., "scale": ...}
-    for key, t in tensors.items():
-        name, suffix = key.rsplit(".", 1)
-        by_linear.setdefault(name, {})[suffix] = t
+    by_linear = tensors_by_linear(tensors)
     for name, n_out, n_in in linear_shapes(config):  # packed codes are legal before a kernel sees them
         linear.check_codes(config.scheme_of(name), by_linear[name], n_in, f"{st_path}: tensor {name}")
     # BLAS threads only for a float model: they would spin against the kernels' threads
-    uses_kernels = any(config.scheme_of(name)["scheme"] not in ("f32", "f16") for name, _, _ in linear_shapes(config))
-    kernels.set_threads(threads, blas=not uses_kernels)
+    float_only = all(linear.scheme(config.scheme_of(name)).blas for name, _, _ in linear_shapes(config))
+    kernels.set_threads(threads, blas=float_only)
     # an untied embedding is only gathered from: read its rows from the file, not the memory map
     embed_rows = None if config.tie_embeddings else io.row_reader(st_path, tensors["embed.weight"])
     return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref,

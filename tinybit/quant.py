@@ -12,16 +12,12 @@ Conventions used throughout (state them once, use them everywhere):
 """
 import numpy as np
 
-from .errors import QuantError
+from .errors import QuantError, is_int
 
 EPS = 1e-5  # the clamp of transformers' BitNet code (absmax and absmean floors)
 
 
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _check_weight(w, name="weight"):
+def check_weight(w, name="weight"):
     w = np.asarray(w)
     if w.dtype.kind not in "biuf":
         raise QuantError(f"{name}: expected real numbers, got dtype {w.dtype}")
@@ -38,11 +34,11 @@ def _check_weight(w, name="weight"):
     return w
 
 
-def _row_groups(n_rows, group_rows):
+def row_groups(n_rows, group_rows):
     """Group index of each row: groups of `group_rows` consecutive output rows (None: one group)."""
     if group_rows is None:
         return np.zeros(n_rows, dtype=np.int64)
-    if not _is_int(group_rows) or group_rows < 1:
+    if not is_int(group_rows) or group_rows < 1:
         raise QuantError(f"group_rows must be an integer >= 1 (or None), got {group_rows!r}")
     if group_rows >= n_rows:  # one group; also keeps a group_rows past int64 out of the division
         return np.zeros(n_rows, dtype=np.int64)
@@ -74,7 +70,7 @@ def absmax_quantize(x, bits=8, per_token=True):
     Returns x_q (int8 for b <= 8, else int32), scale (float32, shape (..., 1) or ()).
     Dequantize: x ~= x_q / scale.
     """
-    if not _is_int(bits) or not 2 <= bits <= 16:
+    if not is_int(bits) or not 2 <= bits <= 16:
         raise QuantError(f"activation bits must be an integer in 2..16, got {bits!r}")
     x = np.asarray(x)
     if x.dtype.kind not in "biuf":
@@ -112,8 +108,8 @@ def binarize(w, group_rows=None):
     Returns w_sign (n_out, n_in) int8 in {-1, +1}, alpha (n_groups,) f32, beta (n_groups,) f32.
     Dequantize: W ~= W~ * beta (row by row, beta of the row's group).
     """
-    w = _check_weight(w)
-    groups = _row_groups(w.shape[0], group_rows)
+    w = check_weight(w)
+    groups = row_groups(w.shape[0], group_rows)
     alpha = _group_mean(w, groups)
     beta = _group_mean(np.abs(w), groups)
     # a mean lies within its group's range; keep float rounding from pushing it outside
@@ -127,7 +123,7 @@ def binarize(w, group_rows=None):
 
 
 def binary_dequantize(w_sign, beta, group_rows=None):
-    groups = _row_groups(w_sign.shape[0], group_rows)
+    groups = row_groups(w_sign.shape[0], group_rows)
     return (w_sign * beta[groups][:, None]).astype(np.float32)
 
 
@@ -144,9 +140,9 @@ def ternarize(w, per_row=False, eps=EPS):
     Dequantize: W ~= W~ * gamma.
     """
     # eps > 0: with eps = 0 an all-zero row (or tensor) would be 0 / 0
-    if not (_is_int(eps) or isinstance(eps, (float, np.floating))) or not 0 < eps < np.inf:
+    if not (is_int(eps) or isinstance(eps, (float, np.floating))) or not 0 < eps < np.inf:
         raise QuantError(f"ternarize eps must be a positive finite number, got {eps!r}")
-    w = _check_weight(w)
+    w = check_weight(w)
     gamma = np.abs(w).mean(axis=1) if per_row else np.array([np.abs(w).mean()])
     scaled = w / ((gamma[:, None] if per_row else gamma) + eps)
     w_t = np.clip(np.rint(scaled), -1, 1).astype(np.int8)
@@ -173,7 +169,7 @@ def onebit_svid(w, method="svd", nmf_iters=100):
     Both are deterministic. The product a b^T is split with equal norms |a| = |b|.
     Returns w_sign (n_out, n_in) int8, g (n_in,) f32, h (n_out,) f32.
     """
-    w = _check_weight(w)
+    w = check_weight(w)
     m = np.abs(w)
     w_sign = np.where(w > 0, 1, -1).astype(np.int8)
     if method == "svd":
@@ -185,7 +181,7 @@ def onebit_svid(w, method="svd", nmf_iters=100):
         if b @ b > 0:  # best a for this b: repairs a mixed-sign vector from a repeated singular value
             a = m @ b / (b @ b)
     elif method == "nmf":
-        if not _is_int(nmf_iters) or nmf_iters < 1:  # 0 rounds: no a at all (h = 0, W~ = 0)
+        if not is_int(nmf_iters) or nmf_iters < 1:  # 0 rounds: no a at all (h = 0, W~ = 0)
             raise QuantError(f"onebit nmf_iters must be an integer >= 1, got {nmf_iters!r}")
         b = m.mean(axis=0)
         a = np.zeros(m.shape[0])
@@ -227,9 +223,9 @@ def kmeans_1d(values, k, iters=30):
     Returns centroids (k,) float64 ascending, idx (len(values),) int64.
     """
     v = _check_points(np.asarray(values, dtype=np.float64).ravel(), "kmeans_1d values")
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise QuantError(f"kmeans_1d: k must be an integer >= 1, got {k!r}")
-    if not _is_int(iters) or iters < 0:
+    if not is_int(iters) or iters < 0:
         raise QuantError(f"kmeans_1d: iters must be an integer >= 0, got {iters!r}")
     vs = np.sort(v)
     distinct = np.unique(vs)
@@ -281,10 +277,10 @@ def lut_quantize(w, bits, group_rows=None, iters=30):
     Returns w_idx (n_out, n_in) uint8 centroid indices, lut (n_groups, 2^bits) float32.
     Dequantize: W[o, i] ~= lut[group(o), w_idx[o, i]].
     """
-    if not _is_int(bits) or bits not in LUT_BITS:
+    if not is_int(bits) or bits not in LUT_BITS:
         raise QuantError(f"LUT bits must be one of {LUT_BITS}, got {bits!r}")
-    w = _check_weight(w)
-    groups = _row_groups(w.shape[0], group_rows)
+    w = check_weight(w)
+    groups = row_groups(w.shape[0], group_rows)
     n_groups = groups[-1] + 1
     w_idx = np.zeros(w.shape, dtype=np.uint8)
     lut = np.zeros((n_groups, 2 ** bits), dtype=np.float32)
@@ -297,7 +293,7 @@ def lut_quantize(w, bits, group_rows=None, iters=30):
 
 
 def lut_dequantize(w_idx, lut, group_rows=None):
-    groups = _row_groups(w_idx.shape[0], group_rows)
+    groups = row_groups(w_idx.shape[0], group_rows)
     return lut[groups[:, None], w_idx].astype(np.float32)
 
 
@@ -319,10 +315,10 @@ def kmeans_2d(points, k, iters=20, chunk=1 << 16):
     per-axis quantiles (i + 0.5)/s, s = sqrt(k). Empty clusters keep their centroid; ties go to
     the lower index. Returns centroids (k, 2) float64 and idx (n,) int64."""
     p = _check_points(np.asarray(points, dtype=np.float64).reshape(-1, 2), "kmeans_2d points")
-    s = int(round(np.sqrt(k))) if _is_int(k) and k >= 1 else 0
+    s = int(round(np.sqrt(k))) if is_int(k) and k >= 1 else 0
     if s < 1 or s * s != k:
         raise QuantError(f"kmeans_2d: k must be a square s * s >= 1 (the start grid), got {k!r}")
-    if not _is_int(iters) or iters < 0:
+    if not is_int(iters) or iters < 0:
         raise QuantError(f"kmeans_2d: iters must be an integer >= 0, got {iters!r}")
     qs = (np.arange(s) + 0.5) / s
     q0, q1 = np.quantile(p[:, 0], qs), np.quantile(p[:, 1], qs)
@@ -357,11 +353,11 @@ def vq_quantize(w, bits, group_rows=None, iters=20):
     Returns w_idx (n_out, ceil(n_in/2)) uint8 and codebook (n_groups, 2^(2 bits), 2) float32.
     Dequantize: (W[o, 2j], W[o, 2j+1]) ~= codebook[group(o), w_idx[o, j]] (then drop a padded column).
     """
-    if not _is_int(bits) or bits not in VQ_BITS:
+    if not is_int(bits) or bits not in VQ_BITS:
         raise QuantError(f"VQ bits per weight must be one of {VQ_BITS}, got {bits!r}")
-    w = _check_weight(w)
+    w = check_weight(w)
     pairs = vq_pairs(w)  # (n_out, n_pairs, 2)
-    groups = _row_groups(w.shape[0], group_rows)
+    groups = row_groups(w.shape[0], group_rows)
     n_groups = groups[-1] + 1
     k = 2 ** (2 * bits)
     w_idx = np.zeros(pairs.shape[:2], dtype=np.uint8)
@@ -375,7 +371,7 @@ def vq_quantize(w, bits, group_rows=None, iters=20):
 
 
 def vq_dequantize(w_idx, codebook, n_in, group_rows=None):
-    groups = _row_groups(w_idx.shape[0], group_rows)
+    groups = row_groups(w_idx.shape[0], group_rows)
     pairs = codebook[groups[:, None], w_idx]  # (n_out, n_pairs, 2)
     return pairs.reshape(w_idx.shape[0], -1)[:, :n_in].astype(np.float32)
 
@@ -386,7 +382,7 @@ def int8_rows(w):
     """Per-row absmax int8 weights: scale = max|w_row| / 127, w_q = rint(w / scale) in [-127, 127].
     -> w_q (n_out, n_in) int8, scale (n_out,) float32. Dequantize: w ~= w_q * scale.
     An all-zero row gets codes 0 and scale 1/127."""
-    w = _check_weight(w)
+    w = check_weight(w)
     gamma = np.abs(w).max(axis=1)  # (n_out,) float64
     gamma = np.where(gamma > 0, gamma, 1.0)
     w_q = np.clip(np.rint(w / gamma[:, None] * 127), -127, 127).astype(np.int8)
