@@ -117,17 +117,17 @@ def test_stream_checks_its_arguments_at_the_call(stdlib, kwargs, words):
     """stream=True raised only at the first next(), after the caller had moved on."""
     kwargs = dict(dict(prompt="def f", stream=True), **kwargs)
     with pytest.raises(UsageError, match=words):
-        stdlib.generate(kwargs.pop("prompt"), **kwargs)
+        generate.generate(stdlib, kwargs.pop("prompt"), **kwargs)
 
 
 def test_arguments_that_cannot_apply_are_refused(stdlib, tmp_path):
     """chat=True with token ids, and stop strings on a model without a tokenizer, were ignored."""
     with pytest.raises(UsageError, match="^chat: .*token ids"):
-        stdlib.generate([0, 530], max_new_tokens=2, chat=True)
+        generate.generate(stdlib, [0, 530], max_new_tokens=2, chat=True)
     m = tinybit.load(save_random_model(str(tmp_path / "m"), tiny_config()))
-    assert m.tokenizer is None and len(m.generate([1, 5], max_new_tokens=2, temperature=0)) == 2
+    assert m.tokenizer is None and len(generate.generate(m, [1, 5], max_new_tokens=2, temperature=0)) == 2
     with pytest.raises(UsageError, match="^stop: .*no tokenizer.json"):
-        m.generate([1, 5], max_new_tokens=2, stop="w")
+        generate.generate(m, [1, 5], max_new_tokens=2, stop="w")
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -157,9 +157,9 @@ def test_warm_up_loads_the_kernels_the_prompt_and_decode_take(n_prompt):
     """numba loads each kernel's compiled code at its first call (~0.3 s for the shipped model): the CLI
     timed that as prefill (97 tokens at ~300 tok/s instead of ~10000). generate.warm_up, counted under
     "load", makes those first calls: afterwards the prompt's prefill and decode steps load nothing more."""
-    code = ("import numba, tinybit\nfrom tinybit import decode, generate, kernels, linear\n"
+    code = ("import numba, tinybit\nfrom tinybit import generate, kernels, linear\n"
             "def loaded():\n"
-            "    return sum(len(f.signatures) for mod in (kernels, decode, linear) for f in vars(mod).values()\n"
+            "    return sum(len(f.signatures) for mod in (kernels, linear) for f in vars(mod).values()\n"
             "               if isinstance(f, numba.core.dispatcher.Dispatcher))\n"
             "m = tinybit.load('models/stdlib-b158', threads=1)\n"
             f"before = loaded()\ngenerate.warm_up(m, {n_prompt})\nwarm = loaded()\n"
@@ -178,12 +178,12 @@ def test_special_token_text_and_context_limits(stdlib):
     c = stdlib.config
     assert generate.encode_prompt(stdlib, "<|endoftext|>def") == generate.encode_prompt(stdlib, "def") == [0, 530]
     full = [c.bos_token_id] + [530] * (c.max_seq_len - 1)
-    assert stdlib.generate(full, max_new_tokens=4, temperature=0) == ""
+    assert generate.generate(stdlib, full, max_new_tokens=4, temperature=0) == ""
     with pytest.raises(UsageError, match="exceeds the model's context"):
-        stdlib.generate(full + [530], max_new_tokens=4)
+        generate.generate(stdlib, full + [530], max_new_tokens=4)
     stats = {}
-    out = stdlib.generate(full + [530], max_new_tokens=4, temperature=0, truncate=True, stats=stats)
-    assert stats["truncated"] == 5 and out == stdlib.generate(full[:-4], max_new_tokens=4, temperature=0)
+    out = generate.generate(stdlib, full + [530], max_new_tokens=4, temperature=0, truncate=True, stats=stats)
+    assert stats["truncated"] == 5 and out == generate.generate(stdlib, full[:-4], max_new_tokens=4, temperature=0)
 
 
 def test_chat_templates_get_the_helpers_transformers_gives_them():
@@ -191,7 +191,7 @@ def test_chat_templates_get_the_helpers_transformers_gives_them():
     that use them (Llama 3.x's strftime_now, the role checks of many) failed as undefined or unknown tags."""
     import datetime
     from tinybit.errors import FormatError
-    render = generate.render_chat_template
+    from tinybit.chat import render_chat_template as render
     msgs = [{"role": "user", "content": "<é>"}, {"role": "assistant", "content": "b"}]
     assert render("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
                   messages=msgs) == "<é>"

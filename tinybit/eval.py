@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
+from .cli import OneLineParser, check_threads, exit_on_error
 from .errors import UsageError
-from .generate import OneLineParser, check_threads, exit_on_error
-from .model import check_token_ids
+from .model import check_token_ids, load
 
 
 def log_softmax(logits):
@@ -74,7 +74,6 @@ def main(argv=None):
 
 def run(args):
     """Load the model, tokenize the text, print its perplexity."""
-    from .model import load
     if args.ctx < 2:
         raise UsageError(f"--ctx must be >= 2, got {args.ctx}")
     if args.stride is not None and not 1 <= args.stride < args.ctx:

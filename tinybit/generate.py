@@ -5,9 +5,6 @@
 Prefill runs the whole prompt through the model at once (GEMM kernels); each new token is
 then one decode step over the KV cache (GEMV kernels). Stats go to stderr, text to stdout.
 """
-import argparse
-import datetime
-import json
 import math
 import os
 import resource
@@ -17,10 +14,12 @@ import time
 import numpy as np
 
 from . import kernels, linear
-from .errors import FormatError, TinybitError, UsageError
+from .chat import render_chat_template
+from .cli import OneLineParser, check_threads, exit_on_error, write_out
+from .errors import FormatError, TinybitError, UsageError, is_int
+from .model import check_token_ids, load
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-DEFAULT_MODEL = os.path.join(MODELS_DIR, "stdlib-b158")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 
 
@@ -50,10 +49,6 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     return int(order[rng.choice(len(p), p=p)])
 
 
-def is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def is_finite_real(x):
     """x is an int or float (Python or NumPy, not bool) that is a finite float64."""
     if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, (bool, np.bool_)):
@@ -78,83 +73,7 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
         raise UsageError(f"max_new_tokens (--max-new-tokens) must be an integer >= 0, got {max_new_tokens!r}")
 
 
-# --- prompts ------------------------------------------------------------------------------------
-
-# A chat template is code that comes with the model (config.json): it formats a handful of
-# messages in milliseconds, so rendering is bounded far above that: Python-level work by a time
-# limit, and the two one-step C-level operations that could run for minutes (`*` of a sequence,
-# `**` of an int) by size limits (jinja's sandbox already refuses range() over 100000 items).
-# Memory is not bounded as such: a filter such as center(10**8) still allocates what it is asked
-# to, within the time limit (a real bound would need a child process under RLIMIT_AS).
-CHAT_TEMPLATE_SECONDS = 1.0
-CHAT_TEMPLATE_MAX_LEN = 10 ** 6  # longest string, list or tuple `*` may build
-CHAT_TEMPLATE_MAX_BITS = 10 ** 5  # largest int `**` may build
-
-
-def bounded_binop(context, operator, left, right):
-    """left * right or left ** right in a chat template (jinja's call_binop hook for intercepted
-    operators), refused with an OverflowError when the result would exceed the limits above."""
-    if operator == "*":
-        for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and is_int(n) and len(seq) * n > CHAT_TEMPLATE_MAX_LEN:
-                raise OverflowError(f"'*' would repeat a sequence of {len(seq)} items {n} times "
-                                    f"(at most {CHAT_TEMPLATE_MAX_LEN} items)")
-    if is_int(left) and is_int(right) and abs(left) > 1:
-        # a * b has about bits(a) + bits(b) bits, a ** b about b * bits(a) (repeated squaring in a loop
-        # would otherwise make one multiplication take minutes)
-        bits = int(abs(left)).bit_length()
-        if (bits + int(abs(right)).bit_length() if operator == "*" else right * bits) > CHAT_TEMPLATE_MAX_BITS:
-            raise OverflowError(f"'{operator}' would build an integer of more than {CHAT_TEMPLATE_MAX_BITS} bits")
-    return left * right if operator == "*" else left ** right
-
-
-def call_with_deadline(f, seconds):
-    """f() stopped by a TimeoutError once it runs past `seconds`: every Python line it runs (in
-    this thread) checks the clock, through sys.settrace; the caller's trace function is restored."""
-    deadline = time.perf_counter() + seconds
-
-    def trace(frame, event, arg):
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"rendering ran past {seconds:g} s")
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return f()
-    finally:
-        sys.settrace(previous)
-
-
-def template_error(message):
-    """raise_exception(message) in a chat template: the template's own refusal."""
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(message)
-
-
-def render_chat_template(template, **variables):
-    """The chat template rendered with `variables`, with the helpers transformers gives templates:
-    {% break %} / {% continue %}, raise_exception(msg), strftime_now(fmt), and a tojson that keeps
-    non-ASCII and HTML characters as they are (not its {% generation %} tag, which marks the assistant's
-    tokens for training). The template is untrusted input from the model
-    directory: sandboxed as transformers does (it cannot reach Python internals), bounded in time
-    and in the size of `*` and `**` (above), and any exception while compiling or rendering it is
-    a one-line FormatError naming config.json's chat_template."""
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=template_error,
-                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-    env.intercepted_binops = frozenset({"*", "**"})  # also keeps them out of compile-time constant folding
-    env.call_binop = bounded_binop
-    try:
-        return call_with_deadline(lambda: env.from_string(template).render(**variables), CHAT_TEMPLATE_SECONDS)
-    except Exception as e:  # whatever the template does wrong (any exception), the model file is at fault
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise FormatError(f"config.json: chat_template: {type(e).__name__}: {first}") from None
-
+# --- generation ---------------------------------------------------------------------------------
 
 def encode_prompt(model, prompt, chat=False):
     """Token ids of a prompt string (chat: wrapped in the model's chat template). Text that spells a
@@ -174,8 +93,6 @@ def encode_prompt(model, prompt, chat=False):
         ids = [c.bos_token_id] + ids
     return ids
 
-
-# --- generation ---------------------------------------------------------------------------------
 
 def truncate_prompt(prompt_ids, keep, bos_token_id=None):
     """The last max(keep, 1) tokens of prompt_ids; a leading bos_token_id (not None) stays first."""
@@ -278,7 +195,6 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
     stop: one stop string, or several (a list, tuple or set of strings); the text ends before the first.
     truncate: keep the end of a prompt too long for the context (generate_tokens).
     A model without a tokenizer takes and returns token ids."""
-    from .model import check_token_ids
     stop = (stop,) if isinstance(stop, str) else stop  # a string is one stop string, not its characters
     if not (isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop)):
         raise UsageError(f"stop must be a string or a list of strings, got {stop!r}")
@@ -300,13 +216,6 @@ def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p
 
 # --- command line ---------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv):
     ap = OneLineParser(prog="tinybit.generate", description="Generate text with a tinybit model.")
     ap.add_argument("--model", "-m", default=None, help=f"model directory (default: {DEFAULT_MODEL})")
@@ -325,53 +234,7 @@ def parse_args(argv):
                          "without it a prompt longer than the context is an error, and a shorter one "
                          "generates until the context is full")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = ap.parse_args(argv)
-    return args
-
-
-def check_threads(threads):
-    """-t/--threads within 1..the cores numba sees (the kernels' thread pool), else a UsageError."""
-    import numba
-    n_max = numba.config.NUMBA_NUM_THREADS
-    if threads is not None and not 1 <= threads <= n_max:
-        raise UsageError(f"-t/--threads must be in 1..{n_max} (the cores numba sees), got {threads}")
-
-
-def exit_on_error(prog, debug, body):
-    """Run body() and return its exit code; a TinybitError becomes one line on stderr and exit
-    code 2 (with debug, the traceback instead); Ctrl-C is one line and exit code 130; a reader of
-    stdout that went away (`| head`) ends it quietly with 141, as SIGPIPE would."""
-    try:
-        return body()
-    except BrokenPipeError:
-        silence(sys.stdout)
-        return 141
-    except TinybitError as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-
-
-def silence(out):
-    """Point out's file descriptor at /dev/null: the flush at exit would otherwise fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-
-
-def write_out(out, text):
-    """text to out (stdout), flushed. A failed write (a full disk) is a UsageError; a reader that
-    went away (`| head`) is BrokenPipeError, for exit_on_error."""
-    try:
-        out.write(text)
-        out.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        silence(out)
-        raise UsageError(f"cannot write to standard output: {e.strerror}") from None
+    return ap.parse_args(argv)
 
 
 def warm_up(model, n_prompt):
@@ -389,10 +252,6 @@ def warm_up(model, n_prompt):
             pass
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
@@ -400,7 +259,6 @@ def main(argv=None):
 
 def run(args):
     """Load the model, stream the continuation to stdout, stats to stderr."""
-    from .model import load
     check_threads(args.threads)
     stats, out = {}, sys.stdout
     path = args.model or DEFAULT_MODEL
@@ -430,9 +288,10 @@ def run(args):
     if stats.get("truncated"):
         print(f"prompt truncated: dropped its first {stats['truncated']} tokens (--truncate)", file=sys.stderr)
     pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak; Linux reports KiB
     print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
           f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
-          f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB",
+          f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {rss_mb:.0f} MB",
           file=sys.stderr)
     return code
 
