@@ -23,7 +23,7 @@ the head as Q8_0, llama.cpp's 8-bit type, requantized from tinybit's int8 rows) 
 engines' logits of 16 tokens are compared (they compute the same function up to activation rounding:
 llama.cpp quantizes activations per 256-block, tinybit per token). Otherwise
 the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a reference
-anchor (not measured here; Q6_K head there).
+anchor (not measured here; Q6_K head there; docs/BENCHMARKS.md).
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and
@@ -52,7 +52,7 @@ SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
     "large": dict(vocab_size=32000, dim=1536, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=96, ffn_dim=4096),
 }
 # llama-bench pp128 / tg128 medians, TQ2_0 (Q6_K tied head), 2-vCPU AMD EPYC Zen 4
-# (shared/reference/llamacpp-measured.md): {shape: {threads: (prefill, decode)}}
+# (docs/BENCHMARKS.md): {shape: {threads: (prefill, decode)}}
 ANCHORS = {"2b4t": {1: (26.8, 18.1), 2: (52.5, 24.9)}, "large": {1: (76.9, 46.0), 2: (148.0, 57.0)}}
 
 

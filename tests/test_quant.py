@@ -1,4 +1,4 @@
-"""Property tests of tinybit.quant against the formulas of shared/reference/quantizers.md.
+"""Property tests of tinybit.quant against the formulas of docs/QUANTIZERS.md.
 
 Expected values are recomputed here from the formulas, independently of the implementation:
 statistics with math.fsum (a correctly rounded sum), codes from explicit thresholds rather
@@ -7,7 +7,7 @@ could legitimately flip a code (a weight within a few ulps of a threshold), the 
 either neighbour; exact ties are tested separately on inputs built so that every statistic
 is exactly representable (dyadic values), where no such slack is needed.
 
-Conventions under test (tinybit documents them in quant.py and docs/FORMAT.md):
+Conventions under test (tinybit documents them in quant.py, docs/QUANTIZERS.md and docs/FORMAT.md):
 absmax Q = 2^(b-1) - 1 (127 for 8 bits), round half to even, eps = 1e-5, Sign(0) = -1.
 """
 import math
@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from tinybit import kernels, pack, quant
 from tinybit.errors import QuantError, TinybitError
 
-EPS = 1e-5  # quantizers.md's eps; tinybit's documented value
+EPS = 1e-5  # docs/QUANTIZERS.md's eps; tinybit's documented value
 EPS32 = float(np.float32(EPS))  # absmax works in float32, so its floor is float32(1e-5)
 U32 = 2.0 ** -24  # float32 unit roundoff
 U64 = 2.0 ** -53  # float64 unit roundoff
@@ -408,7 +408,7 @@ def test_ternarize_zero_and_tiny(per_row):
 
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf"), "1e-5", True, np.complex128(1j)])
 def test_ternarize_rejects_eps_not_positive_finite(eps):
-    """quantizers.md's eps is a small positive float. eps = 0 made a zero row 0 / 0 = NaN, cast to an
+    """docs/QUANTIZERS.md's eps is a small positive float. eps = 0 made a zero row 0 / 0 = NaN, cast to an
     int8 code (a RuntimeWarning, no error); NaN coded everything 0; a negative eps divides by ~0."""
     with pytest.raises(QuantError, match="eps"):
         quant.ternarize(np.array([[0.0, 0.0], [1.0, -2.0]]), per_row=True, eps=eps)

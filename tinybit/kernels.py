@@ -88,10 +88,10 @@ def f32_matmul_ref(w, x):
     return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
 
 
-
 def absmax_quantize_ref(x):
     """The reference activation quantizer: quant.absmax_quantize(x) (8 bits, per token)."""
     return quant.absmax_quantize(x)
+
 
 # --- fast Numba kernels ------------------------------------------------------------------------
 
@@ -1102,7 +1102,7 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
     += o(attention), then work's gate, up = gate(h), up(h) with h = ffn_norm(x).
     norms: attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm weights (the last two empty: no sub-norms);
     ws, scales: w_packed and gamma of q, k, v, o, gate, up, down; k_cache, v_cache (KV, max_len, hd):
-    this layer's cache, position pos written here; cos, sin (hd/2,) of pos; work: workspace();
+    this layer's cache, position pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace();
     threads, min_work: kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the linear
     (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
