@@ -1,14 +1,9 @@
-"""The quantizers, exactly as the papers define them (formulas: shared/reference/quantizers.md).
+"""The data-free quantizers, as the papers define them (formulas, sections, departures: docs/QUANTIZERS.md).
 
-Every function takes float arrays and returns integer codes plus the float parameters
-needed to dequantize. W is a weight matrix (n_out, n_in) in PyTorch nn.Linear layout
-(y = W x); x is an activation vector (n_in,) or matrix (tokens, n_in).
-
-Conventions used throughout (state them once, use them everywhere):
-- Statistics (means, absmax, k-means) are computed in float64 and stored as float32,
-  so that no tensor, however large its values (up to 1e30), overflows a sum.
-- Rounding is NumPy's rint: round half to even, the same as torch.round.
-- Weight quantizers reject NaN/Inf, and values past float32's range, with a QuantError.
+W is a weight matrix (n_out, n_in), nn.Linear layout (y = W x); x is (n_in,) or (tokens, n_in). Each quantizer
+returns integer codes and the float32 parameters that dequantize them. Statistics are computed in float64 (no
+sum overflows, even at 1e30) and stored as float32; rounding is rint (half to even, as torch.round); NaN, Inf
+or values past float32's range raise QuantError.
 """
 import numpy as np
 
@@ -18,6 +13,7 @@ EPS = 1e-5  # the clamp of transformers' BitNet code (absmax and absmean floors)
 
 
 def check_weight(w, name="weight"):
+    """A real, finite, non-empty 2-D matrix within float32's range -> float64 (n_out, n_in)."""
     w = np.asarray(w)
     if w.dtype.kind not in "biuf":
         raise QuantError(f"{name}: expected real numbers, got dtype {w.dtype}")
@@ -47,29 +43,14 @@ def row_groups(n_rows, group_rows):
 
 def _group_mean(values, groups):
     """Mean of each group of rows of `values` (n_rows, n) -> (n_groups,) float64."""
-    n_groups = groups[-1] + 1
-    sums = np.zeros(n_groups)
-    counts = np.zeros(n_groups)
-    np.add.at(sums, groups, values.sum(axis=1))
-    np.add.at(counts, groups, values.shape[1])
-    return sums / counts
+    return np.bincount(groups, weights=values.sum(axis=1)) / (np.bincount(groups) * values.shape[1])
 
-
-# --- 1. Activations: absmax to b bits -------------------------------------------------------
 
 def absmax_quantize(x, bits=8, per_token=True):
-    """Absmax activation quantization (BitNet / BitNet b1.58, as every public implementation does it).
-
-        Q     = 2^(b-1) - 1                       (127 for b = 8: codes always fit int8)
-        scale = Q / max(||x||_inf, EPS)           (per token = per last-axis row, or per tensor)
-        x_q   = clip(rint(x * scale), -Q, Q)      (round half to even)
-
-    Computed in float32, as transformers' BitNet ActQuant does on float32 activations.
-    The paper's Q_b = 2^(b-1) with Clip to (-Q_b + eps, Q_b - eps) cannot be stored in b bits
-    once rounded; Q = 2^(b-1) - 1 is the convention of BitNet b1.58 and its code.
-    Returns x_q (int8 for b <= 8, else int32), scale (float32, shape (..., 1) or ()).
-    Dequantize: x ~= x_q / scale.
-    """
+    """Absmax activations: BitNet (Wang et al. 2023) §2.1 eqs. 4-5, with BitNet b1.58's Q (Ma et al. 2024) §2.
+        Q = 2^(b-1) - 1,  scale = Q / max(max|x|, EPS),  x_q = clip(rint(x * scale), -Q, Q)
+    In float32, as transformers' BitNet code. max|x| per token (last axis) or per tensor.
+    -> x_q (int8 for b <= 8, else int32), scale float32 (..., 1) or (). x ~= x_q / scale."""
     if not is_int(bits) or not 2 <= bits <= 16:
         raise QuantError(f"activation bits must be an integer in 2..16, got {bits!r}")
     x = np.asarray(x)
@@ -89,31 +70,21 @@ def absmax_quantize(x, bits=8, per_token=True):
 
 
 def absmax_dequantize(x_q, scale):
-    """x ~= x_q / scale (float32). Computed in float64: |x_q / scale| <= gamma, which the clip
-    keeps finite even when a tiny (subnormal) scale has lost precision."""
+    """x ~= x_q / scale, float32. In float64, clipped: |x| <= gamma even when a subnormal scale lost precision."""
     fmax = np.finfo(np.float32).max
     return np.clip(x_q / np.asarray(scale, dtype=np.float64), -fmax, fmax).astype(np.float32)
 
 
-# --- 2. BitNet: binary weights ---------------------------------------------------------------
-
 def binarize(w, group_rows=None):
-    """BitNet binary weights (Wang et al. 2023), per tensor or per group of output rows.
-
-        alpha = mean(W)                      (over the group)
-        W~    = Sign(W - alpha),  Sign(v) = +1 if v > 0 else -1   (Sign(0) = -1)
-        beta  = mean(|W|)                    (over the group)
-
-    alpha and beta are computed from the un-quantized W, before Sign.
-    Returns w_sign (n_out, n_in) int8 in {-1, +1}, alpha (n_groups,) f32, beta (n_groups,) f32.
-    Dequantize: W ~= W~ * beta (row by row, beta of the row's group).
-    """
+    """BitNet binary weights (Wang et al. 2023) §2.1 eqs. 1-3, 13; per tensor or per group of output rows.
+        alpha = mean(W),  beta = mean(|W|)  (per group, from the un-quantized W)
+        W~ = Sign(W - alpha),  Sign(v) = +1 if v > 0 else -1;   W ~= W~ * beta
+    -> w_sign (n_out, n_in) int8 in {-1, +1}, alpha (n_groups,) f32, beta (n_groups,) f32."""
     w = check_weight(w)
     groups = row_groups(w.shape[0], group_rows)
     alpha = _group_mean(w, groups)
     beta = _group_mean(np.abs(w), groups)
-    # a mean lies within its group's range; keep float rounding from pushing it outside
-    # (a constant group would otherwise round to just below its value and binarize to +1)
+    # alpha clipped into its group's [min, max]: rounding could put a constant group's mean below it (code +1)
     lo, hi = np.full(len(alpha), np.inf), np.full(len(alpha), -np.inf)
     np.minimum.at(lo, groups, w.min(axis=1))
     np.maximum.at(hi, groups, w.max(axis=1))
@@ -127,19 +98,11 @@ def binary_dequantize(w_sign, beta, group_rows=None):
     return (w_sign * beta[groups][:, None]).astype(np.float32)
 
 
-# --- 3. BitNet b1.58: ternary weights --------------------------------------------------------
-
 def ternarize(w, per_row=False, eps=EPS):
-    """BitNet b1.58 ternary weights (Ma et al. 2024): absmean RoundClip.
-
-        gamma = mean(|W|)                              (per tensor as in the paper, or per output row)
-        W~    = RoundClip(W / (gamma + eps), -1, 1),   RoundClip(v, a, b) = max(a, min(b, rint(v)))
-
-    eps = 1e-5 (the floor transformers' code uses). gamma is computed before rounding.
-    Returns w_t (n_out, n_in) int8 in {-1, 0, +1} and gamma, float32 of shape (1,) or (n_out,).
-    Dequantize: W ~= W~ * gamma.
-    """
-    # eps > 0: with eps = 0 an all-zero row (or tensor) would be 0 / 0
+    """BitNet b1.58 ternary weights (Ma et al. 2024) §2 eqs. 1-3: absmean RoundClip.
+        gamma = mean(|W|)  (per tensor, the paper; or per output row)
+        W~ = clip(rint(W / (gamma + eps)), -1, 1);   W ~= W~ * gamma      (eps > 0: else an all-zero row is 0 / 0)
+    -> w_t (n_out, n_in) int8 in {-1, 0, +1}, gamma float32 (1,) or (n_out,)."""
     if not (is_int(eps) or isinstance(eps, (float, np.floating))) or not 0 < eps < np.inf:
         raise QuantError(f"ternarize eps must be a positive finite number, got {eps!r}")
     w = check_weight(w)
@@ -153,22 +116,12 @@ def ternary_dequantize(w_t, gamma):
     return (w_t * gamma.reshape(-1, 1)).astype(np.float32)  # gamma (1,) or (n_out,)
 
 
-# --- 4. OneBit: sign matrix + two value vectors (SVID) ---------------------------------------
-
 def onebit_svid(w, method="svd", nmf_iters=100):
-    """OneBit's Sign-Value-Independent Decomposition (Xu et al. 2024).
-
-        W = Sign(W) ⊙ |W|,   |W| ~= a b^T  (rank 1),   W ~= Sign(W) ⊙ (a b^T)
-        layer:  Y = [(X ⊙ g) Sign(W)^T] ⊙ h,   g = b (input side, n_in),  h = a (output side, n_out)
-
-    Sign as in BitNet: +1 if v > 0 else -1. The rank-1 factor of |W| comes from
-    - "svd": the leading singular pair (the Perron vectors of |W|, made non-negative);
-    - "nmf": rank-1 non-negative matrix factorisation by alternating least squares
-      (a = |W| b / b.b,  b = |W|^T a / a.a) from the deterministic start b = column means,
-      `nmf_iters` rounds. (OneBit's own code uses sklearn NMF with a random seed.)
-    Both are deterministic. The product a b^T is split with equal norms |a| = |b|.
-    Returns w_sign (n_out, n_in) int8, g (n_in,) f32, h (n_out,) f32.
-    """
+    """OneBit's Sign-Value-Independent Decomposition (Xu et al. 2024) §3.3 eqs. 4-5; layer §3.2 eq. 3.
+        |W| ~= a b^T (rank 1, a, b >= 0),  W ~= Sign(W) ⊙ (a b^T),  Y = [(X ⊙ g) Sign(W)^T] ⊙ h,  g = b, h = a
+    a b^T from "svd" (leading singular pair, made non-negative) or "nmf" (deterministic ALS from
+    b = column means, `nmf_iters` rounds), then balanced to |a| = |b|.
+    -> w_sign (n_out, n_in) int8, g (n_in,) f32, h (n_out,) f32."""
     w = check_weight(w)
     m = np.abs(w)
     w_sign = np.where(w > 0, 1, -1).astype(np.int8)
@@ -185,7 +138,7 @@ def onebit_svid(w, method="svd", nmf_iters=100):
             raise QuantError(f"onebit nmf_iters must be an integer >= 1, got {nmf_iters!r}")
         b = m.mean(axis=0)
         a = np.zeros(m.shape[0])
-        for _ in range(nmf_iters):
+        for _ in range(nmf_iters):  # a = |W| b / b.b,  b = |W|^T a / a.a
             bb = b @ b
             a = m @ b / bb if bb > 0 else np.zeros_like(a)
             aa = a @ a
@@ -203,25 +156,14 @@ def onebit_dequantize(w_sign, g, h):
     return (w_sign * np.outer(h, g)).astype(np.float32)
 
 
-# --- 5. LUT palettization: k-means with 2^n centroids ----------------------------------------
-
 LUT_BITS = (1, 2, 3, 4, 6, 8)
 
 
 def kmeans_1d(values, k, iters=30):
-    """Lloyd's k-means in 1-D, deterministic.
-
-    Start: if the values take at most k distinct values, those values are the centroids
-    (exact, and the table is padded by repeating the largest); otherwise the k quantiles
-    (i + 0.5) / k, with the smallest and largest value as the end centroids when k >= 4 (an
-    outlier weight keeps a centroid of its own instead of being pulled to the nearest quantile).
-    Each round moves every centroid to the mean of its values (an empty cluster keeps its
-    centroid), then reassigns every value to its nearest centroid (ties to the lower index; of two
-    equal centroids, the values above them take the upper one), so the squared error never
-    increases and the centroids stay sorted. Stops early when no assignment changes. The values
-    are sorted once: a cluster is a run of them, cut at the midpoints between centroids.
-    Returns centroids (k,) float64 ascending, idx (len(values),) int64.
-    """
+    """Lloyd's k-means in 1-D, deterministic (start, ties and stopping: docs/QUANTIZERS.md §5).
+    Start: the distinct values if at most k (padded with the largest), else the quantiles (i + 0.5) / k
+    with the min and max as end centroids when k >= 4. Values sorted once: a cluster is a run of them.
+    -> centroids (k,) float64 ascending, idx (len(values),) int64."""
     v = _check_points(np.asarray(values, dtype=np.float64).ravel(), "kmeans_1d values")
     if not is_int(k) or k < 1:
         raise QuantError(f"kmeans_1d: k must be an integer >= 1, got {k!r}")
@@ -236,9 +178,7 @@ def kmeans_1d(values, k, iters=30):
     if k >= 4:
         centroids[0], centroids[-1] = vs[0], vs[-1]
     ends = _cluster_ends(vs, centroids)
-    # a 0 appended past the end: every start (len(vs) for an empty last cluster) is a valid index of
-    # reduceat, and the last non-empty cluster's sum runs to the true end (empty clusters: ignored below)
-    vs0 = np.append(vs, 0.0)
+    vs0 = np.append(vs, 0.0)  # every start (len(vs) for an empty last cluster) is a valid reduceat index
     for _ in range(iters):
         starts = np.concatenate([[0], ends])  # cluster i is vs[starts[i]:starts[i] + counts[i]]
         counts = np.diff(np.concatenate([starts, [len(vs)]]))
@@ -259,24 +199,19 @@ def _check_points(p, what):
 
 
 def _cluster_ends(vs, centroids):
-    """Where each cluster of the sorted values vs ends: values <= the midpoint after centroid i
-    belong to clusters 0..i (ties to the lower index, as in _nearest_1d)."""
+    """End of each cluster in the sorted vs: values <= the midpoint after centroid i (ties to the lower index)."""
     return np.searchsorted(vs, (centroids[1:] + centroids[:-1]) / 2, side="right")
 
 
 def _nearest_1d(v, centroids):
     """Index of the nearest of the sorted `centroids` for each value (ties to the lower index)."""
-    mid = (centroids[1:] + centroids[:-1]) / 2
-    return np.searchsorted(mid, v, side="left")
+    return np.searchsorted((centroids[1:] + centroids[:-1]) / 2, v, side="left")
 
 
 def lut_quantize(w, bits, group_rows=None, iters=30):
-    """LUT palettization (coremltools / DKM): each weight is replaced by one of k = 2^bits centroids.
-
-    One LUT per tensor, or one per group of `group_rows` output rows; centroids by kmeans_1d.
-    Returns w_idx (n_out, n_in) uint8 centroid indices, lut (n_groups, 2^bits) float32.
-    Dequantize: W[o, i] ~= lut[group(o), w_idx[o, i]].
-    """
+    """LUT palettization (Deep Compression, Han et al. 2015, §3; DKM, Cho et al. 2021): k = 2^bits centroids
+    by kmeans_1d, one table per tensor or per group of output rows. W[o, i] ~= lut[group(o), w_idx[o, i]].
+    -> w_idx (n_out, n_in) uint8, lut (n_groups, 2^bits) float32."""
     if not is_int(bits) or bits not in LUT_BITS:
         raise QuantError(f"LUT bits must be one of {LUT_BITS}, got {bits!r}")
     w = check_weight(w)
@@ -297,23 +232,20 @@ def lut_dequantize(w_idx, lut, group_rows=None):
     return lut[groups[:, None], w_idx].astype(np.float32)
 
 
-# --- 6. 2-D vector quantization ----------------------------------------------------------------
-
 VQ_BITS = (1, 2, 3, 4)
 
 
 def vq_pairs(w):
-    """Adjacent input weights as 2-D vectors: (n_out, n_in) -> (n_out, ceil(n_in/2), 2).
-    An odd n_in is padded with one zero column."""
+    """Adjacent input weights as 2-D vectors: (n_out, n_in) -> (n_out, ceil(n_in/2), 2), odd n_in zero-padded."""
     if w.shape[1] % 2:
         w = np.concatenate([w, np.zeros((w.shape[0], 1), w.dtype)], axis=1)
     return w.reshape(w.shape[0], -1, 2)
 
 
 def kmeans_2d(points, k, iters=20, chunk=1 << 16):
-    """Lloyd's k-means on 2-D points, deterministic: the k = s*s start centroids are the grid of
-    per-axis quantiles (i + 0.5)/s, s = sqrt(k). Empty clusters keep their centroid; ties go to
-    the lower index. Returns centroids (k, 2) float64 and idx (n,) int64."""
+    """Lloyd's k-means on 2-D points, deterministic: starts from the s x s grid of per-axis quantiles
+    (i + 0.5) / s, s = sqrt(k); empty clusters keep their centroid, ties to the lower index.
+    -> centroids (k, 2) float64, idx (n,) int64."""
     p = _check_points(np.asarray(points, dtype=np.float64).reshape(-1, 2), "kmeans_2d points")
     s = int(round(np.sqrt(k))) if is_int(k) and k >= 1 else 0
     if s < 1 or s * s != k:
@@ -346,13 +278,9 @@ def _nearest_2d(p, centroids, chunk):
 
 
 def vq_quantize(w, bits, group_rows=None, iters=20):
-    """2-D vector quantization (GPTVQ's data-free baseline, d = 2): each pair of adjacent input
-    weights (W[o, 2j], W[o, 2j+1]) is replaced by one of k = 2^(2*bits) 2-D centroids.
-
-    One codebook per tensor or per group of `group_rows` output rows (kmeans_2d).
-    Returns w_idx (n_out, ceil(n_in/2)) uint8 and codebook (n_groups, 2^(2 bits), 2) float32.
-    Dequantize: (W[o, 2j], W[o, 2j+1]) ~= codebook[group(o), w_idx[o, j]] (then drop a padded column).
-    """
+    """2-D vector quantization (GPTVQ's data-free baseline, van Baalen et al. 2024, §3, d = 2): each pair
+    (W[o, 2j], W[o, 2j+1]) ~= codebook[group(o), w_idx[o, j]], k = 2^(2 bits) centroids by kmeans_2d.
+    -> w_idx (n_out, ceil(n_in/2)) uint8, codebook (n_groups, 2^(2 bits), 2) float32."""
     if not is_int(bits) or bits not in VQ_BITS:
         raise QuantError(f"VQ bits per weight must be one of {VQ_BITS}, got {bits!r}")
     w = check_weight(w)
@@ -376,12 +304,10 @@ def vq_dequantize(w_idx, codebook, n_in, group_rows=None):
     return pairs.reshape(w_idx.shape[0], -1)[:, :n_in].astype(np.float32)
 
 
-# --- 7. int8 rows (weight-only; for the output head) ----------------------------------------------
-
 def int8_rows(w):
-    """Per-row absmax int8 weights: scale = max|w_row| / 127, w_q = rint(w / scale) in [-127, 127].
-    -> w_q (n_out, n_in) int8, scale (n_out,) float32. Dequantize: w ~= w_q * scale.
-    An all-zero row gets codes 0 and scale 1/127."""
+    """Per-row absmax int8 weights, for the output head (LLM.int8(), Dettmers et al. 2022, §3.1):
+    gamma = max|w_row| (1 for an all-zero row), w_q = clip(rint(w / gamma * 127), -127, 127), scale = gamma / 127.
+    -> w_q (n_out, n_in) int8, scale (n_out,) float32. w ~= w_q * scale."""
     w = check_weight(w)
     gamma = np.abs(w).max(axis=1)  # (n_out,) float64
     gamma = np.where(gamma > 0, gamma, 1.0)
