@@ -132,14 +132,30 @@ def test_ternary_2bit_layout_and_round_trip(w_t):
     np.testing.assert_array_equal(back, w_t)
 
 
-@given(w_t=TERNARY)
-def test_ternary_base3_layout_and_round_trip(w_t):
-    packed = pack.pack_ternary_base3(w_t)
-    n_out, n_in = w_t.shape
-    assert packed.dtype == np.uint8 and packed.shape == (n_out, ceil_div(n_in, 5))
-    assert packed.max() <= 242
-    np.testing.assert_array_equal(packed, ref_base(w_t + 1, 3, 5, pad=1))
-    back = pack.unpack_ternary_base3(packed, n_in)
+def ref_2bit_runs(codes, stride, pad):
+    """Runs of 4 * stride codes in `stride` bytes: code k of run r -> byte stride * r + k % stride,
+    bits 2 (k // stride); the last run padded with `pad`."""
+    n_out, n_in = codes.shape
+    n_runs = ceil_div(n_in, 4 * stride)
+    out = np.zeros((n_out, n_runs * stride), dtype=np.int64)
+    padded = np.full((n_out, n_runs * 4 * stride), pad, dtype=np.int64)
+    padded[:, :n_in] = codes
+    for i in range(padded.shape[1]):
+        r, k = divmod(i, 4 * stride)
+        out[:, stride * r + k % stride] += padded[:, i] << (2 * (k // stride))
+    return out.astype(np.uint8)
+
+
+@given(w_t=TERNARY, stride=st.sampled_from([1, 2, 3, 32, None]), axis=st.sampled_from([0, 1]),
+       pad=st.sampled_from([0, 1, 2]))
+def test_ternary_2bit_strides_and_axes(w_t, stride, axis, pad):
+    """Runs of 4 * stride codes (stride None: one run over the row; axis 0: down the columns)."""
+    rows = w_t if axis == 1 else w_t.T
+    n = rows.shape[1]
+    packed = pack.pack_ternary_2bit(w_t, stride=stride, pad=pad, axis=axis)
+    ref = ref_2bit_runs(rows + 1, stride or max(1, ceil_div(n, 4)), pad)
+    np.testing.assert_array_equal(packed, ref if axis == 1 else ref.T)
+    back = pack.unpack_ternary_2bit(packed, n, stride=stride, pad=pad, axis=axis)
     assert back.dtype == np.int8 and back.shape == w_t.shape
     np.testing.assert_array_equal(back, w_t)
 
@@ -162,7 +178,6 @@ def test_packers_accept_any_integer_dtype(w_t):
     for dtype in (np.int8, np.int16, np.int32, np.int64):
         np.testing.assert_array_equal(pack.pack_ternary(w_t.astype(dtype)), pack.pack_ternary(w_t))
         np.testing.assert_array_equal(pack.pack_ternary_2bit(w_t.astype(dtype)), pack.pack_ternary_2bit(w_t))
-        np.testing.assert_array_equal(pack.pack_ternary_base3(w_t.astype(dtype)), pack.pack_ternary_base3(w_t))
 
 
 # --- hand-computed layouts ----------------------------------------------------------------------
@@ -212,16 +227,33 @@ def test_ternary_2bit_hand_examples():
                                   [[-1, 0, 1, 0]])
 
 
-def test_ternary_base3_hand_examples():
-    # byte = sum (t_i + 1) 3^i: [+1, 0, -1, +1, +1] -> 2 + 1*3 + 0*9 + 2*27 + 2*81 = 221
-    assert pack.pack_ternary_base3(np.array([[1, 0, -1, 1, 1]])).tolist() == [[221]]
-    # [-1] padded with trit 1: 0 + 3 + 9 + 27 + 81 = 120
-    assert pack.pack_ternary_base3(np.array([[-1]])).tolist() == [[120]]
-    assert pack.pack_ternary_base3(np.zeros((1, 5), dtype=int)).tolist() == [[121]]
-    assert pack.pack_ternary_base3(np.ones((1, 5), dtype=int)).tolist() == [[242]]
-    assert pack.pack_ternary_base3(-np.ones((1, 6), dtype=int)).tolist() == [[0, 120]]
-    np.testing.assert_array_equal(pack.unpack_ternary_base3(np.array([[221]], dtype=np.uint8), 5),
-                                  [[1, 0, -1, 1, 1]])
+def test_ternary_2bit_hf_and_tq2_0_hand_examples():
+    # transformers' unpack_weights docstring: byte [p, i] holds weight rows p, p + 2, p + 4, p + 6 of column i
+    hf = np.array([[0b10100001, 0b00011000], [0b10010000, 0b00001010]], dtype=np.uint8)
+    w = [[0, -1], [-1, 1], [-1, 1], [-1, 1], [1, 0], [0, -1], [1, -1], [1, -1]]
+    np.testing.assert_array_equal(pack.unpack_ternary_2bit(hf, 8, stride=None, pad=None, axis=0), w)
+    np.testing.assert_array_equal(pack.pack_ternary_2bit(np.array(w), stride=None, pad=0, axis=0), hf)
+    # 5 output rows: R = 2 packed rows; weight rows 5..7 are padding, unread with pad None
+    junk = np.array([[0b11000110], [0b11110001]], dtype=np.uint8)  # rows 0, 2, 4 (+1, 0, -1), 1, 3 (0, -1)
+    np.testing.assert_array_equal(pack.unpack_ternary_2bit(junk, 5, stride=None, pad=None, axis=0),
+                                  [[1], [0], [0], [-1], [-1]])
+    with pytest.raises(PackError, match="padding"):
+        pack.unpack_ternary_2bit(junk, 5, stride=None, pad=1, axis=0)
+    # TQ2_0 (stride 32): weight 32 s + j of a 128-weight run in bits 2s of byte j
+    w = np.zeros((1, 256), dtype=np.int8)
+    w[0, 32 * 3 + 5] = 1  # run 0, byte 5, bits 6..7: code 2
+    w[0, 128 + 31] = -1  # run 1, byte 32 + 31, bits 0..1: code 0
+    expected = np.full(64, 0x55, dtype=np.uint8)
+    expected[5] = 0x95
+    expected[63] = 0x54
+    np.testing.assert_array_equal(pack.pack_ternary_2bit(w, stride=32)[0], expected)
+
+
+def test_ternary_2bit_code_3_names_the_weight():
+    packed = pack.pack_ternary_2bit(np.zeros((8, 3), dtype=int), stride=None, axis=0)  # (2, 3): rows p, p + 2, ...
+    packed[1, 2] |= 3 << 4  # weight row 1 + 2 * 2 = 5, column 2
+    with pytest.raises(PackError, match=r"code 3 .* at weight row 5, column 2 \(1 such code"):
+        pack.unpack_ternary_2bit(packed, 8, stride=None, axis=0)
 
 
 def test_indices_hand_examples():
@@ -309,24 +341,6 @@ def test_ternary_2bit_rejects_code_3_and_bad_padding(w_t, data):
             pack.unpack_ternary_2bit(bad, n_in)
 
 
-@given(w_t=TERNARY, data=st.data())
-def test_ternary_base3_rejects_large_bytes_and_bad_padding(w_t, data):
-    n_out, n_in = w_t.shape
-    packed = pack.pack_ternary_base3(w_t)
-    o = data.draw(st.integers(0, n_out - 1))
-    k = data.draw(st.integers(0, packed.shape[1] - 1))
-    bad = packed.copy()
-    bad[o, k] = data.draw(st.integers(243, 255))
-    with pytest.raises(PackError):
-        pack.unpack_ternary_base3(bad, n_in)
-    if n_in % 5:
-        i = data.draw(st.integers(n_in, 5 * packed.shape[1] - 1))
-        bad = packed.copy()
-        bad[o, i // 5] = int(bad[o, i // 5]) + data.draw(st.sampled_from([-1, 1])) * 3 ** (i % 5)  # trit 1 -> 0/2
-        with pytest.raises(PackError):
-            pack.unpack_ternary_base3(bad, n_in)
-
-
 @given(case=index_matrices(), data=st.data())
 def test_indices_reject_nonzero_padding(case, data):
     idx, bits = case
@@ -344,7 +358,6 @@ UNPACKERS = {
     "ternary": (lambda w: pack.pack_ternary(w), pack.unpack_ternary, 256),
     "binary": (lambda w: pack.pack_binary(np.where(w > 0, 1, -1)), pack.unpack_binary, 256),
     "2bit": (lambda w: pack.pack_ternary_2bit(w), pack.unpack_ternary_2bit, 4),
-    "base3": (lambda w: pack.pack_ternary_base3(w), pack.unpack_ternary_base3, 5),
     "idx3": (lambda w: pack.pack_indices(w + 1, 3), lambda p, n: pack.unpack_indices(p, n, 3), 8),
 }
 
@@ -386,8 +399,8 @@ def test_unpack_rejects_n_in_of_another_row_size(name):
 @pytest.mark.parametrize("name", sorted(UNPACKERS))
 @pytest.mark.parametrize("n_in", [300.0, -1, None, True, "300"])
 def test_unpack_rejects_a_row_length_not_a_count(name, n_in):
-    """n_in is an integer >= 0, else a PackError naming it: 300.0 crashed in slicing (TypeError),
-    None in the byte count, and n_in = -1 over rows of 0 bytes came back as empty rows (2-bit, base-3)."""
+    """n_in is an integer >= 0, else a PackError naming it: never a TypeError from slicing with 300.0 or
+    from a byte count of None, nor empty rows for n_in = -1 over rows of 0 bytes."""
     pack_fn, unpack_fn, _ = UNPACKERS[name]
     packed = pack_fn(np.zeros((2, 300), dtype=np.int64))
     for p in (packed, packed[:, :0]):
@@ -404,7 +417,6 @@ def test_unpack_rejects_a_row_length_not_a_count(name, n_in):
     lambda: pack.pack_binary(np.array([[1, 0]])),
     lambda: pack.pack_binary(np.zeros(4, dtype=int) + 1),
     lambda: pack.pack_ternary_2bit(np.array([[3]])),
-    lambda: pack.pack_ternary_base3(np.array([[-3]])),
     lambda: pack.pack_indices(np.array([[8]]), 3),
     lambda: pack.pack_indices(np.array([[-1]]), 3),
     lambda: pack.pack_indices(np.array([1, 2]), 3),
@@ -414,7 +426,7 @@ def test_unpack_rejects_a_row_length_not_a_count(name, n_in):
     lambda: pack.pack_indices(np.array([[1]]), 2.0),
     lambda: pack.unpack_indices(np.zeros((1, 1), dtype=np.uint8), 1, 0),
     lambda: pack.unpack_indices(np.zeros((1, 9), dtype=np.uint8), 1, 9),
-], ids=["t-2", "t--2", "t-0.5", "t-1d", "t-3d", "b-0", "b-1d", "2bit-3", "base3--3",
+], ids=["t-2", "t--2", "t-0.5", "t-1d", "t-3d", "b-0", "b-1d", "2bit-3",
         "idx-too-big", "idx-negative", "idx-1d", "idx-bits-0", "idx-bits-9", "idx-float", "idx-bits-float", "unidx-bits-0", "unidx-bits-9"])
 def test_pack_rejects_illegal_codes_and_parameters(call):
     with pytest.raises(PackError):

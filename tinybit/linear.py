@@ -93,22 +93,18 @@ def _float(name, dtype):
 
 # --- int8 activations: ternary, binary -----------------------------------------------------------
 
-def _integer_apply(ref):
-    """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x
-    and one kernel call for all of them (q, k, v; gate, up)."""
-    k = kernels
-
+def _integer_apply(absmax, matmuls):
+    """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x (after
+    a LayerNorm for binary's ln) and one kernel call for all of them (q, k, v; gate, up)."""
     def apply(layers, x):
-        spec, ws = layers[0]["scheme"], [layer["w_packed"] for layer in layers]
-        absmax = k.absmax_quantize_ref if ref else k.absmax_quantize  # = quant.absmax_quantize, 8 bits
-        if spec["scheme"] == "ternary":
-            x_q, s_x = absmax(x)  # (tokens, n_in) int8, (tokens, 1) f32
-            accs = [k.ternary_matmul_ref(w, x_q) for w in ws] if ref else k.ternary_matmuls(ws, x_q)
-        else:
-            x_q, s_x = absmax(layer_norm(x) if spec.get("ln") else x)
-            accs = [k.binary_matmul_ref(w, x_q) for w in ws] if ref else k.binary_matmuls(ws, x_q)
+        x_q, s_x = absmax(layer_norm(x) if layers[0]["scheme"].get("ln") else x)  # (tokens, n_in) int8, (tokens, 1)
+        accs = matmuls([layer["w_packed"] for layer in layers], x_q)  # [(tokens, n_out) int32]
         return [acc.astype(np.float32) * (_row_scales(layer) / s_x) for acc, layer in zip(accs, layers)]
     return apply
+
+
+def _each_ref(matmul_ref):
+    return lambda ws, x_q: [matmul_ref(w, x_q) for w in ws]
 
 
 def _row_scales(layer):
@@ -128,7 +124,8 @@ TERNARY = Scheme(
     quantize=lambda w, spec, method: quant.ternarize(w, per_row=spec.get("per_row", False)),
     encode=lambda spec, w_t, gamma: {"w_packed": pack.pack_ternary(w_t), "scale": np.asarray(gamma, np.float32)},
     check=_plane_check(pack.check_ternary_planes),
-    apply=_integer_apply(ref=False), apply_ref=_integer_apply(ref=True),
+    apply=_integer_apply(kernels.absmax_quantize, kernels.ternary_matmuls),
+    apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.ternary_matmul_ref)),
     dequantize=lambda layer: quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], layer["n_in"]),
                                                       layer["scale"]),
     bits=lambda spec: 2, calibrate="scale", gguf="TQ2_0")
@@ -140,7 +137,8 @@ BINARY = Scheme(
     quantize=lambda w, spec, method: quant.binarize(w, group_rows=spec.get("group_rows"))[::2],  # (w_sign, beta)
     encode=lambda spec, w_sign, beta: {"w_packed": pack.pack_binary(w_sign), "scale": np.asarray(beta, np.float32)},
     check=_plane_check(pack.check_binary_planes),
-    apply=_integer_apply(ref=False), apply_ref=_integer_apply(ref=True),
+    apply=_integer_apply(kernels.absmax_quantize, kernels.binary_matmuls),
+    apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.binary_matmul_ref)),
     dequantize=lambda layer: quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
                                                      layer["scale"], layer["scheme"].get("group_rows")),
     bits=lambda spec: 1, calibrate="scale")
@@ -225,7 +223,7 @@ SCHEMES = {s.name: s for s in (_float("f32", np.float32), _float("f16", np.float
 
 def check_spec(spec, where):
     """Raise ConfigError unless spec is a legal scheme dict, e.g. {"scheme": "lut", "bits": 4, "group_rows": 1}."""
-    if not isinstance(spec, dict) or spec.get("scheme") not in SCHEMES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("scheme"), str) or spec["scheme"] not in SCHEMES:
         raise ConfigError(f"{where}: scheme must be one of {tuple(SCHEMES)}, got {spec!r}")
     params = SCHEMES[spec["scheme"]].params
     extra = set(spec) - {"scheme"} - set(params)
@@ -243,7 +241,7 @@ def check_spec(spec, where):
 
 def scheme(spec):
     """The record of a spec."""
-    if not isinstance(spec, dict) or spec.get("scheme") not in SCHEMES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("scheme"), str) or spec["scheme"] not in SCHEMES:
         raise UsageError(f"unknown scheme {spec!r}")
     return SCHEMES[spec["scheme"]]
 

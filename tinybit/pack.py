@@ -3,7 +3,8 @@
 All packing is row by row along the input axis: a weight matrix (n_out, n_in) becomes a
 uint8 array (n_out, bytes_per_row). Rows are never mixed, so a kernel reads one row's bytes
 contiguously. Columns past n_in are padding; every unpack function takes n_in, returns the
-exact (n_out, n_in) shape, and rejects illegal codes and non-zero padding with PackError.
+exact (n_out, n_in) shape, and rejects illegal codes and non-zero padding with PackError (the
+2-bit reader can be told to leave the padding of another format's codes unread).
 
 Layouts:
 - planes (kernel layout, ternary and binary): blocks of BLOCK = 256 weights; a plane is
@@ -11,17 +12,17 @@ Layouts:
   plane, bit 1 = +1, bit 0 = -1 (32 bytes / 256 weights). Ternary: per block a "nonzero"
   plane then a "negative" plane (64 bytes / 256 weights); a negative bit on a zero weight
   is illegal. Padding weights are 0 (ternary) or bit 0 (binary, cancelled by zero inputs).
-- 2-bit codes: 4 per byte, weight 4k+i in bits 2i..2i+1 of byte k, code = t + 1
-  (0 -> -1, 1 -> 0, 2 -> +1, 3 illegal); padding code 1.
-- base-3: 5 trits per byte, byte k = sum_i (t[5k+i] + 1) * 3^i in 0..242 (243..255 illegal);
-  padding trit 1 (weight 0). 1.6 bits per weight.
+- 2-bit codes: 4 per byte, code = t + 1 (0 -> -1, 1 -> 0, 2 -> +1, 3 illegal); padding code 1.
+  tinybit's layout has weight 4k+i in bits 2i..2i+1 of byte k. The same codec, with a stride,
+  reads and writes the 2-bit codes of other formats: GGUF TQ2_0 (tools/gguf_export.py) and
+  Hugging Face BitNet checkpoints, which pack down the columns (axis 0; tools/convert.py).
 - n-bit indices (LUT and VQ codes): each row is a bit string, index m in bits
   m*n .. m*n + n - 1, least significant bit first; bit t of the row is bit t % 8 of byte t // 8.
   Rows are padded with index 0 to a multiple of 8 indices, so a row is n * ceil(n_idx / 8) bytes.
 """
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, is_int
 
 BLOCK = 256  # weights per plane block
 PLANE_BYTES = BLOCK // 8  # 32
@@ -31,13 +32,14 @@ class PackError(FormatError):
     """A packed array has the wrong shape/dtype, an illegal code or non-zero padding."""
 
 
-def _ceil_div(a, b):
+def ceil_div(a, b):
+    """ceil(a / b) for integers, b > 0."""
     return -(-a // b)
 
 
 def _check_length(n, what):
     """A row length (n_in, or n_idx indices) given to a reader: an integer >= 0."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    if not is_int(n) or n < 0:
         raise PackError(f"{what}: row length must be an integer >= 0, got {n!r}")
 
 
@@ -64,13 +66,13 @@ def _check_codes(w, allowed, what):
 
 def plane_row_bytes(n_in):
     """Bytes of one plane over a row of n_in weights (padded to whole 256-weight blocks)."""
-    return _ceil_div(n_in, BLOCK) * PLANE_BYTES
+    return ceil_div(n_in, BLOCK) * PLANE_BYTES
 
 
 def _to_plane(bits):
     """(n_out, n_in) bool -> (n_out, n_blocks, 32) uint8; byte j bit p = weight 32p + j of the block."""
     n_out, n_in = bits.shape
-    n_blocks = _ceil_div(n_in, BLOCK)
+    n_blocks = ceil_div(n_in, BLOCK)
     padded = np.zeros((n_out, n_blocks * BLOCK), dtype=np.uint8)
     padded[:, :n_in] = bits
     b = padded.reshape(n_out, n_blocks, 8, PLANE_BYTES)  # [o, block, p, j]
@@ -110,7 +112,7 @@ def check_binary_planes(w_packed, n_in, what="binary planes"):
 def unpack_binary(w_packed, n_in):
     """Inverse of pack_binary: -> (n_out, n_in) int8 in {-1, +1}."""
     check_binary_planes(w_packed, n_in)
-    bits = _from_plane(w_packed.reshape(w_packed.shape[0], _ceil_div(n_in, BLOCK), PLANE_BYTES))
+    bits = _from_plane(w_packed.reshape(w_packed.shape[0], ceil_div(n_in, BLOCK), PLANE_BYTES))
     return (bits[:, :n_in].astype(np.int8) * 2 - 1)
 
 
@@ -128,7 +130,7 @@ def check_ternary_planes(w_packed, n_in, what="ternary planes"):
     byte-wise over every block), padding weights 0 (nonzero bits of the last block's padding)."""
     _check_length(n_in, what)
     n_out = _check_packed(w_packed, 2 * plane_row_bytes(n_in), what)
-    planes = w_packed.reshape(n_out, _ceil_div(n_in, BLOCK), 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
+    planes = w_packed.reshape(n_out, ceil_div(n_in, BLOCK), 2, PLANE_BYTES)  # (n_out, n_blocks, nonzero | negative, 32)
     if (planes[:, :, 1] & ~planes[:, :, 0]).any():
         raise PackError(f"{what}: a negative bit is set on a zero weight (illegal code)")
     if n_out and n_in and (planes[:, -1, 0] & _plane_padding_mask(n_in)).any():
@@ -138,7 +140,7 @@ def check_ternary_planes(w_packed, n_in, what="ternary planes"):
 def unpack_ternary(w_packed, n_in):
     """Inverse of pack_ternary: -> (n_out, n_in) int8 in {-1, 0, +1}."""
     check_ternary_planes(w_packed, n_in)
-    planes = w_packed.reshape(w_packed.shape[0], _ceil_div(n_in, BLOCK), 2, PLANE_BYTES)
+    planes = w_packed.reshape(w_packed.shape[0], ceil_div(n_in, BLOCK), 2, PLANE_BYTES)
     nonzero, negative = _from_plane(planes[:, :, 0]), _from_plane(planes[:, :, 1])
     w_t = nonzero.astype(np.int8) * (1 - 2 * negative.astype(np.int8))
     return w_t[:, :n_in]
@@ -146,63 +148,63 @@ def unpack_ternary(w_packed, n_in):
 
 # --- 2-bit codes, 4 per byte ------------------------------------------------------------------
 
-def pack_ternary_2bit(w_t):
-    """w_t (n_out, n_in) in {-1, 0, +1} -> (n_out, ceil(n_in / 4)) uint8, code t + 1 in bits 2i..2i+1."""
+_SHIFTS_2BIT = np.array([0, 2, 4, 6], dtype=np.uint8)  # bits 2s..2s+1 hold code slot s
+
+
+def _runs_2bit(n, stride):
+    """(stride, row bytes) of a row of n codes cut into runs of 4 * stride codes held by `stride` bytes;
+    stride None: one run over the whole row."""
+    stride = stride or max(1, ceil_div(n, 4))
+    return stride, ceil_div(n, 4 * stride) * stride
+
+
+def pack_ternary_2bit(w_t, stride=1, pad=1, axis=1):
+    """w_t (n_out, n_in) in {-1, 0, +1} -> (n_out, row bytes) uint8 of codes t + 1, 4 per byte.
+    A row is cut into runs of 4 * stride weights held by `stride` bytes: weight stride * s + j of a run
+    is bits 2s..2s+1 of the run's byte j. stride 1: weight 4k + s in byte k (tinybit's 2-bit layout);
+    32: GGUF TQ2_0's codes; None: one run over the whole row. The last run is padded with code `pad`.
+    axis 0 packs down the columns instead: -> (column bytes, n_in), the layout of Hugging Face BitNet
+    checkpoints (with stride None, pad 0)."""
     w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
-    n_out, n_in = w_t.shape
-    codes = np.ones((n_out, _ceil_div(n_in, 4) * 4), dtype=np.uint8)  # padding code 1 = weight 0
-    codes[:, :n_in] = w_t + 1
-    c = codes.reshape(n_out, _ceil_div(n_in, 4), 4)
-    return (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
+    rows = w_t if axis == 1 else w_t.T
+    n_rows, n = rows.shape
+    stride, row_bytes = _runs_2bit(n, stride)
+    codes = np.full((n_rows, 4 * row_bytes), pad, dtype=np.uint8)
+    codes[:, :n] = rows + 1
+    runs = codes.reshape(n_rows, row_bytes // stride, 4, stride)  # [row, run, s, j]
+    packed = (runs << _SHIFTS_2BIT[:, None]).sum(axis=2, dtype=np.uint8).reshape(n_rows, row_bytes)
+    return packed if axis == 1 else np.ascontiguousarray(packed.T)
 
 
-def unpack_ternary_2bit(w_packed, n_in):
-    _check_length(n_in, "ternary 2-bit codes")
-    n_out = _check_packed(w_packed, _ceil_div(n_in, 4), "ternary 2-bit codes")
-    codes = (w_packed[:, :, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
-    codes = codes.reshape(n_out, 4 * w_packed.shape[1])
-    if (codes == 3).any():
-        raise PackError("ternary 2-bit codes: code 3 is illegal (0 -> -1, 1 -> 0, 2 -> +1)")
-    if (codes[:, n_in:] != 1).any():
-        raise PackError("ternary 2-bit codes: padding past n_in must be code 1 (weight 0)")
-    return codes[:, :n_in].astype(np.int8) - 1
-
-
-# --- base 3, 5 trits per byte (1.6 bits per weight) -------------------------------------------
-
-_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
-
-
-def pack_ternary_base3(w_t):
-    """w_t (n_out, n_in) in {-1, 0, +1} -> (n_out, ceil(n_in / 5)) uint8, byte = sum (t_i + 1) 3^i."""
-    w_t = _check_codes(w_t, (-1, 0, 1), "ternary weights")
-    n_out, n_in = w_t.shape
-    trits = np.ones((n_out, _ceil_div(n_in, 5) * 5), dtype=np.uint8)
-    trits[:, :n_in] = w_t + 1
-    return (trits.reshape(n_out, _ceil_div(n_in, 5), 5) * _POW3).sum(axis=2, dtype=np.uint8)
-
-
-def unpack_ternary_base3(w_packed, n_in):
-    _check_length(n_in, "ternary base-3")
-    n_out = _check_packed(w_packed, _ceil_div(n_in, 5), "ternary base-3")
-    if (w_packed > 242).any():
-        raise PackError("ternary base-3: byte values above 242 (3^5 - 1) are illegal")
-    trits = (w_packed[:, :, None] // _POW3) % 3
-    trits = trits.reshape(n_out, 5 * w_packed.shape[1])
-    if (trits[:, n_in:] != 1).any():
-        raise PackError("ternary base-3: padding past n_in must be trit 1 (weight 0)")
-    return trits[:, :n_in].astype(np.int8) - 1
+def unpack_ternary_2bit(w_packed, n, stride=1, pad=1, axis=1, what="ternary 2-bit codes"):
+    """Inverse of pack_ternary_2bit: n codes along `axis` -> int8 in {-1, 0, +1}, (n_out, n) for axis 1,
+    (n, n_in) for axis 0. Code 3 is illegal; the padding must be code `pad` (None: it is not read)."""
+    _check_length(n, what)
+    stride, row_bytes = _runs_2bit(n, stride)
+    rows = w_packed.T if axis == 0 and isinstance(w_packed, np.ndarray) else w_packed
+    n_rows = _check_packed(rows, row_bytes, what)
+    runs = rows.reshape(n_rows, row_bytes // stride, 1, stride) >> _SHIFTS_2BIT[:, None]  # [row, run, s, j]
+    codes = (runs & 3).reshape(n_rows, 4 * row_bytes)
+    w = codes[:, :n] if axis == 1 else codes[:, :n].T
+    bad = np.argwhere(w == 3)
+    if len(bad):
+        row, col = bad[0]
+        raise PackError(f"{what}: illegal 2-bit code 3 (valid: 0 -> -1, 1 -> 0, 2 -> +1) at weight row {row}, "
+                        f"column {col} ({len(bad)} such code(s))")
+    if pad is not None and (codes[:, n:] != pad).any():
+        raise PackError(f"{what}: padding past {n} codes must be code {pad}")
+    return w.astype(np.int8) - 1
 
 
 # --- n-bit indices (LUT palettization, VQ codes) ---------------------------------------------
 
 def _check_bits(bits):
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+    if not is_int(bits) or not 1 <= bits <= 8:
         raise PackError(f"index bits must be an integer in 1..8, got {bits!r}")
 
 
 def index_row_bytes(n_idx, bits):
-    return _ceil_div(n_idx, 8) * bits
+    return ceil_div(n_idx, 8) * bits
 
 
 def pack_indices(idx, bits):
@@ -214,7 +216,7 @@ def pack_indices(idx, bits):
     if idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= 2 ** bits)):
         raise PackError(f"indices: expected a 2-D array of values in [0, {2 ** bits}), got shape {idx.shape}")
     n_out, n_idx = idx.shape
-    padded = np.zeros((n_out, _ceil_div(n_idx, 8) * 8), dtype=np.uint8)
+    padded = np.zeros((n_out, ceil_div(n_idx, 8) * 8), dtype=np.uint8)
     padded[:, :n_idx] = idx
     bits_ = (padded[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (n_out, n_pad, bits)
     return np.packbits(bits_.reshape(n_out, padded.shape[1] * bits), axis=1, bitorder="little")
@@ -239,7 +241,7 @@ def unpack_indices(w_packed, n_idx, bits):
     check_indices(w_packed, n_idx, bits)
     n_out = w_packed.shape[0]
     # every 8 indices fill `bits` bytes: read them as one little-endian word, then shift out each index
-    groups = w_packed.reshape(n_out, _ceil_div(n_idx, 8), bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
+    groups = w_packed.reshape(n_out, ceil_div(n_idx, 8), bits).astype(np.uint64)  # (n_out, ceil(n_idx/8), bits)
     word = (groups << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=2, dtype=np.uint64)
     shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
     idx = ((word[:, :, None] >> shifts) & np.uint64(2 ** bits - 1)).astype(np.uint8).reshape(n_out, 8 * groups.shape[1])

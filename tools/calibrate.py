@@ -25,8 +25,8 @@ the calibrated objective  sum_o (w_o - q_o) H (w_o - q_o)ᵀ  by least squares, 
     ternary  gamma per tensor or per row;   binary  beta per row group
     onebit   h given (signs, g), then g given (signs, h), alternated
 GPTQ then runs again on the fitted grid, for at most `rounds` passes (fewer when a pass gains < 1%);
-the pass with the lowest calibrated error is kept. Stored tensors are exactly linear.tensor_specs(spec) of the scheme: the model file format
-does not change.
+the pass with the lowest calibrated error is kept. Stored tensors are exactly linear.tensor_specs(spec) of
+the scheme: the model file format does not change.
 """
 import copy
 import math
@@ -40,8 +40,8 @@ import numpy as np
 
 from tinybit import linear, pack, quant
 from tinybit import model as tbmodel
+from tinybit.chat import render_chat_template
 from tinybit.errors import FormatError, UsageError
-from tinybit.generate import render_chat_template
 
 DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
 BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
@@ -123,7 +123,7 @@ CHAT_TURNS = (32, 96)  # text tokens of a user turn, of an assistant turn, in a 
 def chat_frame(chat_template, tok, bos_token_id=None, eos_token_id=None):
     """The token ids a chat template puts around the messages: (head, user_to_assistant, assistant_to_user).
 
-    The template is rendered by tinybit.generate.render_chat_template (sandboxed, bounded) for the conversation user U1, assistant A1,
+    The template is rendered by tinybit.chat.render_chat_template (sandboxed, bounded) for the conversation user U1, assistant A1,
     user U2, assistant A2 with placeholder contents; head is what comes before U1 (a system prompt, the
     first role header), user_to_assistant what lies between U1 and A1, assistant_to_user between A1 and U2."""
     if not chat_template:
@@ -361,12 +361,6 @@ def _fit_onebit(w, H, sign, g, h, iters=3, ridge=RIDGE):
     return g, h
 
 
-def _row_groups(n_out, spec):
-    g = spec.get("group_rows")
-    groups = np.arange(n_out) // g if g else np.zeros(n_out, dtype=np.int64)
-    return groups, int(groups[-1]) + 1
-
-
 def initial_grid(w, spec, onebit_method="svd"):
     """The data-free quantizer's grid of w (n_out, n_in), float64: the LUTs (n_groups, k), the 2-D codebooks
     (n_groups, k, 2), gamma (1,) or (n_out,), beta (n_groups,), or OneBit's (g (n_in,), h (n_out,))."""
@@ -391,7 +385,8 @@ def scheme_ops(w, spec, onebit_method, grid=None):
     quantizer's (initial_grid)."""
     s = spec["scheme"]
     n_out, n_in = w.shape
-    groups, n_groups = _row_groups(n_out, spec)
+    groups = quant.row_groups(n_out, spec.get("group_rows"))  # (n_out,) the group of each row
+    n_groups = linear.n_groups(n_out, spec.get("group_rows"))
     grid = initial_grid(w, spec, onebit_method) if grid is None else grid
     if s == "lut":
         bits = spec["bits"]
@@ -437,7 +432,7 @@ def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, on
              round-to-nearest on the initial (data-free) grid, and of the result)."""
     if spec.get("ln") or spec.get("post_ln"):
         raise UsageError("--calibrate: binary with LayerNorm inputs / onebit with post_ln are not supported")
-    w = quant._check_weight(w)
+    w = quant.check_weight(w)
     n_out, n_in = w.shape
     H = np.asarray(H, dtype=np.float64)
     if spec["scheme"] == "vq" and n_in % 2:  # one zero column pads the last pair; tiny H_jj: it is ~ignored
@@ -482,58 +477,35 @@ def _hessian(xs):
     return 2 * H / n
 
 
-def block_pass(model, i, X, lin, quantize=None, chunk=CHUNK):
-    """Block i of `model` over X (n_seq, L, dim) float32 at positions 0..L-1 -> (n_seq, L, dim).
+def block_pass(model, i, X, lin, quantize=None):
+    """Block i of `model` (tinybit.model.block, the reference) over X (n_seq, L, dim) float32 at positions
+    0..L-1 -> (n_seq, L, dim), the sequences as one batch of tokens.
 
-    lin(name, x) applies a linear. The linears are applied in groups q,k,v | o | gate,up | down; with
-    `quantize`, quantize(names, H) is called before each group is applied, H = 2 XᵀX / n the Hessian of
-    the group's inputs over all sequences, computed through the groups already applied (so it can
-    quantize them: later groups see their quantized outputs). Same computation as Model.block."""
+    lin(name, x) applies a linear, CHUNK sequences at a time. With `quantize`, quantize(names, H) is called
+    before each group of linears (q,k,v | o | gate,up | down) is applied, H = 2 XᵀX / n the Hessian of the
+    group's inputs over all sequences, computed through the groups already applied (so it can quantize
+    them: later groups see their quantized outputs)."""
     c, p = model.config, f"layers.{i}."
-    n_seq, L, _ = X.shape
-    cos, sin = model.rope_tables(0, L)
-    spans = [slice(s, min(s + chunk, n_seq)) for s in range(0, n_seq, chunk)]
+    n_seq, L, dim = X.shape
+    cos, sin = (np.tile(t, (n_seq, 1)) for t in model.rope_tables(0, L))  # (n_seq * L, hd / 2)
+    spans = [slice(s, s + CHUNK * L) for s in range(0, n_seq * L, CHUNK * L)]  # CHUNK sequences of tokens
 
-    def norm(x, name):
-        return tbmodel.rms_norm(x, model.norms[p + name], c.norm_eps)
+    def attend(q, k, v):  # each sequence attends to itself: (n_seq * L, H | KV, hd) -> (n_seq * L, H * hd)
+        return np.concatenate([tbmodel.attention(q[s:s + L], k[s:s + L].transpose(1, 0, 2),
+                                                 v[s:s + L].transpose(1, 0, 2), 0) for s in range(0, len(q), L)])
 
-    def flat(a):
-        return a.reshape(-1, a.shape[-1])
-
-    def stage(names, inputs):
+    def linears(names, h):  # h (n_seq * L, n_in)
         if quantize is not None:
-            quantize([p + n for n in names], _hessian(flat(inputs(sp)) for sp in spans))
+            quantize([p + n for n in names], _hessian(h[sp] for sp in spans))
+        return [np.concatenate([lin(p + n, h[sp]) for sp in spans]) for n in names]
+    out = tbmodel.block(c, model.block_norms[i], X.reshape(n_seq * L, dim), cos, sin, attend, linears)
+    return out.reshape(n_seq, L, dim)
 
-    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-    stage(("q", "k", "v"), lambda sp: norm(X[sp], "attn_norm.weight"))
-    A = np.empty((n_seq, L, c.n_heads * c.head_dim), dtype=np.float32)
-    for sp in spans:
-        h = flat(norm(X[sp], "attn_norm.weight"))
-        q, k, v = (lin(p + n, h).reshape(-1, L, nh, c.head_dim)
-                   for n, nh in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads)))
-        for j in range(len(q)):
-            kj = tbmodel.rope(k[j], cos, sin).transpose(1, 0, 2)  # (KV, L, hd), the cache's layout
-            A[sp.start + j] = tbmodel.attention(tbmodel.rope(q[j], cos, sin), kj, v[j].transpose(1, 0, 2), 0)
-        if c.sub_norms:
-            A[sp] = norm(A[sp], "attn_sub_norm.weight")
-    stage(("o",), lambda sp: A[sp])
-    X = X.copy()
-    for sp in spans:
-        X[sp] += lin(p + "o", flat(A[sp])).reshape(X[sp].shape)
-    del A
-    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
-    stage(("gate", "up"), lambda sp: norm(X[sp], "ffn_norm.weight"))
-    M = np.empty((n_seq, L, c.ffn_dim), dtype=np.float32)
-    for sp in spans:
-        h = flat(norm(X[sp], "ffn_norm.weight"))
-        m = tbmodel.gate_activation(lin(p + "gate", h), c.activation) * lin(p + "up", h)
-        M[sp] = m.reshape(-1, L, c.ffn_dim)
-        if c.sub_norms:
-            M[sp] = norm(M[sp], "ffn_sub_norm.weight")
-    stage(("down",), lambda sp: M[sp])
-    for sp in spans:
-        X[sp] += lin(p + "down", flat(M[sp])).reshape(X[sp].shape)
-    return X
+
+def weight_error(w, w_hat):
+    """The relative weight error ||W - Q(W)|| / ||W|| (0 for W = 0), in float64."""
+    nw = float(np.linalg.norm(w.astype(np.float64)))
+    return float(np.linalg.norm((w_hat - w).astype(np.float64))) / nw if nw > 0 else 0.0
 
 
 def dense_apply(spec, w_hat, x):
@@ -561,30 +533,25 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     shapes = {name: (n_out, n_in) for name, n_out, n_in in tbmodel.linear_shapes(fconf) if name != "head"}
     out = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in shapes}
     w_hat, stats, errs = {}, [], {}
+    d = 2 if spec["scheme"] == "vq" else 1
 
     def lin(name, x):
         return dense_apply(spec, w_hat[name], x) if name in w_hat else x @ tensors[name + ".weight"].T
 
-    d = 2 if spec["scheme"] == "vq" else 1
-
-    def quantize(names, H):
+    def quantize(names, H):  # the linears `names`, which read the same inputs, of Hessian H
         try:
-            quantize_group(names, H)
+            prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
+            for name in names:
+                n_out, n_in = shapes[name]
+                w = tensors[name + ".weight"]
+                stored, errs[name] = quantize_calibrated(w, H, spec, act_order, damp, rounds, onebit_method, prep,
+                                                         grids.pop(name))
+                w_hat[name] = linear.dequantize(linear.make(spec, stored, n_out, n_in))
+                out.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
+                stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()),
+                              weight_error(w, w_hat[name]), spec["scheme"]))
         except UsageError as e:  # a Hessian without a Cholesky factor: name the linears it belongs to
             raise UsageError(f"{e} ({', '.join(names)})") from None
-
-    def quantize_group(names, H):
-        prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
-        for name in names:
-            n_out, n_in = shapes[name]
-            w = tensors[name + ".weight"]
-            stored, errs[name] = quantize_calibrated(w, H, spec, act_order, damp, rounds, onebit_method, prep,
-                                                     grids.pop(name))
-            w_hat[name] = linear.dequantize(linear.make(spec, stored, n_out, n_in))
-            out.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
-            nw = float(np.linalg.norm(w.astype(np.float64)))
-            werr = float(np.linalg.norm((w_hat[name] - w).astype(np.float64))) / nw if nw > 0 else 0.0
-            stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()), werr, spec["scheme"]))
 
     X = model.embed[ids].astype(np.float32)  # (n_seq, L, dim)
     t0 = time.time()

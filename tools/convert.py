@@ -39,8 +39,8 @@ if _ROOT not in sys.path:
 
 from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
-from tinybit.errors import ConfigError, FormatError, UsageError  # noqa: E402
-from tinybit.generate import exit_on_error  # noqa: E402
+from tinybit.cli import exit_on_error  # noqa: E402
+from tinybit.errors import ConfigError, FormatError, UsageError, is_int  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import calibrate  # noqa: E402  (tools/calibrate.py: GPTQ/GPTVQ error feedback for --calibrate)
@@ -72,10 +72,6 @@ LLAMA3_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # --- source tensors -----------------------------------------------------------------------------
@@ -285,22 +281,45 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path):
+def open_gguf(path):
+    """(the gguf module, a GGUFReader of path)."""
     try:
         import gguf
     except ImportError:
         raise UsageError("reading .gguf files needs the gguf package (pip install gguf)") from None
     try:
-        reader = gguf.GGUFReader(path, "r")
+        return gguf, gguf.GGUFReader(path, "r")
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
     except Exception as e:
         raise FormatError(f"{path}: not a readable GGUF file: {str(e)[:200]}") from None
 
+
+def read_gguf(path):
+    gguf, reader = open_gguf(path)
+
     def field(key, default=None):
         f = reader.get_field(key)
         return default if f is None else f.contents()
 
+    tensors = {t.name: t for t in reader.tensors}
+    hf = gguf_hf_config(path, field, tensors)
+    refs = gguf_refs(path, gguf, tensors, hf["num_attention_heads"], hf["num_key_value_heads"])
+    tokens = field("tokenizer.ggml.tokens")
+    tok_json, notes = None, []
+    if tokens:
+        tok_json, note = gguf_tokenizer_json(field, tokens)
+        if note:
+            notes.append(note)
+    add_bos = field("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies and the Llama 3 pre-tokenizers add BOS
+        add_bos = field("tokenizer.ggml.model") == "llama" or field("tokenizer.ggml.pre") in LLAMA3_PRES
+    return Source(hf, refs, path, tokenizer_json=tok_json, chat_template=field("tokenizer.chat_template"),
+                  add_bos=add_bos, notes=notes)
+
+
+def gguf_hf_config(path, field, tensors):
+    """The HF-style config dict of a llama GGUF, from its metadata (field(key, default)) and tensor names."""
     arch = field("general.architecture")
     if arch != "llama":
         raise UsageError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
@@ -313,11 +332,10 @@ def read_gguf(path):
     ctx = field(a + "context_length", 2048)
     for key, v in (("attention.head_count", n_head), ("attention.head_count_kv", n_kv), ("embedding_length", dim),
                    ("block_count", n_layers), ("feed_forward_length", ffn_dim), ("context_length", ctx)):
-        if not _is_int(v) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise FormatError(f"{path}: {a}{key} must be a positive integer, got {v!r:.80}")
     eps = _number(field(a + "attention.layer_norm_rms_epsilon", 1e-5), a + "attention.layer_norm_rms_epsilon", path)
     theta = _number(field(a + "rope.freq_base", 10000.0), a + "rope.freq_base", path)
-    tensors = {t.name: t for t in reader.tensors}
     tokens = field("tokenizer.ggml.tokens")
     emb = tensors.get("token_embd.weight")
     vocab = field(a + "vocab_size") or (len(tokens) if tokens else None) or (int(emb.shape[1]) if emb else None)
@@ -342,10 +360,15 @@ def read_gguf(path):
     stype = field(a + "rope.scaling.type", "linear")
     if stype not in ("none", "linear"):
         raise UsageError(f"{path}: rope scaling type {stype!r} is not supported")
-    fkey = a + ("rope.scaling.factor" if reader.get_field(a + "rope.scaling.factor") is not None else "rope.scale_linear")
+    fkey = a + ("rope.scaling.factor" if field(a + "rope.scaling.factor") is not None else "rope.scale_linear")
     factor = field(fkey, 0.0)
     if stype == "linear" and factor != 0 and _number(factor, fkey, path) != 1:
         hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return hf
+
+
+def gguf_refs(path, gguf, tensors, n_head, n_kv):
+    """{HF name: Ref} of a llama GGUF's tensors: dequantized to float32, attn_q / attn_k rows unpermuted."""
     refs = {}
     qtypes = gguf.GGMLQuantizationType
     for name, t in tensors.items():
@@ -374,16 +397,7 @@ def read_gguf(path):
             w = w.reshape(shape)
             return unpermute_qk(w, perm) if perm else w
         refs[hf_name] = Ref(f"{hf_name} ({name} in {os.path.basename(path)})", shape, "F32", loader)
-    tok_json, notes = None, []
-    if tokens:
-        tok_json, note = gguf_tokenizer_json(field, tokens)
-        if note:
-            notes.append(note)
-    add_bos = field("tokenizer.ggml.add_bos_token")
-    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies and the Llama 3 pre-tokenizers add BOS
-        add_bos = field("tokenizer.ggml.model") == "llama" or field("tokenizer.ggml.pre") in LLAMA3_PRES
-    return Source(hf, refs, path, tokenizer_json=tok_json, chat_template=field("tokenizer.chat_template"),
-                  add_bos=add_bos, notes=notes)
+    return refs
 
 
 def gguf_tokenizer_json(field, tokens):
@@ -393,7 +407,7 @@ def gguf_tokenizer_json(field, tokens):
     if model != "gpt2":
         return None, (f"tokenizer: GGUF tokenizer model {model!r} is not rebuilt (only byte-level BPE 'gpt2'); "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
-    if pre not in ("default", "gpt-2", "gpt2", "smollm") + LLAMA3_PRES:  # gpt2: older tinybit exports
+    if pre not in ("default", "gpt-2", "gpt2", "smollm") + LLAMA3_PRES:  # gpt2: what early tinybit exports wrote
         return None, (f"tokenizer: GGUF pre-tokenizer {pre!r} is not known to this converter; "
                       "copy tokenizer.json from the original Hugging Face repository into the output")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -485,7 +499,7 @@ def parse_scheme(name, group, flag="--scheme", group_flag="--group-size"):
     if m:
         bits = int(m.group(2))
         spec = {"scheme": m.group(1), "bits": bits, **g}
-        io.validate_scheme(spec, flag)
+        linear.check_spec(spec, flag)
         return spec, None
     if name in ("binary",):
         return {"scheme": "binary", **g}, None
@@ -502,7 +516,7 @@ def parse_scheme(name, group, flag="--scheme", group_flag="--group-size"):
 
 def _int(c, key, default=None, where="config.json"):
     v = c.get(key, default)
-    if not _is_int(v) or not 0 < v <= 1 << 24:  # io.Config's bound on sizes
+    if not is_int(v) or not 0 < v <= 1 << 24:  # io.Config's bound on sizes
         raise ConfigError(f"{where}: {key} must be a positive integer up to {1 << 24}, got {v!r:.80}")
     return v
 
@@ -561,7 +575,7 @@ def token_ids(src, vocab):
     bos = g.get("bos_token_id", c.get("bos_token_id"))
     eos = g.get("eos_token_id", c.get("eos_token_id"))
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    ok = lambda i: _is_int(i) and 0 <= i < vocab  # noqa: E731
+    ok = lambda i: is_int(i) and 0 <= i < vocab  # noqa: E731
     for i in [bos] + eos:
         if i is not None and not ok(i):
             src.notes.append(f"token id {i!r:.80} from the config is outside the vocabulary ({vocab}); dropped")
@@ -590,7 +604,7 @@ def build_config(src, family, args):
     if not isinstance(tie, bool):
         raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {tie!r:.80}")
     sw = c.get("sliding_window")
-    if _is_int(sw) and sw < max_seq_len:
+    if is_int(sw) and sw < max_seq_len:
         src.notes.append(f"sliding_window {sw} is ignored: tinybit attends to the whole context "
                          f"(identical for sequences up to {sw} tokens)")
     quant = {"scheme": "ternary"}
@@ -659,19 +673,14 @@ def check_shape(ref, shape, what=""):
 
 
 def unpack_hf_2bit(ref, n_out, n_in):
-    """HF 'bitnet' packing: uint8 (ceil(n_out/4), n_in), row i*R+p in bits 2i of packed row p; code = t + 1."""
+    """HF 'bitnet' packing (transformers' pack_weights): uint8 (R, n_in), R = ceil(n_out / 4), weight row
+    p + R s in bits 2s of packed row p, code t + 1: pack's 2-bit codes down the columns, one run per
+    column (docs/FORMAT.md). Its padding rows (code 0) are not read."""
     if ref.dtype not in ("U8", "I8"):
         raise FormatError(f"tensor {ref.name!r}: packed ternary weights must be uint8, got {ref.dtype}")
-    r = -(-n_out // 4)
-    check_shape(ref, (r, n_in), " (packed 2-bit, 4 output rows per byte)")
+    check_shape(ref, (pack.ceil_div(n_out, 4), n_in), " (packed 2-bit, 4 output rows per byte)")
     p = np.asarray(ref.load()).view(np.uint8)
-    codes = ((p[None] >> np.array([0, 2, 4, 6], np.uint8)[:, None, None]) & 3).reshape(4 * r, n_in)[:n_out]
-    bad = np.argwhere(codes == 3)
-    if len(bad):
-        row, col = bad[0]
-        raise FormatError(f"tensor {ref.name!r}: illegal 2-bit code 3 (valid: 0 -> -1, 1 -> 0, 2 -> +1) at "
-                          f"weight row {row}, column {col} ({len(bad)} such code(s))")
-    return codes.astype(np.int8) - 1
+    return pack.unpack_ternary_2bit(p, n_out, stride=None, pad=None, axis=0, what=f"tensor {ref.name!r}")
 
 
 def scalar_scale(ref):
@@ -836,10 +845,8 @@ def convert_weights(src, config, family, args):
         for suffix, t in stored.items():
             out[f"{name}.{suffix}"] = t
         err = None
-        if w is not None:
-            w_hat = linear.dequantize(linear.make(used, stored, n_out, n_in))
-            nw = float(np.linalg.norm(w.astype(np.float64)))
-            err = float(np.linalg.norm((w_hat - w).astype(np.float64))) / nw if nw > 0 else 0.0
+        if w is not None:  # quantized from floats: how far the stored weight is from them
+            err = calibrate.weight_error(w, linear.dequantize(linear.make(used, stored, n_out, n_in)))
         stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()), err, used["scheme"]))
     log(f"convert: {len(shapes)} linears in {time.time() - t0:.1f}s")
     io.check_tensors(out, tbmodel.expected_tensors(c), "converted model")
@@ -975,12 +982,11 @@ def make_parser():
     return p
 
 
-def convert(argv):
-    args = make_parser().parse_args(argv)
+def check_args(args, out_dir):
+    """Refuse a group size < 1, and an OUT that overlaps an input or exists and may not be replaced."""
     for flag, value in (("--group-size", args.group_size), ("--head-group-size", args.head_group_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
-    out_dir = os.path.abspath(args.out)
     check_out_path(args)
     if os.path.lexists(out_dir):
         if args.to == "gguf":
@@ -991,8 +997,11 @@ def convert(argv):
             raise UsageError(f"{args.out}: exists and is not a tinybit model directory (a config.json with a "
                              "format_version, model.safetensors, tokenizer.json, nothing else) or an empty one; "
                              "refusing to replace it even with --force")
-    src = read_source(args)
-    family = args.family or detect_family(src)
+
+
+def choose_schemes(args, family):
+    """Set args.block_spec (the block linears' scheme: None but for family llama, whose checkpoints are
+    quantized here), args.head_spec and args.onebit_method from --scheme, --head-scheme and their groups."""
     args.onebit_method = "svd"
     if family == "llama":
         args.block_spec, method = parse_scheme(args.scheme or "f32", args.group_size)
@@ -1006,37 +1015,60 @@ def convert(argv):
                                                "--head-group-size")
     if head_method and family != "llama":
         args.onebit_method = head_method
+
+
+def calibration_ids(args, src, config, family):
+    """The --calibrate token ids (None without --calibrate); every calibration error is raised here,
+    before any weight is converted."""
+    if not args.calibrate:
+        return None
+    scheme = config.quant["scheme"]
+    if family != "llama" or scheme in ("f32", "f16") or not 0 <= args.damp < math.inf:
+        raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
+                         f"and --damp >= 0 (here: family {family}, scheme {scheme}, damp {args.damp})")
+    if args.calib_len > config.max_seq_len:
+        raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
+                         "tokens): it would calibrate on positions the model never runs")
+    calibrate.check_memory(config, args.calib_samples, args.calib_len)
+    return calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
+                                      args.calib_len, args.seed,
+                                      config.bos_token_id if config.add_bos else None,
+                                      args.calib_chat, config.chat_template,
+                                      config.eos_token_ids[0] if config.eos_token_ids else None)
+
+
+def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):
+    """Quantize the float block linears of convert_weights as block_spec with calibrate.calibrate_model.
+    -> (tensors, stats of the block linears and the head, report lines of the output errors)."""
+    tensors, calib_stats, calib_lines = calibrate.calibrate_model(
+        config, tensors, calib_ids, block_spec, act_order=not args.no_act_order, damp=args.damp,
+        onebit_method=args.onebit_method)
+    config.quant = block_spec
+    io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
+    return tensors, calib_stats + [s for s in stats if s[0] == "head"], calib_lines
+
+
+def convert(argv):
+    args = make_parser().parse_args(argv)
+    out_dir = os.path.abspath(args.out)
+    check_args(args, out_dir)
+    src = read_source(args)
+    family = args.family or detect_family(src)
+    choose_schemes(args, family)
     config = build_config(src, family, args)
     if src.tokenizer is not None:  # (the converted model would not load)
         io.check_tokenizer_fits(src.tokenizer, config.vocab_size, src.where)
-    calib_ids, block_spec = None, config.quant
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
         stored = dataclasses.replace(config, head_quant=args.head_spec,
                                      tie_embeddings=stored_tie(config, args.head_spec))  # as convert_weights stores it
         gguf_export.check_exportable(out_dir, stored, src.tokenizer_json)
-    if args.calibrate:  # every calibration error is raised here, before any work
-        if family != "llama" or block_spec["scheme"] in ("f32", "f16") or not 0 <= args.damp < math.inf:
-            raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
-                             f"and --damp >= 0 (here: family {family}, scheme {block_spec['scheme']}, damp {args.damp})")
-        if args.calib_len > config.max_seq_len:
-            raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
-                             "tokens): it would calibrate on positions the model never runs")
-        calibrate.check_memory(config, args.calib_samples, args.calib_len)
-        calib_ids = calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
-                                               args.calib_len, args.seed,
-                                               config.bos_token_id if config.add_bos else None,
-                                               args.calib_chat, config.chat_template,
-                                               config.eos_token_ids[0] if config.eos_token_ids else None)
+    calib_ids, block_spec = calibration_ids(args, src, config, family), config.quant
+    if calib_ids is not None:
         config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
     tensors, stats = convert_weights(src, config, family, args)
     if calib_ids is not None:
-        tensors, calib_stats, calib_lines = calibrate.calibrate_model(
-            config, tensors, calib_ids, block_spec, act_order=not args.no_act_order, damp=args.damp,
-            onebit_method=args.onebit_method)
-        config.quant = block_spec
-        stats = calib_stats + [s for s in stats if s[0] == "head"]
-        io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
+        tensors, stats, calib_lines = calibrate_weights(args, config, tensors, stats, calib_ids, block_spec)
     if args.to == "gguf":
         gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json)
     else:

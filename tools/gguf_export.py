@@ -55,8 +55,7 @@ def tq2_0_blocks(w_t, scale, name):
     (h = 0..1, s = 0..3, j = 0..31) is bits 2s..2s+1 of qs[32 h + j], stored as t + 1 in {0, 1, 2}."""
     n_out, n_in = w_t.shape
     nb = n_in // QK
-    codes = (w_t + 1).astype(np.uint8).reshape(n_out, nb, 2, 4, 32)           # (n_out, nb, h, s, j)
-    qs = codes[:, :, :, 0] | codes[:, :, :, 1] << 2 | codes[:, :, :, 2] << 4 | codes[:, :, :, 3] << 6
+    qs = pack.pack_ternary_2bit(w_t, stride=32)  # runs of 128 weights in 32 bytes: qs[32 h + j], bits 2s
     with np.errstate(over="ignore"):  # an overflow to inf is refused just below
         d = np.asarray(scale, dtype=np.float32).astype(np.float16)             # (1,) or (n_out,)
     if not np.all(np.isfinite(d)) or np.any((d == 0) & (np.asarray(scale) != 0)):
@@ -208,55 +207,70 @@ def check_exportable(path, config, tokenizer_json):
     return arch, tokenizer
 
 
-def write_gguf(path, config, tensors, tokenizer_json):
-    """Write the model as a llama.cpp GGUF at `path` (must not exist), atomically."""
-    gguf = _gguf()
-    c = config
-    arch, (pre, tokens, token_types, merges) = check_exportable(path, c, tokenizer_json)  # every refusal first
-    entries = gguf_tensors(c, tensors, arch)
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
+def add_model_metadata(writer, config, entries):
+    """The architecture's hyperparameters, and the file type that names the tensors' main GGML type."""
+    gguf, w, c = _gguf(), writer, config
+    w.add_name(c.family or "tinybit")
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    if c.rope_scaling is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling["factor"])
+    w.add_vocab_size(c.vocab_size)
+    ternary = any(q is not None for _, _, q in entries)
+    f16 = any(a.dtype == np.float16 for _, a, _ in entries)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if ternary else
+                    gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+
+
+def add_tokenizer_metadata(writer, config, pre, tokens, token_types, merges):
+    """The "gpt2" (byte-level BPE) vocabulary of tokenizer_metadata, the special token ids and the chat template."""
+    w, c = writer, config
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    if c.bos_token_id is not None:
+        w.add_bos_token_id(c.bos_token_id)
+    if c.eos_token_ids:  # the first is EOS, a second EOT; llama.cpp finds other end tokens by text
+        w.add_eos_token_id(c.eos_token_ids[0])
+    if len(c.eos_token_ids) > 1:
+        w.add_eot_token_id(c.eos_token_ids[1])
+    w.add_add_bos_token(c.add_bos)
+    if c.chat_template is not None:
+        w.add_chat_template(c.chat_template)
+
+
+def _temp_sibling(path):
+    """An empty private file beside `path` (the same file system, so that a rename publishes it)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
         os.close(fd)
     except OSError as e:
         raise UsageError(f"{path}: cannot create the file: {e.strerror or e}") from None
+    return tmp
+
+
+def write_gguf(path, config, tensors, tokenizer_json):
+    """Write the model as a llama.cpp GGUF at `path` (must not exist), atomically."""
+    arch, tokenizer = check_exportable(path, config, tokenizer_json)  # every refusal first
+    entries = gguf_tensors(config, tensors, arch)
+    path = os.path.abspath(path)
+    tmp = _temp_sibling(path)
     try:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.add_name(c.family or "tinybit")
-        w.add_context_length(c.max_seq_len)
-        w.add_embedding_length(c.dim)
-        w.add_block_count(c.n_layers)
-        w.add_feed_forward_length(c.ffn_dim)
-        w.add_head_count(c.n_heads)
-        w.add_head_count_kv(c.n_kv_heads)
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
-        w.add_layer_norm_rms_eps(c.norm_eps)
-        w.add_rope_freq_base(c.rope_theta)
-        w.add_rope_dimension_count(c.head_dim)
-        if c.rope_scaling is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(c.rope_scaling["factor"])
-        w.add_vocab_size(c.vocab_size)
-        ternary = any(q is not None for _, _, q in entries)
-        f16 = any(a.dtype == np.float16 for _, a, _ in entries)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if ternary else
-                        gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        if c.bos_token_id is not None:
-            w.add_bos_token_id(c.bos_token_id)
-        if c.eos_token_ids:  # the first is EOS, a second EOT; llama.cpp finds other end tokens by text
-            w.add_eos_token_id(c.eos_token_ids[0])
-        if len(c.eos_token_ids) > 1:
-            w.add_eot_token_id(c.eos_token_ids[1])
-        w.add_add_bos_token(c.add_bos)
-        if c.chat_template is not None:
-            w.add_chat_template(c.chat_template)
+        w = _gguf().GGUFWriter(tmp, arch)
+        add_model_metadata(w, config, entries)
+        add_tokenizer_metadata(w, config, *tokenizer)
         for name, arr, qtype in entries:
             w.add_tensor(name, arr, raw_dtype=qtype)
         w.write_header_to_file()

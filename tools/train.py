@@ -304,26 +304,18 @@ def rounding_margins(model, windows):
     return margins
 
 
+# the run's options and their defaults; each option takes a value of its default's type
+OPTIONS = {"steps": 2500, "batch": 8, "ctx": 256, "vocab": 4096, "dim": 256, "layers": 4, "heads": 4,
+           "kv-heads": 2, "ffn-dim": 640, "lr": 3e-3, "wd": 0.05, "warmup": 100, "seed": 0, "threads": 2,
+           "log-every": 10, "ckpt-every": 100}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--export", default=None, help="write a transformers BitNet directory from the checkpoint")
-    ap.add_argument("--steps", type=int, default=2500)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--ffn-dim", type=int, default=640)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--wd", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--ckpt-every", type=int, default=100)
+    for name, default in OPTIONS.items():
+        ap.add_argument("--" + name, type=type(default), default=default)
     args = ap.parse_args(argv)
     check_args(ap, args)
     torch.set_num_threads(args.threads)
