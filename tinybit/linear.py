@@ -47,8 +47,9 @@ class Scheme:
     apply_ref: Callable   # (layers, x) -> [y]: the plain NumPy references the kernels must equal
     dequantize: Callable  # layer -> W (n_out, n_in) float32: what the layer multiplies by
     bits: Callable        # spec -> stored bits per weight (scales aside)
-    calibrate: str | None = None  # the grid tools/calibrate.py fits: "table", "scale", "onebit"
+    calibrate: str | None = None  # the grid tools/calibrate.py fits: "table", "roundclip", "sign", "onebit"
     unit: int = 1         # input columns per code (2-D VQ: 2)
+    int8_act: bool = False  # x is quantized to int8 by absmax before the product (ternary, binary)
     gguf: str | None = None  # the GGUF tensor type tools/gguf_export.py writes
     blas: bool = False    # runs on NumPy's BLAS: a model of such layers only gives BLAS the threads
 
@@ -128,7 +129,7 @@ TERNARY = Scheme(
     apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.ternary_matmul_ref)),
     dequantize=lambda layer: quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], layer["n_in"]),
                                                       layer["scale"]),
-    bits=lambda spec: 2, calibrate="scale", gguf="TQ2_0")
+    bits=lambda spec: 2, calibrate="roundclip", int8_act=True, gguf="TQ2_0")
 
 BINARY = Scheme(
     "binary", {"group_rows": int, "ln": bool},
@@ -141,7 +142,7 @@ BINARY = Scheme(
     apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.binary_matmul_ref)),
     dequantize=lambda layer: quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
                                                      layer["scale"], layer["scheme"].get("group_rows")),
-    bits=lambda spec: 1, calibrate="scale")
+    bits=lambda spec: 1, calibrate="sign", int8_act=True)
 
 
 # --- float activations: onebit, lut, vq, int8 -----------------------------------------------------

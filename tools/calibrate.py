@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from tinybit import linear, pack, quant
+from tinybit import linear, quant
 from tinybit import model as tbmodel
 from tinybit.chat import render_chat_template
 from tinybit.errors import FormatError, UsageError
@@ -362,62 +362,42 @@ def _fit_onebit(w, H, sign, g, h, iters=3, ridge=RIDGE):
 
 
 def initial_grid(w, spec, onebit_method="svd"):
-    """The data-free quantizer's grid of w (n_out, n_in), float64: the LUTs (n_groups, k), the 2-D codebooks
-    (n_groups, k, 2), gamma (1,) or (n_out,), beta (n_groups,), or OneBit's (g (n_in,), h (n_out,))."""
-    s, g = spec["scheme"], spec.get("group_rows")
-    if s == "lut":
-        return quant.lut_quantize(w, spec["bits"], group_rows=g)[1].astype(np.float64)
-    if s == "vq":  # an odd n_in is padded with a zero column, as quantize_calibrated pads w
-        return quant.vq_quantize(w, spec["bits"], group_rows=g)[1].astype(np.float64)
-    if s == "ternary":
-        return quant.ternarize(w, per_row=bool(spec.get("per_row")))[1].astype(np.float64)
-    if s == "binary":
-        return quant.binarize(w, group_rows=g)[2].astype(np.float64)
-    if s == "onebit":
-        _, g1, h = quant.onebit_svid(w, method=onebit_method)
-        return g1.astype(np.float64), h.astype(np.float64)
-    raise UsageError(f"--calibrate: scheme {s!r} has no calibrated quantizer")
+    """The data-free quantizer's grid of w (n_out, n_in) (the scheme record's quantize), float64: the LUTs
+    (n_groups, k), the 2-D codebooks (n_groups, k, 2), gamma (1,) or (n_out,), beta (n_groups,), or OneBit's
+    (g (n_in,), h (n_out,)). An odd n_in is padded for vq as quantize_calibrated pads w."""
+    s = linear.scheme(spec)
+    if s.calibrate is None:
+        raise UsageError(f"--calibrate: scheme {s.name!r} has no calibrated quantizer")
+    grid = s.quantize(w, spec, onebit_method)[1]
+    return tuple(a.astype(np.float64) for a in grid) if isinstance(grid, tuple) else grid.astype(np.float64)
 
 
 def scheme_ops(w, spec, onebit_method, grid=None):
-    """(d, grid, round_fn(grid), fit(codes, grid, H) -> grid, store(codes, grid) -> tensors) of a scheme.
-    w (n_out, n_in) float64 (padded to an even n_in for vq). grid: the initial grid, by default the data-free
-    quantizer's (initial_grid)."""
-    s = spec["scheme"]
-    n_out, n_in = w.shape
-    groups = quant.row_groups(n_out, spec.get("group_rows"))  # (n_out,) the group of each row
-    n_groups = linear.n_groups(n_out, spec.get("group_rows"))
+    """(d, grid, round_fn(grid), fit(codes, grid, H) -> grid, store(codes, grid) -> tensors) of a scheme, by
+    the grid its record names (Scheme.calibrate). w (n_out, n_in) float64 (padded to an even n_in for vq).
+    grid: the initial grid, by default the data-free quantizer's (initial_grid)."""
+    s = linear.scheme(spec)
     grid = initial_grid(w, spec, onebit_method) if grid is None else grid
-    if s == "lut":
-        bits = spec["bits"]
-        return (1, grid, lambda t: _round_table(t[groups]),
-                lambda c, t, H: fit_tables(w, H, c, groups, t[..., None])[..., 0],
-                lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), bits), "lut": t.astype(np.float32)})
-    if s == "vq":
-        bits = spec["bits"]
-        return (2, grid, lambda t: _round_vq(t[groups]),
-                lambda c, t, H: fit_tables(w, H, c, groups, t),
-                lambda c, t: {"w_idx": pack.pack_indices(c.astype(np.uint8), 2 * bits),
-                              "codebook": t.astype(np.float32)})
-    if s == "ternary":
-        tg = np.arange(n_out) if spec.get("per_row") else np.zeros(n_out, dtype=np.int64)
+    n_out = w.shape[0]
+    groups = quant.row_groups(n_out, spec.get("group_rows"))  # (n_out,) the group of each row
 
-        def fit(c, t, H):  # gamma = sum T H Wᵀ / sum T H Tᵀ over the row (or the tensor)
-            TH = c @ H
-            return _fit_scale((TH * w).sum(axis=1), (TH * c).sum(axis=1), t, tg, len(t))
-        return (1, grid, lambda t: _round_ternary(t[tg]), fit,
-                lambda c, t: {"w_packed": pack.pack_ternary(c.astype(np.int8)), "scale": t.astype(np.float32)})
-    if s == "binary":
-        def fit(c, t, H):  # beta = sum S H Wᵀ / sum S H Sᵀ over the row group
-            SH = c @ H
-            return _fit_scale((SH * w).sum(axis=1), (SH * c).sum(axis=1), t, groups, n_groups)
-        return (1, grid, lambda t: _round_sign(t[groups]), fit,
-                lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)), "scale": t.astype(np.float32)})
-    # onebit (initial_grid raised for any other scheme)
-    return (1, grid, lambda t: _round_sign(t[1], t[0]),
-            lambda c, t, H: _fit_onebit(w, H, c, t[0], t[1]),
-            lambda c, t: {"w_packed": pack.pack_binary(c.astype(np.int8)),
-                          "g": t[0].astype(np.float32), "h": t[1].astype(np.float32)})
+    def store(c, t):
+        return s.encode(spec, c.astype(np.uint8 if s.calibrate == "table" else np.int8), t)
+
+    def fit_scale(c, t, H, rows):  # gamma or beta = sum C H Wᵀ / sum C H Cᵀ over the rows sharing it
+        CH = c @ H
+        return _fit_scale((CH * w).sum(axis=1), (CH * c).sum(axis=1), t, rows, len(t))
+    if s.calibrate == "table" and s.unit == 1:  # LUT
+        return (1, grid, lambda t: _round_table(t[groups]),
+                lambda c, t, H: fit_tables(w, H, c, groups, t[..., None])[..., 0], store)
+    if s.calibrate == "table":  # 2-D codebook
+        return 2, grid, lambda t: _round_vq(t[groups]), lambda c, t, H: fit_tables(w, H, c, groups, t), store
+    if s.calibrate == "roundclip":  # ternary: gamma per tensor or per row
+        rows = quant.row_groups(n_out, 1 if spec.get("per_row") else None)
+        return 1, grid, lambda t: _round_ternary(t[rows]), lambda c, t, H: fit_scale(c, t, H, rows), store
+    if s.calibrate == "sign":  # binary: beta per row group
+        return 1, grid, lambda t: _round_sign(t[groups]), lambda c, t, H: fit_scale(c, t, H, groups), store
+    return 1, grid, lambda t: _round_sign(t[1], t[0]), lambda c, t, H: _fit_onebit(w, H, c, t[0], t[1]), store
 
 
 def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, onebit_method="svd", prep=None,
@@ -435,7 +415,7 @@ def quantize_calibrated(w, H, spec, act_order=True, damp=DAMP, rounds=ROUNDS, on
     w = quant.check_weight(w)
     n_out, n_in = w.shape
     H = np.asarray(H, dtype=np.float64)
-    if spec["scheme"] == "vq" and n_in % 2:  # one zero column pads the last pair; tiny H_jj: it is ~ignored
+    if linear.scheme(spec).unit == 2 and n_in % 2:  # one zero column pads the last pair; tiny H_jj: ~ignored
         w = np.concatenate([w, np.zeros((n_out, 1))], axis=1)
         H = np.pad(H, ((0, 1), (0, 1)))
         H[-1, -1] = 1e-6 * np.mean(np.diag(H[:-1, :-1]))
@@ -511,7 +491,7 @@ def weight_error(w, w_hat):
 def dense_apply(spec, w_hat, x):
     """linear.apply(layer, x) of a layer whose dequantized weight is w_hat (n_out, n_in), through BLAS:
     the same activation quantization (8-bit absmax for ternary/binary), float rounding aside."""
-    if spec["scheme"] in ("ternary", "binary"):
+    if linear.scheme(spec).int8_act:
         x_q, sx = quant.absmax_quantize(x)
         x = x_q.astype(np.float32) / sx
     return x @ w_hat.T
@@ -533,7 +513,7 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     shapes = {name: (n_out, n_in) for name, n_out, n_in in tbmodel.linear_shapes(fconf) if name != "head"}
     out = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in shapes}
     w_hat, stats, errs = {}, [], {}
-    d = 2 if spec["scheme"] == "vq" else 1
+    d = linear.scheme(spec).unit
 
     def lin(name, x):
         return dense_apply(spec, w_hat[name], x) if name in w_hat else x @ tensors[name + ".weight"].T

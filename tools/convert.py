@@ -54,8 +54,15 @@ FAMILY_INFO = {
     "onebit": "OneBit bitllama (sign, g, h, LayerNorm after the product)",
     "llama": "float LLaMA-family checkpoint",
 }
-SCHEME_NAMES = ("ternary", "ternary-row", "binary", "onebit", "onebit-svd", "onebit-nmf",
-                "lut1", "lut2", "lut3", "lut4", "lut6", "lut8", "vq1", "vq2", "vq3", "vq4", "int8", "f16", "f32")
+# --scheme names: each scheme of tinybit.linear.SCHEMES, with its bits appended where it takes them
+# (lut4, vq2), and the names that set a flag or OneBit's decomposition -> (spec, onebit method)
+SCHEME_ALIASES = {"ternary-row": ({"scheme": "ternary", "per_row": True}, None),
+                  **{n: ({"scheme": "onebit", "post_ln": False}, n[7:] or "svd")
+                     for n in ("onebit", "onebit-svd", "onebit-nmf")}}
+SCHEME_SPECS = {**{f"{s.name}{b}" if b else s.name: ({"scheme": s.name, **({"bits": b} if b else {})}, None)
+                   for s in linear.SCHEMES.values() for b in s.params.get("bits", (None,))},
+                **SCHEME_ALIASES}
+SCHEME_NAMES = tuple(SCHEME_SPECS)
 EPS = 1e-5  # transformers' clamp of mean|W| in BitNet weight quantization
 PROJ = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
         "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
@@ -494,24 +501,16 @@ def detect_family(src):
 
 def parse_scheme(name, group, flag="--scheme", group_flag="--group-size"):
     """--scheme name (+ --group-size) -> (tinybit scheme dict, onebit method)."""
-    g = {"group_rows": group} if group else {}
-    m = re.fullmatch(r"(lut|vq)(\d)", name or "")
-    if m:
-        bits = int(m.group(2))
-        spec = {"scheme": m.group(1), "bits": bits, **g}
-        linear.check_spec(spec, flag)
-        return spec, None
-    if name in ("binary",):
-        return {"scheme": "binary", **g}, None
+    if name not in SCHEME_SPECS:
+        raise UsageError(f"{flag}: unknown scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}")
+    spec, method = SCHEME_SPECS[name]
     if group:
-        raise UsageError(f"{group_flag} applies to binary, lut* and vq* schemes, not {name!r}")
-    if name in ("ternary", "ternary-row"):
-        return {"scheme": "ternary", **({"per_row": True} if name == "ternary-row" else {})}, None
-    if name in ("onebit", "onebit-svd", "onebit-nmf"):
-        return {"scheme": "onebit", "post_ln": False}, ("nmf" if name == "onebit-nmf" else "svd")
-    if name in ("f16", "f32", "int8"):
-        return {"scheme": name}, None
-    raise UsageError(f"{flag}: unknown scheme {name!r}; choose one of {', '.join(SCHEME_NAMES)}")
+        grouped = [s.name + "*" * ("bits" in s.params) for s in linear.SCHEMES.values() if "group_rows" in s.params]
+        if "group_rows" not in linear.SCHEMES[spec["scheme"]].params:
+            raise UsageError(f"{group_flag} applies to {', '.join(grouped[:-1])} and {grouped[-1]} schemes, not {name!r}")
+        spec = {**spec, "group_rows": group}
+        linear.check_spec(spec, flag)
+    return dict(spec), method
 
 
 def _int(c, key, default=None, where="config.json"):
@@ -768,7 +767,7 @@ def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
 
 def quantize_float(w, spec, onebit_method):
     """linear.quantize(w, spec), but a weight that is already ternary is stored as it is (exact_ternary)."""
-    exact = exact_ternary(w, spec.get("per_row", False)) if spec["scheme"] == "ternary" else None
+    exact = exact_ternary(w, spec.get("per_row", False)) if linear.scheme(spec) is linear.TERNARY else None
     if exact is not None:
         t, gamma = exact
         return {"w_packed": pack.pack_ternary(t), "scale": gamma}
@@ -1023,7 +1022,7 @@ def calibration_ids(args, src, config, family):
     if not args.calibrate:
         return None
     scheme = config.quant["scheme"]
-    if family != "llama" or scheme in ("f32", "f16") or not 0 <= args.damp < math.inf:
+    if family != "llama" or linear.scheme(config.quant).blas or not 0 <= args.damp < math.inf:
         raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
                          f"and --damp >= 0 (here: family {family}, scheme {scheme}, damp {args.damp})")
     if args.calib_len > config.max_seq_len:

@@ -33,13 +33,14 @@ import tempfile
 
 import numpy as np
 
-from tinybit import pack, quant
+from tinybit import linear, pack, quant
 from tinybit import model as tbmodel
 from tinybit.errors import UsageError
 
 QK = 256                  # weights per TQ2_0 block (QK_K)
 TQ2_0_BLOCK_BYTES = 66    # 64 bytes of codes + fp16 d
 Q8_0_BLOCK = 32           # weights per Q8_0 block
+GGML_BLOCK = {"TQ2_0": QK, "Q8_0": Q8_0_BLOCK}  # weights per block along n_in
 LINEARS = {"q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT",
            "gate": "FFN_GATE", "up": "FFN_UP", "down": "FFN_DOWN"}
 NORMS = {"attn_norm": "ATTN_NORM", "ffn_norm": "FFN_NORM",
@@ -99,23 +100,25 @@ def _gguf():
 
 
 def check_linear(config, name, n_in):
-    """UsageError unless linear `name` has a GGML type: float, int8 rows (Q8_0) or ternary (TQ2_0)."""
-    s = config.scheme_of(name)["scheme"]
-    if s == "int8" and n_in % Q8_0_BLOCK:
-        raise UsageError(f"GGUF export: {name}.w_q has n_in {n_in}, not a multiple of {Q8_0_BLOCK} (the Q8_0 block)")
-    if s == "ternary" and n_in % QK:
-        raise UsageError(f"GGUF export: {name}.w_packed has n_in {n_in}, not a multiple of {QK} (the TQ2_0 block)")
-    if s not in ("f32", "f16", "int8", "ternary"):
-        raise UsageError(f"GGUF export supports ternary, int8 and float linears; {name} is {s}")
+    """UsageError unless linear `name`'s scheme has a GGML type (its record's gguf: F32, F16, Q8_0 or TQ2_0)
+    and n_in is a whole number of that type's blocks."""
+    spec = config.scheme_of(name)
+    s = linear.scheme(spec)
+    if s.gguf is None:
+        raise UsageError(f"GGUF export supports ternary, int8 and float linears; {name} is {s.name}")
+    block = GGML_BLOCK.get(s.gguf, 1)
+    if n_in % block:
+        codes = next(iter(s.tensors(spec, 1, n_in)))  # w_q, w_packed
+        raise UsageError(f"GGUF export: {name}.{codes} has n_in {n_in}, not a multiple of {block} (the {s.gguf} block)")
 
 
 def gguf_linear(config, tensors, name, n_out, n_in):
     """Stored tensors of linear `name` (check_linear passed) -> (array, GGML type or None for plain float)."""
     gguf = _gguf()
-    s = config.scheme_of(name)["scheme"]
-    if s in ("f32", "f16"):
+    qtype = linear.scheme(config.scheme_of(name)).gguf
+    if qtype in ("F32", "F16"):
         return np.ascontiguousarray(tensors[name + ".weight"]), None
-    if s == "int8":
+    if qtype == "Q8_0":  # the dequantized int8 rows, requantized in blocks of 32
         w = quant.int8_dequantize(tensors[name + ".w_q"], tensors[name + ".scale"])  # (n_out, n_in) f32
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     w_t = pack.unpack_ternary(tensors[name + ".w_packed"], n_in)  # (n_out, n_in) int8
