@@ -6,28 +6,23 @@ import time
 
 from .errors import FormatError, is_int
 
-# A chat template is code that comes with the model (config.json): it formats a handful of
-# messages in milliseconds, so rendering is bounded far above that: Python-level work by a time
-# limit, and the two one-step C-level operations that could run for minutes (`*` of a sequence,
-# `**` of an int) by size limits (jinja's sandbox already refuses range() over 100000 items).
-# Memory is not bounded as such: a filter such as center(10**8) still allocates what it is asked
-# to, within the time limit (a real bound would need a child process under RLIMIT_AS).
+# A template formats a few messages in milliseconds; bounds far above that: time for Python-level work, size for the
+# one-step C operations that could take minutes (`*` of a sequence, `**` of an int; the sandbox caps range() itself).
+# Memory is not bounded: center(10**8) allocates what it asks for (a bound would need a child under RLIMIT_AS).
 CHAT_TEMPLATE_SECONDS = 1.0
 CHAT_TEMPLATE_MAX_LEN = 10 ** 6  # longest string, list or tuple `*` may build
 CHAT_TEMPLATE_MAX_BITS = 10 ** 5  # largest int `**` may build
 
 
 def bounded_binop(context, operator, left, right):
-    """left * right or left ** right in a chat template (jinja's call_binop hook for intercepted
-    operators), refused with an OverflowError when the result would exceed the limits above."""
+    """left * right or left ** right in a template (jinja's call_binop hook), an OverflowError past the limits above."""
     if operator == "*":
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and is_int(n) and len(seq) * n > CHAT_TEMPLATE_MAX_LEN:
                 raise OverflowError(f"'*' would repeat a sequence of {len(seq)} items {n} times "
                                     f"(at most {CHAT_TEMPLATE_MAX_LEN} items)")
     if is_int(left) and is_int(right) and abs(left) > 1:
-        # a * b has about bits(a) + bits(b) bits, a ** b about b * bits(a) (repeated squaring in a loop
-        # would otherwise make one multiplication take minutes)
+        # a * b has ~bits(a) + bits(b) bits, a ** b ~b * bits(a) (squaring in a loop: one multiplication of minutes)
         bits = int(abs(left)).bit_length()
         if (bits + int(abs(right)).bit_length() if operator == "*" else right * bits) > CHAT_TEMPLATE_MAX_BITS:
             raise OverflowError(f"'{operator}' would build an integer of more than {CHAT_TEMPLATE_MAX_BITS} bits")
@@ -35,15 +30,13 @@ def bounded_binop(context, operator, left, right):
 
 
 def call_with_deadline(f, seconds):
-    """f() stopped by a TimeoutError once it runs past `seconds`: every Python line it runs (in
-    this thread) checks the clock, through sys.settrace; the caller's trace function is restored."""
+    """f(), stopped by a TimeoutError past `seconds`: each Python line it runs checks the clock (sys.settrace)."""
     deadline = time.perf_counter() + seconds
 
     def trace(frame, event, arg):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"rendering ran past {seconds:g} s")
         return trace
-
     previous = sys.gettrace()
     sys.settrace(trace)
     try:
@@ -59,19 +52,15 @@ def template_error(message):
 
 
 def render_chat_template(template, **variables):
-    """The chat template rendered with `variables`, with the helpers transformers gives templates: {% break %} /
-    {% continue %}, raise_exception(msg), strftime_now(fmt), and a tojson that keeps non-ASCII and HTML characters
-    as they are (not its {% generation %} tag, which marks the assistant's tokens for training). The template is
-    untrusted input from the model directory: sandboxed as transformers does (it cannot reach Python internals),
-    bounded in time and in the size of `*` and `**` (above), and any exception while compiling or rendering it is
-    a one-line FormatError naming config.json's chat_template."""
+    """The template rendered with `variables` and transformers' helpers ({% break %}/{% continue %}, raise_exception,
+    strftime_now, a tojson keeping non-ASCII and HTML as is; not {% generation %}). Untrusted: sandboxed as transformers
+    does, bounded as above; any exception is a one-line FormatError naming config.json's chat_template."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=template_error,
-                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=template_error, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     env.intercepted_binops = frozenset({"*", "**"})  # also keeps them out of compile-time constant folding
     env.call_binop = bounded_binop
     try:

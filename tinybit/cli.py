@@ -10,7 +10,6 @@ from .errors import TinybitError, UsageError
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (and exit code 2)."""
-
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -23,13 +22,12 @@ def check_threads(threads):
 
 
 def exit_on_error(prog, debug, body):
-    """Run body() and return its exit code; a TinybitError becomes one line on stderr and exit
-    code 2 (with debug, the traceback instead); Ctrl-C is one line and exit code 130; a reader of
-    stdout that went away (`| head`) ends it quietly with 141, as SIGPIPE would."""
+    """body()'s exit code; a TinybitError is one line on stderr and 2 (with debug, the traceback), Ctrl-C one line
+    and 130, a reader of stdout gone away (`| head`) a quiet 141, as SIGPIPE would be."""
     try:
         return body()
     except BrokenPipeError:
-        silence(sys.stdout)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # /dev/null: the flush at exit would fail again
         return 141
     except TinybitError as e:
         if debug:
@@ -41,19 +39,13 @@ def exit_on_error(prog, debug, body):
         return 130
 
 
-def silence(out):
-    """Point out's file descriptor at /dev/null: the flush at exit would otherwise fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-
-
 def write_out(out, text):
-    """text to out (stdout), flushed. A failed write (a full disk) is a UsageError; a reader that
-    went away (`| head`) is BrokenPipeError, for exit_on_error."""
+    """text to out (stdout), flushed; a failed write (full disk) is a UsageError, a BrokenPipeError is re-raised."""
     try:
         out.write(text)
         out.flush()
     except BrokenPipeError:
         raise
     except OSError as e:
-        silence(out)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # as in exit_on_error
         raise UsageError(f"cannot write to standard output: {e.strerror}") from None

@@ -1,15 +1,6 @@
-"""Perplexity of a model on a text, with sliding windows:
-
-    python -m tinybit.eval --model PATH --text FILE [--ctx 512] [--max-tokens N]
-
-The text is tokenized once. Windows of `ctx` tokens start every `stride` tokens (default ctx/2);
-each window scores only the tokens the previous window did not (the first window scores all
-but its first token), each with the window's preceding tokens as context, as in the usual
-sliding-window perplexity. Every token but token 0 is scored exactly once: a window's first
-token is context only (its row predicts the second), so a window scores at most ctx - 1 new
-tokens and the stride is at most ctx - 1 (a stride of ctx would leave each window's first
-token unscored). perplexity = exp(mean negative log-likelihood over scored tokens).
-"""
+"""Sliding-window perplexity: `python -m tinybit.eval --model PATH --text FILE [--ctx 512] [--max-tokens N]`. Windows
+of ctx tokens start every stride (default ctx/2); each scores the tokens no earlier window did, so all but token 0 once
+(a window's first token is context only: stride <= ctx - 1). perplexity = exp(mean negative log-likelihood)."""
 import math
 import os
 import sys

@@ -1,10 +1,6 @@
-"""Sampling, streaming text generation, and the command line:
-
-    python -m tinybit.generate [--model PATH] -p "def fibonacci(n):" -n 64 --temperature 0
-
-Prefill runs the whole prompt through the model at once (GEMM kernels); each new token is
-then one decode step over the KV cache (GEMV kernels). Stats go to stderr, text to stdout.
-"""
+"""Sampling, streaming generation and `python -m tinybit.generate [--model PATH] -p "def f(n):" -n 64`: the
+prompt is one prefill (GEMM kernels), each new token one decode step over the KV cache (GEMV). Stats go to stderr."""
+import contextlib
 import math
 import os
 import resource
@@ -23,20 +19,15 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 
 
-# --- sampling -----------------------------------------------------------------------------------
-
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
-    """Next token id from logits (vocab,).
-    temperature 0: argmax (greedy). Otherwise softmax(logits / temperature), restricted to the
-    top_k most likely tokens (0: all), then to the smallest set whose probability reaches top_p
-    (nucleus), renormalised, and sampled with `rng` (a numpy Generator)."""
+    """Next token id from logits (vocab,): argmax if temperature is 0, else drawn with rng (a numpy Generator) from
+    softmax(logits / temperature) on the top_k likeliest (0: all), then on the fewest of mass >= top_p (nucleus)."""
     if np.isnan(logits).any() or not np.isfinite(logits.max()):
         raise FormatError("the model's logits are NaN or Inf: its weights or scales overflow float32")
     if temperature == 0:
         return int(np.argmax(logits))
-    # z = (logits - max) / T <= 0 in float64: the largest is 0, so any finite T > 0 gives no
-    # inf - inf (a subnormal T sends the others to -inf: exp 0, i.e. greedy)
-    with np.errstate(over="ignore"):  # overflow to -inf is meant: exp(-inf) = 0
+    # z = (logits - max) / T <= 0 in float64, its largest 0: no inf - inf; a subnormal T sends the rest to -inf (greedy)
+    with np.errstate(over="ignore"):
         z = (logits.astype(np.float64) - float(logits.max())) / temperature  # (vocab,)
     order = np.argsort(-z, kind="stable")  # most likely first
     if top_k > 0:
@@ -51,10 +42,9 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
 
 def is_finite_real(x):
     """x is an int or float (Python or NumPy, not bool) that is a finite float64."""
-    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, (bool, np.bool_)):
-        return False
+    number = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
     try:
-        return math.isfinite(x)
+        return number and math.isfinite(x)
     except OverflowError:  # an int past float64's range
         return False
 
@@ -72,8 +62,6 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
     if not (is_int(max_new_tokens) and max_new_tokens >= 0):
         raise UsageError(f"max_new_tokens (--max-new-tokens) must be an integer >= 0, got {max_new_tokens!r}")
 
-
-# --- generation ---------------------------------------------------------------------------------
 
 def encode_prompt(model, prompt, chat=False):
     """Token ids of a prompt string (chat: wrapped in the model's chat template). Text that spells a
@@ -104,12 +92,9 @@ def truncate_prompt(prompt_ids, keep, bos_token_id=None):
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None, truncate=False):
-    """An iterator of new token ids (sample_tokens), its arguments checked here, at the call.
-    With truncate, a prompt that leaves no room for max_new_tokens keeps its last
-    max_seq_len - max_new_tokens tokens (truncate_prompt) instead of being an error.
-    Stops at an end-of-sequence token (not yielded), after max_new_tokens, or when prompt and
-    output fill the model's context (max_seq_len tokens)."""
-    c = model.config
+    """New token ids (sample_tokens; arguments checked at the call) until an end-of-sequence token (not yielded),
+    max_new_tokens or max_seq_len in all; truncate: a too long prompt keeps its last max_seq_len - max_new_tokens."""
+    c, stats = model.config, {} if stats is None else stats
     check_sampling(temperature, top_k, top_p, max_new_tokens, seed)
     if len(prompt_ids) == 0:
         raise UsageError("empty prompt: give at least one token")
@@ -117,10 +102,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
     if bad:
         raise UsageError(f"prompt token id {bad[0]} is outside the vocabulary (0..{c.vocab_size - 1})")
     if truncate and len(prompt_ids) + max_new_tokens > c.max_seq_len:
-        n_prompt = len(prompt_ids)
-        prompt_ids = truncate_prompt(prompt_ids, c.max_seq_len - max_new_tokens, c.bos_token_id if c.add_bos else None)
-        if stats is not None:
-            stats["truncated"] = n_prompt - len(prompt_ids)
+        kept = truncate_prompt(prompt_ids, c.max_seq_len - max_new_tokens, c.bos_token_id if c.add_bos else None)
+        stats["truncated"], prompt_ids = len(prompt_ids) - len(kept), kept
     if len(prompt_ids) > c.max_seq_len:
         raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len} "
                          "(--truncate keeps its end)")
@@ -130,42 +113,36 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
 
 def sample_tokens(model, prompt_ids, n_new, temperature, top_k, top_p, seed, stats):
     """Yield up to n_new token ids one by one: prefill the prompt, then decode over the KV cache."""
-    c = model.config
     if n_new == 0:
         return
     rng = np.random.default_rng(seed)
     cache = model.new_cache(len(prompt_ids) + n_new)
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids, cache, last_only=True)[0]
-    if stats is not None:
-        stats.update(prefill_tokens=len(prompt_ids), prefill_s=time.perf_counter() - t0, decode_tokens=0, decode_s=0.0)
+    stats.update(prefill_tokens=len(prompt_ids), prefill_s=time.perf_counter() - t0, decode_tokens=0, decode_s=0.0)
     for i in range(n_new):
         token = sample(logits, temperature, top_k, top_p, rng)
-        if token in c.eos_token_ids:
+        if token in model.config.eos_token_ids:
             return
         yield token
         if i + 1 == n_new:
             return
         t0 = time.perf_counter()
         logits = model.forward([token], cache, last_only=True)[0]
-        if stats is not None:
-            stats["decode_tokens"] += 1
-            stats["decode_s"] += time.perf_counter() - t0
+        stats["decode_tokens"] += 1
+        stats["decode_s"] += time.perf_counter() - t0
 
 
 def first_stop(text, stop):
-    """Where text ends for the stop strings: the start of the one a reader going character by
-    character sees whole first (the earliest end; of those, the longest), or -1. Then the cut does
-    not depend on how tokens split the text (["abcd", "c"] cut "abcd" to "ab" in any case)."""
+    """Where text ends for the stop strings, or -1: the start of the one seen whole first (earliest end; then longest),
+    so that the cut does not depend on how tokens split the text (["abcd", "c"] cut "abcd" to "ab" in any case)."""
     hits = [(text.find(s) + len(s), text.find(s)) for s in stop if s and s in text]  # (end, start)
     return min(hits)[1] if hits else -1
 
 
 def stream_text(model, token_iter, stop=()):
-    """Turn a stream of token ids into a stream of text pieces. Text is emitted once it decodes
-    to complete characters; generation ends at the first stop string (first_stop; not emitted).
-    The decoded text of more tokens extends that of fewer (byte-level BPE, SentencePiece), except
-    that a trailing U+FFFD may be an incomplete UTF-8 sequence that the next token completes."""
+    """Token ids -> text pieces, each emitted once decoded to whole characters that cannot grow into a stop string,
+    up to the first (first_stop). More tokens' text extends fewer's, but for a trailing U+FFFD (partial UTF-8)."""
     ids, emitted, text = [], "", ""
     for token in token_iter:
         ids.append(token)
@@ -176,7 +153,6 @@ def stream_text(model, token_iter, stop=()):
             if cut > len(emitted):
                 yield ready[len(emitted):cut]
             return
-        # hold back a tail that could still grow into a stop string
         hold = max((k for s in stop for k in range(1, len(s)) if ready.endswith(s[:k])), default=0)
         if len(ready) - hold > len(emitted):
             yield ready[len(emitted):len(ready) - hold]
@@ -190,33 +166,25 @@ def stream_text(model, token_iter, stop=()):
 
 def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, seed=None,
              stream=False, chat=False, stop=(), stats=None, truncate=False):
-    """Continue `prompt` (text, or a list of token ids) and return the new text, or with
-    stream=True an iterator of text pieces. Defaults sample like llama.cpp; temperature=0 is greedy.
-    stop: one stop string, or several (a list, tuple or set of strings); the text ends before the first.
-    truncate: keep the end of a prompt too long for the context (generate_tokens).
-    A model without a tokenizer takes and returns token ids."""
+    """The new text after prompt (text or token ids), or an iterator of its pieces (stream); token ids in and out
+    without a tokenizer. Defaults sample like llama.cpp. stop: a string or a list, tuple or set of strings."""
     stop = (stop,) if isinstance(stop, str) else stop  # a string is one stop string, not its characters
     if not (isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop)):
         raise UsageError(f"stop must be a string or a list of strings, got {stop!r}")
     if stop and model.tokenizer is None:
         raise UsageError("stop: this model has no tokenizer.json, so it generates token ids, not text to stop at")
-    if isinstance(prompt, str):
-        prompt_ids = encode_prompt(model, prompt, chat=chat)
-    elif chat:
+    if chat and not isinstance(prompt, str):
         raise UsageError("chat: the chat template formats text; pass the prompt as a string, not token ids")
-    else:
-        prompt_ids = check_token_ids(prompt, "prompt (a string or token ids)").tolist()
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats,
-                             truncate=truncate)
+    prompt_ids = encode_prompt(model, prompt, chat=chat) if isinstance(prompt, str) else \
+        check_token_ids(prompt, "prompt (a string or token ids)").tolist()
+    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stats, truncate)
     if model.tokenizer is None:
         return tokens if stream else list(tokens)
     pieces = stream_text(model, tokens, stop)
     return pieces if stream else "".join(pieces)
 
 
-# --- command line ---------------------------------------------------------------------------------
-
-def parse_args(argv):
+def main(argv=None):
     ap = OneLineParser(prog="tinybit.generate", description="Generate text with a tinybit model.")
     ap.add_argument("--model", "-m", default=None, help=f"model directory (default: {DEFAULT_MODEL})")
     ap.add_argument("-p", "--prompt", default=None, help="prompt text (default: read standard input)")
@@ -234,27 +202,19 @@ def parse_args(argv):
                          "without it a prompt longer than the context is an error, and a shorter one "
                          "generates until the context is full")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    return ap.parse_args(argv)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
 
 
 def warm_up(model, n_prompt):
-    """A prefill of min(n_prompt, WARM_TOKENS) tokens and a decode step on a cache of their own: numba
-    loads a kernel's compiled code at its first call (~0.3 s for the shipped model), which would otherwise
-    be timed as prefill and decode. That many tokens take the same kernels as the prompt (the table GEMM
-    from kernels.GEMM_MIN_TOKENS on, the dequantized matmul from linear.DEQUANT_MIN_TOKENS)."""
+    """A prefill of min(n_prompt, WARM_TOKENS) tokens (the prompt's kernels) and a decode step, on a cache of their own:
+    numba loads a kernel's code at its first call (~0.3 s for the shipped model), which would be timed otherwise."""
     n = min(max(n_prompt, 1), WARM_TOKENS, model.config.max_seq_len - 1)
     if n >= 1:
         cache = model.new_cache(n + 1)
-        try:
+        with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt meets it
             model.forward([0] * n, cache, last_only=True)
             model.forward([0], cache, last_only=True)
-        except TinybitError:  # a fault token 0 meets (a NaN embedding row) is reported if the prompt meets it
-            pass
-
-
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
 
 
 def run(args):
@@ -287,12 +247,10 @@ def run(args):
     write_out(out, "\n")
     if stats.get("truncated"):
         print(f"prompt truncated: dropped its first {stats['truncated']} tokens (--truncate)", file=sys.stderr)
-    pre, dec = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
+    n_pre, pre, n_dec, dec = (stats.get(k, 0) for k in ("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak; Linux reports KiB
-    print(f"load {load_s:.2f} s | prefill {stats.get('prefill_tokens', 0)} tokens "
-          f"{stats.get('prefill_tokens', 0) / pre if pre else 0:.1f} tok/s | decode {stats.get('decode_tokens', 0)} "
-          f"tokens {stats.get('decode_tokens', 0) / dec if dec else 0:.1f} tok/s | peak RSS {rss_mb:.0f} MB",
-          file=sys.stderr)
+    print(f"load {load_s:.2f} s | prefill {n_pre} tokens {n_pre / pre if pre else 0:.1f} tok/s | decode {n_dec} tokens "
+          f"{n_dec / dec if dec else 0:.1f} tok/s | peak RSS {rss_mb:.0f} MB", file=sys.stderr)
     return code
 
 

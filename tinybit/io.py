@@ -1,15 +1,11 @@
-"""The model directory on disk: config.json + model.safetensors (+ tokenizer.json). Spec: docs/FORMAT.md.
-
-Reading never trusts a size: the safetensors header is parsed and checked here (offsets inside
-the file, no overlaps, byte length = shape x dtype size) before the data region is memory-mapped,
-and every tensor is checked against the name/dtype/shape list the caller expects.
-"""
+"""The model directory: config.json + model.safetensors (+ tokenizer.json), checked on read; spec: docs/FORMAT.md."""
 import dataclasses
 import json
 import math
 import mmap
 import os
 import re
+import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -17,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import linear
-from .errors import ConfigError, FormatError, UsageError
+from .errors import ConfigError, FormatError, UsageError, is_int
 
 FORMAT_VERSION = 1
 MAX_LAYERS = 4096  # more layers than any released model; bounds the tensor list a config implies
@@ -62,8 +58,7 @@ class Config:
     def from_dict(cls, d, source="config.json"):
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown}")
         missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
@@ -79,16 +74,14 @@ class Config:
 
     def scheme_of(self, name):
         """The quantization scheme of linear `name` (e.g. "layers.0.q", "head")."""
-        if name == "head":
-            return self.head_quant
-        return self.quant_overrides.get(name, self.quant)
+        return self.head_quant if name == "head" else self.quant_overrides.get(name, self.quant)
 
     def validate(self, source="config.json"):
         def need(ok, what):
             if not ok:  # (one line: a 400-digit value is cut)
                 raise ConfigError(f"{source}: {what if len(what) <= 200 else what[:200] + ' ...'}")
 
-        def is_int(v):
+        def is_json_int(v):  # (not errors.is_int: a NumPy integer would not be written back to JSON)
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_positive_number(v):  # (NaN, inf and an int past float64's range fail the comparison)
@@ -96,23 +89,20 @@ class Config:
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)
-            need(is_int(v) and 0 < v <= 1 << 24, f"{name} must be a positive integer, got {v!r}")
+            need(is_json_int(v) and 0 < v <= 1 << 24, f"{name} must be a positive integer, got {v!r}")
         need(self.n_layers <= MAX_LAYERS, f"n_layers must be at most {MAX_LAYERS}, got {self.n_layers}")
-        need(is_int(self.format_version) and self.format_version == FORMAT_VERSION,
+        need(is_json_int(self.format_version) and self.format_version == FORMAT_VERSION,
              f"format_version {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
         need(self.architecture == "llama", f"architecture must be 'llama', got {self.architecture!r}")
         need(isinstance(self.family, str), f"family must be a string, got {self.family!r}")
         need(self.n_heads % self.n_kv_heads == 0,
              f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            need(is_positive_number(v),
-                 f"{name} must be a positive number, got {v!r}")
+        for name, v in (("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
+            need(is_positive_number(v), f"{name} must be a positive number, got {v!r}")
         f32 = np.finfo(np.float32)  # the norms add norm_eps in float32
-        need(float(f32.smallest_subnormal) <= self.norm_eps <= float(f32.max),
-             f"norm_eps must be within float32's range ({f32.smallest_subnormal:.1e} to {f32.max:.1e}), "
-             f"got {self.norm_eps!r}")
+        need(float(f32.smallest_subnormal) <= self.norm_eps <= float(f32.max), f"norm_eps must be within float32's "
+             f"range ({f32.smallest_subnormal:.1e} to {f32.max:.1e}), got {self.norm_eps!r}")
         need(self.embed_dtype in ("f32", "f16"), f"embed_dtype must be 'f32' or 'f16', got {self.embed_dtype!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("sub_norms", "tie_embeddings", "add_bos"):
@@ -126,32 +116,26 @@ class Config:
             extra = sorted(set(rs) - {"type", *keys})
             need(not extra, f"rope_scaling: unknown key(s) {extra} for type {rs['type']!r} (it takes {list(keys)})")
             for k in keys:
-                v = rs.get(k)
-                need(is_positive_number(v),
-                     f"rope_scaling.{k} must be a positive number, got {v!r}")
-            if rs["type"] == "llama3":  # the blend divides by high - low
-                need(rs["high_freq_factor"] > rs["low_freq_factor"],
-                     f"rope_scaling.high_freq_factor must exceed low_freq_factor, got {rs!r}")
+                need(is_positive_number(rs.get(k)), f"rope_scaling.{k} must be a positive number, got {rs.get(k)!r}")
+            need(rs["type"] != "llama3" or rs["high_freq_factor"] > rs["low_freq_factor"],  # blend / (high - low)
+                 f"rope_scaling.high_freq_factor must exceed low_freq_factor, got {rs!r}")
         need(isinstance(self.eos_token_ids, list), "eos_token_ids must be a list of token ids")
         ids = self.eos_token_ids + ([] if self.bos_token_id is None else [self.bos_token_id])
-        need(all(is_int(i) and 0 <= i < self.vocab_size for i in ids),
+        need(all(is_json_int(i) and 0 <= i < self.vocab_size for i in ids),
              f"bos_token_id / eos_token_ids must be token ids below vocab_size {self.vocab_size}")
         need(not self.add_bos or self.bos_token_id is not None, "add_bos is true but bos_token_id is null")
         need(self.chat_template is None or isinstance(self.chat_template, str), "chat_template must be a string")
         need(isinstance(self.quant_overrides, dict), "quant_overrides must be an object")
         for k in self.quant_overrides:
             m = LINEAR_NAME.fullmatch(k)
-            need(m and int(m.group(1)) < self.n_layers,
-                 f"quant_overrides: {k!r} is not a block linear of this model (layers.I.q|k|v|o|gate|up|down, "
-                 f"I < {self.n_layers})")
+            need(m and int(m.group(1)) < self.n_layers, f"quant_overrides: {k!r} is not a block linear of this model "
+                 f"(layers.I.q|k|v|o|gate|up|down, I < {self.n_layers})")
         for where, spec in [("quant", self.quant), ("head_quant", self.head_quant)] + \
                 [(f"quant_overrides.{k}", v) for k, v in self.quant_overrides.items()]:
             linear.check_spec(spec, f"{source}: {where}")
         need(not self.tie_embeddings or self.head_quant.get("scheme") == "f32",
              "tie_embeddings needs head_quant f32 (a quantized head is stored as head.* tensors)")
 
-
-# --- reading ----------------------------------------------------------------------------------
 
 def load_config(model_dir):
     path = os.path.join(model_dir, "config.json")
@@ -166,9 +150,8 @@ def load_config(model_dir):
 
 
 def read_safetensors_header(path, dtypes=DTYPES):
-    """Parse and check a safetensors file's header against its size: ({name: (dtype name, shape,
-    (start, end))}, data), data the file's data region memory-mapped (uint8), every tensor's bytes
-    inside it, of its shape x the size of dtypes[dtype name], no two overlapping."""
+    """({name: (dtype name, shape, (start, end))}, data: the data region mapped as uint8) of a safetensors file,
+    its header checked: each tensor's bytes inside data, shape x dtypes[dtype name] size, none overlapping."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -192,16 +175,15 @@ def read_safetensors_header(path, dtypes=DTYPES):
     header.pop("__metadata__", None)
     start, data_len = 8 + n, size - 8 - n
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
-    entries, spans = {}, []
+    entries = {}
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in dtypes:
             raise FormatError(f"{where}: dtype must be one of {sorted(dtypes)}, got {info!r:.80}")
         shape, offs = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and len(shape) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(is_int(d) and d >= 0 for d in shape)):
             raise FormatError(f"{where}: shape must be a list of at most 8 non-negative integers, got {shape!r:.80}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(is_int(o) for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_len):
             raise FormatError(f"{where}: data_offsets {offs!r:.80} outside the data region ({data_len} bytes)")
         itemsize = np.dtype(dtypes[info["dtype"]]).itemsize
@@ -209,9 +191,8 @@ def read_safetensors_header(path, dtypes=DTYPES):
             raise FormatError(f"{where}: shape {shape!r:.80} is too large for an array")
         if offs[1] - offs[0] != math.prod(shape) * itemsize:
             raise FormatError(f"{where}: byte length {offs[1] - offs[0]} != shape {shape} x {itemsize} bytes")
-        spans.append((offs[0], offs[1], name))
         entries[name] = (info["dtype"], tuple(shape), (offs[0], offs[1]))
-    spans.sort()
+    spans = sorted((s, e, name) for name, (_, _, (s, e)) in entries.items())
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise FormatError(f"{path}: tensors {an!r} and {bn!r} overlap")
@@ -221,18 +202,13 @@ def read_safetensors_header(path, dtypes=DTYPES):
 def read_safetensors(path):
     """Parse and check a safetensors file; return {name: read-only array} memory-mapped from it."""
     entries, data = read_safetensors_header(path)
-    tensors = {}
-    for name, (kind, shape, (start, end)) in entries.items():
-        arr = data[start:end].view(DTYPES[kind]).reshape(shape)
-        tensors[name] = arr if arr.flags.aligned else arr.copy()
-    return tensors
+    arrays = {name: data[s:e].view(DTYPES[kind]).reshape(shape) for name, (kind, shape, (s, e)) in entries.items()}
+    return {name: a if a.flags.aligned else a.copy() for name, a in arrays.items()}
 
 
 def row_reader(path, arr):
-    """ids -> arr[ids] (a copy) for a 2-D array that read_safetensors mapped from `path`, reading
-    each row with os.pread. Gathering rows through the memory map made the kernel map whole
-    page-cache folios (up to 2 MB) around each row: a 128-token prompt made ~130 MB of a 200 MB
-    embedding resident. (An array that is not such a view is indexed directly.)"""
+    """ids -> arr[ids] (a copy), each row read with os.pread if arr is 2-D and mapped by read_safetensors from
+    `path`: through the map the kernel maps 2 MB folios per row (a 128-token prompt made 130 of 200 MB resident)."""
     root = arr
     while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
         root = root.base
@@ -251,37 +227,25 @@ def row_reader(path, arr):
     return read
 
 
-def _all_finite(t, chunk=1 << 20):
-    """No NaN/Inf in t, checked a chunk at a time (np.isfinite of a whole 1 GB embedding would
-    allocate a 250 MB temporary)."""
-    flat = t.reshape(-1)
-    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
-
-
 def check_tensors(tensors, expected, path, checked_at_use=()):
-    """Every expected tensor present with its dtype and shape; no unexpected tensors; float tensors
-    finite, except those named in checked_at_use (their user checks the rows it reads: reading a
-    whole embedding table at load would make all of it resident for a few rows per prompt).
-    expected: {name: (numpy dtype, shape tuple)}."""
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise FormatError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise FormatError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    """tensors are exactly those of expected ({name: (numpy dtype, shape tuple)}); float ones finite, except those in
+    checked_at_use (their user checks the rows it reads: an embedding read whole at load would all stay resident)."""
+    for what, names in (("missing", set(expected) - set(tensors)), ("unexpected", set(tensors) - set(expected))):
+        if names:
+            raise FormatError(f"{path}: {what} tensor(s) {sorted(names)[:5]}{' ...' if len(names) > 5 else ''}")
     for name, (dtype, shape) in expected.items():
         t = tensors[name]
         if t.dtype != np.dtype(dtype) or t.shape != tuple(shape):
             raise FormatError(f"{path}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
                               f"expected {np.dtype(dtype)} {list(shape)}")
-        if t.dtype.kind == "f" and name not in checked_at_use and not _all_finite(t):
-            raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
+        if t.dtype.kind == "f" and name not in checked_at_use:
+            flat, chunk = t.reshape(-1), 1 << 20  # by chunks: np.isfinite of a 1 GB embedding would allocate 250 MB
+            if not all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk)):
+                raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
 
 
 def load_tokenizer(model_dir, vocab_size=None):
-    """The HF `tokenizers` tokenizer in tokenizer.json, or None if the file is absent. Every token
-    id it can produce must be below the model's vocab_size (default: read from config.json),
-    else a prompt could index past the embedding."""
+    """The HF tokenizer in tokenizer.json (None if absent), checked to fit vocab_size (default: config.json's)."""
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.lexists(path):
@@ -302,15 +266,9 @@ def check_tokenizer_fits(tok, vocab_size, where):
                           f"(vocab_size {vocab_size})")
 
 
-# --- writing ----------------------------------------------------------------------------------
-
-def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None):
-    """Write config.json, model.safetensors (and tokenizer.json) into model_dir (created; must not
-    exist). Files are written into a temporary sibling directory `.tinybit-tmp-PID-*` that is
-    renamed into place only when complete, so an interrupted save never leaves a partial model
-    directory. A process killed outright (SIGKILL, power loss) leaves its temporary directory
-    behind; the next save_model into the same parent removes those whose process is gone.
-    Any failure to write (no permission, disk full) is a UsageError naming model_dir."""
+def save_model(model_dir, config, tensors, tokenizer_json=None):
+    """Write config.json, model.safetensors (and tokenizer.json) into a new model_dir: into a sibling .tinybit-tmp-PID-*
+    renamed when complete (the next save removes one a killed save left). A failed write is a UsageError."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
     config.validate("config")
@@ -325,27 +283,22 @@ def save_model(model_dir, config, tensors, tokenizer_json=None, extra_files=None
     except OSError as e:
         raise UsageError(f"{model_dir}: cannot create the model directory: {e.strerror or e} ({e.filename})") from None
     try:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        for name, text in (("config.json", json.dumps(config.to_dict(), indent=2)), ("tokenizer.json", tokenizer_json)):
+            if text is not None:
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "tinybit"})
-        if tokenizer_json is not None:
-            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-                f.write(tokenizer_json)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.rename(tmp, model_dir)
-    except (OSError, SafetensorError) as e:
-        _rmtree(tmp)
-        raise UsageError(f"{model_dir}: cannot write the model: {getattr(e, 'strerror', None) or e}") from None
-    except BaseException:
-        _rmtree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise UsageError(f"{model_dir}: cannot write the model: {getattr(e, 'strerror', None) or e}") from None
         raise
 
 
@@ -353,20 +306,10 @@ def _remove_stale_temps(parent):
     """Remove parent/.tinybit-tmp-PID-* directories left by save_model processes that no longer run."""
     for name in os.listdir(parent):
         m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-\w+", name)
-        if m and os.path.isdir(os.path.join(parent, name)) and not _process_alive(int(m.group(1))):
-            _rmtree(os.path.join(parent, name))
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # alive but another user's / not a pid: keep
-        return True
-    return True
-
-
-def _rmtree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+        if m and os.path.isdir(os.path.join(parent, name)):
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            except (PermissionError, OverflowError):  # alive but another user's / not a pid: keep
+                pass
