@@ -13,10 +13,13 @@ embeddings and head. Every linear inside the blocks is a BitLinear (Ma et al. 20
     activations  s_x = 127 / max(max|x|, 1e-5), x_q = clip(round(x s_x), -128, 127) / s_x  (per token)
     y = x_q W_q^T, trained through the straight-through estimator  w + (q(w) - w).detach()
 
-with float32 master weights. The corpus is the standard library's own .py files (no download),
-split into train / held-out by a stable hash of each file's relative path; the tokenizer is a
-byte-level BPE trained on the training split. Checkpoints are written atomically every
---ckpt-every steps and training resumes from the last one.
+with float32 master weights. The torch block is tinybit.model.block written with autograd, and
+the model takes its names and configuration from tinybit: the run's options make an io.Config
+(the work directory's config.json), the parameters carry tinybit's canonical tensor names, and
+--export renames them to transformers' BitNet layout. The corpus is the standard library's own
+.py files (no download), split into train / held-out by a stable hash of each file's relative
+path; the tokenizer is a byte-level BPE trained on the training split. Checkpoints are written
+atomically every --ckpt-every steps and training resumes from the last one.
 """
 import argparse
 import json
@@ -30,11 +33,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stdlib_corpus import EOT, encode_corpus, split_corpus, train_tokenizer  # noqa: E402
+from tinybit import io  # noqa: E402
+from tinybit import model as tbmodel  # noqa: E402
 
 REFERENCE_TOKENS = 32  # held-out tokens whose logits are exported as the engine's test fixture
 REFERENCE_CANDIDATES = 512  # held-out windows considered for it (see rounding_margins)
+# the gate activations of io.ACTIVATIONS, computed as model.gate_activation computes them
+GATE_ACTIVATIONS = {"silu": F.silu, "relu2": lambda x: F.relu(x).square(),
+                    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# transformers' BitNetForCausalLM names of the canonical tensors (what tools/convert.py reads back):
+# the model's own tensors, and block i's under model.layers.{i}.
+HF_NAMES = {"embed": "model.embed_tokens", "norm": "model.norm"}
+HF_BLOCK_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                  "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                  "attn_sub_norm": "self_attn.attn_sub_norm", "ffn_sub_norm": "mlp.ffn_sub_norm"}
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -68,91 +86,126 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rotate_half(x):
+def rope(x, cos, sin):
+    """model.rope in torch (HF rotate-half rotary embedding). x (B, T, heads, hd); cos, sin (T, hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def attend(q, k, v):
+    """Causal grouped-query attention of each sequence over itself (model.block's `attend` for a
+    training batch): q (B, T, H, hd), k, v (B, T, KV, hd) -> (B, T, H * hd)."""
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+    return a.transpose(1, 2).flatten(2)
 
 
 class Block(nn.Module):
-    def __init__(self, c):
+    """model.block in torch, with autograd over a batch of sequences: block i of config c, its
+    linears BitLinears named as model.BLOCK_LINEARS, its norms as model.BLOCK_NORMS."""
+
+    def __init__(self, c, i):
         super().__init__()
-        d, hd = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
-        self.n_heads, self.n_kv, self.hd = c["num_attention_heads"], c["num_key_value_heads"], hd
-        eps = c["rms_norm_eps"]
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)
-        self.q_proj = BitLinear(d, self.n_heads * hd, bias=False)
-        self.k_proj = BitLinear(d, self.n_kv * hd, bias=False)
-        self.v_proj = BitLinear(d, self.n_kv * hd, bias=False)
-        self.o_proj = BitLinear(self.n_heads * hd, d, bias=False)
-        self.attn_sub_norm = RMSNorm(self.n_heads * hd, eps)
-        f = c["intermediate_size"]
-        self.gate_proj, self.up_proj = BitLinear(d, f, bias=False), BitLinear(d, f, bias=False)
-        self.down_proj = BitLinear(f, d, bias=False)
-        self.ffn_sub_norm = RMSNorm(f, eps)
+        self.c, prefix = c, f"layers.{i}."
+        # the linears first, in linear_shapes' order: the order in which the seed draws their weights
+        for name, n_out, n_in in tbmodel.linear_shapes(c):
+            if name.startswith(prefix):
+                setattr(self, name[len(prefix):], BitLinear(n_in, n_out, bias=False))
+        shapes = tbmodel.expected_tensors(c)
+        for name in tbmodel.BLOCK_NORMS:  # the sub-norms only where c has them
+            if prefix + name + ".weight" in shapes:
+                setattr(self, name, RMSNorm(shapes[prefix + name + ".weight"][1][0], c.norm_eps))
 
     def forward(self, x, cos, sin):
-        B, T, _ = x.shape
-        h = self.input_layernorm(x)
-        q = self.q_proj(h).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        a = self.attn_sub_norm(a.transpose(1, 2).reshape(B, T, -1))
-        x = x + self.o_proj(a)
-        h = self.post_attention_layernorm(x)
-        m = self.ffn_sub_norm(F.relu(self.gate_proj(h)).square() * self.up_proj(h))
-        return x + self.down_proj(m)
+        """x (B, T, dim) -> (B, T, dim); cos, sin (T, hd/2) of the positions 0..T-1."""
+        c = self.c
+        B, T, H, KV, hd = *x.shape[:2], c.n_heads, c.n_kv_heads, c.head_dim
+        # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+        h = self.attn_norm(x)                                                        # (B, T, dim)
+        q, k, v = self.q(h), self.k(h), self.v(h)                                    # (B, T, H*hd), (B, T, KV*hd) x 2
+        a = attend(rope(q.view(B, T, H, hd), cos, sin), rope(k.view(B, T, KV, hd), cos, sin),
+                   v.view(B, T, KV, hd))                                             # (B, T, H*hd)
+        if c.sub_norms:
+            a = self.attn_sub_norm(a)
+        x = x + self.o(a)                                                            # (B, T, dim)
+        # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
+        h = self.ffn_norm(x)
+        m = GATE_ACTIVATIONS[c.activation](self.gate(h)) * self.up(h)                # (B, T, ffn_dim)
+        if c.sub_norms:
+            m = self.ffn_sub_norm(m)
+        return x + self.down(m)
 
 
 class BitNetLM(nn.Module):
-    """BitNet b1.58 (2B4T layout) language model; parameter names follow transformers' BitNet."""
+    """The language model of io.Config c, head tied to the float embedding. Its parameters carry
+    tinybit's canonical tensor names: state_dict() holds the tensors of model.expected_tensors of
+    c with float linears ("layers.{i}.q.weight", ...), which tools/convert.py quantizes as trained."""
 
     def __init__(self, c):
         super().__init__()
+        if not c.tie_embeddings:
+            raise ValueError("BitNetLM: the head is the embedding (tie_embeddings must be true)")
         self.c = c
-        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
-        self.layers = nn.ModuleList(Block(c) for _ in range(c["num_hidden_layers"]))
-        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
-        hd = c["hidden_size"] // c["num_attention_heads"]
-        inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        for name, p in self.named_parameters():
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.register_buffer("inv_freq", torch.from_numpy(tbmodel.rope_inv_freq(c)), persistent=False)
+        for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, ids):  # (B, T) -> logits (B, T, vocab)
-        T = ids.shape[1]
-        angles = torch.arange(T, dtype=torch.float64)[:, None] * self.inv_freq[None]
-        emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos().float(), emb.sin().float()
-        x = self.embed_tokens(ids)
+        angles = torch.arange(ids.shape[1], dtype=torch.float64)[:, None] * self.inv_freq[None]  # (T, hd/2)
+        cos, sin = angles.cos().float(), angles.sin().float()
+        x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.norm(x) @ self.embed_tokens.weight.T  # tied head, not quantized
+        return self.norm(x) @ self.embed.weight.T  # tied head, not quantized
 
     def hf_state_dict(self):
-        """Tensors under transformers' BitNetForCausalLM names."""
+        """The tensors under transformers' BitNetForCausalLM names (HF_NAMES, HF_BLOCK_NAMES)."""
         out = {}
-        for k, v in self.state_dict().items():
-            k = k.replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
-            k = k.replace("v_proj", "self_attn.v_proj").replace("o_proj", "self_attn.o_proj")
-            k = k.replace("attn_sub_norm", "self_attn.attn_sub_norm").replace("ffn_sub_norm", "mlp.ffn_sub_norm")
-            for m in ("gate_proj", "up_proj", "down_proj"):
-                k = k.replace(m, "mlp." + m)
-            out["model." + k] = v.detach().float().contiguous()
+        for key, t in self.state_dict().items():
+            module, suffix = key.rsplit(".", 1)
+            parts = module.split(".")  # ["layers", i, name] in a block, [name] outside
+            hf = (f"model.layers.{parts[1]}.{HF_BLOCK_NAMES[parts[2]]}" if parts[0] == "layers"
+                  else HF_NAMES[module])
+            out[f"{hf}.{suffix}"] = t.detach().float().contiguous()
         return out
 
 
-def model_config(args, vocab_size, eot_id):
-    return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "vocab_size": vocab_size,
-            "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "head_dim": args.dim // args.heads,
-            "hidden_act": "relu2", "max_position_embeddings": args.ctx, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "tie_word_embeddings": True, "attention_bias": False,
-            "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32",
+def run_config(args, vocab_size, eot_id):
+    """The io.Config of a run from its options: BitNet b1.58 2B4T's layout (squared ReLU, sub-norms,
+    tied float embeddings, ternary block linears); every document and prompt starts with <|endoftext|>."""
+    c = io.Config(vocab_size=vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                  n_kv_heads=args.kv_heads, head_dim=args.dim // args.heads, ffn_dim=args.ffn_dim,
+                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=args.ctx, activation="relu2", sub_norms=True,
+                  tie_embeddings=True, quant={"scheme": "ternary"}, bos_token_id=eot_id, eos_token_ids=[eot_id],
+                  add_bos=True)
+    c.validate("the run's options")
+    return c
+
+
+def hf_config(c):
+    """transformers' BitNet config.json of io.Config c (the "online" mode: float master weights,
+    quantized as they are read)."""
+    eos = c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else c.eos_token_ids
+    return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "vocab_size": c.vocab_size,
+            "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+            "hidden_act": c.activation, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
+            "bos_token_id": c.bos_token_id, "eos_token_id": eos, "torch_dtype": "float32",
             "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                     "quantization_mode": "online"}}
+
+
+def read_run_config(workdir):
+    """The io.Config a run wrote to its work directory's config.json."""
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        return io.Config.from_dict(json.load(f), source=path)
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -207,7 +260,7 @@ def train(args):
     os.makedirs(args.workdir, exist_ok=True)
     torch.manual_seed(args.seed)
     tok, data, held = prepare(args)
-    cfg = model_config(args, tok.get_vocab_size(), tok.token_to_id(EOT))
+    cfg = run_config(args, tok.get_vocab_size(), tok.token_to_id(EOT))
     model = BitNetLM(cfg)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -223,7 +276,7 @@ def train(args):
         rng = np.random.default_rng([args.seed, step])
         print(f"resumed at step {step}", file=sys.stderr)
     with open(os.path.join(args.workdir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(cfg.to_dict(), f, indent=2)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, train tokens {len(data)}, held-out tokens {len(held)}", file=sys.stderr)
     t0, tokens = time.time(), 0
@@ -251,20 +304,19 @@ def train(args):
 def export(args):
     """Write the trained model as a transformers BitNet directory (online quantization mode)."""
     from safetensors.torch import save_file
-    with open(os.path.join(args.workdir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_run_config(args.workdir)
     model = BitNetLM(cfg)
     model.load_state_dict(torch.load(os.path.join(args.workdir, "ckpt.pt"), weights_only=True)["model"])
     os.makedirs(args.export, exist_ok=True)
     save_file(model.hf_state_dict(), os.path.join(args.export, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(args.export, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(hf_config(cfg), f, indent=2)
     with open(os.path.join(args.workdir, "tokenizer.json")) as f, \
             open(os.path.join(args.export, "tokenizer.json"), "w") as g:
         g.write(f.read())
     # every training file follows an <|endoftext|>: prompts start with it too (the document start)
     with open(os.path.join(args.export, "tokenizer_config.json"), "w") as f:
-        json.dump({"add_bos_token": True, "bos_token": EOT, "eos_token": EOT}, f, indent=2)
+        json.dump({"add_bos_token": cfg.add_bos, "bos_token": EOT, "eos_token": EOT}, f, indent=2)
     # the training model's own eval-mode logits on held-out text: the fixture the engine must reproduce
     held = np.load(os.path.join(args.workdir, "heldout.npy")).astype(np.int64)
     starts = np.linspace(0, len(held) - REFERENCE_TOKENS, REFERENCE_CANDIDATES).astype(np.int64)
