@@ -8,12 +8,8 @@ them equal. Activations x are (tokens, n_in), outputs (tokens, n_out); scales ar
     int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
     attention_step, down_step             model.block for one token of an all-ternary block (its twin)
-Ternary and binary weights are applied with additions, selects and bit tests only (no multiplies):
-per 256-weight block a plane bit selects among 32 consecutive inputs (docs/FORMAT.md); a prompt of
-GEMM_MIN_TOKENS tokens or more runs table lookups with the tokens on the vector lanes. How and why,
-with measurements: docs/KERNELS.md. Every function is @njit(cache=True), compiled at its first call;
-the fused step lives here, beside the kernels it inlines, so numba's cache of it is never stale.
-"""
+Ternary and binary weights take additions, selects and bit tests only; from GEMM_MIN_TOKENS tokens on, table lookups
+with the tokens on the vector lanes. All @njit(cache=True), compiled at first call. How and why: docs/KERNELS.md."""
 import ctypes
 import glob
 import math
@@ -31,48 +27,37 @@ from .errors import QuantError, UsageError, is_int
 
 
 # --- NumPy references: unpack, then the textbook product --------------------------------------
-
 def ternary_matmul_ref(w_packed, x_q):
     """(n_out, n_blocks*64) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32: x_q @ W~^T, exact."""
-    w_t = pack.unpack_ternary(w_packed, x_q.shape[1])
-    return (x_q.astype(np.int64) @ w_t.T.astype(np.int64)).astype(np.int32)
+    return (x_q.astype(np.int64) @ pack.unpack_ternary(w_packed, x_q.shape[1]).T.astype(np.int64)).astype(np.int32)
 
 
 def binary_matmul_ref(w_packed, x_q):
     """(n_out, n_blocks*32) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32: x_q @ W~^T, exact."""
-    w_sign = pack.unpack_binary(w_packed, x_q.shape[1])
-    return (x_q.astype(np.int64) @ w_sign.T.astype(np.int64)).astype(np.int32)
+    return (x_q.astype(np.int64) @ pack.unpack_binary(w_packed, x_q.shape[1]).T.astype(np.int64)).astype(np.int32)
 
 
 def binary_matmul_f32_ref(w_packed, x):
     """(n_out, n_blocks*32) uint8, (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W~^T."""
-    w_sign = pack.unpack_binary(w_packed, x.shape[1])
-    return (x.astype(np.float64) @ w_sign.T).astype(np.float32)
+    return (x.astype(np.float64) @ pack.unpack_binary(w_packed, x.shape[1]).T).astype(np.float32)
 
 
 def lut_matmul_ref(w_idx, bits, lut, group_rows, x):
     """y[t, o] = sum_k lut[g(o), k] * (sum of x[t, j] over the j with index k): bucket sums, then k multiplies.
-
-    w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32, x (tokens, n_in) float32.
-    """
+    w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32, x (tokens, n_in) float32."""
     idx = pack.unpack_indices(w_idx, x.shape[1], bits)  # (n_out, n_in)
-    k = 2 ** bits
-    onehot = idx[:, :, None] == np.arange(k)  # (n_out, n_in, k)
+    onehot = idx[:, :, None] == np.arange(2 ** bits)  # (n_out, n_in, k)
     buckets = np.einsum("tj,ojk->tok", x.astype(np.float64), onehot)  # (tokens, n_out, k)
     return (buckets * lut[quant.row_groups(idx.shape[0], group_rows or None)]).sum(-1).astype(np.float32)
 
 
 def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
-    """y[t, o] = sum_k c[k, 0] * S0[t, o, k] + c[k, 1] * S1[t, o, k], where S0/S1 sum the even/odd
-    inputs of the pairs coded k. w_idx (n_out, 2*bits*ceil(n_pairs/8)) uint8,
-    codebook (n_groups, 2^(2 bits), 2) float32, x (tokens, n_in) float32 (odd n_in: padded with 0)."""
+    """y[t, o] = sum_k c[k, 0] S0[k] + c[k, 1] S1[k], S0/S1: even/odd input sums of the pairs coded k. w_idx (n_out,
+    2*bits*ceil(n_pairs/8)) uint8; codebook (n_groups, 2^(2 bits), 2), x (tokens, n_in): float32, odd n_in 0-padded."""
     n_pairs = pack.ceil_div(x.shape[1], 2)
     idx = pack.unpack_indices(w_idx, n_pairs, 2 * bits)  # (n_out, n_pairs)
-    xp = np.zeros((x.shape[0], 2 * n_pairs))
-    xp[:, :x.shape[1]] = x
-    xp = xp.reshape(x.shape[0], n_pairs, 2)
-    k = 2 ** (2 * bits)
-    onehot = idx[:, :, None] == np.arange(k)  # (n_out, n_pairs, k)
+    xp = _padded(x, 2 * n_pairs, np.float64).reshape(x.shape[0], n_pairs, 2)
+    onehot = idx[:, :, None] == np.arange(2 ** (2 * bits))  # (n_out, n_pairs, k)
     buckets = np.einsum("tpd,opk->tokd", xp, onehot)  # (tokens, n_out, k, 2)
     cb = codebook[quant.row_groups(idx.shape[0], group_rows or None)]  # (n_out, k, 2)
     return (buckets * cb).sum((-1, -2)).astype(np.float32)
@@ -94,7 +79,6 @@ def absmax_quantize_ref(x):
 
 
 # --- fast Numba kernels ------------------------------------------------------------------------
-
 BLOCK = pack.BLOCK  # 256 weights per plane block
 PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 32 lanes
 ROWS = 4  # output rows per pass of the plane kernels
@@ -103,53 +87,39 @@ ROW_LANES = ROWS * PLANE  # their int16 / int32 accumulator lanes (binary)
 SLICE = 2 * PLANE  # ternary: 64 weights, one byte vector: bits 2h and 2h + 1 of the 32 plane bytes
 SLICE_SUMS = ROWS * 8  # ... whose picked bytes add up in 8 uint64 lanes per row
 ROW_PLANES = ROWS * 2 * SLICE  # the 4 rows' two planes of a block, each plane byte twice
-# An int16 lane adds 8 terms per block (bits p = 0..7), each |term| <= 128 (x_q = -128 negated):
-FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks, then the int16 lanes are added into int32 lanes
+FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per lane, then into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 
 
 def _openblas_thread_setter():
-    """The thread setter of the OpenBLAS that NumPy's wheels bundle (numpy.libs), or None
-    (another BLAS, or a NumPy built differently: then OPENBLAS_NUM_THREADS etc. are the user's)."""
-    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+    """The thread setter of the OpenBLAS in NumPy's wheels (numpy.libs), or None (another BLAS: the user's to set)."""
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))):
         lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
             if hasattr(lib, name):
                 return getattr(lib, name)
     return None
 
 
 _SET_BLAS_THREADS = _openblas_thread_setter()
-
-
-kernel_threads = numba.config.NUMBA_NUM_THREADS  # what set_threads set (numba.get_num_threads costs ~2 us)
-blas_threads = kernel_threads  # and the threads it gave NumPy's BLAS
+kernel_threads = blas_threads = numba.config.NUMBA_NUM_THREADS  # set_threads' (numba.get_num_threads costs ~2 us)
 
 
 def set_threads(n=None, blas=True):
-    """Run the Numba kernels on n threads (None: all the cores numba sees), and NumPy's OpenBLAS
-    on n threads too, or on 1 if not blas. Both pools spin-wait for work between calls, so on a
-    machine with few cores they take the cores from each other: a model whose linears run in these
-    kernels should leave BLAS (attention, a float head) on 1 thread (2 threads, large shape, f32
-    head: prefill 190 vs 90 tok/s, decode 50 vs 28); a float model gains from BLAS threads. And a
-    BLAS call on 2 threads while another process holds a core waits for the descheduled thread."""
+    """Numba kernels on n threads (None: all numba sees), NumPy's OpenBLAS on n too or on 1 if not blas: both pools
+    spin-wait, so a model whose linears run here keeps BLAS (attention, a float head) on 1 (docs/KERNELS.md, "BLAS")."""
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
         raise UsageError(f"threads must be an integer in 1..{n_max} (the cores numba sees), got {n!r}")
     global kernel_threads, blas_threads
-    numba.set_num_threads(int(n))
-    kernel_threads = int(n)
-    blas_threads = int(n) if blas else 1
+    kernel_threads, blas_threads = int(n), (int(n) if blas else 1)
+    numba.set_num_threads(kernel_threads)
     if _SET_BLAS_THREADS is not None:
         _SET_BLAS_THREADS(blas_threads)
 
 
-# A parallel region costs tens of µs (and far more when another process holds a core): each
-# thread must get at least this many weight x token products, else the call runs on one thread.
-MIN_WORK_PER_THREAD = 1 << 20
+MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 
 
 @intrinsic
@@ -167,25 +137,25 @@ def _prefetch(typingctx, arr, i):
 
 
 @njit(cache=True, inline="always")
-def _prefetch_rows(w, r, last):
-    """Prefetch rows r .. r + ROWS - 1 of w (clamped to row `last`), a cache line at a time."""
+def _four_rows(w, r, last):
+    """Rows r .. r + 3 of w (clamped to row `last`: a short last pass repeats it), after prefetching the
+    rows PREFETCH_ROWS ahead, a cache line at a time."""
     for q in range(ROWS):
-        row = w[min(r + q, last)]
+        row = w[min(r + PREFETCH_ROWS + q, last)]
         for i in range(0, row.shape[0], 64):
             _prefetch(row, i)
+    return w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
 
 
 @njit(cache=True)
 def _n_chunks(n_out, work, threads, min_work):
-    """Row chunks of a call over n_out rows with `work` products: one per thread, at least min_work
-    products and one ROWS-row group each (1: run the row function directly, no parallel region)."""
+    """Row chunks for n_out rows and `work` products: at most one per thread, each >= min_work and ROWS rows."""
     return max(1, min(threads, (n_out + ROWS - 1) // ROWS, work // min_work))
 
 
 def _launch(par, rows, ws, args, ys, work):
-    """Fill ys[m] (the output of weight matrix m; several: q/k/v in one call) by rows(ws[m], *args,
-    ys[m], r0, r1): par(ws, *args, ys, n_chunks) over chunks of the rows of all the matrices (one chunk
-    per thread), or rows(w, *args, y, 0, n_out) per matrix when one chunk will do (no parallel region)."""
+    """Fill ys[m], the output of matrix ws[m] (q/k/v: one call), by rows(ws[m], *args, ys[m], r0, r1): par(ws,
+    *args, ys, n_chunks) over all the matrices' rows, or per matrix if one chunk will do (no parallel region)."""
     n_chunks = _n_chunks(sum(w.shape[0] for w in ws), work, kernel_threads, MIN_WORK_PER_THREAD)
     if n_chunks == 1:
         for w, y in zip(ws, ys):
@@ -196,8 +166,8 @@ def _launch(par, rows, ws, args, ys, work):
 
 @njit(cache=True)
 def _chunk(i, n_chunks, ws):
-    """(m, r0, r1): matrix m = i % len(ws) and its rows [r0, r1) in chunk i // len(ws) of n_chunks (r0 = r1:
-    none): the rows of all the matrices, one after the other, split into runs of whole ROWS-row groups."""
+    """(r0, r1): the rows of matrix i % len(ws) in chunk i // len(ws) of n_chunks (r0 = r1: none): the rows
+    of all the matrices, one after the other, split into runs of whole ROWS-row groups."""
     m, c = i % len(ws), i // len(ws)
     offset = 0  # rows of the matrices before m
     for j in range(m):
@@ -208,7 +178,7 @@ def _chunk(i, n_chunks, ws):
     groups = (n_out + ROWS - 1) // ROWS
     r0 = max(c * groups // n_chunks * ROWS - offset, 0)
     r1 = min((c + 1) * groups // n_chunks * ROWS - offset, ws[m].shape[0])
-    return m, r0, max(r0, r1)
+    return r0, max(r0, r1)
 
 
 @njit(cache=True)
@@ -217,13 +187,7 @@ def _token_tile(tokens, bytes_per_token):
     return max(1, min(tokens, X_TILE_BYTES // max(1, bytes_per_token)))  # (n_in = 0: one tile)
 
 
-# ternary: per block, plane nz (w != 0) then plane ng (w < 0). x comes as two byte arrays,
-# x_u = x + 128 and x_n = 127 - x (both 0..255), and each weight picks one byte of its input:
-#   a = x_u if w = +1, x_n if w = -1, 0 if w = 0
-#   sum a = sum_{w=+1} (x + 128) + sum_{w=-1} (127 - x) = y + 128 n_nz - n_ng
-# so y = sum a - 128 n_nz + n_ng, where n_nz, n_ng count the set bits of the two planes.
-# vpsadbw adds 8 picked bytes into a 64-bit lane (the sum of |a - 0|): 64 weights per add, no flush.
-
+# ternary: planes nz (w != 0), ng (w < 0); w picks x + 128 (+1), 127 - x (-1) or 0: y = sum - 128 n_nz + n_ng
 @intrinsic
 def _add_byte_sums(typingctx, sums, a):
     """sums[i] += a[8 i] + ... + a[8 i + 7] for i < 8: sums (8,) uint64, a (64,) uint8.
@@ -329,8 +293,7 @@ def _ternary_rows(w, xu, xn, y, r0, r1):
     for t0 in range(0, xu.shape[0], tile):
         for r in range(r0, r1, ROWS):
             # a short last pass repeats row r1 - 1; only real rows are stored
-            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
-            _prefetch_rows(w, r + PREFETCH_ROWS, last)
+            w0, w1, w2, w3 = _four_rows(w, r, last)
             for t in range(t0, min(t0 + tile, xu.shape[0])):
                 _ternary_dot4(w0, w1, w2, w3, xu[t], xn[t], bits, planes, picked, sums, counts)
                 for q in range(min(ROWS, r1 - r)):
@@ -341,13 +304,11 @@ def _ternary_rows(w, xu, xn, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _ternary_par(ws, xu, xn, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _ternary_rows(ws[m], xu, xn, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _ternary_rows(ws[i % len(ws)], xu, xn, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 # binary: one plane, bit 1 = +1, 0 = -1; y = S1 - (sum(x) - S1) = S1 + S1 - sum(x), S1 = sum over bit 1
-
 @njit(cache=True, inline="always")
 def _binary_lane(wb, j, xb):
     """Lane j of one block: sum of x[32p + j] over the p whose bit is 1, |sum| <= 8 * 128."""
@@ -389,8 +350,7 @@ def _binary_rows(w, x, xsum, y, r0, r1):
     tile = _token_tile(x.shape[0], 2 * x.shape[1])
     for t0 in range(0, x.shape[0], tile):
         for r in range(r0, r1, ROWS):
-            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
-            _prefetch_rows(w, r + PREFETCH_ROWS, last)
+            w0, w1, w2, w3 = _four_rows(w, r, last)
             for t in range(t0, min(t0 + tile, x.shape[0])):
                 _binary_dot4(w0, w1, w2, w3, x[t], acc16, acc32)
                 for q in range(min(ROWS, r1 - r)):
@@ -400,16 +360,13 @@ def _binary_rows(w, x, xsum, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _binary_par(ws, x, xsum, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _binary_rows(ws[m], x, xsum, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _binary_rows(ws[i % len(ws)], x, xsum, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
-
-# binary x float32 (OneBit): the same with float32 lanes (no overflow, no flush)
 
 @njit(cache=True, inline="always")
 def _binary_lane_f32(wb, j, xb, s):
-    """s + sum of x[32p + j] over the p whose bit is 1 (float32, in order p = 0..7)."""
+    """s + sum of x[32p + j] over the p whose bit is 1 (float32, in order p = 0..7): OneBit, no overflow, no flush."""
     m = wb[j]
     for p in range(8):
         v = xb[PLANE * p + j]
@@ -443,8 +400,7 @@ def _binary_f32_rows(w, x, xsum, y, r0, r1):
     tile = _token_tile(x.shape[0], 4 * x.shape[1])
     for t0 in range(0, x.shape[0], tile):
         for r in range(r0, r1, ROWS):
-            w0, w1, w2, w3 = w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
-            _prefetch_rows(w, r + PREFETCH_ROWS, last)
+            w0, w1, w2, w3 = _four_rows(w, r, last)
             for t in range(t0, min(t0 + tile, x.shape[0])):
                 _binary_f32_dot4(w0, w1, w2, w3, x[t], acc)
                 for q in range(min(ROWS, r1 - r)):
@@ -456,19 +412,15 @@ def _binary_f32_rows(w, x, xsum, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _binary_f32_par(ws, x, xsum, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _binary_f32_rows(ws[m], x, xsum, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _binary_f32_rows(ws[i % len(ws)], x, xsum, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 # --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
-
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
 GEMM_LANES = 64  # tokens per tile: 2 x 32 int16 lanes
 GEMM_ROWS = 1024  # rows per block: their int16 accumulators (128 KB) and int32 ones (256 KB) stay in L2
-# From this many tokens on, the table kernels beat the per-token ones (1 thread, 2560x2560, 6912x2560,
-# 2560x6912: GEMM / per-token time 0.97-1.01 at 24 tokens (ternary), 0.85-1.07 at ~20 (binary))
-GEMM_MIN_TOKENS = {"ternary": 24, "binary": 20}
+GEMM_MIN_TOKENS = {"ternary": 24, "binary": 20}  # from here on the tables beat per-token (docs/KERNELS.md)
 QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
 TERNARY_STEP_QUADS = 4  # input quads per step: 4 quads x 81 entries x 64 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
@@ -479,9 +431,8 @@ ACC_SIZE = GEMM_ROWS * GEMM_LANES
 
 @intrinsic
 def _stack_array(typingctx, n, dtype):
-    """Pointer to n (a constant) elements of dtype on the stack (an alloca), on a cache line: it aliases
-    no array, so loops that write it need no overlap checks and it can live in registers, and its
-    64-byte vectors do not straddle two lines."""
+    """Pointer to n (a constant) elements of dtype on the stack (an alloca), on a cache line: it aliases no array,
+    so loops that write it need no overlap checks and it can live in registers (docs/KERNELS.md)."""
     if not isinstance(n, types.IntegerLiteral):
         return None
     size = n.literal_value
@@ -496,8 +447,7 @@ def _stack_array(typingctx, n, dtype):
 
 @njit(cache=True, inline="always")
 def _aligned_empty(n, dtype):
-    """np.empty(n, dtype) starting on a cache line: numba's np.empty promises only 32 bytes, and vectors
-    that straddle two lines cost two loads (tables on the heap made an earlier table GEMM 1.4x slower)."""
+    """np.empty(n, dtype) on a cache line (numba's promises 32 bytes): a vector across two lines costs two loads."""
     buf = np.empty(n + ALIGN, dtype)
     off = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN // buf.itemsize
     return buf[off:off + n]
@@ -505,9 +455,8 @@ def _aligned_empty(n, dtype):
 
 @njit(cache=True)
 def _lanes_major(x_q, n_pad):
-    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16 on a cache line: xt[i, j, l] =
-    x_q[GEMM_LANES i + l, j], zeros past the tokens and n_in. 4 inputs per pass (NumPy's strided
-    copy of the transpose: 3.6x slower)."""
+    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16 on a cache line: xt[i, j, l] = x_q[GEMM_LANES i
+    + l, j], zeros past the tokens and n_in. 4 inputs per pass (NumPy's strided transpose copy: 3.6x slower)."""
     n_tiles, n_in = (x_q.shape[0] + GEMM_LANES - 1) // GEMM_LANES, x_q.shape[1]
     xt = _aligned_empty(n_tiles * n_pad * GEMM_LANES, np.int16).reshape((n_tiles, n_pad, GEMM_LANES))
     xt[:] = 0
@@ -525,10 +474,8 @@ def _lanes_major(x_q, n_pad):
     return xt
 
 
-# Quads: nibble h of plane byte j of block b holds the weights of inputs 128 (2 b + h) + 32 i + j,
-# i = 0..3 (bit 4 h + i). codes[2 b + h, r, j] = the table entry of that quad of row r; a step
-# covers the quads of TERNARY_STEP_QUADS (or BINARY_STEP_QUADS) consecutive bytes j.
-
+# Quads: nibble h of plane byte j of block b holds the weights of inputs 128 (2 b + h) + 32 i + j, i = 0..3 (bit
+# 4 h + i); codes[2 b + h, r, j] = row r's table entry for it; a step covers *_STEP_QUADS consecutive bytes j.
 @njit(cache=True, inline="always")
 def _base3(v):
     """Bits 0..3 of v read as base-3 digits, b0 + 3 b1 + 9 b2 + 27 b3 (per bit pair u: b0 + 3 b1 = u + (u >> 1))."""
@@ -539,9 +486,8 @@ def _base3(v):
 
 @njit(cache=True)
 def _ternary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e,
-    e = a0 + 3 a1 + 9 a2 + 27 a3 for the quad's weights (a = nz bit + ng bit = 0, 1, 2 for 0, +1, -1:
-    e = base3(nz) + base3(ng))."""
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e, e =
+    a0 + 3 a1 + 9 a2 + 27 a3, a = nz bit + ng bit = 0, 1, 2 for w = 0, +1, -1: e = base3(nz) + base3(ng)."""
     for b in range(w.shape[1] // (2 * PLANE)):
         o = 2 * PLANE * b
         for r in range(r0, r1):
@@ -557,8 +503,7 @@ def _ternary_quad_codes(w, r0, r1, codes):
 
 @njit(cache=True)
 def _binary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS)
-    + (nibble h of plane byte j)."""
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS) + nibble h."""
     for b in range(w.shape[1] // PLANE):
         for r in range(r0, r1):
             plane = w[r, PLANE * b:PLANE * (b + 1)]
@@ -578,9 +523,8 @@ def _pair_sums(a, c):
 
 @njit(cache=True)
 def _ternary_tables(xt, base, tab):
-    """tab[(81 m + e) GEMM_LANES + l] = sum_i s_i x_i[l] for quad m of the step at input `base`
-    (x_i = xt[base + m + 32 i]), e = k0 + 3 k1 + 9 k2 + 27 k3, s = 0, +1, -1 for k = 0, 1, 2:
-    the 9 x 9 sums of a pair table of (x3, x2) and one of (x1, x0). xt (n_pad, GEMM_LANES) int16."""
+    """tab[(81 m + e) GEMM_LANES + l] = sum_i s_i x_i[l], x_i = xt[base + m + 32 i] for quad m of the step, e =
+    sum_i 3^i k_i, s = 0, +1, -1 for k = 0, 1, 2: 9 x 9 sums of pair tables (x3, x2), (x1, x0); xt (n_pad, L) int16."""
     L = GEMM_LANES
     for m in range(TERNARY_STEP_QUADS):
         x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
@@ -635,11 +579,8 @@ def _flush(acc16, acc32):
 
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] = the sums of one tile of tokens for a block of rows. codes (2 nb, >= n_rows,
-    PLANE) uint16 (_ternary_quad_codes / _binary_quad_codes); xt (n_pad, GEMM_LANES) int16;
-    acc32 (>= n_rows, GEMM_LANES) int32; n_rows <= GEMM_ROWS.
-    The tables and the int16 accumulators are two stack arrays: they alias nothing, so the row loop
-    runs without overlap checks; they go into the int32 ones before a lane can pass 32767."""
+    """acc32[:n_rows] (>= n_rows, GEMM_LANES) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (2 nb,
+    >= n_rows, PLANE) uint16, xt (n_pad, GEMM_LANES) int16. Stack tables and int16 sums, flushed before 32767."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_ENTRIES, GEMM_LANES))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (GEMM_ROWS, GEMM_LANES))
     n_quads = BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
@@ -664,9 +605,7 @@ def _gemm_tile(codes, xt, binary, n_rows, acc32):
 
 @njit(cache=True, inline="always")
 def _store_tile(acc32, y, tile, rb0, rb1):
-    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed in strips of 16 rows
-    (one cache line of a row of y) by the lanes: element by element along y's columns was 9x slower,
-    and strips of a variable row count 3x slower than the constant 16."""
+    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed by lanes in strips of 16 rows."""
     t0 = tile * GEMM_LANES
     n_lanes = min(GEMM_LANES, y.shape[0] - t0)
     for q0 in range(rb0, rb1, 16):
@@ -703,19 +642,14 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _gemm_par(ws, xT, binary, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _gemm_rows(ws[m], xT, binary, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _gemm_rows(ws[i % len(ws)], xT, binary, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# LUT / VQ: per row and token, bucket sums of the inputs by index (additions), then one multiply
-# per bucket. The scatter-add is scalar; 4 (LUT) or 2 (VQ) copies of the buckets, used in turn,
-# keep consecutive adds into the same bucket from waiting on each other.
-
+# LUT / VQ: bucket sums of the inputs by index, one multiply per bucket; 4 / 2 bucket copies break the add chains
 @njit(cache=True)
 def _unpack_row(wr, nbits, idx):
-    """One row's LSB-first nbits-bit indices -> idx (8 * len(wr) / nbits,) uint8.
-    Every 8 indices are nbits bytes = one little-endian integer of 8 * nbits <= 64 bits."""
+    """One row's LSB-first nbits-bit indices -> idx (8 * len(wr) / nbits,) uint8; 8 indices = nbits LE bytes."""
     mask = (1 << nbits) - 1
     for g in range(idx.shape[0] // 8):
         v = 0
@@ -727,9 +661,8 @@ def _unpack_row(wr, nbits, idx):
 
 @njit(cache=True)
 def _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1):
-    """Rows r0..r1-1 of y[t, o] = sum_k lut[g(o), k] * (sum of x[t, j] over j with index k).
-    w (n_out, nbits*n_pad/8) uint8; lut (n_groups, 2^nbits) float32; x (tokens, n_pad) float32
-    zero-padded (padding indices are 0); y (tokens, n_out) float32. Sums in float64."""
+    """Rows r0..r1-1 of y[t, o] = sum_k lut[g(o), k] * (sum of x[t, j] over j with index k), in float64. w (n_out,
+    nbits*n_pad/8) uint8; float32 lut (n_groups, 2^nbits), x (tokens, n_pad) zero-padded, y (tokens, n_out)."""
     k = 1 << nbits
     n_pad = w.shape[1] // nbits * 8  # a multiple of 8
     idx = np.empty(n_pad, np.uint8)
@@ -753,16 +686,14 @@ def _lut_rows(w, nbits, lut, group_rows, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _lut_par(ws, nbits, lut, group_rows, x, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _lut_rows(ws[m], nbits, lut, group_rows, x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _lut_rows(ws[i % len(ws)], nbits, lut, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 @njit(cache=True)
 def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
-    """Rows r0..r1-1 of y[t, o] = sum_k c[k, 0] S0[k] + c[k, 1] S1[k], S0/S1 = sums of the
-    even/odd inputs of the pairs coded k. w (n_out, nbits*n_pairs/8) uint8 (nbits = 2 * bits);
-    codebook (n_groups, 2^nbits, 2) float32; x (tokens, 2*n_pairs) float32 zero-padded."""
+    """Rows r0..r1-1 of y[t, o] = sum_k c[k, 0] S0[k] + c[k, 1] S1[k] (vq_matmul_ref) in float64; w (n_out, nbits *
+    n_pairs/8) uint8, nbits = 2 bits; float32 codebook (n_groups, 2^nbits, 2), x (tokens, 2 n_pairs) 0-padded, y."""
     k = 1 << nbits
     n_pairs = w.shape[1] // nbits * 8  # a multiple of 8
     idx = np.empty(n_pairs, np.uint8)
@@ -788,18 +719,14 @@ def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _vq_rows(ws[m], nbits, codebook, group_rows, x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _vq_rows(ws[i % len(ws)], nbits, codebook, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# int8 or float32 rows x float32: a dot product per row (int8: 1 byte per weight); "reassoc" lets LLVM split
-# the sum over vector lanes (the float32 sum order is then its own; integer sums stay exact)
-
+# int8 or float32 rows x float32: a dot product per row; "reassoc" lets LLVM split the float32 sum over the lanes
 @njit(cache=True, fastmath={"reassoc", "contract"})
 def _dense_rows(w, x, y, r0, r1):
-    """Rows r0..r1-1 of y = x W^T. w (n_out, n_in) int8 or float32, x (tokens, n_in) float32,
-    y (tokens, n_out) float32. One compiled version per weight dtype."""
+    """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32."""
     for r in range(r0, r1):
         wr = w[r]
         for t in range(x.shape[0]):
@@ -812,17 +739,14 @@ def _dense_rows(w, x, y, r0, r1):
 
 @njit(cache=True, parallel=True)
 def _dense_par(ws, x, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # one (chunk, matrix) pair each, in chunk-major order
-        m, r0, r1 = _chunk(i, n_chunks, ws)
-        _dense_rows(ws[m], x, ys[m], r0, r1)
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _dense_rows(ws[i % len(ws)], x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 # int8 activations: absmax per token, fused into one pass per row (the NumPy version makes ~8)
-
 @njit(cache=True)
 def _absmax_rows(x, x_q, scale):
-    """x (tokens, n) float32 -> x_q (tokens, n) int8, scale (tokens, 1) float32, as absmax_quantize_ref;
-    returns False if a row's absmax is NaN or Inf."""
+    """x (tokens, n) float32 -> x_q int8, scale (tokens, 1) float32 as absmax_quantize_ref; False on a NaN/Inf."""
     q = np.float32(127)
     for t in range(x.shape[0]):
         xt, g, nan = x[t], np.float32(0), False
@@ -841,7 +765,6 @@ def _absmax_rows(x, x_q, scale):
 
 
 # --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
-
 def check_packed(w, row_bytes, what):
     if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
         raise pack.PackError(f"{what}: expected a 2-D uint8 array with {row_bytes} bytes per row, got "
@@ -854,8 +777,7 @@ def check_packed(w, row_bytes, what):
 def _check_x(x, dtype=None):
     x = np.asarray(x)
     if x.ndim != 2 or (dtype is not None and x.dtype != dtype):
-        raise UsageError(f"activations: expected a 2-D (tokens, n_in) {dtype or ''} array, "
-                         f"got {x.dtype} {x.shape}")
+        raise UsageError(f"activations: expected a 2-D (tokens, n_in) {dtype or ''} array, got {x.dtype} {x.shape}")
     return x
 
 
@@ -882,8 +804,7 @@ def absmax_quantize(x):
     x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
     if x.shape[1] == 0:
         raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
-    x_q = np.empty(x.shape, np.int8)
-    scale = np.empty((x.shape[0], 1), np.float32)
+    x_q, scale = np.empty(x.shape, np.int8), np.empty((x.shape[0], 1), np.float32)
     if not _absmax_rows(x, x_q, scale):
         raise QuantError("activation contains NaN or Inf; cannot quantize")
     return x_q, scale
@@ -895,8 +816,7 @@ def ternary_matmul(w_packed, x_q):
 
 
 def ternary_matmuls(ws, x_q):
-    """[ternary_matmul(w, x_q) for w in ws] in one call: one padded x, one parallel region over the
-    rows of all the matrices (q, k, v of a layer)."""
+    """[ternary_matmul(w, x_q) for w in ws] in one call: one padded x, one parallel region (q, k, v of a layer)."""
     return _plane_matmuls(ws, x_q, binary=False)
 
 
@@ -911,8 +831,7 @@ def binary_matmuls(ws, x_q):
 
 
 def _plane_matmuls(ws, x_q, binary):
-    """ternary_matmuls, or binary_matmuls if `binary`: the table GEMM from GEMM_MIN_TOKENS tokens on,
-    else the per-token kernels (ternary: the bytes x + 128 and 127 - x; binary: x and sum(x))."""
+    """ternary_matmuls, or binary_matmuls if `binary`: the table GEMM from GEMM_MIN_TOKENS tokens on, else per token."""
     x_q = _check_x(x_q, np.int8)
     planes, what = (1, "binary planes") if binary else (2, "ternary planes")
     ws = tuple(check_packed(w, planes * pack.plane_row_bytes(x_q.shape[1]), what) for w in ws)
@@ -995,18 +914,13 @@ def int8_matmul(w_q, x):
 
 
 def f32_matmul(w, x):
-    """Same as f32_matmul_ref (float32 lane sums), for a few tokens: a float head's GEMV on the
-    kernels' threads (OpenBLAS's own threads would spin against them). w (n_out, n_in) float32."""
+    """Same as f32_matmul_ref (float32 lane sums), w (n_out, n_in) float32: a float head's few-token GEMV on the
+    kernels' threads (OpenBLAS's own threads would spin against them)."""
     return _dense_matmul(w, x, np.float32, "float32 weights")
 
 
 # --- the fused one-token block: model.block's compiled twin for all-ternary blocks -------------------
-# model.Model.block runs a block as ~30 NumPy operations around four kernel calls; for one token their
-# call overheads are a real share of the step. attention_step and down_step are the same block for
-# T = 1 (RMSNorm, absmax, the kernels, rotary, the cache write, attention) into buffers made once
-# (model.decode_workspace). Same floats as model.block but attention's summation order (~1e-7).
-
-
+# Beside the kernels it inlines (a fresh numba cache); model.block's floats but attention's sum order: docs/KERNELS.md
 @njit(cache=True)
 def _rms_norm(x, weight, eps, out):
     """out = weight * (x / sqrt(mean(x^2) + eps)): model.rms_norm of one token (out may be x)."""
@@ -1057,9 +971,8 @@ def _rope(x, cos, sin):
 
 @njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products and sums vectorized
 def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
-    """Heads h0..h1-1 of model.attention for one query at position n_pos - 1: q (H, hd);
-    k_cache, v_cache (KV, max_len, hd) with positions 0..n_pos-1 filled; scores (H, max_len)
-    scratch; out (H, hd). Softmax weights below e^-60 of the largest are 0, as there."""
+    """Heads h0..h1-1 of model.attention for one query at position n_pos - 1: q, out (H, hd); k_cache, v_cache
+    (KV, max_len, hd), positions < n_pos filled; scores (H, max_len) scratch. As there, weights < e^-60 max are 0."""
     hd = q.shape[1]
     group = q.shape[0] // k_cache.shape[0]  # query heads per KV head
     scale = np.float32(hd ** -0.5)
@@ -1098,13 +1011,12 @@ def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
 
 @njit(cache=True)
 def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
-    """model.Model.block for one token at position pos, up to the MLP's activation: x (dim,) float32
-    += o(attention), then work's gate, up = gate(h), up(h) with h = ffn_norm(x).
-    norms: attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm weights (the last two empty: no sub-norms);
-    ws, scales: w_packed and gamma of q, k, v, o, gate, up, down; k_cache, v_cache (KV, max_len, hd):
-    this layer's cache, position pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace();
-    threads, min_work: kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the linear
-    (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
+    """model.Model.block for one token at position pos, up to the MLP's activation: x (dim,) float32 += o(attention),
+    then work's gate, up = gate(h), up(h) with h = ffn_norm(x). norms: attn_norm, ffn_norm, attn_sub_norm,
+    ffn_sub_norm weights (the last two empty: no sub-norms); ws, scales: w_packed and gamma of q, k, v, o, gate, up,
+    down; k_cache, v_cache (KV, max_len, hd): this layer's cache, position pos written here; cos, sin (hd/2,) of pos;
+    work: model.decode_workspace(); threads, min_work: kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the
+    linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
     sq, sk, sv, so, sg, su, _ = scales
@@ -1141,9 +1053,8 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
 
 @njit(cache=True)
 def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
-    """The rest of the block: x += down(ffn_sub_norm(m)), m = act(gate) * up (computed by the caller
-    with model.gate_activation: NumPy's tanh is vectorized, numba's is not). Returns 0, or 4 if m
-    has a NaN or Inf."""
+    """The rest of the block: x += down(ffn_sub_norm(m)), m = act(gate) * up from the caller (model.gate_activation:
+    NumPy's tanh is vectorized, numba's is not). Returns 0, or 4 if m has a NaN or Inf."""
     ffn_sub, wd, sd = norms[3], ws[6], scales[6]
     (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
     if ffn_sub.shape[0]:
