@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from tinybit import linear, model, quant
 from tinybit.errors import TinybitError, UsageError
 
-from util import random_float_tensors, tiny_config
+from util import quantize_tensors, random_float_tensors, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("tinybit_convert", os.path.join(ROOT, "tools", "convert.py"))
@@ -108,7 +108,7 @@ def test_identity_hessian_no_damping_is_round_to_nearest(name):
 
 def test_block_pass_equals_model_block():
     c = tiny_config(n_layers=2)
-    m = model.Model(c, model.quantize_tensors(c, random_float_tensors(c, seed=3)))
+    m = model.Model(c, quantize_tensors(c, random_float_tensors(c, seed=3)))
     ids = np.random.default_rng(0).integers(0, c.vocab_size, (3, 10))
     x = m.embed[ids].astype(np.float32)
     got = calibrate.block_pass(m, 1, x, lambda name, h: m.linears_of([name], h)[0])

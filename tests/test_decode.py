@@ -9,7 +9,7 @@ import tinybit
 from tinybit import io, kernels, linear
 from tinybit import model as tbmodel
 from tinybit.errors import FormatError
-from util import random_float_tensors, save_random_model, tiny_config
+from util import quantize_tensors, random_float_tensors, save_random_model, tiny_config
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
 THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
@@ -197,7 +197,7 @@ def test_overflow_in_a_block_names_the_linears(tmp_path, tensor, names):
     """A scale that makes a linear's output overflow float32: the next linear's input is NaN/Inf,
     and decode says which, as the NumPy block does."""
     config = tiny_config(quant={"scheme": "ternary"})
-    tensors = tbmodel.quantize_tensors(config, random_float_tensors(config))
+    tensors = quantize_tensors(config, random_float_tensors(config))
     tensors[tensor][:] = 3e38
     path = str(tmp_path / "m")
     io.save_model(path, config, tensors)

@@ -20,7 +20,7 @@ import gguf
 from tinybit import io, model, pack
 from tinybit.errors import UsageError
 
-from util import random_float_tensors, tiny_config
+from util import quantize_tensors, random_float_tensors, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -58,7 +58,7 @@ def llama_cfg(**kw):
 
 
 def stored(config, seed=0):
-    return model.quantize_tensors(config, random_float_tensors(config, seed))
+    return quantize_tensors(config, random_float_tensors(config, seed))
 
 
 def field(reader, key):

@@ -37,7 +37,7 @@ import tinybit  # noqa: E402
 from tinybit import io, linear, pack  # noqa: E402
 from tinybit.generate import generate  # noqa: E402
 from tinybit.errors import ConfigError, FormatError, TinybitError, UsageError  # noqa: E402
-from util import save_random_model, tiny_config  # noqa: E402
+from util import quantize_tensors, save_random_model, tiny_config  # noqa: E402
 
 FUZZ_CASES = 2000 if os.environ.get("CI") else 300
 CASE_TIMEOUT_S = 20
@@ -487,7 +487,7 @@ def test_overflowing_weights_give_a_clear_error(tmp_path):
     config = tiny_config(quant={"scheme": "ternary"})
     from tinybit import model as tbmodel
     from util import random_float_tensors
-    tensors = tbmodel.quantize_tensors(config, random_float_tensors(config))
+    tensors = quantize_tensors(config, random_float_tensors(config))
     tensors["norm.weight"] = np.full(config.dim, 3e38, np.float32)  # finite, but the head's sums overflow
     io.save_model(path, config, tensors)
     m = tinybit.load(path)
@@ -504,7 +504,7 @@ def test_nan_in_an_embedding_row(tmp_path, tie):
     config = tiny_config(tie_embeddings=tie, quant={"scheme": "ternary"})
     from tinybit import model as tbmodel
     from util import random_float_tensors
-    tensors = tbmodel.quantize_tensors(config, random_float_tensors(config))
+    tensors = quantize_tensors(config, random_float_tensors(config))
     tensors["embed.weight"][7, 3] = np.nan
     io.save_model(path, config, tensors)
     if tie:
@@ -524,7 +524,7 @@ def test_embedding_rows_read_from_the_file(tmp_path, monkeypatch):
     config = tiny_config(tie_embeddings=False, quant={"scheme": "ternary"})
     from tinybit import model as tbmodel
     from util import random_float_tensors
-    io.save_model(path, config, tbmodel.quantize_tensors(config, random_float_tensors(config)))
+    io.save_model(path, config, quantize_tensors(config, random_float_tensors(config)))
     m = tinybit.load(path)
     ids = np.array([0, 60, 7, 7, 31])
     reads = []

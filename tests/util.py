@@ -1,7 +1,7 @@
 """Small random models for tests: a config, float weights, and a saved tinybit model directory."""
 import numpy as np
 
-from tinybit import io, model
+from tinybit import io, linear, model
 
 
 def tiny_config(**overrides):
@@ -25,7 +25,20 @@ def random_float_tensors(config, seed=0):
     return t
 
 
+def quantize_tensors(config, float_tensors):
+    """Canonical float tensors (linears as "{name}.weight" (n_out, n_in)) -> the stored tensors of config:
+    each linear by its scheme's data-free quantizer, the rest float32 (embed.weight as config.embed_dtype)."""
+    shapes = model.linear_shapes(config)
+    linears = {name for name, _, _ in shapes}
+    out = {k: np.asarray(t, np.float16 if k == "embed.weight" and config.embed_dtype == "f16" else np.float32)
+           for k, t in float_tensors.items() if k.rsplit(".", 1)[0] not in linears}
+    for name, _, _ in shapes:
+        w = float_tensors[name + ".weight"]
+        out.update({f"{name}.{suffix}": t for suffix, t in linear.quantize(w, config.scheme_of(name)).items()})
+    return out
+
+
 def save_random_model(path, config, seed=0, tokenizer_json=None):
-    tensors = model.quantize_tensors(config, random_float_tensors(config, seed))
+    tensors = quantize_tensors(config, random_float_tensors(config, seed))
     io.save_model(path, config, tensors, tokenizer_json=tokenizer_json)
     return path

@@ -61,26 +61,6 @@ def expected_tensors(config):
     return out
 
 
-def quantize_tensors(config, float_tensors, onebit_method="svd", progress=None):
-    """Canonical float tensors (linears as "{name}.weight" (n_out, n_in)) -> the stored tensors of
-    `config`: each linear quantized by its scheme (linear.quantize), everything else float32
-    (embed.weight as config.embed_dtype). progress(i, n, name) is called before each linear."""
-    out = {}
-    shapes = linear_shapes(config)
-    linear_names = {name for name, _, _ in shapes}
-    for key, t in float_tensors.items():
-        if key.rsplit(".", 1)[0] not in linear_names:
-            out[key] = np.asarray(t, dtype=np.float16 if key == "embed.weight" and config.embed_dtype == "f16"
-                                  else np.float32)
-    for i, (name, _, _) in enumerate(shapes):
-        if progress:
-            progress(i, len(shapes), name)
-        for suffix, t in linear.quantize(float_tensors[name + ".weight"], config.scheme_of(name),
-                                         onebit_method=onebit_method).items():
-            out[f"{name}.{suffix}"] = t
-    return out
-
-
 def overflow_error(names):
     """The error for a linear whose input is NaN or Inf (an overflow upstream)."""
     return FormatError(f"the input of {', '.join(names)} is NaN or Inf: the model's weights or scales overflow float32")

@@ -1,24 +1,11 @@
-"""Bit layouts: integer weight codes <-> packed uint8 arrays (the spec is docs/FORMAT.md).
+"""Bit layouts: integer weight codes <-> packed uint8 arrays, row by row along the input axis (docs/FORMAT.md).
 
-All packing is row by row along the input axis: a weight matrix (n_out, n_in) becomes a
-uint8 array (n_out, bytes_per_row). Rows are never mixed, so a kernel reads one row's bytes
-contiguously. Columns past n_in are padding; every unpack function takes n_in, returns the
-exact (n_out, n_in) shape, and rejects illegal codes and non-zero padding with PackError (the
-2-bit reader can be told to leave the padding of another format's codes unread).
-
-Layouts:
-- planes (kernel layout, ternary and binary): blocks of BLOCK = 256 weights; a plane is
-  32 bytes per block where byte j, bit p holds weight 32 p + j of the block. Binary: one
-  plane, bit 1 = +1, bit 0 = -1 (32 bytes / 256 weights). Ternary: per block a "nonzero"
-  plane then a "negative" plane (64 bytes / 256 weights); a negative bit on a zero weight
-  is illegal. Padding weights are 0 (ternary) or bit 0 (binary, cancelled by zero inputs).
-- 2-bit codes: 4 per byte, code = t + 1 (0 -> -1, 1 -> 0, 2 -> +1, 3 illegal); padding code 1.
-  tinybit's layout has weight 4k+i in bits 2i..2i+1 of byte k. The same codec, with a stride,
-  reads and writes the 2-bit codes of other formats: GGUF TQ2_0 (tools/gguf_export.py) and
-  Hugging Face BitNet checkpoints, which pack down the columns (axis 0; tools/convert.py).
-- n-bit indices (LUT and VQ codes): each row is a bit string, index m in bits
-  m*n .. m*n + n - 1, least significant bit first; bit t of the row is bit t % 8 of byte t // 8.
-  Rows are padded with index 0 to a multiple of 8 indices, so a row is n * ceil(n_idx / 8) bytes.
+A matrix (n_out, n_in) becomes (n_out, bytes_per_row) uint8; rows never share a byte. Every reader takes
+n_in, returns exactly (n_out, n_in) and raises PackError on an illegal code or non-zero padding.
+    planes     ternary and binary kernels: per 256-weight block, byte j bit p of a 32-byte plane is weight
+               32 p + j; binary one plane (bit 1 = +1), ternary a nonzero then a negative plane
+    2-bit      codes t + 1, 4 per byte, with a stride: tinybit's, GGUF TQ2_0's and HF BitNet's layouts
+    indices    n-bit LUT / VQ codes, LSB-first bit strings, rows padded to a multiple of 8 indices
 """
 import numpy as np
 
