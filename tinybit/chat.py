@@ -29,42 +29,34 @@ def bounded_binop(context, operator, left, right):
     return left * right if operator == "*" else left ** right
 
 
-def call_with_deadline(f, seconds):
-    """f(), stopped by a TimeoutError past `seconds`: each Python line it runs checks the clock (sys.settrace)."""
-    deadline = time.perf_counter() + seconds
-
-    def trace(frame, event, arg):
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"rendering ran past {seconds:g} s")
-        return trace
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return f()
-    finally:
-        sys.settrace(previous)
-
-
-def template_error(message):
-    """raise_exception(message) in a chat template: the template's own refusal."""
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(message)
-
-
 def render_chat_template(template, **variables):
     """The template rendered with `variables` and transformers' helpers ({% break %}/{% continue %}, raise_exception,
     strftime_now, a tojson keeping non-ASCII and HTML as is; not {% generation %}). Untrusted: sandboxed as transformers
     does, bounded as above; any exception is a one-line FormatError naming config.json's chat_template."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # the template's own refusal
+        raise jinja2.TemplateError(message)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=template_error, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     env.intercepted_binops = frozenset({"*", "**"})  # also keeps them out of compile-time constant folding
     env.call_binop = bounded_binop
+    deadline = time.perf_counter() + CHAT_TEMPLATE_SECONDS
+
+    def trace(frame, event, arg):  # sys.settrace's hook: each Python line the rendering runs checks the clock
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"rendering ran past {CHAT_TEMPLATE_SECONDS:g} s")
+        return trace
+    previous = sys.gettrace()
+    sys.settrace(trace)
     try:
-        return call_with_deadline(lambda: env.from_string(template).render(**variables), CHAT_TEMPLATE_SECONDS)
+        try:
+            return env.from_string(template).render(**variables)
+        finally:
+            sys.settrace(previous)
     except Exception as e:  # whatever the template does wrong (any exception), the model file is at fault
         first = (str(e).splitlines() or [""])[0][:200]
         raise FormatError(f"config.json: chat_template: {type(e).__name__}: {first}") from None

@@ -21,8 +21,7 @@ def log_softmax(logits):
 
 def perplexity(model, ids, ctx=512, stride=None):
     """(perplexity, number of scored tokens) of token ids under the model."""
-    ids = check_token_ids(ids, "ids")
-    max_seq_len = model.config.max_seq_len
+    ids, max_seq_len = check_token_ids(ids, "ids"), model.config.max_seq_len
     if min(ctx, max_seq_len) < 2:
         raise UsageError(f"ctx (--ctx) {ctx}, capped at the model's max_seq_len {max_seq_len}, leaves windows of "
                          f"{min(ctx, max_seq_len)} token: a window needs 2 (a token of context, a token to score)")
@@ -82,18 +81,16 @@ def run(args):
     model = load(args.model, threads=args.threads)
     if model.tokenizer is None:
         raise UsageError(f"{args.model}: has no tokenizer.json")
-    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
-    if model.config.add_bos:
-        ids = [model.config.bos_token_id] + ids
-    ids = ids[:args.max_tokens]
+    bos = [model.config.bos_token_id] if model.config.add_bos else []
+    ids = (bos + model.tokenizer.encode(text, add_special_tokens=False).ids)[:args.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"--text {args.text}: {len(ids)} token(s); perplexity needs at least 2")
     t0 = time.perf_counter()
     ppl, n = perplexity(model, ids, args.ctx, args.stride)
     dt = time.perf_counter() - t0
     print(f"perplexity: {ppl:.4f}")
-    print(f"tokens: {n} scored of {len(ids)} | {len(ids) / dt:.1f} tok/s | ctx {min(args.ctx, model.config.max_seq_len)} "
-          f"| {os.path.basename(os.path.normpath(args.model))}")
+    print(f"tokens: {n} scored of {len(ids)} | {len(ids) / dt:.1f} tok/s "
+          f"| ctx {min(args.ctx, model.config.max_seq_len)} | {os.path.basename(os.path.normpath(args.model))}")
     return 0
 
 

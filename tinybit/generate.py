@@ -29,9 +29,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     # z = (logits - max) / T <= 0 in float64, its largest 0: no inf - inf; a subnormal T sends the rest to -inf (greedy)
     with np.errstate(over="ignore"):
         z = (logits.astype(np.float64) - float(logits.max())) / temperature  # (vocab,)
-    order = np.argsort(-z, kind="stable")  # most likely first
-    if top_k > 0:
-        order = order[:top_k]
+    order = np.argsort(-z, kind="stable")[:top_k if top_k > 0 else None]  # most likely first
     p = np.exp(z[order])  # p[0] = exp(0) = 1: the sum is >= 1
     p /= p.sum()
     if top_p < 1.0:
@@ -40,17 +38,14 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     return int(order[rng.choice(len(p), p=p)])
 
 
-def is_finite_real(x):
-    """x is an int or float (Python or NumPy, not bool) that is a finite float64."""
-    number = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-    try:
-        return number and math.isfinite(x)
-    except OverflowError:  # an int past float64's range
-        return False
-
-
 def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
     """A UsageError naming the parameter (and its flag) unless each is a number of the right kind and range."""
+    def is_finite_real(x):  # an int or float (Python or NumPy, not bool) that is a finite float64
+        number = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+        try:
+            return number and math.isfinite(x)
+        except OverflowError:  # an int past float64's range
+            return False
     if seed is not None and (not is_int(seed) or seed < 0):
         raise UsageError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     if not (is_finite_real(temperature) and temperature >= 0):
@@ -77,9 +72,7 @@ def encode_prompt(model, prompt, chat=False):
         prompt = render_chat_template(c.chat_template, messages=[{"role": "user", "content": prompt}],
                                       add_generation_prompt=True, bos_token=bos, eos_token=eos)
     ids = tok.encode(prompt, add_special_tokens=False).ids
-    if c.add_bos and (not ids or ids[0] != c.bos_token_id):
-        ids = [c.bos_token_id] + ids
-    return ids
+    return [c.bos_token_id] + ids if c.add_bos and ids[:1] != [c.bos_token_id] else ids
 
 
 def truncate_prompt(prompt_ids, keep, bos_token_id=None):
@@ -91,8 +84,9 @@ def truncate_prompt(prompt_ids, keep, bos_token_id=None):
     return head + list(prompt_ids[len(prompt_ids) - keep + len(head):])
 
 
-def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None, truncate=False):
-    """New token ids (sample_tokens; arguments checked at the call) until an end-of-sequence token (not yielded),
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stats=None,
+                    truncate=False):
+    """New token ids (a generator; arguments checked at the call) until an end-of-sequence token (not yielded),
     max_new_tokens or max_seq_len in all; truncate: a too long prompt keeps its last max_seq_len - max_new_tokens."""
     c, stats = model.config, {} if stats is None else stats
     check_sampling(temperature, top_k, top_p, max_new_tokens, seed)
@@ -108,36 +102,34 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0,
         raise UsageError(f"prompt of {len(prompt_ids)} tokens exceeds the model's context of {c.max_seq_len} "
                          "(--truncate keeps its end)")
     n_new = min(max_new_tokens, c.max_seq_len - len(prompt_ids))  # prompt + output stay within the context
-    return sample_tokens(model, prompt_ids, n_new, temperature, top_k, top_p, seed, stats)
 
-
-def sample_tokens(model, prompt_ids, n_new, temperature, top_k, top_p, seed, stats):
-    """Yield up to n_new token ids one by one: prefill the prompt, then decode over the KV cache."""
-    if n_new == 0:
-        return
-    rng = np.random.default_rng(seed)
-    cache = model.new_cache(len(prompt_ids) + n_new)
-    t0 = time.perf_counter()
-    logits = model.forward(prompt_ids, cache, last_only=True)[0]
-    stats.update(prefill_tokens=len(prompt_ids), prefill_s=time.perf_counter() - t0, decode_tokens=0, decode_s=0.0)
-    for i in range(n_new):
-        token = sample(logits, temperature, top_k, top_p, rng)
-        if token in model.config.eos_token_ids:
+    def tokens():  # up to n_new token ids one by one: prefill the prompt, then decode over the KV cache
+        if n_new == 0:
             return
-        yield token
-        if i + 1 == n_new:
-            return
+        rng = np.random.default_rng(seed)
+        cache = model.new_cache(len(prompt_ids) + n_new)
         t0 = time.perf_counter()
-        logits = model.forward([token], cache, last_only=True)[0]
-        stats["decode_tokens"] += 1
-        stats["decode_s"] += time.perf_counter() - t0
+        logits = model.forward(prompt_ids, cache, last_only=True)[0]
+        stats.update(prefill_tokens=len(prompt_ids), prefill_s=time.perf_counter() - t0, decode_tokens=0, decode_s=0.0)
+        for i in range(n_new):
+            token = sample(logits, temperature, top_k, top_p, rng)
+            if token in c.eos_token_ids:
+                return
+            yield token
+            if i + 1 == n_new:
+                return
+            t0 = time.perf_counter()
+            logits = model.forward([token], cache, last_only=True)[0]
+            stats["decode_tokens"] += 1
+            stats["decode_s"] += time.perf_counter() - t0
+    return tokens()
 
 
 def first_stop(text, stop):
-    """Where text ends for the stop strings, or -1: the start of the one seen whole first (earliest end; then longest),
-    so that the cut does not depend on how tokens split the text (["abcd", "c"] cut "abcd" to "ab" in any case)."""
+    """Where text ends for the stop strings (len(text) if none): the start of the one seen whole first (earliest end;
+    then longest), so the cut does not depend on how tokens split the text (["abcd", "c"] cut "abcd" to "ab" always)."""
     hits = [(text.find(s) + len(s), text.find(s)) for s in stop if s and s in text]  # (end, start)
-    return min(hits)[1] if hits else -1
+    return min(hits)[1] if hits else len(text)
 
 
 def stream_text(model, token_iter, stop=()):
@@ -148,18 +140,14 @@ def stream_text(model, token_iter, stop=()):
         ids.append(token)
         text = model.tokenizer.decode(ids, skip_special_tokens=False)
         ready = text.rstrip("\ufffd")  # trailing U+FFFD: perhaps an incomplete character, wait
-        cut = first_stop(ready, stop)
-        if cut >= 0:
-            if cut > len(emitted):
-                yield ready[len(emitted):cut]
-            return
+        if first_stop(ready, stop) < len(ready):
+            break  # the cut below is the same: ready starts text, and its stop strings end first
         hold = max((k for s in stop for k in range(1, len(s)) if ready.endswith(s[:k])), default=0)
         if len(ready) - hold > len(emitted):
             yield ready[len(emitted):len(ready) - hold]
             emitted = ready[:len(ready) - hold]
-    # the end: a trailing U+FFFD is now text (a stop string may end in it)
+    # the end or a stop string: a trailing U+FFFD is now text (a stop string may end in it)
     cut = first_stop(text, stop)
-    cut = len(text) if cut < 0 else cut
     if cut > len(emitted):
         yield text[len(emitted):cut]
 
@@ -197,10 +185,9 @@ def main(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     ap.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    ap.add_argument("--truncate", action="store_true",
-                    help="a prompt longer than the context minus -n keeps only its last tokens (after BOS); "
-                         "without it a prompt longer than the context is an error, and a shorter one "
-                         "generates until the context is full")
+    ap.add_argument("--truncate", action="store_true", help="a prompt longer than the context minus -n keeps only "
+                    "its last tokens (after BOS); without it a prompt longer than the context is an error, and a "
+                    "shorter one generates until the context is full")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
@@ -222,10 +209,9 @@ def run(args):
     check_threads(args.threads)
     stats, out = {}, sys.stdout
     path = args.model or DEFAULT_MODEL
-    if args.model is None and not os.path.isdir(path):
-        raise UsageError(f"no default model at {path}: pass --model PATH (see README.md)")
     if not os.path.isdir(path):
-        raise UsageError(f"--model: {path} is not a directory")
+        raise UsageError(f"--model: {path} is not a directory" if args.model is not None else
+                         f"no default model at {path}: pass --model PATH (see README.md)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     try:
         prompt.encode("utf-8")

@@ -1,5 +1,4 @@
 """The model directory: config.json + model.safetensors (+ tokenizer.json), checked on read; spec: docs/FORMAT.md."""
-import dataclasses
 import json
 import math
 import mmap
@@ -8,7 +7,7 @@ import re
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -21,8 +20,7 @@ ACTIVATIONS = ("silu", "relu2", "gelu_tanh")
 TMP_PREFIX = ".tinybit-tmp-"  # save_model's temporary directories: TMP_PREFIX + PID + "-" + random
 MAX_HEADER = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
 LINEAR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(q|k|v|o|gate|up|down)")
-DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8,
-          "I32": np.int32, "I64": np.int64, "F64": np.float64}
+DTYPES = dict(F32=np.float32, F16=np.float16, U8=np.uint8, I8=np.int8, I32=np.int32, I64=np.int64, F64=np.float64)
 
 
 @dataclass
@@ -58,19 +56,15 @@ class Config:
     def from_dict(cls, d, source="config.json"):
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}")
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
-                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        if missing:
-            raise ConfigError(f"{source}: missing field(s) {missing}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        for what, names in (("unknown", set(d) - {f.name for f in fields(cls)}), ("missing", required - set(d))):
+            if names:
+                raise ConfigError(f"{source}: {what} field(s) {sorted(names)}")
         config = cls(**d)
         config.validate(source)
         return config
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    to_dict = asdict  # config.to_dict(): the fields as a JSON-ready dict
 
     def scheme_of(self, name):
         """The quantization scheme of linear `name` (e.g. "layers.0.q", "head")."""
@@ -150,19 +144,17 @@ def load_config(model_dir):
 
 
 def read_safetensors_header(path, dtypes=DTYPES):
-    """({name: (dtype name, shape, (start, end))}, data: the data region mapped as uint8) of a safetensors file,
-    its header checked: each tensor's bytes inside data, shape x dtypes[dtype name] size, none overlapping."""
+    """({name: (dtype name, shape, (start, end))}, data region as uint8) of a safetensors file, checked (FORMAT.md)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{path}: file too short for a safetensors header ({size} bytes)")
             n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes)")
-            if n > MAX_HEADER:
-                raise FormatError(f"{path}: header length {n} is past the limit of {MAX_HEADER} bytes")
+            for bad, what in ((len(head) < 8, f"file too short for a safetensors header ({size} bytes)"),
+                              (n > size - 8, f"header length {n} exceeds the file ({size} bytes)"),
+                              (n > MAX_HEADER, f"header length {n} is past the limit of {MAX_HEADER} bytes")):
+                if bad:
+                    raise FormatError(f"{path}: {what}")
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{path}: not found") from None
@@ -173,8 +165,8 @@ def read_safetensors_header(path, dtypes=DTYPES):
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object")
     header.pop("__metadata__", None)
-    start, data_len = 8 + n, size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
+    data_len = size - 8 - n
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
     entries = {}
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
@@ -215,13 +207,12 @@ def row_reader(path, arr):
     if not isinstance(root, np.memmap) or arr.ndim != 2 or not arr.flags.c_contiguous:
         return lambda ids: arr[ids]
     offset = root.offset + (arr.ctypes.data - root.ctypes.data)  # of row 0 in the file
-    row_bytes = arr.strides[0]
     fd = os.open(path, os.O_RDONLY)
 
     def read(ids):
         out = np.empty((len(ids), arr.shape[1]), arr.dtype)
         for i, t in enumerate(ids):
-            out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + int(t) * row_bytes), arr.dtype)
+            out[i] = np.frombuffer(os.pread(fd, arr.strides[0], offset + int(t) * arr.strides[0]), arr.dtype)
         return out
     weakref.finalize(read, os.close, fd)
     return read
@@ -238,9 +229,8 @@ def check_tensors(tensors, expected, path, checked_at_use=()):
         if t.dtype != np.dtype(dtype) or t.shape != tuple(shape):
             raise FormatError(f"{path}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
                               f"expected {np.dtype(dtype)} {list(shape)}")
-        if t.dtype.kind == "f" and name not in checked_at_use:
-            flat, chunk = t.reshape(-1), 1 << 20  # by chunks: np.isfinite of a 1 GB embedding would allocate 250 MB
-            if not all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk)):
+        if t.dtype.kind == "f" and name not in checked_at_use:  # min and max are NaN/Inf if any value is; no temporary
+            if not np.isfinite([t.min(initial=0), t.max(initial=0)]).all():
                 raise FormatError(f"{path}: tensor {name!r} contains NaN or Inf")
 
 
@@ -267,10 +257,8 @@ def check_tokenizer_fits(tok, vocab_size, where):
 
 
 def save_model(model_dir, config, tensors, tokenizer_json=None):
-    """Write config.json, model.safetensors (and tokenizer.json) into a new model_dir: into a sibling .tinybit-tmp-PID-*
-    renamed when complete (the next save removes one a killed save left). A failed write is a UsageError."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
+    """Write config.json, model.safetensors (and tokenizer.json) as a new model_dir (FORMAT.md); failing: UsageError."""
+    import safetensors.numpy
     config.validate("config")
     model_dir = os.path.abspath(model_dir)
     if os.path.lexists(model_dir):
@@ -278,7 +266,15 @@ def save_model(model_dir, config, tensors, tokenizer_json=None):
     parent = os.path.dirname(model_dir)
     try:
         os.makedirs(parent, exist_ok=True)
-        _remove_stale_temps(parent)
+        for name in os.listdir(parent):  # remove the temporaries of killed saves: TMP_PREFIX + a PID not running
+            m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-\w+", name)
+            if m and os.path.isdir(os.path.join(parent, name)):
+                try:
+                    os.kill(int(m.group(1)), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                except (PermissionError, OverflowError):  # alive but another user's / not a pid: keep
+                    pass
         tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent)
     except OSError as e:
         raise UsageError(f"{model_dir}: cannot create the model directory: {e.strerror or e} ({e.filename})") from None
@@ -287,29 +283,14 @@ def save_model(model_dir, config, tensors, tokenizer_json=None):
             if text is not None:
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                  os.path.join(tmp, "model.safetensors"), metadata={"format": "tinybit"})
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                    os.path.join(tmp, "model.safetensors"), metadata={"format": "tinybit"})
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        for p, mode in [(tmp, 0o777)] + [(os.path.join(tmp, name), 0o666) for name in os.listdir(tmp)]:
+            os.chmod(p, mode & ~umask)  # mkdtemp and safetensors make them private; a model directory is not
         os.rename(tmp, model_dir)
-    except BaseException as e:
+    except (OSError, safetensors.SafetensorError) as e:
+        raise UsageError(f"{model_dir}: cannot write the model: {getattr(e, 'strerror', None) or e}") from None
+    finally:  # after a failure (or an interrupt) the partial model goes; after the rename there is no tmp
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):
-            raise UsageError(f"{model_dir}: cannot write the model: {getattr(e, 'strerror', None) or e}") from None
-        raise
-
-
-def _remove_stale_temps(parent):
-    """Remove parent/.tinybit-tmp-PID-* directories left by save_model processes that no longer run."""
-    for name in os.listdir(parent):
-        m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-\w+", name)
-        if m and os.path.isdir(os.path.join(parent, name)):
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            except (PermissionError, OverflowError):  # alive but another user's / not a pid: keep
-                pass

@@ -1,15 +1,14 @@
 """Matrix kernels over the packed layouts of pack.py: y = x W^T without unpacking W to floats.
 
-Each fast Numba kernel sits beside the plain NumPy function it must equal (`*_ref`); a test holds
-them equal. Activations x are (tokens, n_in), outputs (tokens, n_out); scales are the caller's.
+Each Numba kernel sits beside the NumPy function it must equal (`*_ref`, tests hold them equal); x (tokens, n_in),
+y (tokens, n_out); scales are the caller's.
     ternary_matmul(s), binary_matmul(s)   planes x int8 -> exact int32 (several matrices, one x: q/k/v)
     binary_matmul_f32                     binary planes x float32 (OneBit, W1A16)
     lut_matmul, vq_matmul                 n-bit indices into per-row-group tables, float32
     int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
     attention_step, down_step             model.block for one token of an all-ternary block (its twin)
-Ternary and binary weights take additions, selects and bit tests only; from GEMM_MIN_TOKENS tokens on, table lookups
-with the tokens on the vector lanes. All @njit(cache=True), compiled at first call. How and why: docs/KERNELS.md."""
+Ternary and binary: additions, selects, bit tests; table lookups from GEMM_MIN_TOKENS on. How, why: docs/KERNELS.md."""
 import ctypes
 import glob
 import math
@@ -64,18 +63,12 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
 
 
 def int8_matmul_ref(w_q, x):
-    """(n_out, n_in) int8, (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W_q^T."""
+    """(n_out, n_in) int8 (or float32: f32_matmul_ref), (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W^T."""
     return (x.astype(np.float64) @ w_q.T.astype(np.float64)).astype(np.float32)
 
 
-def f32_matmul_ref(w, x):
-    """(n_out, n_in) float32, (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W^T."""
-    return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
-
-
-def absmax_quantize_ref(x):
-    """The reference activation quantizer: quant.absmax_quantize(x) (8 bits, per token)."""
-    return quant.absmax_quantize(x)
+f32_matmul_ref = int8_matmul_ref  # w (n_out, n_in) float32: the same product
+absmax_quantize_ref = quant.absmax_quantize  # the reference activation quantizer (8 bits, per token)
 
 
 # --- fast Numba kernels ------------------------------------------------------------------------
@@ -89,6 +82,7 @@ SLICE_SUMS = ROWS * 8  # ... whose picked bytes add up in 8 uint64 lanes per row
 ROW_PLANES = ROWS * 2 * SLICE  # the 4 rows' two planes of a block, each plane byte twice
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per lane, then into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
+MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 
 
 def _openblas_thread_setter():
@@ -98,7 +92,6 @@ def _openblas_thread_setter():
         for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
             if hasattr(lib, name):
                 return getattr(lib, name)
-    return None
 
 
 _SET_BLAS_THREADS = _openblas_thread_setter()
@@ -106,8 +99,7 @@ kernel_threads = blas_threads = numba.config.NUMBA_NUM_THREADS  # set_threads' (
 
 
 def set_threads(n=None, blas=True):
-    """Numba kernels on n threads (None: all numba sees), NumPy's OpenBLAS on n too or on 1 if not blas: both pools
-    spin-wait, so a model whose linears run here keeps BLAS (attention, a float head) on 1 (docs/KERNELS.md, "BLAS")."""
+    """Numba kernels on n threads (None: all numba sees), NumPy's OpenBLAS on n or, if not blas, 1 (docs/KERNELS.md)."""
     n_max = numba.config.NUMBA_NUM_THREADS
     n = n_max if n is None else n
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= n_max:
@@ -117,9 +109,6 @@ def set_threads(n=None, blas=True):
     numba.set_num_threads(kernel_threads)
     if _SET_BLAS_THREADS is not None:
         _SET_BLAS_THREADS(blas_threads)
-
-
-MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 
 
 @intrinsic
@@ -138,8 +127,7 @@ def _prefetch(typingctx, arr, i):
 
 @njit(cache=True, inline="always")
 def _four_rows(w, r, last):
-    """Rows r .. r + 3 of w (clamped to row `last`: a short last pass repeats it), after prefetching the
-    rows PREFETCH_ROWS ahead, a cache line at a time."""
+    """Rows r .. r + 3 of w, clamped to row `last`, after prefetching the rows PREFETCH_ROWS ahead a line at a time."""
     for q in range(ROWS):
         row = w[min(r + PREFETCH_ROWS + q, last)]
         for i in range(0, row.shape[0], 64):
@@ -153,21 +141,23 @@ def _n_chunks(n_out, work, threads, min_work):
     return max(1, min(threads, (n_out + ROWS - 1) // ROWS, work // min_work))
 
 
-def _launch(par, rows, ws, args, ys, work):
-    """Fill ys[m], the output of matrix ws[m] (q/k/v: one call), by rows(ws[m], *args, ys[m], r0, r1): par(ws,
-    *args, ys, n_chunks) over all the matrices' rows, or per matrix if one chunk will do (no parallel region)."""
-    n_chunks = _n_chunks(sum(w.shape[0] for w in ws), work, kernel_threads, MIN_WORK_PER_THREAD)
+def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32):
+    """ys[m] (tokens, n_out) dtype = matrix ws[m]'s output, n_in inputs (q/k/v: one call), by rows(ws[m], *args, ys[m],
+    r0, r1): par(ws, *args, ys, n_chunks) over all the matrices' rows, or per matrix (no parallel region) if 1 chunk."""
+    n_out = sum(w.shape[0] for w in ws)
+    ys = tuple(np.empty((tokens, w.shape[0]), dtype) for w in ws)
+    n_chunks = _n_chunks(n_out, tokens * n_in * n_out, kernel_threads, MIN_WORK_PER_THREAD)
     if n_chunks == 1:
         for w, y in zip(ws, ys):
             rows(w, *args, y, 0, w.shape[0])
     else:
         par(ws, *args, ys, n_chunks)
+    return ys
 
 
 @njit(cache=True)
 def _chunk(i, n_chunks, ws):
-    """(r0, r1): the rows of matrix i % len(ws) in chunk i // len(ws) of n_chunks (r0 = r1: none): the rows
-    of all the matrices, one after the other, split into runs of whole ROWS-row groups."""
+    """(r0, r1) (r0 = r1: none) of matrix i % len(ws) in chunk i // len(ws): n_chunks ROWS-aligned runs of ws' rows."""
     m, c = i % len(ws), i // len(ws)
     offset = 0  # rows of the matrices before m
     for j in range(m):
@@ -187,11 +177,9 @@ def _token_tile(tokens, bytes_per_token):
     return max(1, min(tokens, X_TILE_BYTES // max(1, bytes_per_token)))  # (n_in = 0: one tile)
 
 
-# ternary: planes nz (w != 0), ng (w < 0); w picks x + 128 (+1), 127 - x (-1) or 0: y = sum - 128 n_nz + n_ng
 @intrinsic
 def _add_byte_sums(typingctx, sums, a):
-    """sums[i] += a[8 i] + ... + a[8 i + 7] for i < 8: sums (8,) uint64, a (64,) uint8.
-    One vpsadbw (against 0) where the target has AVX-512BW; elsewhere the same sums in portable LLVM IR."""
+    """sums[i] += a[8 i] + ... + a[8 i + 7], i < 8: sums (8,) uint64, a (64,) uint8; vpsadbw if AVX-512BW, else IR."""
     def codegen(context, builder, sig, args):
         v64i8, v8i64 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(64), 8)
         sums_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
@@ -216,9 +204,7 @@ def _add_byte_sums(typingctx, sums, a):
 @intrinsic
 def _popcount(typingctx, v):
     """The number of set bits of an integer (llvm.ctpop; vpopcntb in a vectorized byte loop)."""
-    def codegen(context, builder, sig, args):
-        return builder.ctpop(args[0])
-    return v(v), codegen
+    return v(v), lambda context, builder, sig, args: builder.ctpop(args[0])
 
 
 @njit(cache=True)
@@ -233,8 +219,7 @@ def _ternary_inputs(x_q, n, xu, xn):
 
 @njit(cache=True, inline="always")
 def _ternary_byte(nz, ng, bit, xu, xn, j):
-    """The byte weight j of a 64-weight slice picks: xu[j] (w = +1), xn[j] (w = -1) or 0. Its code is bit
-    bit[j] of nz[j], ng[j] (the plane bytes, each twice; pack.pack_ternary: no ng bit without the nz bit)."""
+    """The byte weight j picks by its bits bit[j] of nz[j], ng[j] (ng implies nz): xu[j] (+1), xn[j] (-1) or 0."""
     vu = xu[j]  # load both, then select (a select of two loads becomes a gather)
     vn = xn[j]
     v = vu if np.uint8(nz[j] & bit[j]) != 0 else np.uint8(0)
@@ -243,9 +228,8 @@ def _ternary_byte(nz, ng, bit, xu, xn, j):
 
 @njit(cache=True, inline="always")
 def _ternary_dot4(w0, w1, w2, w3, xu, xn, bits, planes, picked, sums, counts):
-    """4 rows . 1 token: sums[q] = row q's picked bytes, counts[q] = its plane bits (lanes 0-3: nz, 4-7: ng),
-    each in 8 uint64 lanes. w0..w3 (nb*64,) uint8 rows; xu, xn (nb*256,) uint8 = x + 128, 127 - x;
-    bits (4, 64) = the plane bit of weight 64 h + j of a block; planes (4, 2, 64), picked (4, 64) uint8 scratch."""
+    """4 rows . 1 token: sums[q], counts[q] (8,) uint64 = row q's picked bytes, plane bits (0-3: nz, 4-7: ng). uint8:
+    w0..w3 (nb*64,); xu, xn (nb*256,) = x + 128, 127 - x; bits[h, j]: weight 64 h + j's bit; planes, picked: scratch."""
     nb = w0.shape[0] // (2 * PLANE)
     sums[:] = 0
     counts[:] = 0
@@ -278,8 +262,8 @@ def _ternary_dot4(w0, w1, w2, w3, xu, xn, bits, planes, picked, sums, counts):
 
 @njit(cache=True)
 def _ternary_rows(w, xu, xn, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*64) uint8 planes; xu, xn (tokens, nb*256) uint8
-    = x + 128, 127 - x of x zero-padded; y (tokens, n_out) int32. 4 rows per pass; GEMM: tiles of tokens."""
+    """Rows r0..r1-1 of y = x W~^T = sum - 128 n_nz + n_ng: w (n_out, nb*64) uint8 planes nz (w != 0), ng (w < 0); w
+    picks xu, xn (tokens, nb*256) uint8 = x + 128, 127 - x of x zero-padded (+1, -1) or 0; y (tokens, n_out) int32."""
     bits = numba.carray(_stack_array(BLOCK, np.uint8), (4, SLICE))
     for h in range(4):
         for j in range(PLANE):
@@ -292,7 +276,6 @@ def _ternary_rows(w, xu, xn, y, r0, r1):
     tile = _token_tile(xu.shape[0], 2 * xu.shape[1])
     for t0 in range(0, xu.shape[0], tile):
         for r in range(r0, r1, ROWS):
-            # a short last pass repeats row r1 - 1; only real rows are stored
             w0, w1, w2, w3 = _four_rows(w, r, last)
             for t in range(t0, min(t0 + tile, xu.shape[0])):
                 _ternary_dot4(w0, w1, w2, w3, xu[t], xn[t], bits, planes, picked, sums, counts)
@@ -308,7 +291,6 @@ def _ternary_par(ws, xu, xn, ys, n_chunks):
         _ternary_rows(ws[i % len(ws)], xu, xn, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# binary: one plane, bit 1 = +1, 0 = -1; y = S1 - (sum(x) - S1) = S1 + S1 - sum(x), S1 = sum over bit 1
 @njit(cache=True, inline="always")
 def _binary_lane(wb, j, xb):
     """Lane j of one block: sum of x[32p + j] over the p whose bit is 1, |sum| <= 8 * 128."""
@@ -342,8 +324,8 @@ def _binary_dot4(w0, w1, w2, w3, xt, acc16, acc32):
 
 @njit(cache=True)
 def _binary_rows(w, x, xsum, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) int16 zero-padded;
-    xsum (tokens,) int64 = sum(x); y (tokens, n_out) int32."""
+    """Rows r0..r1-1 of y = x W~^T = S1 + S1 - sum(x), S1 = sum of x over the bits 1 (w = +1; 0: -1). w (n_out, nb*32)
+    uint8 plane; x (tokens, nb*256) int16 zero-padded; xsum (tokens,) int64 = sum(x); y (tokens, n_out) int32."""
     acc16 = numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE))
     acc32 = numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE))
     last = r1 - 1
@@ -431,15 +413,13 @@ ACC_SIZE = GEMM_ROWS * GEMM_LANES
 
 @intrinsic
 def _stack_array(typingctx, n, dtype):
-    """Pointer to n (a constant) elements of dtype on the stack (an alloca), on a cache line: it aliases no array,
-    so loops that write it need no overlap checks and it can live in registers (docs/KERNELS.md)."""
+    """Pointer to n (a constant) elements of dtype on the stack, on a cache line: aliasing nothing (docs/KERNELS.md)."""
     if not isinstance(n, types.IntegerLiteral):
         return None
     size = n.literal_value
 
     def codegen(context, builder, sig, args):
-        ptr = cgutils.alloca_once(builder, context.get_value_type(dtype.dtype),
-                                  size=context.get_constant(types.intp, size))
+        ptr = cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), context.get_constant(types.intp, size))
         ptr.align = ALIGN
         return ptr
     return types.CPointer(dtype.dtype)(n, dtype), codegen
@@ -455,8 +435,8 @@ def _aligned_empty(n, dtype):
 
 @njit(cache=True)
 def _lanes_major(x_q, n_pad):
-    """(tokens, n_in) int8 -> (n_tiles, n_pad, GEMM_LANES) int16 on a cache line: xt[i, j, l] = x_q[GEMM_LANES i
-    + l, j], zeros past the tokens and n_in. 4 inputs per pass (NumPy's strided transpose copy: 3.6x slower)."""
+    """x_q (tokens, n_in) int8 -> xt (n_tiles, n_pad, L) int16, L = GEMM_LANES, aligned: xt[i, j, l] = x_q[L i + l, j]
+    or 0 past the tokens and n_in; 4 inputs per pass (docs/KERNELS.md)."""
     n_tiles, n_in = (x_q.shape[0] + GEMM_LANES - 1) // GEMM_LANES, x_q.shape[1]
     xt = _aligned_empty(n_tiles * n_pad * GEMM_LANES, np.int16).reshape((n_tiles, n_pad, GEMM_LANES))
     xt[:] = 0
@@ -474,8 +454,7 @@ def _lanes_major(x_q, n_pad):
     return xt
 
 
-# Quads: nibble h of plane byte j of block b holds the weights of inputs 128 (2 b + h) + 32 i + j, i = 0..3 (bit
-# 4 h + i); codes[2 b + h, r, j] = row r's table entry for it; a step covers *_STEP_QUADS consecutive bytes j.
+# Quad (2 b + h, j): bits 4 h + i of plane byte j of block b, the weights of inputs 128 (2 b + h) + 32 i + j, i < 4
 @njit(cache=True, inline="always")
 def _base3(v):
     """Bits 0..3 of v read as base-3 digits, b0 + 3 b1 + 9 b2 + 27 b3 (per bit pair u: b0 + 3 b1 = u + (u >> 1))."""
@@ -538,8 +517,7 @@ def _ternary_tables(xt, base, tab):
 
 @njit(cache=True)
 def _binary_tables(xt, base, tab):
-    """tab[(16 m + e) GEMM_LANES + l] = sum_i (bit i of e ? x_i[l] : -x_i[l]) for quad m of the step at
-    input `base` (x_i = xt[base + m + 32 i]); xt (n_pad, GEMM_LANES) int16."""
+    """tab[(16 m + e) L + l] = sum_i ±x_i[l], + if bit i of e, x_i = xt[base + m + 32 i]; xt (n_pad, L) int16."""
     L = GEMM_LANES
     for m in range(BINARY_STEP_QUADS):
         x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
@@ -557,8 +535,7 @@ def _binary_tables(xt, base, tab):
 
 @njit(cache=True, inline="always")
 def _table_rows(codes, tab, n_quads, q, acc16, n_rows):
-    """acc16[r] += the table entries that row r's codes of step q select, r < n_rows. codes (rows, PLANE)
-    uint16 entry numbers; tab (entries, GEMM_LANES) int16; acc16 (rows, GEMM_LANES) int16."""
+    """acc16[r] (rows, L) int16 += tab (entries, L) int16 at row r's step-q codes (rows, PLANE) uint16, r < n_rows."""
     for r in range(n_rows):
         c, a = codes[r, n_quads * q:n_quads * (q + 1)], acc16[r]
         for m in range(0, n_quads, 4):  # (unsigned entry numbers: no negative-index wraparound)
@@ -646,7 +623,6 @@ def _gemm_par(ws, xT, binary, ys, n_chunks):
         _gemm_rows(ws[i % len(ws)], xT, binary, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# LUT / VQ: bucket sums of the inputs by index, one multiply per bucket; 4 / 2 bucket copies break the add chains
 @njit(cache=True)
 def _unpack_row(wr, nbits, idx):
     """One row's LSB-first nbits-bit indices -> idx (8 * len(wr) / nbits,) uint8; 8 indices = nbits LE bytes."""
@@ -723,7 +699,6 @@ def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
         _vq_rows(ws[i % len(ws)], nbits, codebook, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# int8 or float32 rows x float32: a dot product per row; "reassoc" lets LLVM split the float32 sum over the lanes
 @njit(cache=True, fastmath={"reassoc", "contract"})
 def _dense_rows(w, x, y, r0, r1):
     """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32."""
@@ -743,7 +718,6 @@ def _dense_par(ws, x, ys, n_chunks):
         _dense_rows(ws[i % len(ws)], x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# int8 activations: absmax per token, fused into one pass per row (the NumPy version makes ~8)
 @njit(cache=True)
 def _absmax_rows(x, x_q, scale):
     """x (tokens, n) float32 -> x_q int8, scale (tokens, 1) float32 as absmax_quantize_ref; False on a NaN/Inf."""
@@ -788,15 +762,17 @@ def _padded(x, n_pad, dtype):
     return out
 
 
-def _group_rows(group_rows, n_out, table, what):
-    """group_rows as an int (0 = one table for the tensor); check the table has a row per group."""
+def _table(table, tail, group_rows, n_out, what):
+    """(table as float32 (n_groups,) + tail, group_rows as an int, 0: one group), checked: a row per group of n_out."""
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    if table.ndim != 1 + len(tail) or table.shape[1:] != tail:
+        raise UsageError(f"{what}: expected (n_groups, {', '.join(map(str, tail))}), got {table.shape}")
     if group_rows is not None and not is_int(group_rows):
         raise UsageError(f"{what}: group_rows must be an integer or None, got {group_rows!r}")
     g = int(group_rows or 0)
-    n_groups = pack.ceil_div(n_out, g) if g else 1
-    if g < 0 or table.shape[0] < n_groups:
+    if g < 0 or table.shape[0] < (pack.ceil_div(n_out, g) if g else 1):
         raise UsageError(f"{what}: {table.shape[0]} groups for {n_out} rows with group_rows={group_rows}")
-    return g
+    return table, g
 
 
 def absmax_quantize(x):
@@ -838,18 +814,16 @@ def _plane_matmuls(ws, x_q, binary):
     if not ws:
         raise UsageError(f"{what}: no weight matrices")
     n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
-    ys = tuple(np.empty((x_q.shape[0], w.shape[0]), np.int32) for w in ws)
-    work = x_q.shape[0] * n_pad * sum(w.shape[0] for w in ws)
     if x_q.shape[0] >= GEMM_MIN_TOKENS["binary" if binary else "ternary"]:
-        _launch(_gemm_par, _gemm_rows, ws, (_lanes_major(x_q, n_pad), binary), ys, work)
+        par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad), binary)
     elif binary:
         x = _padded(x_q, n_pad, np.int16)
-        _launch(_binary_par, _binary_rows, ws, (x, x.sum(axis=1, dtype=np.int64)), ys, work)
+        par, rows, args = _binary_par, _binary_rows, (x, x.sum(axis=1, dtype=np.int64))
     else:
         xu, xn = np.empty((x_q.shape[0], n_pad), np.uint8), np.empty((x_q.shape[0], n_pad), np.uint8)
         _ternary_inputs(x_q, x_q.shape[1], xu, xn)
-        _launch(_ternary_par, _ternary_rows, ws, (xu, xn), ys, work)
-    return list(ys)
+        par, rows, args = _ternary_par, _ternary_rows, (xu, xn)
+    return list(_launch(par, rows, ws, args, x_q.shape[0], n_pad, np.int32))
 
 
 def binary_matmul_f32(w_packed, x):
@@ -858,9 +832,7 @@ def binary_matmul_f32(w_packed, x):
     x = _check_x(x)
     w = check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
     xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_binary_f32_par, _binary_f32_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), (y,), xf.size * w.shape[0])
-    return y
+    return _launch(_binary_f32_par, _binary_f32_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), *xf.shape)[0]
 
 
 def lut_matmul(w_idx, bits, lut, group_rows, x):
@@ -870,14 +842,9 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
         raise UsageError(f"lut bits must be in 1..8, got {bits!r}")
     x = _check_x(x)
     w = check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
-    lut = np.ascontiguousarray(lut, dtype=np.float32)
-    if lut.ndim != 2 or lut.shape[1] != 2 ** bits:
-        raise UsageError(f"lut: expected (n_groups, {2 ** bits}), got {lut.shape}")
-    g = _group_rows(group_rows, w.shape[0], lut, "lut")
+    lut, g = _table(lut, (2 ** bits,), group_rows, w.shape[0], "lut")
     xf = _padded(x, w.shape[1] // bits * 8, np.float32)
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_lut_par, _lut_rows, (w,), (bits, lut, g, xf), (y,), xf.size * w.shape[0])
-    return y
+    return _launch(_lut_par, _lut_rows, (w,), (bits, lut, g, xf), *xf.shape)[0]
 
 
 def vq_matmul(w_idx, bits, codebook, group_rows, x):
@@ -888,14 +855,9 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     x = _check_x(x)
     nbits = 2 * bits
     w = check_packed(w_idx, pack.index_row_bytes(pack.ceil_div(x.shape[1], 2), nbits), f"{nbits}-bit codes")
-    cb = np.ascontiguousarray(codebook, dtype=np.float32)
-    if cb.ndim != 3 or cb.shape[1:] != (2 ** nbits, 2):
-        raise UsageError(f"codebook: expected (n_groups, {2 ** nbits}, 2), got {cb.shape}")
-    g = _group_rows(group_rows, w.shape[0], cb, "codebook")
+    cb, g = _table(codebook, (2 ** nbits, 2), group_rows, w.shape[0], "codebook")
     xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), (y,), xf.size * w.shape[0])
-    return y
+    return _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), *xf.shape)[0]
 
 
 def _dense_matmul(w, x, dtype, what):
@@ -903,9 +865,7 @@ def _dense_matmul(w, x, dtype, what):
     if not isinstance(w, np.ndarray) or w.dtype != dtype or w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise UsageError(f"{what}: expected a 2-D {np.dtype(dtype)} array with {x.shape[1]} columns, got "
                          f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w),), (x,), (y,), x.size * w.shape[0])
-    return y
+    return _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w),), (x,), *x.shape)[0]
 
 
 def int8_matmul(w_q, x):
@@ -914,13 +874,11 @@ def int8_matmul(w_q, x):
 
 
 def f32_matmul(w, x):
-    """Same as f32_matmul_ref (float32 lane sums), w (n_out, n_in) float32: a float head's few-token GEMV on the
-    kernels' threads (OpenBLAS's own threads would spin against them)."""
+    """Same as f32_matmul_ref (float32 lane sums): w (n_out, n_in) float32 on the kernels' threads (docs/KERNELS.md)."""
     return _dense_matmul(w, x, np.float32, "float32 weights")
 
 
-# --- the fused one-token block: model.block's compiled twin for all-ternary blocks -------------------
-# Beside the kernels it inlines (a fresh numba cache); model.block's floats but attention's sum order: docs/KERNELS.md
+# --- model.block's twin for one token of an all-ternary block, beside the kernels it inlines ------
 @njit(cache=True)
 def _rms_norm(x, weight, eps, out):
     """out = weight * (x / sqrt(mean(x^2) + eps)): model.rms_norm of one token (out may be x)."""
@@ -934,8 +892,7 @@ def _rms_norm(x, weight, eps, out):
 
 @njit(cache=True)
 def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
-    """ys[m] = (x_q W_m~^T) * scale_m / s_x for the ternary matrices ws that read x (n_in,):
-    linear.apply_many for one token. Returns False if x has a NaN or Inf (nothing computed)."""
+    """linear.apply_many, one token x (n_in,), ternary ws: ys[m] = (x_q W_m~^T) * scale_m / s_x; False on x NaN/Inf."""
     n = x.shape[0]
     if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
         return False
@@ -1011,12 +968,11 @@ def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
 
 @njit(cache=True)
 def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
-    """model.Model.block for one token at position pos, up to the MLP's activation: x (dim,) float32 += o(attention),
-    then work's gate, up = gate(h), up(h) with h = ffn_norm(x). norms: attn_norm, ffn_norm, attn_sub_norm,
-    ffn_sub_norm weights (the last two empty: no sub-norms); ws, scales: w_packed and gamma of q, k, v, o, gate, up,
-    down; k_cache, v_cache (KV, max_len, hd): this layer's cache, position pos written here; cos, sin (hd/2,) of pos;
-    work: model.decode_workspace(); threads, min_work: kernel_threads and MIN_WORK_PER_THREAD. Returns 0, or the
-    linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x is then partly updated)."""
+    """model.Model.block for one token at pos, up to the MLP's activation: x (dim,) float32 += o(attention), then work's
+    gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, scales: model.BLOCK_NORMS weights (sub-norms empty: none),
+    model.BLOCK_LINEARS' w_packed and gamma; k_cache, v_cache (KV, max_len, hd): pos written here; cos, sin (hd/2,) of
+    pos; work: model.decode_workspace(); threads, min_work: kernel_threads, MIN_WORK_PER_THREAD. Returns 0, or the
+    linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x then partly updated)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
     sq, sk, sv, so, sg, su, _ = scales
@@ -1053,8 +1009,7 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
 
 @njit(cache=True)
 def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
-    """The rest of the block: x += down(ffn_sub_norm(m)), m = act(gate) * up from the caller (model.gate_activation:
-    NumPy's tanh is vectorized, numba's is not). Returns 0, or 4 if m has a NaN or Inf."""
+    """The rest: x += down(ffn_sub_norm(m)), m = act(gate) * up by the caller (in NumPy); 0, or 4 on a NaN/Inf in m."""
     ffn_sub, wd, sd = norms[3], ws[6], scales[6]
     (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
     if ffn_sub.shape[0]:

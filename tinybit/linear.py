@@ -74,10 +74,9 @@ def _each(f):
 
 def _float_apply(layer, x):
     """A few tokens through a large layer: the kernels' GEMV on the kernels' threads; else BLAS."""
-    k = kernels
     if (x.shape[0] <= F32_GEMV_MAX_TOKENS and layer["weight"].size >= F32_GEMV_MIN_WEIGHTS
-            and k.blas_threads < k.kernel_threads):
-        return k.f32_matmul(layer["weight"], x)
+            and kernels.blas_threads < kernels.kernel_threads):
+        return kernels.f32_matmul(layer["weight"], x)
     return x @ layer["weight"].T
 
 
@@ -104,10 +103,6 @@ def _integer_apply(absmax, matmuls):
     return apply
 
 
-def _each_ref(matmul_ref):
-    return lambda ws, x_q: [matmul_ref(w, x_q) for w in ws]
-
-
 def _row_scales(layer):
     """gamma (1,) or (n_out,) of a ternary layer; beta repeated over each group of rows of a binary one."""
     g = layer["scheme"].get("group_rows")
@@ -126,7 +121,8 @@ TERNARY = Scheme(
     encode=lambda spec, w_t, gamma: {"w_packed": pack.pack_ternary(w_t), "scale": np.asarray(gamma, np.float32)},
     check=_plane_check(pack.check_ternary_planes),
     apply=_integer_apply(kernels.absmax_quantize, kernels.ternary_matmuls),
-    apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.ternary_matmul_ref)),
+    apply_ref=_integer_apply(kernels.absmax_quantize_ref,
+                             lambda ws, x_q: [kernels.ternary_matmul_ref(w, x_q) for w in ws]),
     dequantize=lambda layer: quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], layer["n_in"]),
                                                       layer["scale"]),
     bits=lambda spec: 2, calibrate="roundclip", int8_act=True, gguf="TQ2_0")
@@ -139,7 +135,8 @@ BINARY = Scheme(
     encode=lambda spec, w_sign, beta: {"w_packed": pack.pack_binary(w_sign), "scale": np.asarray(beta, np.float32)},
     check=_plane_check(pack.check_binary_planes),
     apply=_integer_apply(kernels.absmax_quantize, kernels.binary_matmuls),
-    apply_ref=_integer_apply(kernels.absmax_quantize_ref, _each_ref(kernels.binary_matmul_ref)),
+    apply_ref=_integer_apply(kernels.absmax_quantize_ref,
+                             lambda ws, x_q: [kernels.binary_matmul_ref(w, x_q) for w in ws]),
     dequantize=lambda layer: quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
                                                      layer["scale"], layer["scheme"].get("group_rows")),
     bits=lambda spec: 1, calibrate="sign", int8_act=True)

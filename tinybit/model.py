@@ -45,16 +45,13 @@ def linear_shapes(config):
 def expected_tensors(config):
     """{name: (dtype, shape)} of every tensor a model file of this config holds, and nothing else."""
     c = config
-    f32 = np.float32
-    out = {"embed.weight": (np.float16 if c.embed_dtype == "f16" else f32, (c.vocab_size, c.dim)),
-           "norm.weight": (f32, (c.dim,))}
+    out = {"embed.weight": (np.float16 if c.embed_dtype == "f16" else np.float32, (c.vocab_size, c.dim)),
+           "norm.weight": (np.float32, (c.dim,))}
+    norm_dims = {"attn_norm": c.dim, "ffn_norm": c.dim,
+                 "attn_sub_norm": c.n_heads * c.head_dim, "ffn_sub_norm": c.ffn_dim}
     for i in range(c.n_layers):
-        p = f"layers.{i}."
-        out[p + "attn_norm.weight"] = (f32, (c.dim,))
-        out[p + "ffn_norm.weight"] = (f32, (c.dim,))
-        if c.sub_norms:
-            out[p + "attn_sub_norm.weight"] = (f32, (c.n_heads * c.head_dim,))
-            out[p + "ffn_sub_norm.weight"] = (f32, (c.ffn_dim,))
+        for name in BLOCK_NORMS[:4 if c.sub_norms else 2]:
+            out[f"layers.{i}.{name}.weight"] = (np.float32, (norm_dims[name],))
     for name, n_out, n_in in linear_shapes(c):
         for suffix, spec in linear.tensor_specs(c.scheme_of(name), n_out, n_in).items():
             out[f"{name}.{suffix}"] = spec
@@ -78,9 +75,8 @@ def check_token_ids(ids, what):
 # --- building blocks ----------------------------------------------------------------------------
 
 def rms_norm(x, weight, eps):
-    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), in float32.  x (T, d).
-    The mean of squares is summed in float64, then rounded to float32: the order of the sum then
-    changes the float32 only at a rounding tie (kernels.attention_step sums in another order)."""
+    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), x (T, d) float32. The mean of squares is summed in
+    float64: another summation order (kernels.attention_step's) changes its float32 only at a rounding tie."""
     mean_sq = np.square(x, dtype=np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
     return weight * (x / np.sqrt(mean_sq + np.float32(eps)))
 
@@ -209,12 +205,8 @@ class KVCache:
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
-        self.length = 0  # positions filled
+        self.length, self.max_len = 0, max_len  # positions filled, positions it holds
         self.work = None  # (config, decode_workspace(config, max_len)): made at the first compiled step
-
-    @property
-    def max_len(self):
-        return self.k.shape[2]
 
 
 class Model:
@@ -245,9 +237,8 @@ class Model:
                 self.compiled_blocks[i] = decode_args(self.block_norms[i], layers)
 
     def new_cache(self, max_len=None):
-        """A cache of max_len positions (default max_seq_len): 2 n_layers n_kv_heads head_dim float32 each,
-        all resident from the first token (NumPy gives large arrays 2 MB pages), as llama.cpp's context is:
-        size it to the prompt plus the tokens to generate."""
+        """A cache of max_len positions (default max_seq_len), 2 n_layers n_kv_heads head_dim float32 each, resident
+        from the first token (NumPy gives large arrays 2 MB pages): size it to the prompt plus the new tokens."""
         return KVCache(self.config, max_len or self.config.max_seq_len)
 
     def linears_of(self, names, x):
@@ -286,9 +277,8 @@ class Model:
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def block(self, i, x, cache, cos, sin):
-        """Transformer block i over x (T, dim) at positions cache.length.. ; writes its keys and
-        values into the cache (forward advances cache.length after the last block). One token
-        through a compiled block (kernels.attention_step, its tested twin) updates x in place."""
+        """block() i over x (T, dim) at positions cache.length.., keys and values into the cache (forward advances
+        cache.length). One token through a compiled block (its twin kernels.attention_step) updates x in place."""
         if len(x) == 1 and i in self.compiled_blocks:
             return self._block_step(i, x, cache, cos, sin)
         start, p = cache.length, f"layers.{i}."

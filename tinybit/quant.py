@@ -10,6 +10,8 @@ import numpy as np
 from .errors import QuantError, is_int
 
 EPS = 1e-5  # the clamp of transformers' BitNet code (absmax and absmean floors)
+LUT_BITS = (1, 2, 3, 4, 6, 8)
+VQ_BITS = (1, 2, 3, 4)
 
 
 def check_weight(w, name="weight"):
@@ -32,11 +34,9 @@ def check_weight(w, name="weight"):
 
 def row_groups(n_rows, group_rows):
     """Group index of each row: groups of `group_rows` consecutive output rows (None: one group)."""
-    if group_rows is None:
-        return np.zeros(n_rows, dtype=np.int64)
-    if not is_int(group_rows) or group_rows < 1:
+    if group_rows is not None and (not is_int(group_rows) or group_rows < 1):
         raise QuantError(f"group_rows must be an integer >= 1 (or None), got {group_rows!r}")
-    if group_rows >= n_rows:  # one group; also keeps a group_rows past int64 out of the division
+    if group_rows is None or group_rows >= n_rows:  # one group; also keeps a group_rows past int64 out of the division
         return np.zeros(n_rows, dtype=np.int64)
     return np.arange(n_rows) // group_rows
 
@@ -85,10 +85,8 @@ def binarize(w, group_rows=None):
     alpha = _group_mean(w, groups)
     beta = _group_mean(np.abs(w), groups)
     # alpha clipped into its group's [min, max]: rounding could put a constant group's mean below it (code +1)
-    lo, hi = np.full(len(alpha), np.inf), np.full(len(alpha), -np.inf)
-    np.minimum.at(lo, groups, w.min(axis=1))
-    np.maximum.at(hi, groups, w.max(axis=1))
-    alpha = np.clip(alpha, lo, hi)
+    starts = np.flatnonzero(np.diff(groups, prepend=-1))  # a group is a run of consecutive rows
+    alpha = np.clip(alpha, np.minimum.reduceat(w.min(axis=1), starts), np.maximum.reduceat(w.max(axis=1), starts))
     w_sign = np.where(w - alpha[groups][:, None] > 0, 1, -1).astype(np.int8)
     return w_sign, alpha.astype(np.float32), beta.astype(np.float32)
 
@@ -107,8 +105,7 @@ def ternarize(w, per_row=False, eps=EPS):
         raise QuantError(f"ternarize eps must be a positive finite number, got {eps!r}")
     w = check_weight(w)
     gamma = np.abs(w).mean(axis=1) if per_row else np.array([np.abs(w).mean()])
-    scaled = w / ((gamma[:, None] if per_row else gamma) + eps)
-    w_t = np.clip(np.rint(scaled), -1, 1).astype(np.int8)
+    w_t = np.clip(np.rint(w / (gamma.reshape(-1, 1) + eps)), -1, 1).astype(np.int8)
     return w_t, gamma.astype(np.float32)
 
 
@@ -156,13 +153,8 @@ def onebit_dequantize(w_sign, g, h):
     return (w_sign * np.outer(h, g)).astype(np.float32)
 
 
-LUT_BITS = (1, 2, 3, 4, 6, 8)
-
-
 def kmeans_1d(values, k, iters=30):
-    """Lloyd's k-means in 1-D, deterministic (start, ties and stopping: docs/QUANTIZERS.md §5).
-    Start: the distinct values if at most k (padded with the largest), else the quantiles (i + 0.5) / k
-    with the min and max as end centroids when k >= 4. Values sorted once: a cluster is a run of them.
+    """Lloyd's k-means in 1-D, deterministic (start, rounds, ties and stopping: docs/QUANTIZERS.md §5).
     -> centroids (k,) float64 ascending, idx (len(values),) int64."""
     v = _check_points(np.asarray(values, dtype=np.float64).ravel(), "kmeans_1d values")
     if not is_int(k) or k < 1:
@@ -172,8 +164,7 @@ def kmeans_1d(values, k, iters=30):
     vs = np.sort(v)
     distinct = np.unique(vs)
     if len(distinct) <= k:
-        centroids = np.concatenate([distinct, np.full(k - len(distinct), distinct[-1])])
-        return centroids, np.searchsorted(distinct, v)
+        return np.concatenate([distinct, np.full(k - len(distinct), distinct[-1])]), np.searchsorted(distinct, v)
     centroids = np.quantile(vs, (np.arange(k) + 0.5) / k)
     if k >= 4:
         centroids[0], centroids[-1] = vs[0], vs[-1]
@@ -214,17 +205,20 @@ def lut_quantize(w, bits, group_rows=None, iters=30):
     -> w_idx (n_out, n_in) uint8, lut (n_groups, 2^bits) float32."""
     if not is_int(bits) or bits not in LUT_BITS:
         raise QuantError(f"LUT bits must be one of {LUT_BITS}, got {bits!r}")
-    w = check_weight(w)
-    groups = row_groups(w.shape[0], group_rows)
-    n_groups = groups[-1] + 1
-    w_idx = np.zeros(w.shape, dtype=np.uint8)
-    lut = np.zeros((n_groups, 2 ** bits), dtype=np.float32)
-    for gi in range(n_groups):
+    return _fit_groups(check_weight(w), group_rows, lambda v: kmeans_1d(v, 2 ** bits, iters), (2 ** bits,))
+
+
+def _fit_groups(items, group_rows, fit, entry_shape):
+    """Per group of output rows of items (n_out, n, ...): table[g], codes = fit(items[rows of g]).
+    -> codes (n_out, n) uint8, table (n_groups, *entry_shape) float32."""
+    groups = row_groups(items.shape[0], group_rows)
+    table = np.zeros((groups[-1] + 1, *entry_shape), dtype=np.float32)
+    codes = np.zeros(items.shape[:2], dtype=np.uint8)
+    for gi in range(len(table)):
         rows = groups == gi
-        centroids, idx = kmeans_1d(w[rows], 2 ** bits, iters)
-        lut[gi] = centroids
-        w_idx[rows] = idx.reshape(-1, w.shape[1])
-    return w_idx, lut
+        table[gi], idx = fit(items[rows])
+        codes[rows] = idx.reshape(-1, items.shape[1])
+    return codes, table
 
 
 def lut_dequantize(w_idx, lut, group_rows=None):
@@ -232,14 +226,9 @@ def lut_dequantize(w_idx, lut, group_rows=None):
     return lut[groups[:, None], w_idx].astype(np.float32)
 
 
-VQ_BITS = (1, 2, 3, 4)
-
-
 def vq_pairs(w):
     """Adjacent input weights as 2-D vectors: (n_out, n_in) -> (n_out, ceil(n_in/2), 2), odd n_in zero-padded."""
-    if w.shape[1] % 2:
-        w = np.concatenate([w, np.zeros((w.shape[0], 1), w.dtype)], axis=1)
-    return w.reshape(w.shape[0], -1, 2)
+    return np.pad(w, ((0, 0), (0, w.shape[1] % 2))).reshape(w.shape[0], -1, 2)
 
 
 def kmeans_2d(points, k, iters=20, chunk=1 << 16):
@@ -252,15 +241,13 @@ def kmeans_2d(points, k, iters=20, chunk=1 << 16):
         raise QuantError(f"kmeans_2d: k must be a square s * s >= 1 (the start grid), got {k!r}")
     if not is_int(iters) or iters < 0:
         raise QuantError(f"kmeans_2d: iters must be an integer >= 0, got {iters!r}")
-    qs = (np.arange(s) + 0.5) / s
-    q0, q1 = np.quantile(p[:, 0], qs), np.quantile(p[:, 1], qs)
-    centroids = np.stack(np.meshgrid(q0, q1, indexing="ij"), axis=-1).reshape(-1, 2)
+    q = np.quantile(p, (np.arange(s) + 0.5) / s, axis=0)  # (s, 2)
+    centroids = np.stack(np.meshgrid(q[:, 0], q[:, 1], indexing="ij"), axis=-1).reshape(-1, 2)
     idx = _nearest_2d(p, centroids, chunk)
     for _ in range(iters):
-        counts = np.bincount(idx, minlength=k)
-        for d in range(2):
-            sums = np.bincount(idx, weights=p[:, d], minlength=k)
-            centroids[:, d] = np.where(counts > 0, sums / np.maximum(counts, 1), centroids[:, d])
+        counts = np.bincount(idx, minlength=k)[:, None]
+        sums = np.stack([np.bincount(idx, weights=p[:, d], minlength=k) for d in range(2)], axis=1)
+        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
         new_idx = _nearest_2d(p, centroids, chunk)
         if np.array_equal(new_idx, idx):
             break
@@ -283,19 +270,8 @@ def vq_quantize(w, bits, group_rows=None, iters=20):
     -> w_idx (n_out, ceil(n_in/2)) uint8, codebook (n_groups, 2^(2 bits), 2) float32."""
     if not is_int(bits) or bits not in VQ_BITS:
         raise QuantError(f"VQ bits per weight must be one of {VQ_BITS}, got {bits!r}")
-    w = check_weight(w)
-    pairs = vq_pairs(w)  # (n_out, n_pairs, 2)
-    groups = row_groups(w.shape[0], group_rows)
-    n_groups = groups[-1] + 1
     k = 2 ** (2 * bits)
-    w_idx = np.zeros(pairs.shape[:2], dtype=np.uint8)
-    codebook = np.zeros((n_groups, k, 2), dtype=np.float32)
-    for gi in range(n_groups):
-        rows = groups == gi
-        centroids, idx = kmeans_2d(pairs[rows], k, iters)
-        codebook[gi] = centroids
-        w_idx[rows] = idx.reshape(-1, pairs.shape[1])
-    return w_idx, codebook
+    return _fit_groups(vq_pairs(check_weight(w)), group_rows, lambda pairs: kmeans_2d(pairs, k, iters), (k, 2))
 
 
 def vq_dequantize(w_idx, codebook, n_in, group_rows=None):
