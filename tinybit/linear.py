@@ -109,37 +109,36 @@ def _row_scales(layer):
     return np.repeat(layer["scale"], g)[:layer["n_out"]] if g else layer["scale"]
 
 
-def _plane_check(check):
-    return lambda spec, t, n_in, where: check(t["w_packed"], n_in, f"{where}.w_packed")
+def _int8_scheme(name, params, n_scales, quantize, dequantize, planes, **traits):
+    """ternary and binary: bit planes (pack.py) read by the int8-activation kernels, one scale per tensor, row or
+    group of rows (n_scales(spec, n_out)). planes: (planes per block, pack, unpack, check, matmuls, matmul_ref)."""
+    n_planes, pack_planes, unpack_planes, check_planes, matmuls, matmul_ref = planes
+    return Scheme(
+        name, params, lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, n_planes * pack.plane_row_bytes(n_in))),
+                                                 "scale": (np.float32, (n_scales(spec, n_out),))},
+        quantize=quantize,
+        encode=lambda spec, codes, scale: {"w_packed": pack_planes(codes), "scale": np.asarray(scale, np.float32)},
+        check=lambda spec, t, n_in, where: check_planes(t["w_packed"], n_in, f"{where}.w_packed"),
+        apply=_integer_apply(kernels.absmax_quantize, matmuls),
+        apply_ref=_integer_apply(kernels.absmax_quantize_ref, lambda ws, x_q: [matmul_ref(w, x_q) for w in ws]),
+        dequantize=lambda layer: dequantize(unpack_planes(layer["w_packed"], layer["n_in"]), layer),
+        bits=lambda spec: n_planes, int8_act=True, **traits)
 
 
-TERNARY = Scheme(
-    "ternary", {"per_row": bool},
-    lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, 2 * pack.plane_row_bytes(n_in))),
-                               "scale": (np.float32, (n_out if spec.get("per_row") else 1,))},
-    quantize=lambda w, spec, method: quant.ternarize(w, per_row=spec.get("per_row", False)),
-    encode=lambda spec, w_t, gamma: {"w_packed": pack.pack_ternary(w_t), "scale": np.asarray(gamma, np.float32)},
-    check=_plane_check(pack.check_ternary_planes),
-    apply=_integer_apply(kernels.absmax_quantize, kernels.ternary_matmuls),
-    apply_ref=_integer_apply(kernels.absmax_quantize_ref,
-                             lambda ws, x_q: [kernels.ternary_matmul_ref(w, x_q) for w in ws]),
-    dequantize=lambda layer: quant.ternary_dequantize(pack.unpack_ternary(layer["w_packed"], layer["n_in"]),
-                                                      layer["scale"]),
-    bits=lambda spec: 2, calibrate="roundclip", int8_act=True, gguf="TQ2_0")
-
-BINARY = Scheme(
-    "binary", {"group_rows": int, "ln": bool},
-    lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, pack.plane_row_bytes(n_in))),
-                               "scale": (np.float32, (n_groups(n_out, spec.get("group_rows")),))},
-    quantize=lambda w, spec, method: quant.binarize(w, group_rows=spec.get("group_rows"))[::2],  # (w_sign, beta)
-    encode=lambda spec, w_sign, beta: {"w_packed": pack.pack_binary(w_sign), "scale": np.asarray(beta, np.float32)},
-    check=_plane_check(pack.check_binary_planes),
-    apply=_integer_apply(kernels.absmax_quantize, kernels.binary_matmuls),
-    apply_ref=_integer_apply(kernels.absmax_quantize_ref,
-                             lambda ws, x_q: [kernels.binary_matmul_ref(w, x_q) for w in ws]),
-    dequantize=lambda layer: quant.binary_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
-                                                     layer["scale"], layer["scheme"].get("group_rows")),
-    bits=lambda spec: 1, calibrate="sign", int8_act=True)
+TERNARY_PLANES = (2, pack.pack_ternary, pack.unpack_ternary, pack.check_ternary_planes, kernels.ternary_matmuls,
+                  kernels.ternary_matmul_ref)
+BINARY_PLANES = (1, pack.pack_binary, pack.unpack_binary, pack.check_binary_planes, kernels.binary_matmuls,
+                 kernels.binary_matmul_ref)
+TERNARY = _int8_scheme("ternary", {"per_row": bool}, lambda spec, n_out: n_out if spec.get("per_row") else 1,
+                       lambda w, spec, method: quant.ternarize(w, per_row=spec.get("per_row", False)),
+                       lambda w_t, layer: quant.ternary_dequantize(w_t, layer["scale"]), TERNARY_PLANES,
+                       calibrate="roundclip", gguf="TQ2_0")
+BINARY = _int8_scheme("binary", {"group_rows": int, "ln": bool},
+                      lambda spec, n_out: n_groups(n_out, spec.get("group_rows")),
+                      lambda w, spec, method: quant.binarize(w, group_rows=spec.get("group_rows"))[::2],  # w_sign, beta
+                      lambda w_sign, layer: quant.binary_dequantize(w_sign, layer["scale"],
+                                                                    layer["scheme"].get("group_rows")),
+                      BINARY_PLANES, calibrate="sign")
 
 
 # --- float activations: onebit, lut, vq, int8 -----------------------------------------------------
@@ -159,7 +158,7 @@ ONEBIT = Scheme(
     quantize=lambda w, spec, method: (lambda s, g, h: (s, (g, h)))(*quant.onebit_svid(w, method=method)),
     encode=lambda spec, w_sign, gh: {"w_packed": pack.pack_binary(w_sign), "g": np.asarray(gh[0], np.float32),
                                      "h": np.asarray(gh[1], np.float32)},
-    check=_plane_check(pack.check_binary_planes),
+    check=lambda spec, t, n_in, where: pack.check_binary_planes(t["w_packed"], n_in, f"{where}.w_packed"),
     apply=_onebit_apply(ref=False), apply_ref=_onebit_apply(ref=True),
     dequantize=lambda layer: quant.onebit_dequantize(pack.unpack_binary(layer["w_packed"], layer["n_in"]),
                                                      layer["g"], layer["h"]),
@@ -184,7 +183,8 @@ def _index_scheme(name, table, bits, unit, kernel, kernel_ref, quantize, dequant
         lambda spec, n_out, n_in: {
             "w_idx": (np.uint8, (n_out, pack.index_row_bytes(pack.ceil_div(n_in, unit), code_bits(spec)))),
             # a LUT (n_groups, 2^bits); a codebook (n_groups, 2^(2 bits), 2)
-            table: (np.float32, (n_groups(n_out, spec.get("group_rows")), 2 ** code_bits(spec)) + (unit,) * (unit > 1))},
+            table: (np.float32, (n_groups(n_out, spec.get("group_rows")), 2 ** code_bits(spec))
+                    + (unit,) * (unit > 1))},
         quantize=lambda w, spec, method: quantize(w, spec["bits"], group_rows=spec.get("group_rows")),
         encode=lambda spec, idx, tab: {"w_idx": pack.pack_indices(idx, code_bits(spec)),
                                        table: np.asarray(tab, np.float32)},

@@ -244,7 +244,7 @@ def _round_table(table_rows):
     rows = np.arange(len(table_rows))
 
     def round_unit(wu, u, ub):
-        pos = (mids < wu[:, :1]).sum(axis=1)  # = searchsorted(mids_row, w, "left"), as quant._nearest_1d
+        pos = (mids < wu[:, :1]).sum(axis=1)  # = searchsorted(mids_row, w, "left"), as quant.kmeans_1d assigns
         return srt[rows, pos][:, None], order[rows, pos]
     return round_unit
 
@@ -260,7 +260,7 @@ def _round_vq(cb_rows):
         (p, q), r = ub[0], ub[1, 1]
         d0, d1 = wu[:, :1] - c0, wu[:, 1:] - c1  # (n_out, k)
         z0, z1 = d0 * (1 / p), d0 * (-q / (p * r)) + d1 * (1 / r)
-        code = (z0 * z0 + z1 * z1).argmin(axis=1)  # ties to the lower index, as quant._nearest_2d
+        code = (z0 * z0 + z1 * z1).argmin(axis=1)  # ties to the lower index, as quant.kmeans_2d assigns
         return cb_rows[rows, code], code
     return round_unit
 
