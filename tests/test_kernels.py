@@ -337,16 +337,20 @@ def test_plane_kernels_are_multiply_free():
             x16 = rng.integers(-128, 128, (tokens, 512)).astype(np.int16)
             xf = x16.astype(np.float32)
             x_u = (x16 + 128).astype(np.uint8)
-            k._ternary_rows(w2, x_u, ~x_u, np.zeros((tokens, 6), np.int32), 0, 6)
-            k._binary_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
-            k._binary_f32_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
+            k._plane_rows(w2, x_u, ~x_u, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled version per layout
+            k._plane_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
+            k._plane_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
             xT = k._lanes_major(x16.astype(np.int8), 512)
             k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary: one
             k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # compiled _gemm_tile
-        for f in (k._ternary_rows, k._binary_rows, k._binary_f32_rows, k._gemm_tile):
-            sigs = f.inspect_asm()
-            assert len(sigs) == 1, sigs.keys()
-            asm[f.__name__] = list(sigs.values())[0]
+        sigs = k._plane_rows.inspect_asm()
+        assert len(sigs) == 3, sigs.keys()
+        for sig, text in sigs.items():  # (w, xa, xb, ...): the layout is told by xa's and xb's types
+            layout = "ternary" if sig[2].ndim == 2 else "binary_f32" if sig[1].dtype.name == "float32" else "binary"
+            asm[layout] = text
+        sigs = k._gemm_tile.inspect_asm()
+        assert len(sigs) == 1, sigs.keys()
+        asm["gemm_tile"] = list(sigs.values())[0]
         print(json.dumps(asm))
     """)
     import json
@@ -357,7 +361,7 @@ def test_plane_kernels_are_multiply_free():
         assert len(code) > 100, name
         bad = sorted({m.group(0) for m in VECTOR_MULTIPLY.finditer(body)})
         assert not bad, f"{name}: multiply instructions {bad}"
-        add = {"_ternary_rows": "vpsadbw", "_binary_f32_rows": "vaddps"}.get(name, "vpaddw")
+        add = {"ternary": "vpsadbw", "binary_f32": "vaddps"}.get(name, "vpaddw")
         assert re.search(rf"\b{add}\b.*zmm", body), f"{name}: no {add} on zmm registers (not vectorized?)"
 
 
@@ -374,7 +378,7 @@ def test_ternary_kernel_without_avx512bw():
             x_q = rng.integers(x_lo, 128, (tokens, n_in)).astype(np.int8)
             wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)) if x_lo < 0 else np.ones((n_out, n_in)))
             assert (k.ternary_matmul(wt, x_q) == k.ternary_matmul_ref(wt, x_q)).all()
-        print("psadbw" in list(k._ternary_rows.inspect_asm().values())[0])
+        print(any("psadbw" in text for text in k._plane_rows.inspect_asm().values()))
     """, **env)
     assert out.strip() == "False" or not x86  # the asserts above ran; on x86 without vpsadbw
 

@@ -19,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import pack, quant
 from .errors import QuantError, UsageError, is_int
@@ -209,7 +209,7 @@ def _popcount(typingctx, v):
 
 @njit(cache=True)
 def _ternary_inputs(x_q, n, xu, xn):
-    """xu, xn (tokens, n_pad) uint8 = x + 128, 127 - x of x = x_q[:, :n] zero-padded: the inputs of _ternary_rows."""
+    """xu, xn (tokens, n_pad) uint8 = x + 128, 127 - x of x = x_q[:, :n] zero-padded: the inputs of _plane_rows."""
     for t in range(xu.shape[0]):
         for j in range(xu.shape[1]):
             v = np.uint8(np.int16(x_q[t, j]) + 128) if j < n else np.uint8(128)
@@ -260,37 +260,6 @@ def _ternary_dot4(w0, w1, w2, w3, xu, xn, bits, planes, picked, sums, counts):
             _add_byte_sums(sums[2], p2), _add_byte_sums(sums[3], p3)
 
 
-@njit(cache=True)
-def _ternary_rows(w, xu, xn, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T = sum - 128 n_nz + n_ng: w (n_out, nb*64) uint8 planes nz (w != 0), ng (w < 0); w
-    picks xu, xn (tokens, nb*256) uint8 = x + 128, 127 - x of x zero-padded (+1, -1) or 0; y (tokens, n_out) int32."""
-    bits = numba.carray(_stack_array(BLOCK, np.uint8), (4, SLICE))
-    for h in range(4):
-        for j in range(PLANE):
-            bits[h, j], bits[h, PLANE + j] = np.uint8(1 << (2 * h)), np.uint8(2 << (2 * h))
-    picked = numba.carray(_stack_array(BLOCK, np.uint8), (ROWS, SLICE))
-    planes = numba.carray(_stack_array(ROW_PLANES, np.uint8), (ROWS, 2, SLICE))
-    sums = numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8))
-    counts = numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8))
-    last = r1 - 1
-    tile = _token_tile(xu.shape[0], 2 * xu.shape[1])
-    for t0 in range(0, xu.shape[0], tile):
-        for r in range(r0, r1, ROWS):
-            w0, w1, w2, w3 = _four_rows(w, r, last)
-            for t in range(t0, min(t0 + tile, xu.shape[0])):
-                _ternary_dot4(w0, w1, w2, w3, xu[t], xn[t], bits, planes, picked, sums, counts)
-                for q in range(min(ROWS, r1 - r)):
-                    c = counts[q]
-                    n_nz, n_ng = c[0] + c[1] + c[2] + c[3], c[4] + c[5] + c[6] + c[7]
-                    y[t, r + q] = np.int64(sums[q].sum()) - 128 * np.int64(n_nz) + np.int64(n_ng)
-
-
-@njit(cache=True, parallel=True)
-def _ternary_par(ws, xu, xn, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _ternary_rows(ws[i % len(ws)], xu, xn, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
-
-
 @njit(cache=True, inline="always")
 def _binary_lane(wb, j, xb):
     """Lane j of one block: sum of x[32p + j] over the p whose bit is 1, |sum| <= 8 * 128."""
@@ -322,30 +291,6 @@ def _binary_dot4(w0, w1, w2, w3, xt, acc16, acc32):
         acc32 += acc16
 
 
-@njit(cache=True)
-def _binary_rows(w, x, xsum, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T = S1 + S1 - sum(x), S1 = sum of x over the bits 1 (w = +1; 0: -1). w (n_out, nb*32)
-    uint8 plane; x (tokens, nb*256) int16 zero-padded; xsum (tokens,) int64 = sum(x); y (tokens, n_out) int32."""
-    acc16 = numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE))
-    acc32 = numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE))
-    last = r1 - 1
-    tile = _token_tile(x.shape[0], 2 * x.shape[1])
-    for t0 in range(0, x.shape[0], tile):
-        for r in range(r0, r1, ROWS):
-            w0, w1, w2, w3 = _four_rows(w, r, last)
-            for t in range(t0, min(t0 + tile, x.shape[0])):
-                _binary_dot4(w0, w1, w2, w3, x[t], acc16, acc32)
-                for q in range(min(ROWS, r1 - r)):
-                    s1 = acc32[q].sum()
-                    y[t, r + q] = s1 + s1 - xsum[t]
-
-
-@njit(cache=True, parallel=True)
-def _binary_par(ws, x, xsum, ys, n_chunks):
-    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _binary_rows(ws[i % len(ws)], x, xsum, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
-
-
 @njit(cache=True, inline="always")
 def _binary_lane_f32(wb, j, xb, s):
     """s + sum of x[32p + j] over the p whose bit is 1 (float32, in order p = 0..7): OneBit, no overflow, no flush."""
@@ -373,29 +318,84 @@ def _binary_f32_dot4(w0, w1, w2, w3, xt, acc):
             a3[j] = _binary_lane_f32(wb3, j, xb, a3[j])
 
 
+# --- the per-token row kernel, one for the three plane layouts -----------------------------------------
+# A layout is told by its inputs' types (xa, xb): ternary (x + 128, 127 - x: two (tokens, n_pad) uint8),
+# binary (x (tokens, n_pad) int16, sum(x) (tokens,) int64), binary x float32 (x float32, sum(x) float64).
+
+def _pass_scratch(xa, xb):
+    """The stack arrays of a layout's 4-row pass (made once per _plane_rows call)."""
+
+
+@overload(_pass_scratch, inline="always")
+def _pass_scratch_layout(xa, xb):
+    if xb.ndim == 2:  # ternary: bits[h, j] = the plane bit of weight 64 h + j of a block; planes, picked, sums, counts
+        def ternary(xa, xb):
+            bits = numba.carray(_stack_array(BLOCK, np.uint8), (4, SLICE))
+            for h in range(4):
+                for j in range(PLANE):
+                    bits[h, j], bits[h, PLANE + j] = np.uint8(1 << (2 * h)), np.uint8(2 << (2 * h))
+            return (bits, numba.carray(_stack_array(ROW_PLANES, np.uint8), (ROWS, 2, SLICE)),
+                    numba.carray(_stack_array(BLOCK, np.uint8), (ROWS, SLICE)),
+                    numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)),
+                    numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)))
+        return ternary
+    if xa.dtype == types.int16:  # binary: int16 lanes, flushed into int32 ones
+        return lambda xa, xb: (numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE)),
+                               numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE)))
+    return lambda xa, xb: (numba.carray(_stack_array(ROW_LANES, np.float32), (ROWS, PLANE)),)  # float32 lanes
+
+
+def _pass(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):
+    """Token t through the 4 rows w0..w3 of a pass; y[t, r:r + n_rows] stored."""
+
+
+@overload(_pass, inline="always")
+def _pass_layout(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):
+    if xb.ndim == 2:
+        def ternary(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):  # y = sum picked - 128 n_nz + n_ng
+            bits, planes, picked, sums, counts = scratch
+            _ternary_dot4(w0, w1, w2, w3, xa[t], xb[t], bits, planes, picked, sums, counts)
+            for q in range(n_rows):
+                c = counts[q]
+                n_nz, n_ng = c[0] + c[1] + c[2] + c[3], c[4] + c[5] + c[6] + c[7]
+                y[t, r + q] = np.int64(sums[q].sum()) - 128 * np.int64(n_nz) + np.int64(n_ng)
+        return ternary
+    if xa.dtype == types.int16:
+        def binary(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):  # y = S1 + S1 - sum(x)
+            _binary_dot4(w0, w1, w2, w3, xa[t], scratch[0], scratch[1])
+            for q in range(n_rows):
+                s1 = scratch[1][q].sum()
+                y[t, r + q] = s1 + s1 - xb[t]
+        return binary
+
+    def binary_f32(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):  # lanes sum in float32, rows in float64
+        _binary_f32_dot4(w0, w1, w2, w3, xa[t], scratch[0])
+        for q in range(n_rows):
+            s1 = 0.0
+            for j in range(PLANE):
+                s1 += scratch[0][q, j]
+            y[t, r + q] = s1 + s1 - xb[t]
+    return binary_f32
+
+
 @njit(cache=True)
-def _binary_f32_rows(w, x, xsum, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T. w (n_out, nb*32) uint8; x (tokens, nb*256) float32 zero-padded;
-    xsum (tokens,) float64 = sum(x); y (tokens, n_out) float32. Lanes sum in float32, rows in float64."""
-    acc = numba.carray(_stack_array(ROW_LANES, np.float32), (ROWS, PLANE))
-    last = r1 - 1
-    tile = _token_tile(x.shape[0], 4 * x.shape[1])
-    for t0 in range(0, x.shape[0], tile):
+def _plane_rows(w, xa, xb, y, r0, r1):
+    """Rows r0..r1-1 of y = x W~^T, w (n_out, nb*64 ternary | nb*32 binary) uint8 planes, (xa, xb) a layout's inputs
+    (above), y (tokens, n_out) int32 (float32 for float x). 4 rows a pass (a short last pass repeats row r1 - 1,
+    only real rows are stored), the tokens in tiles of X_TILE_BYTES of inputs."""
+    scratch = _pass_scratch(xa, xb)
+    tile = _token_tile(xa.shape[0], xa.shape[1] * xa.itemsize * (2 if xb.ndim == 2 else 1))
+    for t0 in range(0, xa.shape[0], tile):
         for r in range(r0, r1, ROWS):
-            w0, w1, w2, w3 = _four_rows(w, r, last)
-            for t in range(t0, min(t0 + tile, x.shape[0])):
-                _binary_f32_dot4(w0, w1, w2, w3, x[t], acc)
-                for q in range(min(ROWS, r1 - r)):
-                    s1 = 0.0
-                    for j in range(PLANE):
-                        s1 += acc[q, j]
-                    y[t, r + q] = s1 + s1 - xsum[t]
+            w0, w1, w2, w3 = _four_rows(w, r, r1 - 1)
+            for t in range(t0, min(t0 + tile, xa.shape[0])):
+                _pass(w0, w1, w2, w3, xa, xb, t, scratch, y, r, min(ROWS, r1 - r))
 
 
 @njit(cache=True, parallel=True)
-def _binary_f32_par(ws, x, xsum, ys, n_chunks):
+def _plane_par(ws, xa, xb, ys, n_chunks):
     for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _binary_f32_rows(ws[i % len(ws)], x, xsum, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+        _plane_rows(ws[i % len(ws)], xa, xb, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 # --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
@@ -818,11 +818,11 @@ def _plane_matmuls(ws, x_q, binary):
         par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad), binary)
     elif binary:
         x = _padded(x_q, n_pad, np.int16)
-        par, rows, args = _binary_par, _binary_rows, (x, x.sum(axis=1, dtype=np.int64))
+        par, rows, args = _plane_par, _plane_rows, (x, x.sum(axis=1, dtype=np.int64))
     else:
         xu, xn = np.empty((x_q.shape[0], n_pad), np.uint8), np.empty((x_q.shape[0], n_pad), np.uint8)
         _ternary_inputs(x_q, x_q.shape[1], xu, xn)
-        par, rows, args = _ternary_par, _ternary_rows, (xu, xn)
+        par, rows, args = _plane_par, _plane_rows, (xu, xn)
     return list(_launch(par, rows, ws, args, x_q.shape[0], n_pad, np.int32))
 
 
@@ -832,7 +832,7 @@ def binary_matmul_f32(w_packed, x):
     x = _check_x(x)
     w = check_packed(w_packed, pack.plane_row_bytes(x.shape[1]), "binary planes")
     xf = _padded(x, w.shape[1] // PLANE * BLOCK, np.float32)
-    return _launch(_binary_f32_par, _binary_f32_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), *xf.shape)[0]
+    return _launch(_plane_par, _plane_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), *xf.shape)[0]
 
 
 def lut_matmul(w_idx, bits, lut, group_rows, x):
@@ -905,9 +905,9 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     n_chunks = _n_chunks(n_out, n_pad * n_out, threads, min_work)
     if n_chunks == 1:
         for m in range(len(ws)):
-            _ternary_rows(ws[m], xu, xn, accs[m], 0, ws[m].shape[0])
+            _plane_rows(ws[m], xu, xn, accs[m], 0, ws[m].shape[0])
     else:
-        _ternary_par(ws, xu, xn, accs, n_chunks)
+        _plane_par(ws, xu, xn, accs, n_chunks)
     for m in range(len(ws)):
         acc, scale, y = accs[m][0], scales[m], ys[m]
         for r in range(y.shape[0]):  # gamma per tensor (1,) or per row (n_out,)
