@@ -678,8 +678,8 @@ def _vq_rows(w, nbits, codebook, group_rows, x, y, r0, r1):
         _unpack_row(w[r], nbits, idx)
         g = r // group_rows if group_rows > 0 else 0
         for t in range(x.shape[0]):
-            xt = x[t]
             sums[:] = 0.0
+            xt = x[t]
             for m in range(0, n_pairs, 2):
                 c0, c1 = idx[m], idx[m + 1]
                 sums[0, c0, 0] += xt[2 * m]
