@@ -956,7 +956,8 @@ def make_parser():
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="HF model directory, raw state-dict file (with --config) or .gguf file")
     p.add_argument("out", help="output tinybit model directory (must not exist unless --force)")
-    p.add_argument("--scheme", help=f"PTQ scheme for float checkpoints: {', '.join(SCHEME_NAMES)} (default f32)")
+    p.add_argument("--scheme", help="PTQ scheme for float checkpoints, with its stored bits per weight: " + ", ".join(
+        f"{n} ({linear.scheme(spec).bits(spec)})" for n, (spec, _) in SCHEME_SPECS.items()) + " (default f32)")
     p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
     p.add_argument("--head-scheme", default="f32", help="scheme of the output head (default f32)")
     p.add_argument("--head-group-size", type=int,
