@@ -140,7 +140,7 @@ def attention(q, k, v, start):
 
 
 def block(c, norms, x, cos, sin, attend, linears):
-    """The transformer block of config c, the reference every path runs: x (T, dim) -> (T, dim).
+    """The transformer block, the reference (one token: its twin kernels.attention_step): x (T, dim) -> (T, dim).
     norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm"} weights (sub-norms: None
     without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
     attention of the rotated queries over the past and these rotated keys and values (a KV cache,

@@ -734,11 +734,11 @@ def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
         t = unpack_hf_2bit(ref, n_out, n_in)
         ws = scalar_scale(parts["weight_scale"])
         gamma = np.float32(ws) if family == "bitnet" else np.float32(1.0) / np.float32(ws)
-        return {"w_packed": pack.pack_ternary(t), "scale": np.array([gamma], np.float32)}, spec, None
+        return linear.TERNARY.encode(spec, t, [gamma]), spec, None
     if family in ("bitnet-bf16", "1bitllm"):
         w = float_weight(parts, n_out, n_in, name)
         t, gamma = ternarize_hf(w)
-        return {"w_packed": pack.pack_ternary(t), "scale": np.array([gamma], np.float32)}, spec, w
+        return linear.TERNARY.encode(spec, t, [gamma]), spec, w
     if family == "onebit":
         for k in ("weight", "weight_scale", "input_factor"):
             if k not in parts:
@@ -759,7 +759,7 @@ def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
         h, g = parts["weight_scale"], parts["input_factor"]
         check_shape(h, (n_out,))
         check_shape(g, (n_in,))
-        return {"w_packed": pack.pack_binary(sign), "g": g.load(), "h": h.load()}, spec, None
+        return linear.ONEBIT.encode(spec, sign, (g.load(), h.load())), spec, None
     # llama PTQ
     w = float_weight(parts, n_out, n_in, name)
     return quantize_float(w, spec, onebit_method), spec, w
@@ -770,7 +770,7 @@ def quantize_float(w, spec, onebit_method):
     exact = exact_ternary(w, spec.get("per_row", False)) if linear.scheme(spec) is linear.TERNARY else None
     if exact is not None:
         t, gamma = exact
-        return {"w_packed": pack.pack_ternary(t), "scale": gamma}
+        return linear.TERNARY.encode(spec, t, gamma)
     return linear.quantize(w, spec, onebit_method=onebit_method)
 
 
@@ -1023,8 +1023,9 @@ def calibration_ids(args, src, config, family):
     if not args.calibrate:
         return None
     scheme = config.quant["scheme"]
-    if family != "llama" or linear.scheme(config.quant).blas or not 0 <= args.damp < math.inf:
-        raise UsageError("--calibrate applies to float checkpoints (family llama) with a quantized --scheme "
+    if family != "llama" or linear.scheme(config.quant).calibrate is None or not 0 <= args.damp < math.inf:
+        calibrated = ", ".join(n for n, s in linear.SCHEMES.items() if s.calibrate)
+        raise UsageError(f"--calibrate applies to float checkpoints (family llama) with a --scheme of {calibrated} "
                          f"and --damp >= 0 (here: family {family}, scheme {scheme}, damp {args.damp})")
     if args.calib_len > config.max_seq_len:
         raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
