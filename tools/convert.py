@@ -946,13 +946,14 @@ def report(src, out_dir, config, family, tensors, stats):
 
 # --- CLI ----------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line and exit 2 through exit_on_error."""
     def error(self, message):
         raise UsageError(message)
 
 
 def make_parser():
-    p = _Parser(prog="convert.py", description=__doc__.split("\n\n")[0],
+    p = UsageParser(prog="convert.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="HF model directory, raw state-dict file (with --config) or .gguf file")
     p.add_argument("out", help="output tinybit model directory (must not exist unless --force)")
