@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from tinybit import linear, model, quant
 from tinybit.errors import TinybitError, UsageError
 
-from util import quantize_tensors, random_float_tensors, tiny_config
+from util import byte_bpe, quantize_tensors, random_float_tensors, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("tinybit_convert", os.path.join(ROOT, "tools", "convert.py"))
@@ -147,13 +147,8 @@ TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny random float LLaMA in Hugging Face layout (numpy-written safetensors) with a BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     d = tmp_path_factory.mktemp("hf")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk = byte_bpe(TEXT)
     (d / "tokenizer.json").write_text(tk.to_str())
     c = tiny_config(vocab_size=tk.get_vocab_size(), dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, head_dim=16)
     (d / "config.json").write_text(json.dumps({

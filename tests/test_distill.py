@@ -11,8 +11,6 @@ with a small byte-level BPE tokenizer; the text is a repeated paragraph. Checked
     ends with the weights of an uninterrupted run;
   - bad input: exit status 2 and one line `distill.py: error: ...`.
 """
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -22,19 +20,11 @@ transformers = pytest.importorskip("transformers")
 
 import tinybit  # noqa: E402
 from tinybit import io  # noqa: E402
+from util import byte_bpe, load_tool  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire, "
         "and the bird sings a song about the river that runs to the sea. ") * 12
 SCHEMES = ("ternary", "ternary-row", "binary", "onebit")
-
-
-def load_tool(name):
-    """tools/{name}.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tinybit_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 distill = load_tool("distill")
@@ -44,13 +34,8 @@ convert = distill.convert
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """(HF directory, text file) of a tiny random float LLaMA: untied head, weights ~ N(0, 0.1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     d = tmp_path_factory.mktemp("teacher")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk = byte_bpe(TEXT)
     cfg = transformers.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,

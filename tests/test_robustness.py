@@ -485,7 +485,6 @@ def test_chat_template_is_sandboxed(tmp_path):
 def test_overflowing_weights_give_a_clear_error(tmp_path):
     path = str(tmp_path / "m")
     config = tiny_config(quant={"scheme": "ternary"})
-    from tinybit import model as tbmodel
     from util import random_float_tensors
     tensors = quantize_tensors(config, random_float_tensors(config))
     tensors["norm.weight"] = np.full(config.dim, 3e38, np.float32)  # finite, but the head's sums overflow
@@ -502,7 +501,6 @@ def test_nan_in_an_embedding_row(tmp_path, tie):
     refused when a prompt reads it, naming the tensor and token. Tied (it is the head): at load."""
     path = str(tmp_path / "m")
     config = tiny_config(tie_embeddings=tie, quant={"scheme": "ternary"})
-    from tinybit import model as tbmodel
     from util import random_float_tensors
     tensors = quantize_tensors(config, random_float_tensors(config))
     tensors["embed.weight"][7, 3] = np.nan
@@ -522,7 +520,6 @@ def test_embedding_rows_read_from_the_file(tmp_path, monkeypatch):
     token ids outside the vocabulary are refused (they would read other tensors' bytes)."""
     path = str(tmp_path / "m")
     config = tiny_config(tie_embeddings=False, quant={"scheme": "ternary"})
-    from tinybit import model as tbmodel
     from util import random_float_tensors
     io.save_model(path, config, quantize_tensors(config, random_float_tensors(config)))
     m = tinybit.load(path)

@@ -10,9 +10,7 @@ BitNet directory, converted with tools/convert.py and loaded with tinybit.load:
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,17 +19,7 @@ torch = pytest.importorskip("torch")  # the `convert` extra
 
 import tinybit  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool(name):
-    """tools/{name}.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tinybit_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from util import load_tool  # noqa: E402
 
 train = load_tool("train")
 convert = load_tool("convert")

@@ -1,4 +1,7 @@
-"""Small random models for tests: a config, float weights, and a saved tinybit model directory."""
+"""Small random models for tests: a config, float weights, a saved tinybit model directory, a tokenizer, a tool."""
+import importlib.util
+import os
+
 import numpy as np
 
 from tinybit import io, linear, model
@@ -42,3 +45,23 @@ def save_random_model(path, config, seed=0, tokenizer_json=None):
     tensors = quantize_tensors(config, random_float_tensors(config, seed))
     io.save_model(path, config, tensors, tokenizer_json=tokenizer_json)
     return path
+
+
+def byte_bpe(text, vocab_size=300, special_tokens=("<s>", "</s>")):
+    """A byte-level BPE tokenizer (tokenizers.Tokenizer) trained on text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+def load_tool(name):
+    """tools/{name}.py as a module (tools/ is not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"tinybit_{name}", os.path.join(root, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
