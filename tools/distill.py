@@ -142,41 +142,9 @@ class StudentLinear(nn.Module):
 
 # --- the models ------------------------------------------------------------------------------------
 
-class LM(nn.Module):
-    """tinybit.model's forward over io.Config c in torch: train.Block per layer with its linears
-    made by make_linear(n_out, n_in), float embedding and head (tied or not). Parameter names are the
-    canonical tensor names (embed.weight, layers.{i}.q.weight, head.weight, ...)."""
-
-    def __init__(self, c, make_linear):
-        super().__init__()
-        self.c = c
-        self.embed = nn.Embedding(c.vocab_size, c.dim)
-        self.layers = nn.ModuleList(train.Block(c, i) for i in range(c.n_layers))
-        for name, n_out, n_in in tbmodel.linear_shapes(c):  # train.Block's BitLinears replaced
-            if name != "head":
-                _, i, lname = name.split(".")
-                setattr(self.layers[int(i)], lname, make_linear(n_out, n_in))
-        self.norm = train.RMSNorm(c.dim, c.norm_eps)
-        if not c.tie_embeddings:
-            self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
-        self.register_buffer("inv_freq", torch.from_numpy(tbmodel.rope_inv_freq(c)), persistent=False)
-
-    def forward(self, ids, hidden=None):
-        """ids (B, T) -> logits (B, T, vocab); each block's output appended to the list hidden if given."""
-        angles = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device)[:, None] * self.inv_freq[None]
-        cos, sin = angles.cos().float(), angles.sin().float()  # (T, hd/2), as Model.rope_tables
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-            if hidden is not None:
-                hidden.append(x)
-        x = self.norm(x)
-        return x @ (self.embed.weight if self.c.tie_embeddings else self.head.weight).T
-
-
 def teacher_model(c, tensors):
     """The float teacher: plain linears, the tensors of convert_weights loaded, frozen, eval mode."""
-    m = LM(c, lambda n_out, n_in: nn.Linear(n_in, n_out, bias=False))
+    m = train.BitNetLM(c, lambda n_out, n_in: nn.Linear(n_in, n_out, bias=False))
     m.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in tensors.items()})
     for p in m.parameters():
         p.requires_grad_(False)
@@ -186,7 +154,7 @@ def teacher_model(c, tensors):
 def student_model(c, tensors, spec):
     """The student of scheme spec at its starting point: the teacher's norms, embedding and head, each
     block linear initialised by StudentLinear.init_from from the teacher's float weight."""
-    m = LM(c, lambda n_out, n_in: StudentLinear(spec, n_out, n_in))
+    m = train.BitNetLM(c, lambda n_out, n_in: StudentLinear(spec, n_out, n_in))
     lin = {name for name, _, _ in tbmodel.linear_shapes(c) if name != "head"}
     plain = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in tensors.items()
              if k.rsplit(".", 1)[0] not in lin}

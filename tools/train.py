@@ -102,16 +102,16 @@ def attend(q, k, v):
 
 
 class Block(nn.Module):
-    """model.block in torch, with autograd over a batch of sequences: block i of config c, its
-    linears BitLinears named as model.BLOCK_LINEARS, its norms as model.BLOCK_NORMS."""
+    """model.block in torch, with autograd over a batch of sequences: block i of config c, its linears
+    make_linear(n_out, n_in) named as model.BLOCK_LINEARS, its norms as model.BLOCK_NORMS."""
 
-    def __init__(self, c, i):
+    def __init__(self, c, i, make_linear):
         super().__init__()
         self.c, prefix = c, f"layers.{i}."
         # the linears first, in linear_shapes' order: the order in which the seed draws their weights
         for name, n_out, n_in in tbmodel.linear_shapes(c):
             if name.startswith(prefix):
-                setattr(self, name[len(prefix):], BitLinear(n_in, n_out, bias=False))
+                setattr(self, name[len(prefix):], make_linear(n_out, n_in))
         shapes = tbmodel.expected_tensors(c)
         for name in tbmodel.BLOCK_NORMS:  # the sub-norms only where c has them
             if prefix + name + ".weight" in shapes:
@@ -137,31 +137,39 @@ class Block(nn.Module):
         return x + self.down(m)
 
 
-class BitNetLM(nn.Module):
-    """The language model of io.Config c, head tied to the float embedding. Its parameters carry
-    tinybit's canonical tensor names: state_dict() holds the tensors of model.expected_tensors of
-    c with float linears ("layers.{i}.q.weight", ...), which tools/convert.py quantizes as trained."""
+def bit_linear(n_out, n_in):
+    return BitLinear(n_in, n_out, bias=False)
 
-    def __init__(self, c):
+
+class BitNetLM(nn.Module):
+    """The language model of io.Config c, its block linears make_linear(n_out, n_in) (BitLinear: the trained
+    model; tools/distill.py passes its teacher's and student's), a float head (the embedding if tied). Its
+    parameters carry tinybit's canonical tensor names: state_dict() holds the tensors of
+    model.expected_tensors of c with float linears ("layers.{i}.q.weight", ...)."""
+
+    def __init__(self, c, make_linear=bit_linear):
         super().__init__()
-        if not c.tie_embeddings:
-            raise ValueError("BitNetLM: the head is the embedding (tie_embeddings must be true)")
         self.c = c
         self.embed = nn.Embedding(c.vocab_size, c.dim)
-        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.layers = nn.ModuleList(Block(c, i, make_linear) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
+        if not c.tie_embeddings:
+            self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.from_numpy(tbmodel.rope_inv_freq(c)), persistent=False)
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, ids):  # (B, T) -> logits (B, T, vocab)
-        angles = torch.arange(ids.shape[1], dtype=torch.float64)[:, None] * self.inv_freq[None]  # (T, hd/2)
-        cos, sin = angles.cos().float(), angles.sin().float()
+    def forward(self, ids, hidden=None):
+        """ids (B, T) -> logits (B, T, vocab); each block's output appended to the list hidden if given."""
+        angles = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device)[:, None] * self.inv_freq[None]
+        cos, sin = angles.cos().float(), angles.sin().float()  # (T, hd/2), as Model.rope_tables
         x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.norm(x) @ self.embed.weight.T  # tied head, not quantized
+            if hidden is not None:
+                hidden.append(x)
+        return self.norm(x) @ (self.embed.weight if self.c.tie_embeddings else self.head.weight).T
 
     def hf_state_dict(self):
         """The tensors under transformers' BitNetForCausalLM names (HF_NAMES, HF_BLOCK_NAMES)."""
