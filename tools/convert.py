@@ -1050,16 +1050,23 @@ def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):
     return tensors, calib_stats + [s for s in stats if s[0] == "head"], calib_lines
 
 
-def convert(argv):
-    args = make_parser().parse_args(argv)
-    out_dir = os.path.abspath(args.out)
-    check_args(args, out_dir)
+def read_model(args):
+    """(source, family, io.Config) of the checkpoint args.src, its schemes chosen from the flags; a tokenizer
+    with ids past the model's vocabulary is refused (the converted model would not load)."""
     src = read_source(args)
     family = args.family or detect_family(src)
     choose_schemes(args, family)
     config = build_config(src, family, args)
-    if src.tokenizer is not None:  # (the converted model would not load)
+    if src.tokenizer is not None:
         io.check_tokenizer_fits(src.tokenizer, config.vocab_size, src.where)
+    return src, family, config
+
+
+def convert(argv):
+    args = make_parser().parse_args(argv)
+    out_dir = os.path.abspath(args.out)
+    check_args(args, out_dir)
+    src, family, config = read_model(args)
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
         stored = dataclasses.replace(config, head_quant=args.head_spec,

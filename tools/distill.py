@@ -189,17 +189,13 @@ def read_teacher(path):
     """(io.Config, tokenizer.json text, load) of a float checkpoint, through tools/convert.py's reading
     path (--scheme f32: nothing quantized); load() -> its canonical float tensors (convert_weights, which
     logs a line per linear: called once the text is checked)."""
-    args = convert.make_parser().parse_args([path, path + ".unused"])
-    src = convert.read_source(args)
-    family = convert.detect_family(src)
+    args = convert.make_parser().parse_args([path, path + ".unused"])  # no --scheme: float linears
+    src, family, config = convert.read_model(args)
     if family != "llama":
         raise UsageError(f"{path}: a {family} checkpoint ({convert.FAMILY_INFO[family]}); the teacher must be "
                          "a float LLaMA-family checkpoint")
     if src.tokenizer_json is None:
         raise UsageError(f"{path}: no tokenizer (tokenizer.json); the text cannot be tokenized")
-    convert.choose_schemes(args, family)
-    config = convert.build_config(src, family, args)
-    io.check_tokenizer_fits(src.tokenizer, config.vocab_size, src.where)
     return config, src.tokenizer_json, lambda: convert.convert_weights(src, config, family, args)[0]
 
 
