@@ -6,6 +6,7 @@
 - the staged model pass computes what Model.block computes;
 - conversions are byte-identical for the same seed; calibration-file errors name the file, write nothing.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -212,15 +213,82 @@ def test_calibration_file_errors_name_the_file(hf_dir, tmp_path, capsys, case, n
     if case == "short":
         path.write_text("Permission is hereby granted")
     out = tmp_path / "out"
-    rc = convert.main([str(hf_dir), str(out), "--scheme", "lut4", "--calibrate", str(hf_dir / "calib.txt"),
-                       str(path), "--calib-len", "24"])
+    files = [str(path)] if case == "short" else [str(hf_dir / "calib.txt"), str(path)]
+    rc = convert.main([str(hf_dir), str(out), "--scheme", "lut4", "--calibrate", *files, "--calib-len", "24"])
     err = capsys.readouterr().err
     assert rc == 2 and str(path) in err and needle in err, err
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in [path] if p.exists())
 
 
+def test_short_calibration_files_are_joined(hf_dir, tmp_path):
+    """Files each shorter than one window are one token stream, in the order given: windows run across the joins."""
+    from tokenizers import Tokenizer
+    tj = (hf_dir / "tokenizer.json").read_text()
+    enc = lambda s: Tokenizer.from_str(tj).encode(s, add_special_tokens=False).ids  # noqa: E731
+    words = TEXT.split(" ")
+    parts = [p for p in (" ".join(words[i:i + 8]) for i in range(0, len(words), 8)) if p.strip()]
+    paths, length = [], 40
+    for k, part in enumerate(parts):
+        assert len(enc(part)) < length
+        paths.append(str(tmp_path / f"part{k}.txt"))
+        (tmp_path / f"part{k}.txt").write_text(part)
+    stream = np.concatenate([enc(part) for part in parts])
+    starts = np.random.default_rng(2).integers(0, len(stream) - length + 1, size=5)
+    assert np.array_equal(calibrate.read_calibration(paths, tj, 5, length, 2), stream[starts[:, None] + np.arange(length)])
+
+
+def self_model(hf_dir, chat):
+    """A tiny float model (config, canonical tensors, tokenizer JSON) with bos <s>, eos </s>, a chat template."""
+    tj = (hf_dir / "tokenizer.json").read_text()
+    template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}" \
+               "{% if add_generation_prompt %}<s>assistant\n{% endif %}" if chat else None
+    c = tiny_config(vocab_size=byte_bpe(TEXT).get_vocab_size(), bos_token_id=0, eos_token_ids=[1], add_bos=True,
+                    chat_template=template, max_seq_len=128)
+    return c, random_float_tensors(c, seed=9), tj
+
+
+def test_calibrate_self_writes_chats_and_plain_text_deterministically(hf_dir):
+    from tokenizers import Tokenizer
+    from tinybit.generate import generate_tokens
+    c, tensors, tj = self_model(hf_dir, chat=True)
+    ids = calibrate.self_samples(c, tensors, tj, 4, 60, seed=7)
+    assert ids.shape == (4, 60) and np.array_equal(ids, calibrate.self_samples(c, tensors, tj, 4, 60, seed=7))
+    assert not np.array_equal(ids, calibrate.self_samples(c, tensors, tj, 4, 60, seed=8))
+    enc = lambda s: Tokenizer.from_str(tj).encode(s, add_special_tokens=False).ids  # noqa: E731
+    head, to_assistant = enc("<s>user\n"), enc("</s>\n<s>assistant\n")
+    m = model.Model(c, tensors, tokenizer=Tokenizer.from_str(tj))
+    for i in range(4):
+        rng = np.random.default_rng([7, i])
+        want = [0]
+        if i % 2 == 0:  # a chat: bos, the template's head, an instruction, the turn to the assistant, its answer
+            want += head + enc(calibrate.SELF_INSTRUCTIONS[rng.integers(len(calibrate.SELF_INSTRUCTIONS))])
+            want += to_assistant
+        new = list(generate_tokens(m, want, 60 - len(want), calibrate.SELF_TEMPERATURE, top_p=calibrate.SELF_TOP_P,
+                                   seed=int(rng.integers(2 ** 31))))
+        assert list(ids[i, :len(want) + len(new)]) == want + new, i
+    plain = calibrate.self_samples(dataclasses.replace(c, chat_template=None), tensors, tj, 1, 60, seed=7)[0]
+    new = list(generate_tokens(m, [0], 59, calibrate.SELF_TEMPERATURE, top_p=calibrate.SELF_TOP_P,
+                               seed=int(np.random.default_rng([7, 0]).integers(2 ** 31))))
+    assert list(plain[:1 + len(new)]) == [0] + new  # no chat template: plain text only
+
+
+def test_calibrate_self_conversion(hf_dir, tmp_path, capsys):
+    """--calibrate-self N alone or with files; the same seed gives the same bytes; a progress line per sample.
+    (This random model writes the same text under any seed; test_calibrate_self_writes_... holds the seeds.)"""
+    read = lambda d: (d / "model.safetensors").read_bytes()  # noqa: E731
+    flags = ["--scheme", "lut3", "--calib-len", "24", "--calibrate-self", "2"]
+    for out in ("a", "b"):
+        assert convert.main([str(hf_dir), str(tmp_path / out), *flags, "--seed", "1"]) == 0
+    assert read(tmp_path / "a") == read(tmp_path / "b")
+    assert "calibrate-self: 2/2 samples (plain)" in capsys.readouterr().err  # no chat template: plain text
+    run_convert(hf_dir, tmp_path / "d", "--scheme", "lut3", "--calibrate-self", "2")
+    assert read(tmp_path / "d") != read(tmp_path / "a")
+    rc = convert.main([str(hf_dir), str(tmp_path / "e"), "--calibrate-self", "-1", "--scheme", "lut3", "--calib-len", "24"])
+    assert rc == 2 and "--calibrate-self needs N >= 0" in capsys.readouterr().err
+
+
 def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):
-    with pytest.raises(TinybitError, match="--calibrate applies to float checkpoints"):
+    with pytest.raises(TinybitError, match="--calibrate/--calibrate-self apply to float checkpoints"):
         run_convert(hf_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

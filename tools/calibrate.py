@@ -3,6 +3,7 @@
 NumPy only (no torch). Used by `tools/convert.py --calibrate FILE ...`:
 
     ids = read_calibration(paths, tokenizer_json, n_samples, length, seed)   # (n_samples, length) token ids
+    ids = self_samples(config, float_tensors, tokenizer_json, n, length, seed)  # or text the model writes itself
     tensors, stats, lines = calibrate_model(config, float_tensors, ids, spec)   # block linears quantized
 
 The method (GPTQ, Frantar et al. 2022, arXiv 2210.17323; GPTVQ, van Baalen et al. 2024, arXiv 2402.15319):
@@ -42,6 +43,7 @@ from tinybit import linear, quant
 from tinybit import model as tbmodel
 from tinybit.chat import render_chat_template
 from tinybit.errors import FormatError, UsageError
+from tinybit.generate import generate_tokens
 
 DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
 BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
@@ -65,8 +67,8 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     streams are concatenated in the order given and `n_samples` windows of `length` tokens start at offsets
     drawn with numpy's default_rng(seed). The first round(chat_fraction · n_samples) windows are then cut
     into chat turns (chat_sample). With bos_token_id, each window is bos followed by length - 1 tokens.
-    A missing, unreadable or empty file, or one with fewer tokens than one sample, is a UsageError naming
-    the file."""
+    Short files are fine: the windows run across the files' joins. A missing, unreadable or empty file is a
+    UsageError naming the file; files with fewer tokens in all than one sample, one naming them."""
     if n_samples < 1 or length < 2:
         raise UsageError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {n_samples} and {length}")
     if not 0 <= chat_fraction <= 1:
@@ -91,12 +93,11 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
             raise UsageError(f"--calibrate {path}: cannot read as UTF-8 text: {e}") from None
         if not text.strip():
             raise UsageError(f"--calibrate {path}: empty file")
-        ids = tok.encode(text, add_special_tokens=False).ids
-        if len(ids) < need:
-            raise UsageError(f"--calibrate {path}: {len(ids)} tokens, shorter than one sample "
-                             f"({need} tokens, --calib-len {length})")
-        streams.append(np.asarray(ids, dtype=np.int64))
+        streams.append(np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64))
     stream = np.concatenate(streams)
+    if len(stream) < need:
+        raise UsageError(f"--calibrate {' '.join(paths)}: {len(stream)} tokens in all, shorter than one sample "
+                         f"({need} tokens, --calib-len {length})")
     starts = np.random.default_rng(seed).integers(0, len(stream) - need + 1, size=n_samples)
     ids = stream[starts[:, None] + np.arange(need)]  # (n_samples, need)
     for i in range(n_chat):
@@ -156,6 +157,71 @@ def chat_sample(frame, text_ids):
         out += list(text_ids[pos:pos + n]) + list(to_assistant if turn % 2 == 0 else to_user)
         pos, turn = pos + n, turn + 1
     return np.asarray(out[:len(text_ids)], dtype=np.int64)
+
+
+# Instructions the float model answers to write its own chat calibration text (--calibrate-self). Varied in kind
+# (explain, write, list, advise, compare, code, summarise); none is a question of data/qa.jsonl, the QA evaluation.
+SELF_INSTRUCTIONS = (
+    "Explain how a rainbow forms.", "Write a short story about a lighthouse keeper.",
+    "Give me three tips for sleeping better.", "Describe the water cycle in simple words.",
+    "Write a polite email asking to move a meeting to Friday.", "What are the benefits of regular exercise?",
+    "Summarize the plot of a detective story you make up.", "How do I make a cup of tea?",
+    "Write a Python function that reverses a string.", "Explain what a variable is in programming.",
+    "Compare cats and dogs as pets.", "Write a haiku about autumn leaves.",
+    "Why do people learn foreign languages?", "List some healthy breakfast ideas.",
+    "Explain the difference between weather and climate.", "How does a bicycle stay upright?",
+    "Write a short speech for a friend's birthday.", "What should I pack for a weekend camping trip?",
+    "Explain how vaccines help the body.", "Describe a busy market in the morning.",
+    "Write a Python loop that prints the numbers from 1 to 10.", "What is a good way to start learning to cook?",
+    "Explain what the internet is to a child.", "Give advice to someone starting their first job.",
+    "Write a thank-you note to a teacher.", "How do bees make honey?",
+    "Explain why the sky looks blue during the day.", "Tell me about the history of the printing press.",
+    "Write a recipe for a simple vegetable soup.", "What makes a good team leader?",
+    "Explain how to save money each month.", "Describe the life cycle of a butterfly.",
+    "Write a SQL query that counts the rows of a table named users.", "Why is reading books useful?",
+    "Explain what an algorithm is with an example.", "Write a short dialogue between a customer and a baker.",
+    "How can I be more productive when working from home?", "Explain how a refrigerator keeps food cold.",
+    "Give me ideas for a rainy afternoon with children.", "What is the difference between a list and a tuple in Python?",
+)
+SELF_TEMPERATURE, SELF_TOP_P = 0.7, 0.95  # moderate: varied text the model finds likely
+
+
+def self_samples(config, float_tensors, tokenizer_json, n, length, seed):
+    """n calibration sequences (n, length) that the float model writes itself (LLM-QAT, Liu et al. 2023, §2.1:
+    data-free distillation from the model's own generations). The even ones are chats through the model's chat
+    template (calib.chat_frame): a SELF_INSTRUCTIONS entry, the model's answer, the next entry, ... ; the odd ones
+    (all of them without a chat template) plain text continued from the start token (bos, else eos). Sampled at SELF_TEMPERATURE
+    with nucleus SELF_TOP_P through the engine's own generation (tinybit.generate, KV cache); an end of
+    sequence before `length` goes on with the next turn (chat) or after the end token (plain). Sample i draws
+    from default_rng([seed, i]): the same seed writes the same text."""
+    from tokenizers import Tokenizer
+    if tokenizer_json is None:
+        raise UsageError("--calibrate-self needs the model's tokenizer, and the source has none (no tokenizer.json)")
+    tok = Tokenizer.from_str(tokenizer_json)
+    model = tbmodel.Model(config, float_tensors, tokenizer=tok)
+    c = config
+    eos = c.eos_token_ids[0] if c.eos_token_ids else None
+    frame = chat_frame(c.chat_template, tok, c.bos_token_id, eos) if c.chat_template else None
+    start = [c.bos_token_id] if c.add_bos else []  # as the model's prompts begin
+    first = c.bos_token_id if c.bos_token_id is not None else eos  # what plain text is continued from
+    out, t0 = np.zeros((n, length), np.int64), time.perf_counter()
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        chat = frame is not None and i % 2 == 0
+        ids = start + list(frame[0]) if chat else list(start or [first])
+        while len(ids) < length:
+            if chat:
+                ids += tok.encode(SELF_INSTRUCTIONS[rng.integers(len(SELF_INSTRUCTIONS))], add_special_tokens=False).ids
+                ids += frame[1]
+            new = list(generate_tokens(model, ids, max(length - len(ids), 0), SELF_TEMPERATURE,
+                                       top_p=SELF_TOP_P, seed=int(rng.integers(2 ** 31))))
+            ids += new
+            if len(ids) < length:  # the model ended its turn or its text
+                ids += frame[2] if chat else ([eos] if eos is not None else [])
+        out[i] = ids[:length]
+        _log(f"calibrate-self: {i + 1}/{n} samples ({'chat' if chat else 'plain'}), "
+             f"{(i + 1) * length / (time.perf_counter() - t0):.0f} tok/s")
+    return out
 
 
 # --- the GPTQ core ----------------------------------------------------------------------------------

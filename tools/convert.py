@@ -969,14 +969,19 @@ def make_parser():
     p.add_argument("--force", action="store_true", help="replace an existing OUT (after the new one is complete)")
     p.add_argument("--calibrate", nargs="+", metavar="FILE",
                    help="quantize the block linears with GPTQ/GPTVQ error feedback on these text files")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calibrate-self", type=int, default=0, metavar="N",
+                   help="calibrate (also) on N sequences the float model writes itself: chats answering built-in "
+                        "instructions and plain continuations (deterministic under --seed)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences from --calibrate FILEs "
+                                                                  "(default 128)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--calib-chat", type=float, default=0.0, metavar="F",
                    help="cut this fraction of the calibration sequences into chat turns in the model's chat "
                         "template (default 0)")
     p.add_argument("--damp", type=float, default=calibrate.DAMP, help="Hessian damping (default 0.01)")
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets and of "
+                                                        "--calibrate-self's sampling (default 0)")
     p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
                    help="output format: a tinybit model directory, or a llama.cpp GGUF file (tools/gguf_export.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -1019,19 +1024,24 @@ def choose_schemes(args, family):
 
 
 def calibration_ids(args, src, config, family):
-    """The --calibrate token ids (None without --calibrate); every calibration error is raised here,
-    before any weight is converted."""
-    if not args.calibrate:
+    """The --calibrate files' token ids ((0, --calib-len) without them), or None when nothing is calibrated;
+    every calibration error is raised here, before any weight is converted (--calibrate-self's sequences are
+    written later, by the converted float model)."""
+    if not args.calibrate and not args.calibrate_self:
         return None
     scheme = config.quant["scheme"]
     if family != "llama" or linear.scheme(config.quant).calibrate is None or not 0 <= args.damp < math.inf:
         calibrated = ", ".join(n for n, s in linear.SCHEMES.items() if s.calibrate)
-        raise UsageError(f"--calibrate applies to float checkpoints (family llama) with a --scheme of {calibrated} "
-                         f"and --damp >= 0 (here: family {family}, scheme {scheme}, damp {args.damp})")
+        raise UsageError(f"--calibrate/--calibrate-self apply to float checkpoints (family llama) with a --scheme of "
+                         f"{calibrated} and --damp >= 0 (here: family {family}, scheme {scheme}, damp {args.damp})")
     if args.calib_len > config.max_seq_len:
         raise UsageError(f"--calib-len {args.calib_len} is past the model's context ({config.max_seq_len} "
                          "tokens): it would calibrate on positions the model never runs")
-    calibrate.check_memory(config, args.calib_samples, args.calib_len)
+    if args.calibrate_self < 0 or args.calibrate_self and src.tokenizer_json is None:
+        raise UsageError(f"--calibrate-self needs N >= 0 (got {args.calibrate_self}) and the model's tokenizer")
+    calibrate.check_memory(config, args.calib_samples * bool(args.calibrate) + args.calibrate_self, args.calib_len)
+    if not args.calibrate:
+        return np.zeros((0, args.calib_len), np.int64)
     return calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
                                       args.calib_len, args.seed,
                                       config.bos_token_id if config.add_bos else None,
@@ -1076,6 +1086,9 @@ def convert(argv):
     if calib_ids is not None:
         config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
     tensors, stats = convert_weights(src, config, family, args)
+    if args.calibrate_self:  # the float model writes its own calibration text
+        calib_ids = np.concatenate([calib_ids, calibrate.self_samples(config, tensors, src.tokenizer_json,
+                                                                      args.calibrate_self, args.calib_len, args.seed)])
     if calib_ids is not None:
         tensors, stats, calib_lines = calibrate_weights(args, config, tensors, stats, calib_ids, block_spec)
     if args.to == "gguf":
