@@ -207,6 +207,24 @@ def test_kv_cache_decode_equals_full_recompute(models, arch):
     assert np.allclose(m.forward(IDS, cache, last_only=True), full[-1:], rtol=0, atol=1e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_forward_batch_equals_each_sequence_alone(models, arch):
+    """Sequences of different lengths at different positions, several steps: each one's last logits equal its own
+    run alone (exact integer kernels and per-token activation scales: up to float summation order only)."""
+    m = tinybit.load(models[arch], ref=True)
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(0, m.config.vocab_size, n)) for n in (5, 1, 9, 3)]
+    alone = [m.new_cache(16) for _ in prompts]
+    together = [m.new_cache(16) for _ in prompts]
+    steps = [prompts, [[3], [4], [5], [6]], [[7, 8], [9], [], [10, 11, 12]]]
+    for step in steps:
+        live = [j for j, t in enumerate(step) if t]
+        got = m.forward_batch([step[j] for j in live], [together[j] for j in live])
+        want = np.concatenate([m.forward(step[j], alone[j], last_only=True) for j in live])
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert [c.length for c in together] == [c.length for c in alone] == [8, 3, 10, 7]
+
+
 def test_cache_overflow_is_an_error(models):
     m = tinybit.load(models["bitnet-2b4t"])
     with pytest.raises(UsageError, match="max_len 3"):

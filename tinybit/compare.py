@@ -111,7 +111,7 @@ def trace(model, ids, ref=None):
     "head_in": (T, dim), "logits": (T, vocab)}. With ref (a reference's trace), every step reads the reference's
     values in place of the model's own (block_stages): the local error of each."""
     c = model.config
-    cos, sin = model.rope_tables(0, len(ids))
+    cos, sin = model.rope_tables(np.arange(len(ids)))
     x = model.embed_rows(ids).astype(np.float32)  # (T, dim)
     out = {"embed": x, "layers": [], "ties": []}
     for i in range(c.n_layers):
@@ -304,6 +304,9 @@ def round_like_llama_cpp(x, rounding):
     return (np.rint(xb / np.where(d == 0, 1, d)) * d).reshape(T, n).astype(np.float32)
 
 
+GGUF_ARCHS = ("llama", "bitnet")  # bitnet: the llama block with sub-norms (tools/gguf_export.py)
+
+
 class GGUFReference:
     """A GGUF file run by llama.cpp (llama-cpp-python): logits only."""
     kind = "llama.cpp"
@@ -321,6 +324,8 @@ class GGUFReference:
             raise UsageError(f"--reference {path}: llama.cpp cannot load it: {e}") from None
         md = self.llm.metadata
         arch = md.get("general.architecture", "?")
+        if arch not in GGUF_ARCHS:  # llama.cpp's graphs that compute tinybit's block
+            raise UsageError(f"--reference {path}: another architecture: {arch!r}, not one of {', '.join(GGUF_ARCHS)}")
         self.dims = dict(vocab_size=self.llm.n_vocab(), n_layers=int(md.get(f"{arch}.block_count", -1)),
                          dim=self.llm.n_embd(), n_heads=int(md.get(f"{arch}.attention.head_count", -1)),
                          n_kv_heads=int(md.get(f"{arch}.attention.head_count_kv",

@@ -251,43 +251,67 @@ class Model:
     def forward(self, tokens, cache, last_only=False):
         """Run tokens (T,) at positions cache.length.. ; append their keys/values to the cache.
         Returns logits (T, vocab) float32, or (1, vocab) for the last position if last_only."""
-        c = self.config
-        tokens = check_token_ids(tokens, "tokens")
-        T, start = len(tokens), cache.length
-        if start + T > cache.max_len:
-            raise UsageError(f"tokens: {T} more after the cache's {start} make {start + T}, past its max_len "
-                             f"{cache.max_len} (Model.new_cache(max_len))")
-        if not (0 <= tokens.min() and tokens.max() < c.vocab_size):
-            raise UsageError(f"token ids must be in 0..{c.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
-        x = self.embed_rows(tokens).astype(np.float32)  # (T, dim)
-        if not np.isfinite(x).all():
-            bad = tokens[~np.isfinite(x).all(axis=1)]
-            raise FormatError(f"tensor 'embed.weight' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
-        cos, sin = self.rope_tables(start, T)
-        for i in range(c.n_layers):
-            x = self.block(i, x, cache, cos, sin)
-        cache.length = start + T
+        x = self.run_blocks([tokens], [cache])
         if last_only:
             x = x[-1:]
-        return self.linears_of(["head"], rms_norm(x, self.norm, c.norm_eps))[0]
+        return self.linears_of(["head"], rms_norm(x, self.norm, self.config.norm_eps))[0]
 
-    def rope_tables(self, start, T):
-        """cos, sin (T, head_dim/2) float32 of positions start..start+T-1."""
-        angles = np.arange(start, start + T)[:, None] * self.inv_freq[None, :]  # in float64
+    def forward_batch(self, tokens, caches):
+        """Several sequences in one pass: tokens[j] (T_j,) at positions caches[j].length.. of sequence j, which
+        attends to its own cache only. Each linear reads its weights once for all the rows. -> logits (n_seq, vocab)
+        of each sequence's last token. With per-token activation quantization and exact integer kernels, a
+        sequence's logits do not depend on the others beside it (float schemes: up to BLAS's summation order)."""
+        x = self.run_blocks(tokens, caches)
+        last = np.cumsum([len(t) for t in tokens]) - 1
+        return self.linears_of(["head"], rms_norm(x[last], self.norm, self.config.norm_eps))[0]
+
+    def run_blocks(self, tokens, caches):
+        """The blocks over sequences tokens[j] appended to caches[j]: the final residual stream (sum T_j, dim),
+        sequence after sequence; every cache's length advanced."""
+        c = self.config
+        tokens = [check_token_ids(t, "tokens") for t in tokens]
+        for t, cache in zip(tokens, caches):
+            if cache.length + len(t) > cache.max_len:
+                raise UsageError(f"tokens: {len(t)} more after the cache's {cache.length} make "
+                                 f"{cache.length + len(t)}, past its max_len {cache.max_len} (Model.new_cache(max_len))")
+        ids = np.concatenate(tokens)
+        if not (0 <= ids.min() and ids.max() < c.vocab_size):
+            raise UsageError(f"token ids must be in 0..{c.vocab_size - 1}, got {ids.min()}..{ids.max()}")
+        x = self.embed_rows(ids).astype(np.float32)  # (N, dim), N = sum T_j
+        if not np.isfinite(x).all():
+            bad = ids[~np.isfinite(x).all(axis=1)]
+            raise FormatError(f"tensor 'embed.weight' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
+        ends = np.cumsum([len(t) for t in tokens])
+        spans = [(end - len(t), end, cache) for t, end, cache in zip(tokens, ends, caches)]  # rows of each sequence
+        cos, sin = self.rope_tables(np.concatenate([np.arange(cache.length, cache.length + len(t))
+                                                    for t, cache in zip(tokens, caches)]))
+        for i in range(c.n_layers):
+            x = self.block(i, x, spans, cos, sin)
+        for t, cache in zip(tokens, caches):
+            cache.length += len(t)
+        return x
+
+    def rope_tables(self, positions):
+        """cos, sin (T, head_dim/2) float32 of positions (T,)."""
+        angles = np.asarray(positions)[:, None] * self.inv_freq[None, :]  # in float64
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    def block(self, i, x, cache, cos, sin):
-        """block() i over x (T, dim) at positions cache.length.., keys and values into the cache (forward advances
-        cache.length). One token through a compiled block (its twin kernels.attention_step) updates x in place."""
+    def block(self, i, x, spans, cos, sin):
+        """block() i over x (N, dim): spans [(row0, row1, cache)] give each sequence's rows, at positions
+        cache.length.. of its own cache, into which its keys and values go (run_blocks advances the lengths).
+        One token of one sequence through a compiled block (its twin kernels.attention_step) updates x in place."""
         if len(x) == 1 and i in self.compiled_blocks:
-            return self._block_step(i, x, cache, cos, sin)
-        start, p = cache.length, f"layers.{i}."
+            return self._block_step(i, x, spans[0][2], cos, sin)
+        p = f"layers.{i}."
 
-        def attend(q, k, v):  # (T, H, hd), (T, KV, hd) x 2 -> (T, H * hd)
-            end = start + len(q)
-            cache.k[i, :, start:end] = k.transpose(1, 0, 2)
-            cache.v[i, :, start:end] = v.transpose(1, 0, 2)
-            return attention(q, cache.k[i, :, :end], cache.v[i, :, :end], start)
+        def attend(q, k, v):  # (N, H, hd), (N, KV, hd) x 2 -> (N, H * hd)
+            out = np.empty((len(q), q.shape[1] * q.shape[2]), np.float32)
+            for r0, r1, cache in spans:
+                start, end = cache.length, cache.length + r1 - r0
+                cache.k[i, :, start:end] = k[r0:r1].transpose(1, 0, 2)
+                cache.v[i, :, start:end] = v[r0:r1].transpose(1, 0, 2)
+                out[r0:r1] = attention(q[r0:r1], cache.k[i, :, :end], cache.v[i, :, :end], start)
+            return out
         return block(self.config, self.block_norms[i], x, cos, sin, attend,
                      lambda names, h: self.linears_of([p + name for name in names], h))
 

@@ -43,7 +43,7 @@ from tinybit import linear, quant
 from tinybit import model as tbmodel
 from tinybit.chat import render_chat_template
 from tinybit.errors import FormatError, UsageError
-from tinybit.generate import generate_tokens
+from tinybit.generate import sample
 
 DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
 BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
@@ -184,16 +184,17 @@ SELF_INSTRUCTIONS = (
     "Give me ideas for a rainy afternoon with children.", "What is the difference between a list and a tuple in Python?",
 )
 SELF_TEMPERATURE, SELF_TOP_P = 0.7, 0.95  # moderate: varied text the model finds likely
+SELF_BATCH = 16  # sequences written together: one pass of the model reads each weight once for all of them
 
 
-def self_samples(config, float_tensors, tokenizer_json, n, length, seed):
+def self_samples(config, float_tensors, tokenizer_json, n, length, seed, batch=SELF_BATCH):
     """n calibration sequences (n, length) that the float model writes itself (LLM-QAT, Liu et al. 2023, §2.1:
     data-free distillation from the model's own generations). The even ones are chats through the model's chat
-    template (calib.chat_frame): a SELF_INSTRUCTIONS entry, the model's answer, the next entry, ... ; the odd ones
-    (all of them without a chat template) plain text continued from the start token (bos, else eos). Sampled at SELF_TEMPERATURE
-    with nucleus SELF_TOP_P through the engine's own generation (tinybit.generate, KV cache); an end of
-    sequence before `length` goes on with the next turn (chat) or after the end token (plain). Sample i draws
-    from default_rng([seed, i]): the same seed writes the same text."""
+    template (chat_frame): a SELF_INSTRUCTIONS entry, the model's answer, at its end of turn the next entry, ...;
+    the odd ones (all of them without a chat template) plain text continued from the start token (bos, else eos),
+    going on after an end of sequence. Tokens are sampled at SELF_TEMPERATURE with nucleus SELF_TOP_P
+    (tinybit.generate.sample); `batch` sequences advance together, one token each per Model.forward_batch pass over
+    their own KV caches. Sequence i draws from default_rng([seed, i]): the same seed writes the same text."""
     from tokenizers import Tokenizer
     if tokenizer_json is None:
         raise UsageError("--calibrate-self needs the model's tokenizer, and the source has none (no tokenizer.json)")
@@ -204,23 +205,31 @@ def self_samples(config, float_tensors, tokenizer_json, n, length, seed):
     frame = chat_frame(c.chat_template, tok, c.bos_token_id, eos) if c.chat_template else None
     start = [c.bos_token_id] if c.add_bos else []  # as the model's prompts begin
     first = c.bos_token_id if c.bos_token_id is not None else eos  # what plain text is continued from
+
+    def instruction(rng):  # a user turn's text and the template's tokens to the assistant
+        text = SELF_INSTRUCTIONS[rng.integers(len(SELF_INSTRUCTIONS))]
+        return tok.encode(text, add_special_tokens=False).ids + list(frame[1])
     out, t0 = np.zeros((n, length), np.int64), time.perf_counter()
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        chat = frame is not None and i % 2 == 0
-        ids = start + list(frame[0]) if chat else list(start or [first])
-        while len(ids) < length:
-            if chat:
-                ids += tok.encode(SELF_INSTRUCTIONS[rng.integers(len(SELF_INSTRUCTIONS))], add_special_tokens=False).ids
-                ids += frame[1]
-            new = list(generate_tokens(model, ids, max(length - len(ids), 0), SELF_TEMPERATURE,
-                                       top_p=SELF_TOP_P, seed=int(rng.integers(2 ** 31))))
-            ids += new
-            if len(ids) < length:  # the model ended its turn or its text
-                ids += frame[2] if chat else ([eos] if eos is not None else [])
-        out[i] = ids[:length]
-        _log(f"calibrate-self: {i + 1}/{n} samples ({'chat' if chat else 'plain'}), "
-             f"{(i + 1) * length / (time.perf_counter() - t0):.0f} tok/s")
+    for b0 in range(0, n, batch):
+        rngs = [np.random.default_rng([seed, i]) for i in range(b0, min(n, b0 + batch))]
+        chats = [frame is not None and i % 2 == 0 for i in range(b0, b0 + len(rngs))]
+        seqs = [(start + list(frame[0]) + instruction(rng) if chat else list(start or [first]))[:length]
+                for chat, rng in zip(chats, rngs)]
+        caches = [model.new_cache(length) for _ in seqs]
+        while True:
+            live = [j for j, ids in enumerate(seqs) if len(ids) < length]
+            if not live:
+                break
+            logits = model.forward_batch([seqs[j][caches[j].length:] for j in live], [caches[j] for j in live])
+            for j, row in zip(live, logits):
+                token = sample(row, SELF_TEMPERATURE, top_p=SELF_TOP_P, rng=rngs[j])
+                if token not in c.eos_token_ids:
+                    seqs[j].append(token)
+                else:  # the model ended its turn (chat: the next one) or its text (plain: on after the end)
+                    seqs[j] += list(frame[2]) + instruction(rngs[j]) if chats[j] else [token]
+                seqs[j] = seqs[j][:length]
+        out[b0:b0 + len(seqs)] = seqs
+        _log(f"calibrate-self: {b0 + len(seqs)}/{n} samples, {(b0 + len(seqs)) * length / (time.perf_counter() - t0):.0f} tok/s")
     return out
 
 
@@ -534,7 +543,7 @@ def block_pass(model, i, X, lin, quantize=None):
     them: later groups see their quantized outputs)."""
     c, p = model.config, f"layers.{i}."
     n_seq, L, dim = X.shape
-    cos, sin = (np.tile(t, (n_seq, 1)) for t in model.rope_tables(0, L))  # (n_seq * L, hd / 2)
+    cos, sin = (np.tile(t, (n_seq, 1)) for t in model.rope_tables(np.arange(L)))  # (n_seq * L, hd / 2)
     spans = [slice(s, s + CHUNK * L) for s in range(0, n_seq * L, CHUNK * L)]  # CHUNK sequences of tokens
 
     def attend(q, k, v):  # each sequence attends to itself: (n_seq * L, H | KV, hd) -> (n_seq * L, H * hd)

@@ -151,16 +151,16 @@ def table_md(results, args):
     return lines
 
 
-def write_md(results, args, path):
-    """Replace the block between BEGIN and END in `path` (the rest of the page is prose)."""
+def write_md(lines, path, begin=BEGIN, end=END):
+    """Replace the block between the lines begin and end in `path` by lines (the rest of the page is prose)."""
     with open(path, encoding="utf-8") as f:
         page = f.read()
-    if page.count(BEGIN) != 1 or page.count(END) != 1:
-        sys.exit(f"quality.py: error: {path} needs one {BEGIN} line and one {END} line")
-    head, rest = page.split(BEGIN)
-    tail = rest.split(END)[1]
+    if page.count(begin) != 1 or page.count(end) != 1:
+        sys.exit(f"error: {path} needs one {begin} line and one {end} line")
+    head, rest = page.split(begin)
+    tail = rest.split(end)[1]
     with open(path, "w", encoding="utf-8") as f:
-        f.write(head + BEGIN + "\n" + "\n".join(table_md(results, args)) + "\n" + END + tail)
+        f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
 
 
 def main():
@@ -189,7 +189,7 @@ def main():
         r = results[-1]
         print(f"{row}: {r['bpw']:.3f} bits/weight, ppl {r['ppl']:.4g}, decode {tps(r)} tok/s, "
               f"{r['answer'][:60]!r}", file=sys.stderr)
-    write_md(results, args, args.out)
+    write_md(table_md(results, args), args.out)
 
 
 if __name__ == "__main__":

