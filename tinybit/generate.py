@@ -59,19 +59,26 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens, seed=None):
 
 
 def encode_prompt(model, prompt, chat=False):
-    """Token ids of a prompt string (chat: wrapped in the model's chat template). Text that spells a
-    special token ("<|endoftext|>", "<|im_start|>") is encoded as that token, as transformers does."""
-    c, tok = model.config, model.tokenizer
-    if tok is None:
+    """Token ids of a prompt string (chat: wrapped in the model's chat template as a user message). Text that
+    spells a special token ("<|endoftext|>", "<|im_start|>") is encoded as that token, as transformers does."""
+    if model.tokenizer is None:
         raise UsageError("this model has no tokenizer.json: pass token ids instead of text")
     if chat:
-        if not c.chat_template:
-            raise UsageError("--chat: this model has no chat template")
-        bos = tok.id_to_token(c.bos_token_id) if c.bos_token_id is not None else ""
-        eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
-        prompt = render_chat_template(c.chat_template, messages=[{"role": "user", "content": prompt}],
-                                      add_generation_prompt=True, bos_token=bos, eos_token=eos)
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+        return encode_messages(model, [{"role": "user", "content": prompt}])
+    c, ids = model.config, model.tokenizer.encode(prompt, add_special_tokens=False).ids
+    return [c.bos_token_id] + ids if c.add_bos and ids[:1] != [c.bos_token_id] else ids
+
+
+def encode_messages(model, messages):
+    """Token ids of a conversation [{"role", "content"}] in the model's chat template, ready for the assistant."""
+    c, tok = model.config, model.tokenizer
+    if not c.chat_template:
+        raise UsageError("--chat: this model has no chat template")
+    bos = tok.id_to_token(c.bos_token_id) if c.bos_token_id is not None else ""
+    eos = tok.id_to_token(c.eos_token_ids[0]) if c.eos_token_ids else ""
+    text = render_chat_template(c.chat_template, messages=messages, add_generation_prompt=True, bos_token=bos,
+                                eos_token=eos)
+    ids = tok.encode(text, add_special_tokens=False).ids
     return [c.bos_token_id] + ids if c.add_bos and ids[:1] != [c.bos_token_id] else ids
 
 
@@ -132,24 +139,50 @@ def first_stop(text, stop):
     return min(hits)[1] if hits else len(text)
 
 
+class TextStream:
+    """Token ids -> text pieces, pushed one token at a time: each piece is given once decoded to whole characters
+    that cannot grow into a stop string, up to the first (first_stop). More tokens' text extends fewer's, but for a
+    trailing U+FFFD (partial UTF-8)."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids, self.emitted, self.text, self.stopped = [], "", "", False
+
+    def push(self, token):
+        """The text piece token completes ("" if none); after a stop string, "" and self.stopped (then end())."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        ready = self.text.rstrip("\ufffd")  # trailing U+FFFD: perhaps an incomplete character, wait
+        if first_stop(ready, self.stop) < len(ready):
+            self.stopped = True  # end()'s cut is the same: ready starts text, and its stop strings end first
+            return ""
+        hold = max((k for s in self.stop for k in range(1, len(s)) if ready.endswith(s[:k])), default=0)
+        if len(ready) - hold <= len(self.emitted):
+            return ""
+        piece, self.emitted = ready[len(self.emitted):len(ready) - hold], ready[:len(ready) - hold]
+        return piece
+
+    def end(self):
+        """The rest of the text at the end or at a stop string (a trailing U+FFFD is text now: a stop string may end
+        in it)."""
+        cut = first_stop(self.text, self.stop)
+        piece = self.text[len(self.emitted):cut] if cut > len(self.emitted) else ""
+        self.emitted += piece
+        return piece
+
+
 def stream_text(model, token_iter, stop=()):
-    """Token ids -> text pieces, each emitted once decoded to whole characters that cannot grow into a stop string,
-    up to the first (first_stop). More tokens' text extends fewer's, but for a trailing U+FFFD (partial UTF-8)."""
-    ids, emitted, text = [], "", ""
+    """Token ids -> the text pieces of TextStream, up to the first stop string."""
+    text = TextStream(model.tokenizer, stop)
     for token in token_iter:
-        ids.append(token)
-        text = model.tokenizer.decode(ids, skip_special_tokens=False)
-        ready = text.rstrip("\ufffd")  # trailing U+FFFD: perhaps an incomplete character, wait
-        if first_stop(ready, stop) < len(ready):
-            break  # the cut below is the same: ready starts text, and its stop strings end first
-        hold = max((k for s in stop for k in range(1, len(s)) if ready.endswith(s[:k])), default=0)
-        if len(ready) - hold > len(emitted):
-            yield ready[len(emitted):len(ready) - hold]
-            emitted = ready[:len(ready) - hold]
-    # the end or a stop string: a trailing U+FFFD is now text (a stop string may end in it)
-    cut = first_stop(text, stop)
-    if cut > len(emitted):
-        yield text[len(emitted):cut]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            break
+    piece = text.end()
+    if piece:
+        yield piece
 
 
 def generate(model, prompt, max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, seed=None,

@@ -260,14 +260,16 @@ class Model:
         """Several sequences in one pass: tokens[j] (T_j,) at positions caches[j].length.. of sequence j, which
         attends to its own cache only. Each linear reads its weights once for all the rows. -> logits (n_seq, vocab)
         of each sequence's last token. With per-token activation quantization and exact integer kernels, a
-        sequence's logits do not depend on the others beside it (float schemes: up to BLAS's summation order)."""
-        x = self.run_blocks(tokens, caches)
+        sequence's logits do not depend on the others beside it (float schemes: up to BLAS's summation order); to
+        keep that true of a lone token too, it runs the NumPy block, not the compiled one-token step."""
+        x = self.run_blocks(tokens, caches, one_token_step=False)
         last = np.cumsum([len(t) for t in tokens]) - 1
         return self.linears_of(["head"], rms_norm(x[last], self.norm, self.config.norm_eps))[0]
 
-    def run_blocks(self, tokens, caches):
+    def run_blocks(self, tokens, caches, one_token_step=True):
         """The blocks over sequences tokens[j] appended to caches[j]: the final residual stream (sum T_j, dim),
-        sequence after sequence; every cache's length advanced."""
+        sequence after sequence; every cache's length advanced. one_token_step: a single token goes through the
+        compiled step where a block has one."""
         c = self.config
         tokens = [check_token_ids(t, "tokens") for t in tokens]
         for t, cache in zip(tokens, caches):
@@ -286,7 +288,7 @@ class Model:
         cos, sin = self.rope_tables(np.concatenate([np.arange(cache.length, cache.length + len(t))
                                                     for t, cache in zip(tokens, caches)]))
         for i in range(c.n_layers):
-            x = self.block(i, x, spans, cos, sin)
+            x = self.block(i, x, spans, cos, sin, one_token_step)
         for t, cache in zip(tokens, caches):
             cache.length += len(t)
         return x
@@ -296,11 +298,11 @@ class Model:
         angles = np.asarray(positions)[:, None] * self.inv_freq[None, :]  # in float64
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    def block(self, i, x, spans, cos, sin):
+    def block(self, i, x, spans, cos, sin, one_token_step=True):
         """block() i over x (N, dim): spans [(row0, row1, cache)] give each sequence's rows, at positions
         cache.length.. of its own cache, into which its keys and values go (run_blocks advances the lengths).
         One token of one sequence through a compiled block (its twin kernels.attention_step) updates x in place."""
-        if len(x) == 1 and i in self.compiled_blocks:
+        if one_token_step and len(x) == 1 and i in self.compiled_blocks:
             return self._block_step(i, x, spans[0][2], cos, sin)
         p = f"layers.{i}."
 
