@@ -283,5 +283,7 @@ def test_bad_arguments(llama, tmp_path, capsys):
     one_line_error(capsys, [tb, "--reference", tmp_path / "nowhere", *TOKENS], "--reference", "not found")
     one_line_error(capsys, [tb, "--reference", tmp_path, *TOKENS], "--reference", "config.json")
     one_line_error(capsys, [tb, "--reference", hf, "--random-tokens", "1"], "--random-tokens must be >= 2")
+    (tmp_path / "config.json").write_text("{not json")
+    one_line_error(capsys, [tb, "--reference", tmp_path, *TOKENS], "--reference", "config.json: cannot read JSON")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bitllama"}))
     one_line_error(capsys, [tb, "--reference", tmp_path, *TOKENS], "OneBit or 1bitLLM")

@@ -205,8 +205,7 @@ class HFReference:
     kind = "transformers, float32"
 
     def __init__(self, path, threads):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            hf_config = json.load(f)
+        hf_config = read_json(os.path.join(path, "config.json"))
         if (hf_config.get("model_type") == "bitllama" or "weight_bits" in hf_config
                 or "BitnetForCausalLM" in (hf_config.get("architectures") or [])):
             raise UsageError(f"--reference {path}: a OneBit or 1bitLLM checkpoint, whose layers transformers has "
@@ -353,11 +352,22 @@ def open_reference(path, threads, n_ctx):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"--reference {path}: expected a Hugging Face or tinybit model directory (with config.json) "
                          "or a .gguf file")
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            if "quant" in json.load(f):  # tinybit's config (docs/FORMAT.md); transformers' has quantization_config
-                return TinybitReference(path, threads)
+    config = read_json(os.path.join(path, "config.json"))
+    if "quant" in config and os.path.isfile(os.path.join(path, "model.safetensors")):
+        return TinybitReference(path, threads)  # tinybit's config (docs/FORMAT.md); transformers' has no "quant"
     return HFReference(path, threads)
+
+
+def read_json(path):
+    """A JSON object from path; a UsageError naming it otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"--reference: {path}: cannot read JSON: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"--reference: {path}: expected a JSON object")
+    return obj
 
 
 # --- the comparison --------------------------------------------------------------------------------------------

