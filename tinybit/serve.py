@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -98,9 +99,11 @@ class Engine:
             if self.active:
                 try:
                     self.step()
-                except TinybitError as e:  # the model's own failure (an overflow): every job in the step gets it
+                except Exception as e:  # noqa: BLE001 (the engine outlives a failed step; its jobs get the error)
+                    if not isinstance(e, TinybitError):  # not the model's own failure (an overflow): a bug
+                        traceback.print_exc()
                     for job in self.active:
-                        job.send("error", str(e))
+                        job.send("error", f"{type(e).__name__}: {e}")
                     self.active = []
 
     def step(self):

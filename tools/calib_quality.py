@@ -13,7 +13,8 @@ then measure (kept in WORK/ROW.json)
     documentation (out of it); neither is a calibration file;
   - `python -m tinybit.eval --qa data/qa.jsonl` (greedy, 32 tokens): questions answered of 64.
 The rows: each of lut4 and lut3 with a table per row, data-free; calibrated on CALIB_FILES (other licenses and
-READMEs, 128 x 512 tokens: docs/calibrate.md); calibrated on SELF sequences the float model writes itself.
+READMEs, 128 x 512 tokens: docs/calibrate.md); on SELF sequences the float model writes itself; on both (64 windows
+of the files, then the SELF sequences).
 """
 import argparse
 import contextlib
@@ -43,6 +44,8 @@ for bits in (4, 3):
     ROWS[f"lut{bits}-row"] = flags
     ROWS[f"lut{bits}-row-files"] = flags + ["--calibrate", *CALIB_FILES]
     ROWS[f"lut{bits}-row-self{SELF}"] = flags + ["--calibrate-self", str(SELF)]
+    ROWS[f"lut{bits}-row-files+self{SELF}"] = flags + ["--calibrate", *CALIB_FILES, "--calib-samples", "64",
+                                                       "--calibrate-self", str(SELF)]
 BEGIN, END = "<!-- table: tools/calib_quality.py -->", "<!-- end of calibration table -->"
 
 
