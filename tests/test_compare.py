@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -287,3 +288,11 @@ def test_bad_arguments(llama, tmp_path, capsys):
     one_line_error(capsys, [tb, "--reference", tmp_path, *TOKENS], "--reference", "config.json: cannot read JSON")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bitllama"}))
     one_line_error(capsys, [tb, "--reference", tmp_path, *TOKENS], "OneBit or 1bitLLM")
+
+
+def test_the_engine_and_its_tools_do_not_import_torch():
+    """compare imports transformers (and torch) only when it opens a Hugging Face reference, serve never."""
+    code = "import sys, tinybit, tinybit.compare, tinybit.serve, tinybit.eval; " \
+           "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'starlette') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, "[]\n"), r.stderr

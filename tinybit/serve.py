@@ -46,8 +46,7 @@ class Job:
     top_k: int
     top_p: float
     seed: int
-    stop: tuple
-    text: TextStream
+    text: TextStream  # the stop strings' cut
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     tokens: list = dataclasses.field(default_factory=list)  # generated ids
@@ -236,7 +235,7 @@ class Server:
             prompt = truncate_prompt(prompt, self.ctx - max_tokens, c.bos_token_id if c.add_bos else None)
         stop = (f["stop"],) if isinstance(f.get("stop"), str) else tuple(f.get("stop", ()))
         return Job(prompt, max_tokens, float(f.get("temperature", 1.0)), f.get("top_k", 0), float(f.get("top_p", 1.0)),
-                   f.get("seed", int.from_bytes(uuid.uuid4().bytes[:4], "little")), stop,
+                   f.get("seed", int.from_bytes(uuid.uuid4().bytes[:4], "little")),
                    TextStream(self.model.tokenizer, stop), loop, asyncio.Queue())
 
     def chunk(self, kind, rid, piece=None, finish=None, first=False):
