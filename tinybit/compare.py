@@ -232,19 +232,16 @@ class HFReference:
                          n_heads=c.num_attention_heads, n_kv_heads=getattr(c, "num_key_value_heads", None)
                          or c.num_attention_heads, ffn_dim=c.intermediate_size)
 
-    def run(self, ids):
+    def logits(self, ids):
         with self.torch.no_grad():
             return self.hf(self.torch.tensor([list(ids)])).logits[0].float().numpy()
-
-    def logits(self, ids):
-        return self.run(ids)
 
     def stepper(self, max_len):
         seq = []
 
         def step(tokens):  # the whole sequence again: transformers' cache classes vary by model
             seq.extend(tokens)
-            return self.run(seq)[-1]
+            return self.logits(seq)[-1]
         return step
 
     def trace(self, ids):
@@ -268,7 +265,7 @@ class HFReference:
                     hooks.append(mod.register_forward_hook(lambda m, a, out, i=i, s=stage_out: keep((i, s), out)))
         hooks.append(self.hf.lm_head.register_forward_pre_hook(lambda m, a: keep("head_in", a[0])))
         try:
-            logits = self.run(ids)
+            logits = self.logits(ids)
         finally:
             for h in hooks:
                 h.remove()

@@ -29,7 +29,7 @@ import uuid
 import numpy as np
 
 from .cli import OneLineParser, check_threads, exit_on_error
-from .errors import TinybitError, UsageError
+from .errors import TinybitError, UsageError, is_int
 from .generate import TextStream, encode_messages, encode_prompt, sample, truncate_prompt, warm_up
 from .model import load
 
@@ -158,10 +158,6 @@ class RequestError(Exception):
 
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # field: (what it must be, the check of its type); null is the same as absent
