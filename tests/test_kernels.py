@@ -5,6 +5,7 @@ JIT time is kept small: each kernel has one type signature (the wrappers convert
 inputs), so the whole file compiles every kernel once. Subprocess tests use a fresh
 NUMBA_CACHE_DIR (cached code can't be inspected, and NUMBA_BOUNDSCHECK needs a fresh compile).
 """
+import itertools
 import os
 import platform
 import re
@@ -159,6 +160,25 @@ def test_dense_equals_ref(threads, dtype, shape, seed):
 
 
 @per_thread_count
+@pytest.mark.parametrize("dtype", [np.int8, np.float32])
+@FAST
+@given(tokens=st.integers(2, 19), n_out=st.integers(1, 13), n_in=st.integers(1, 300), seed=st.integers(0, 2 ** 32 - 1))
+def test_dense_sums_do_not_depend_on_the_batch(threads, dtype, tokens, n_out, n_in, seed):
+    """int8_matmul / f32_matmul: a token's outputs are bit-identical alone, in any slice of the batch and in the
+    whole batch (the serving engine's "same output as alone"): one token runs 8-row blocks, several 4 x 4 blocks."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    w = (rng.integers(-127, 128, (n_out, n_in)) if dtype == np.int8 else rng.standard_normal((n_out, n_in))).astype(dtype)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    fast = kernels.int8_matmul if dtype == np.int8 else kernels.f32_matmul
+    y = fast(w, x)
+    for t in range(tokens):
+        assert np.array_equal(fast(w, x[t:t + 1])[0], y[t])
+    a = rng.integers(0, tokens)
+    assert np.array_equal(fast(w, x[a:]), y[a:])
+
+
+@per_thread_count
 @FAST
 @given(shape=st.tuples(st.integers(1, 140), st.integers(1, 11), st.integers(1, 700)),
        seed=st.integers(0, 2 ** 32 - 1))
@@ -198,18 +218,21 @@ def test_table_gemm_row_blocks(threads):
     """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
     kernels.set_threads(threads)
     _plane_kernels_equal_refs(np.random.default_rng(2), kernels.GEMM_LANES + 3, kernels.GEMM_ROWS + 45, 520)
+    # 16-lane tiles (4 x as many rows per block)
+    _plane_kernels_equal_refs(np.random.default_rng(3), kernels.NARROW_LANES + 1, kernels.ACC_SIZE // kernels.NARROW_LANES
+                              + 45, 300)
 
 
 def test_gemm_scratch_on_cache_lines():
     """The table GEMM's heap buffers (tokens-on-lanes x, int32 sums) start on a 64-byte line: numba's
     np.empty promises 32 bytes and NumPy's 16. (Its tables and int16 sums are stack arrays, aligned by
     _stack_array.)"""
-    for tokens in (1, 7, 300):
+    for tokens, lanes in itertools.product((1, 7, 300), (kernels.NARROW_LANES, kernels.GEMM_LANES)):
         x_q = np.ones((tokens, 300), np.int8)
-        xt = kernels._lanes_major(x_q, 512)
+        xt = kernels._lanes_major(x_q, 512, lanes)
         assert xt.ctypes.data % kernels.ALIGN == 0
-        assert xt.shape == (-(-tokens // kernels.GEMM_LANES), 512, kernels.GEMM_LANES)
-        assert xt[0, :300, :min(tokens, kernels.GEMM_LANES)].all() and not xt[0, 300:].any()
+        assert xt.shape == (-(-tokens // lanes), 512, lanes)
+        assert xt[0, :300, :min(tokens, lanes)].all() and not xt[0, 300:].any()
     offset = numba.njit(lambda n: kernels._aligned_empty(n, np.int16).ctypes.data % kernels.ALIGN)
     assert [offset(n) for n in (1, 33, kernels.ACC_SIZE, 40000)] == [0, 0, 0, 0]
 
@@ -340,7 +363,7 @@ def test_plane_kernels_are_multiply_free():
             k._plane_rows(w2, x_u, ~x_u, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled version per layout
             k._plane_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._plane_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
-            xT = k._lanes_major(x16.astype(np.int8), 512)
+            xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES)  # (one compiled _gemm_tile has all widths)
             k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary: one
             k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # compiled _gemm_tile
         sigs = k._plane_rows.inspect_asm()

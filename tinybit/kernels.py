@@ -126,12 +126,17 @@ def _prefetch(typingctx, arr, i):
 
 
 @njit(cache=True, inline="always")
+def _prefetch_row(row):
+    """_prefetch every cache line of a contiguous 1-D array."""
+    for i in range(0, row.shape[0], ALIGN // row.itemsize):
+        _prefetch(row, i)
+
+
+@njit(cache=True, inline="always")
 def _four_rows(w, r, last):
     """Rows r .. r + 3 of w, clamped to row `last`, after prefetching the rows PREFETCH_ROWS ahead a line at a time."""
     for q in range(ROWS):
-        row = w[min(r + PREFETCH_ROWS + q, last)]
-        for i in range(0, row.shape[0], 64):
-            _prefetch(row, i)
+        _prefetch_row(w[min(r + PREFETCH_ROWS + q, last)])
     return w[r], w[min(r + 1, last)], w[min(r + 2, last)], w[min(r + 3, last)]
 
 
@@ -199,6 +204,32 @@ def _add_byte_sums(typingctx, sums, a):
         builder.store(builder.add(builder.load(sums_ptr, align=8), s), sums_ptr, align=8)
         return context.get_dummy_value()
     return types.none(sums, a), codegen
+
+
+@intrinsic
+def _add_entries(typingctx, acc, tab, offsets, n, L):
+    """acc[:L] += the sum of the n int16 table rows of L lanes that start offsets[:n] bytes into tab (n, L constants):
+    <L x i16> vectors, an aligned load each (vpaddw on 1, 2 or 4 registers). Written as loops, the 16-lane copy is
+    unrolled before LLVM's vectorizer sees it and stays scalar; the byte offsets also save a shift per entry."""
+    if not (isinstance(n, types.IntegerLiteral) and isinstance(L, types.IntegerLiteral)):
+        return None
+    n_rows, lanes = n.literal_value, L.literal_value
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.IntType(16), lanes)
+        align = min(2 * lanes, ALIGN)  # the tables are on a cache line and their rows 2 L bytes apart
+        data = [context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:3], args[:3])]
+        base = builder.bitcast(data[1], ir.IntType(8).as_pointer())
+        terms = []
+        for i in range(n_rows):
+            off = builder.zext(builder.load(builder.gep(data[2], [ir.Constant(ir.IntType(64), i)])), ir.IntType(64))
+            terms.append(builder.load(builder.bitcast(builder.gep(base, [off]), vec.as_pointer()), align=align))
+        while len(terms) > 1:
+            terms = [builder.add(terms[i], terms[i + 1]) for i in range(0, len(terms) - 1, 2)] + terms[len(terms) & ~1:]
+        acc_ptr = builder.bitcast(data[0], vec.as_pointer())
+        builder.store(builder.add(builder.load(acc_ptr, align=align), terms[0]), acc_ptr, align=align)
+        return context.get_dummy_value()
+    return types.none(acc, tab, offsets, n, L), codegen
 
 
 @intrinsic
@@ -401,14 +432,16 @@ def _plane_par(ws, xa, xb, ys, n_chunks):
 # --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
 GEMM_LANES = 64  # tokens per tile: 2 x 32 int16 lanes
-GEMM_ROWS = 1024  # rows per block: their int16 accumulators (128 KB) and int32 ones (256 KB) stay in L2
-GEMM_MIN_TOKENS = {"ternary": 24, "binary": 20}  # from here on the tables beat per-token (docs/KERNELS.md)
+NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: a quarter of the adds per row
+GEMM_ROWS = 1024  # rows per block (4 x as many at 16 lanes): their int16 sums (128 KB) and int32 ones (256 KB) in L2
+GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
+NARROW_MAX_TOKENS = {"ternary": 48, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
 QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
 TERNARY_STEP_QUADS = 4  # input quads per step: 4 quads x 81 entries x 64 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
-TABLE_ENTRIES = 81 * TERNARY_STEP_QUADS  # (the larger of the two)
-TABLE_SIZE = TABLE_ENTRIES * GEMM_LANES
-ACC_SIZE = GEMM_ROWS * GEMM_LANES
+NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
+TABLE_SIZE = 81 * TERNARY_STEP_QUADS * GEMM_LANES  # int16 table entries (the largest of the three)
+ACC_SIZE = GEMM_ROWS * GEMM_LANES  # int16 row sums: GEMM_ROWS rows of 64 lanes, or 4 x as many of 16
 
 
 @intrinsic
@@ -434,15 +467,16 @@ def _aligned_empty(n, dtype):
 
 
 @njit(cache=True)
-def _lanes_major(x_q, n_pad):
-    """x_q (tokens, n_in) int8 -> xt (n_tiles, n_pad, L) int16, L = GEMM_LANES, aligned: xt[i, j, l] = x_q[L i + l, j]
+def _lanes_major(x_q, n_pad, lanes):
+    """x_q (tokens, n_in) int8 -> xt (n_tiles, n_pad, L) int16, L = lanes, aligned: xt[i, j, l] = x_q[L i + l, j]
     or 0 past the tokens and n_in; 4 inputs per pass (docs/KERNELS.md)."""
-    n_tiles, n_in = (x_q.shape[0] + GEMM_LANES - 1) // GEMM_LANES, x_q.shape[1]
-    xt = _aligned_empty(n_tiles * n_pad * GEMM_LANES, np.int16).reshape((n_tiles, n_pad, GEMM_LANES))
+    L = lanes
+    n_tiles, n_in = (x_q.shape[0] + L - 1) // L, x_q.shape[1]
+    xt = _aligned_empty(n_tiles * n_pad * L, np.int16).reshape((n_tiles, n_pad, L))
     xt[:] = 0
     n_fours = n_in - n_in % 4
     for i in range(n_tiles):
-        x_tile = x_q[GEMM_LANES * i:GEMM_LANES * (i + 1)]
+        x_tile = x_q[L * i:L * (i + 1)]
         for j0 in range(0, n_fours, 4):
             o0, o1, o2, o3 = xt[i, j0], xt[i, j0 + 1], xt[i, j0 + 2], xt[i, j0 + 3]
             for l in range(x_tile.shape[0]):
@@ -463,10 +497,28 @@ def _base3(v):
     return np.uint8(lo + (hi << np.uint8(3)) + hi)
 
 
+@njit(cache=True, inline="always")
+def _step_quads(binary, L):
+    """Input quads per table step for L lanes."""
+    return NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
+
+
+@njit(cache=True, inline="always")
+def _step_offsets(n_entries, n_quads, L):
+    """(PLANE,) uint16: the byte offset 2 L n_entries (j % n_quads) of quad j's table in its step."""
+    out = np.empty(PLANE, np.uint16)
+    for j in range(PLANE):
+        out[j] = 2 * L * n_entries * (j % n_quads)
+    return out
+
+
 @njit(cache=True)
-def _ternary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 81 (j % TERNARY_STEP_QUADS) + e, e =
-    a0 + 3 a1 + 9 a2 + 27 a3, a = nz bit + ng bit = 0, 1, 2 for w = 0, +1, -1: e = base3(nz) + base3(ng)."""
+def _ternary_quad_codes(w, r0, r1, codes, n_quads, L):
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 2 L (81 (j % n_quads) + e), the byte offset
+    of quad (2 b + h, j)'s entry in the step's tables of L lanes; e = a0 + 3 a1 + 9 a2 + 27 a3, a = nz bit + ng bit =
+    0, 1, 2 for w = 0, +1, -1: e = base3(nz) + base3(ng). (At most 2 x 64 x 324 < 2^16: the tables' bytes.)"""
+    step_offsets = _step_offsets(81, n_quads, L)
+    row_bytes = np.uint16(2 * L)
     for b in range(w.shape[1] // (2 * PLANE)):
         o = 2 * PLANE * b
         for r in range(r0, r1):
@@ -475,22 +527,23 @@ def _ternary_quad_codes(w, r0, r1, codes):
             for j in range(PLANE):
                 n = nz[j]
                 g = ng[j] & n  # a negative bit counts only on a nonzero weight
-                step_entry = np.uint16(81 * (j % TERNARY_STEP_QUADS))
-                c0[j] = np.uint16(_base3(n) + _base3(g)) + step_entry
-                c1[j] = np.uint16(_base3(n >> np.uint8(4)) + _base3(g >> np.uint8(4))) + step_entry
+                c0[j] = step_offsets[j] + row_bytes * np.uint16(_base3(n) + _base3(g))
+                c1[j] = step_offsets[j] + row_bytes * np.uint16(_base3(n >> np.uint8(4)) + _base3(g >> np.uint8(4)))
 
 
 @njit(cache=True)
-def _binary_quad_codes(w, r0, r1, codes):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 16 (j % BINARY_STEP_QUADS) + nibble h."""
+def _binary_quad_codes(w, r0, r1, codes, n_quads, L):
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 2 L (16 (j % n_quads) + nibble h), the
+    byte offset of its entry in the step's tables."""
+    step_offsets = _step_offsets(16, n_quads, L)
+    row_bytes = np.uint16(2 * L)
     for b in range(w.shape[1] // PLANE):
         for r in range(r0, r1):
             plane = w[r, PLANE * b:PLANE * (b + 1)]
             c0, c1 = codes[2 * b, r - r0], codes[2 * b + 1, r - r0]
             for j in range(PLANE):
-                step_entry = np.uint16(16 * (j % BINARY_STEP_QUADS))
-                c0[j] = np.uint16(plane[j] & np.uint8(15)) + step_entry
-                c1[j] = np.uint16(plane[j] >> np.uint8(4)) + step_entry
+                c0[j] = step_offsets[j] + row_bytes * np.uint16(plane[j] & np.uint8(15))
+                c1[j] = step_offsets[j] + row_bytes * np.uint16(plane[j] >> np.uint8(4))
 
 
 @njit(cache=True, inline="always")
@@ -500,12 +553,11 @@ def _pair_sums(a, c):
             np.int16(-a), np.int16(c - a), np.int16(-a - c))
 
 
-@njit(cache=True)
-def _ternary_tables(xt, base, tab):
-    """tab[(81 m + e) GEMM_LANES + l] = sum_i s_i x_i[l], x_i = xt[base + m + 32 i] for quad m of the step, e =
-    sum_i 3^i k_i, s = 0, +1, -1 for k = 0, 1, 2: 9 x 9 sums of pair tables (x3, x2), (x1, x0); xt (n_pad, L) int16."""
-    L = GEMM_LANES
-    for m in range(TERNARY_STEP_QUADS):
+@njit(cache=True, inline="always")
+def _ternary_tables(xt, base, tab, n_quads, L):
+    """tab[(81 m + e) L + l] = sum_i s_i x_i[l], x_i = xt[base + m + 32 i] for quad m of the step, e = sum_i 3^i k_i,
+    s = 0, +1, -1 for k = 0, 1, 2: 9 x 9 sums of pair tables (x3, x2), (x1, x0); xt (n_pad, L) int16, L lanes."""
+    for m in range(n_quads):
         x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
         t = tab[81 * L * m:81 * L * (m + 1)]
         for l in range(L):
@@ -515,11 +567,10 @@ def _ternary_tables(xt, base, tab):
                     t[(9 * i + j) * L + l] = hi[i] + lo[j]
 
 
-@njit(cache=True)
-def _binary_tables(xt, base, tab):
+@njit(cache=True, inline="always")
+def _binary_tables(xt, base, tab, n_quads, L):
     """tab[(16 m + e) L + l] = sum_i ±x_i[l], + if bit i of e, x_i = xt[base + m + 32 i]; xt (n_pad, L) int16."""
-    L = GEMM_LANES
-    for m in range(BINARY_STEP_QUADS):
+    for m in range(n_quads):
         x0, x1, x2, x3 = xt[base + m], xt[base + m + 32], xt[base + m + 64], xt[base + m + 96]
         t = tab[16 * L * m:16 * L * (m + 1)]
         for l in range(L):
@@ -531,17 +582,6 @@ def _binary_tables(xt, base, tab):
             t[4 * L + l], t[5 * L + l], t[6 * L + l], t[7 * L + l] = lo0 + hi1, lo1 + hi1, lo2 + hi1, lo3 + hi1
             t[8 * L + l], t[9 * L + l], t[10 * L + l], t[11 * L + l] = lo0 + hi2, lo1 + hi2, lo2 + hi2, lo3 + hi2
             t[12 * L + l], t[13 * L + l], t[14 * L + l], t[15 * L + l] = lo0 + hi3, lo1 + hi3, lo2 + hi3, lo3 + hi3
-
-
-@njit(cache=True, inline="always")
-def _table_rows(codes, tab, n_quads, q, acc16, n_rows):
-    """acc16[r] (rows, L) int16 += tab (entries, L) int16 at row r's step-q codes (rows, PLANE) uint16, r < n_rows."""
-    for r in range(n_rows):
-        c, a = codes[r, n_quads * q:n_quads * (q + 1)], acc16[r]
-        for m in range(0, n_quads, 4):  # (unsigned entry numbers: no negative-index wraparound)
-            t0, t1, t2, t3 = tab[np.uintp(c[m])], tab[np.uintp(c[m + 1])], tab[np.uintp(c[m + 2])], tab[np.uintp(c[m + 3])]
-            for l in range(GEMM_LANES):
-                a[l] += (t0[l] + t1[l]) + (t2[l] + t3[l])
 
 
 @njit(cache=True)
@@ -556,12 +596,25 @@ def _flush(acc16, acc32):
 
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] (>= n_rows, GEMM_LANES) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (2 nb,
-    >= n_rows, PLANE) uint16, xt (n_pad, GEMM_LANES) int16. Stack tables and int16 sums, flushed before 32767."""
-    tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_ENTRIES, GEMM_LANES))
-    acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (GEMM_ROWS, GEMM_LANES))
-    n_quads = BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
-    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 15 steps (ternary), 7 (binary)
+    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= ACC_SIZE // L rows: codes (2 nb,
+    >= n_rows, PLANE) uint16 (_ternary_quad_codes, _binary_quad_codes), xt (n_pad, L) int16, L = GEMM_LANES or
+    NARROW_LANES. Each case is a copy of _gemm_steps with its constants."""
+    if xt.shape[1] == NARROW_LANES and binary:
+        _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
+    elif xt.shape[1] == NARROW_LANES:
+        _gemm_steps(codes, xt, False, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
+    elif binary:
+        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, GEMM_LANES, n_rows, acc32)
+    else:
+        _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, GEMM_LANES, n_rows, acc32)
+
+
+@njit(cache=True, inline="always")
+def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
+    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed before 32767."""
+    tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
+    acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
+    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 15 steps (ternary), 7 (binary), 3 (narrow)
     n_steps = codes.shape[0] * (PLANE // n_quads)
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
@@ -570,11 +623,11 @@ def _gemm_tile(codes, xt, binary, n_rows, acc32):
         for q in range(PLANE // n_quads):
             base = 128 * hb + n_quads * q
             if binary:  # (the constant quad counts let each inlined copy unroll)
-                _binary_tables(xt, base, tab.reshape(TABLE_SIZE))
-                _table_rows(codes[hb], tab, BINARY_STEP_QUADS, q, acc16, n_rows)
+                _binary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
             else:
-                _ternary_tables(xt, base, tab.reshape(TABLE_SIZE))
-                _table_rows(codes[hb], tab, TERNARY_STEP_QUADS, q, acc16, n_rows)
+                _ternary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
+            for r in range(n_rows):
+                _add_entries(acc16[r], tab, codes[hb, r, n_quads * q:], n_quads, L)
             s += 1
             if s % flush_steps == 0 or s == n_steps:
                 _flush(acc16[:n_rows], acc32[:n_rows])
@@ -583,8 +636,8 @@ def _gemm_tile(codes, xt, binary, n_rows, acc32):
 @njit(cache=True, inline="always")
 def _store_tile(acc32, y, tile, rb0, rb1):
     """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed by lanes in strips of 16 rows."""
-    t0 = tile * GEMM_LANES
-    n_lanes = min(GEMM_LANES, y.shape[0] - t0)
+    t0 = tile * acc32.shape[1]
+    n_lanes = min(acc32.shape[1], y.shape[0] - t0)
     for q0 in range(rb0, rb1, 16):
         if q0 + 16 <= rb1:
             for l in range(n_lanes):
@@ -601,17 +654,18 @@ def _store_tile(acc32, y, tile, rb0, rb1):
 @njit(cache=True)
 def _gemm_rows(w, xT, binary, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
-    binary ones if `binary`; xT (n_tiles, nb*256, GEMM_LANES) int16 = _lanes_major(x); y (tokens, n_out) int32."""
+    binary ones if `binary`; xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L); y (tokens, n_out) int32."""
     nb = w.shape[1] // PLANE if binary else w.shape[1] // (2 * PLANE)
-    block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
-    acc32 = _aligned_empty(block_rows * GEMM_LANES, np.int32).reshape((block_rows, GEMM_LANES))
+    L = xT.shape[2]
+    block_rows = max(1, min(ACC_SIZE // L, r1 - r0))  # (k / v of a small model: fewer rows than a block)
+    acc32 = _aligned_empty(block_rows * L, np.int32).reshape((block_rows, L))
     codes = np.empty((2 * nb, block_rows, PLANE), np.uint16)
-    for rb0 in range(r0, r1, GEMM_ROWS):
-        rb1 = min(rb0 + GEMM_ROWS, r1)
+    for rb0 in range(r0, r1, block_rows):
+        rb1 = min(rb0 + block_rows, r1)
         if binary:
-            _binary_quad_codes(w, rb0, rb1, codes)
+            _binary_quad_codes(w, rb0, rb1, codes, _step_quads(True, L), L)
         else:
-            _ternary_quad_codes(w, rb0, rb1, codes)
+            _ternary_quad_codes(w, rb0, rb1, codes, _step_quads(False, L), L)
         for tile in range(xT.shape[0]):
             _gemm_tile(codes, xT[tile], binary, rb1 - rb0, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
@@ -699,17 +753,87 @@ def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
         _vq_rows(ws[i % len(ws)], nbits, codebook, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
+DENSE_LANES = 16  # float32 partial sums per token and row: lane i adds the inputs j = i mod 16
+
+
+@intrinsic
+def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
+    """sums[i, k, l] = sum over chunks c < n_in // DENSE_LANES of w[r_i, 16 c + l] x[t_k, 16 c + l], i < n_rows,
+    k < n_tokens (constants), r_i = min(r0 + i, last row), t_k = min(t0 + k, last token): one fused multiply-add of
+    <16 x float> per chunk, row and token, in chunk order. w (n_out, n_in) int8 (widened, exactly) or float32 and x
+    (tokens, n_in) float32, C-contiguous; sums (n_rows, n_tokens, DENSE_LANES) float32."""
+    if not (isinstance(n_rows, types.IntegerLiteral) and isinstance(n_tokens, types.IntegerLiteral)):
+        return None
+    n_r, n_k = n_rows.literal_value, n_tokens.literal_value
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        vec, wvec = (ir.VectorType(ir.FloatType(), DENSE_LANES),
+                     ir.VectorType(context.get_data_type(sig.args[0].dtype), DENSE_LANES))
+        w_ary, x_ary, s_ary = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 6))
+        n_in = builder.extract_value(x_ary.shape, 1)
+
+        def rows(ary, first, n):  # pointers to rows min(first + i, last), i < n
+            last = builder.sub(builder.extract_value(ary.shape, 0), i64(1))
+            return [builder.gep(ary.data, [builder.mul(builder.select(builder.icmp_signed("<", builder.add(first, i64(i)), last),
+                                                                      builder.add(first, i64(i)), last), n_in)])
+                    for i in range(n)]
+        w_rows, x_rows = rows(w_ary, args[1], n_r), rows(x_ary, args[3], n_k)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                             f"llvm.fmuladd.v{DENSE_LANES}f32")
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(n_k)] for _ in range(n_r)]
+        with cgutils.for_range(builder, builder.udiv(n_in, i64(DENSE_LANES))) as loop:
+            j = builder.mul(loop.index, i64(DENSE_LANES))
+            xs = [builder.load(builder.bitcast(builder.gep(p, [j]), vec.as_pointer()), align=4) for p in x_rows]
+            for i, p in enumerate(w_rows):
+                wv = builder.load(builder.bitcast(builder.gep(p, [j]), wvec.as_pointer()), align=1)
+                wv = builder.sitofp(wv, vec) if isinstance(wvec.element, ir.IntType) else wv
+                for k in range(n_k):
+                    builder.store(builder.call(fma, [wv, xs[k], builder.load(accs[i][k])]), accs[i][k])
+        for i in range(n_r):
+            for k in range(n_k):
+                ptr = builder.gep(s_ary.data, [i64((i * n_k + k) * DENSE_LANES)])
+                builder.store(builder.load(accs[i][k]), builder.bitcast(ptr, vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(w, r0, x, t0, n_rows, n_tokens, sums), codegen
+
+
+@njit(cache=True, inline="always")
+def _dense_dot(wr, xt, lanes):
+    """wr . xt from the pair's lane sums (DENSE_LANES,): the inputs past the last full chunk (a multiply and an add
+    each, into lane j mod 16), then the 16 lanes added pairwise."""
+    n_full = wr.shape[0] - wr.shape[0] % DENSE_LANES
+    for j in range(n_full, wr.shape[0]):
+        lanes[j - n_full] += np.float32(wr[j]) * xt[j]
+    width = DENSE_LANES
+    while width > 1:
+        width //= 2
+        for i in range(width):
+            lanes[i] += lanes[i + width]
+    return lanes[0]
+
+
+@njit(cache=True, inline="always")
+def _dense_block(w, x, y, r0, r1, n_rows, n_tokens):
+    """Rows r0..r1-1 of y = x W^T in blocks of n_rows rows x n_tokens tokens (constants)."""
+    sums = np.empty((n_rows, n_tokens, DENSE_LANES), np.float32)
+    for rb in range(r0, r1, n_rows):
+        for t0 in range(0, x.shape[0], n_tokens):
+            _dense_lane_sums(w, rb, x, t0, n_rows, n_tokens, sums)
+            for i in range(min(n_rows, r1 - rb)):
+                for k in range(min(n_tokens, x.shape[0] - t0)):
+                    y[t0 + k, rb + i] = _dense_dot(w[rb + i], x[t0 + k], sums[i, k])
+
+
+@njit(cache=True)
 def _dense_rows(w, x, y, r0, r1):
-    """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32."""
-    for r in range(r0, r1):
-        wr = w[r]
-        for t in range(x.shape[0]):
-            xt = x[t]
-            s = np.float32(0)
-            for j in range(wr.shape[0]):
-                s += np.float32(wr[j]) * xt[j]
-            y[t, r] = s
+    """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32. Each
+    (token, row) sum is the same sequence of float32 operations whatever the token count and the block it falls in
+    (no reassociation): a request's logits do not depend on the batch it is served in."""
+    if x.shape[0] == 1:  # 8 rows: 8 independent chains of multiply-adds (one would wait on each add's latency)
+        _dense_block(w, x, y, r0, r1, 8, 1)
+    else:  # 4 rows x 4 tokens: each row vector used 4 times, each token vector 4 times
+        _dense_block(w, x, y, r0, r1, 4, 4)
 
 
 @njit(cache=True, parallel=True)
@@ -814,8 +938,10 @@ def _plane_matmuls(ws, x_q, binary):
     if not ws:
         raise UsageError(f"{what}: no weight matrices")
     n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
-    if x_q.shape[0] >= GEMM_MIN_TOKENS["binary" if binary else "ternary"]:
-        par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad), binary)
+    name = "binary" if binary else "ternary"
+    if x_q.shape[0] >= GEMM_MIN_TOKENS[name]:
+        lanes = NARROW_LANES if x_q.shape[0] <= NARROW_MAX_TOKENS[name] else GEMM_LANES
+        par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad, lanes), binary)
     elif binary:
         x = _padded(x_q, n_pad, np.int16)
         par, rows, args = _plane_par, _plane_rows, (x, x.sum(axis=1, dtype=np.int64))
