@@ -1,16 +1,20 @@
-"""Serving benchmark: aggregate decode tokens/s and time to first token at 1, 4, 16 and 32 concurrent streams.
+"""Serving benchmark: aggregate decode tokens/s at 1, 4, 16 and 32 concurrent streams, and the time to first token of
+a request that arrives while they stream.
 
     python bench/serve.py [--shape 2b4t|large] [--threads 1,2] [--clients 1,4,16,32] [--prompt 32] [--tokens 32]
-                          [--head f32|int8] [--json]
+                          [--head f32|int8] [--engines tinybit,llama.cpp] [--json]
 
 The random ternary model of bench/e2e.py (same shape, same weights) is served by `python -m tinybit.serve` and, its
-GGUF export (TQ2_0), by `python -m llama_cpp.server` (llama-cpp-python's OpenAI server, what a Python user would
-pick; it serves one request at a time), each with the same threads on the same machine, one after the other.
-Each client streams a completion of --tokens tokens (temperature 0, ignoring the end token is not asked: random
-weights rarely sample it) after its own --prompt random token ids; the clients start together. Per run:
-    aggregate tok/s   all clients' streamed tokens / the wall time from the first request to the last token
-    TTFT              each client's time to its first streamed token: median and max
-    single-stream     the 1-client run's tok/s: the ratio column is aggregate / tinybit's own single stream
+GGUF export (TQ2_0, the int8 head as Q8_0), by `python -m llama_cpp.server` (llama-cpp-python's OpenAI server, what a
+Python user would pick; it serves one request at a time), each with the same threads on the same machine, one after
+the other. Each client streams a completion of --tokens tokens (temperature 0; random weights rarely sample the end
+token) after its own prompt of --prompt random letters (a token each); the clients start together. Per run:
+    decode tok/s   the tokens streamed after every client has its first one, over the time from then to the last
+                   token: all clients decoding together (llama.cpp's server: the last client alone)
+    TTFT alone     a probe request (its own --prompt tokens, 1 new token) on the idle server
+    TTFT loaded    the same probe sent once every client has its first token: its wait under load
+The summary gives each run's decode tok/s over tinybit's own 1-client run and over llama.cpp's server with as many
+clients, and the loaded TTFT over the idle one.
 """
 import argparse
 import asyncio
@@ -38,43 +42,67 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(cmd, port):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(cmd, port, log):
+    """The server of cmd, once it answers on port; its output goes to the file `log` (a pipe nobody reads would fill
+    and stop it)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     for _ in range(1800):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
             if proc.poll() is not None:
-                sys.exit(f"serve.py: error: {' '.join(cmd)} exited: {proc.stderr.read()[-2000:]}")
+                with open(log) as f:
+                    sys.exit(f"serve.py: error: {' '.join(cmd)} exited: {f.read()[-2000:]}")
             time.sleep(0.1)
     proc.kill()
-    sys.exit(f"serve.py: error: {' '.join(cmd)} did not start in 180 s")
+    sys.exit(f"serve.py: error: {' '.join(cmd)} did not start in 180 s (its output: {log})")
 
 
-async def client(http, url, model, prompt, n_tokens, t0):
-    """(time to first token, tokens streamed, time of the last one) of one streamed completion."""
+async def client(http, url, model, prompt, n_tokens, times):
+    """Stream one completion, appending each token's arrival time (perf_counter) to `times`."""
     body = {"model": model, "prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": True}
-    first, n, last = None, 0, None
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if json.loads(line[6:])["choices"][0].get("text") is not None:
-                last = time.perf_counter() - t0
-                first = first if first is not None else last
-                n += 1
-    return first, n, last
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"][0].get("text"):
+                times.append(time.perf_counter())
 
 
-async def load(url, model, n_clients, vocab, args):
-    prompts = [np.random.default_rng(k + 1).integers(2, vocab, args.prompt).tolist() for k in range(n_clients)]
+async def probe(http, url, model, prompt):
+    """Time to first token of a 1-token completion."""
+    t0, times = time.perf_counter(), []
+    await client(http, url, model, prompt, 1, times)
+    return times[0] - t0
+
+
+def prompts(n, length, first=0):
+    """n random lowercase strings: one token a letter in bench/e2e.py's byte-level vocabulary (llama.cpp's server
+    takes text prompts only)."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return ["".join(np.random.default_rng(k + 1).choice(letters, length)) for k in range(first, first + n)]
+
+
+async def load(url, model, n_clients, args):
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=64)) as http:
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(*(client(http, url, model, p, args.tokens, t0) for p in prompts))
-    ttft = [r[0] for r in runs]
-    return {"clients": n_clients, "tokens": sum(r[1] for r in runs), "tok_s": sum(r[1] for r in runs) / max(r[2] for r in runs),
-            "ttft_median_s": float(np.median(ttft)), "ttft_max_s": max(ttft)}
+        alone = await probe(http, url, model, prompts(1, args.prompt, 1000)[0])
+        times = [[] for _ in range(n_clients)]
+        tasks = [asyncio.create_task(client(http, url, model, p, args.tokens, t))
+                 for p, t in zip(prompts(n_clients, args.prompt), times)]
+        while not all(times):  # until every client has its first token
+            for t in tasks:
+                if t.done():
+                    t.result()  # (a client's error)
+            if all(t.done() for t in tasks):
+                sys.exit("serve.py: error: a client ended without a token")
+            await asyncio.sleep(0.005)
+        all_in = max(t[0] for t in times)
+        loaded = await probe(http, url, model, prompts(1, args.prompt, 2000)[0])
+        await asyncio.gather(*tasks)
+    after = [x for t in times for x in t if x > all_in]
+    return {"clients": n_clients, "tokens": sum(map(len, times)),
+            "decode_tok_s": len(after) / (max(after) - all_in) if after else float("nan"),
+            "ttft_alone_s": alone, "ttft_loaded_s": loaded}
 
 
 def main():
@@ -108,31 +136,31 @@ def main():
                    [sys.executable, "-m", "llama_cpp.server", "--model", os.path.join(work, "model.gguf"), "--port",
                     str(port), "--n_threads", str(threads), "--n_ctx", str(args.prompt + args.tokens + 1),
                     "--model_alias", "model"])
-            proc = start(cmd, port)
+            proc = start(cmd, port, os.path.join(work, f"{engine}-{threads}.log"))
             try:
-                asyncio.run(load(f"http://127.0.0.1:{port}", "model", 1, config.vocab_size, args))  # warm
-                single = None
+                asyncio.run(load(f"http://127.0.0.1:{port}", "model", 1, args))  # warm
                 for n in [int(c) for c in args.clients.split(",")]:
-                    r = asyncio.run(load(f"http://127.0.0.1:{port}", "model", n, config.vocab_size, args))
-                    single = single or (r["tok_s"] if n == 1 else None)
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}", "model", n, args))
                     r.update(engine=engine, threads=threads, shape=args.shape)
                     rows.append(r)
                     print(json.dumps(r) if args.json else
-                          f"{engine:9} {threads}T {n:3} clients: {r['tok_s']:7.1f} tok/s aggregate, TTFT median "
-                          f"{r['ttft_median_s']:.2f} s, max {r['ttft_max_s']:.2f} s", flush=True)
+                          f"{engine:9} {threads}T {n:3} clients: decode {r['decode_tok_s']:7.1f} tok/s, TTFT alone "
+                          f"{r['ttft_alone_s']:.2f} s, loaded {r['ttft_loaded_s']:.2f} s", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
     if not args.json:
         print(f"CPU: {cpu_model()}; shape {args.shape}, {args.head} head, prompt {args.prompt}, {args.tokens} tokens each")
         for r in rows:
-            solo = next(x for x in rows if x["engine"] == "tinybit" and x["threads"] == r["threads"] and x["clients"] == 1)
+            solo = next((x for x in rows if x["engine"] == "tinybit" and x["threads"] == r["threads"]
+                         and x["clients"] == 1), None)
             other = next((x for x in rows if x["engine"] == "llama.cpp" and x["threads"] == r["threads"]
                           and x["clients"] == r["clients"]), None)
-            print(f"{r['engine']:9} {r['threads']}T {r['clients']:3}: {r['tok_s'] / solo['tok_s']:.2f}x tinybit's single "
-                  f"stream" + (f", {r['tok_s'] / other['tok_s']:.2f}x llama.cpp's server" if other and r['engine'] ==
-                               'tinybit' else ""))
-
+            print(f"{r['engine']:9} {r['threads']}T {r['clients']:3}: "
+                  + (f"{r['decode_tok_s'] / solo['decode_tok_s']:.2f}x tinybit's single stream, " if solo else "")
+                  + (f"{r['decode_tok_s'] / other['decode_tok_s']:.2f}x llama.cpp's server, "
+                     if other and r["engine"] == "tinybit" else "")
+                  + f"TTFT loaded / alone {r['ttft_loaded_s'] / r['ttft_alone_s']:.2f}")
 
 if __name__ == "__main__":
     main()
