@@ -180,8 +180,9 @@ def test_linear_refuses_activations_of_another_width(spec, tokens):
 @pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head", "lut4-rows"])
 def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows):
     """Many tokens: lut/vq/int8 layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS
-    on), a block of rows at a time, blocks aligned to the LUT/codebook groups."""
+    on; int8 from INT8_DEQUANT_MIN_TOKENS), a block of rows at a time, blocks aligned to the LUT/codebook groups."""
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
+    monkeypatch.setattr(linear, "INT8_DEQUANT_MIN_TOKENS", linear.DEQUANT_MIN_TOKENS)  # (the int8 head's, else 256)
     if block_rows:
         monkeypatch.setattr(linear, "DEQUANT_BYTES", 4 * block_rows * fast.config.dim)
     ids = (IDS * 8)[:linear.DEQUANT_MIN_TOKENS + 3]
