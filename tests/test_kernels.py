@@ -390,7 +390,8 @@ def test_plane_kernels_are_multiply_free():
 
 def test_ternary_kernel_without_avx512bw():
     """Compiled for a CPU without AVX-512 (x86: haswell; elsewhere the host), the ternary kernel's byte
-    sums take the portable LLVM IR path (no vpsadbw) and still equal the reference, overflow stress included."""
+    sums take the portable LLVM IR path (no vpsadbw) and still equal the reference, overflow stress included;
+    the dense kernel runs 8-lane sums in AVX2-sized blocks."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+popcnt,+bmi2,+sse4.2"} if x86 else {}
     out = _run("""
@@ -401,9 +402,12 @@ def test_ternary_kernel_without_avx512bw():
             x_q = rng.integers(x_lo, 128, (tokens, n_in)).astype(np.int8)
             wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)) if x_lo < 0 else np.ones((n_out, n_in)))
             assert (k.ternary_matmul(wt, x_q) == k.ternary_matmul_ref(wt, x_q)).all()
-        print(any("psadbw" in text for text in k._plane_rows.inspect_asm().values()))
+        w8, x = rng.integers(-127, 128, (9, 300)).astype(np.int8), rng.integers(-99, 100, (5, 300)).astype(np.float32)
+        assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()  # the dense kernel's AVX2 blocks
+        assert (k.int8_matmul(w8, x[2:3]) == k.int8_matmul(w8, x)[2:3]).all()
+        print(any("psadbw" in text for text in k._plane_rows.inspect_asm().values()), k.DENSE_LANES)
     """, **env)
-    assert out.strip() == "False" or not x86  # the asserts above ran; on x86 without vpsadbw
+    assert out.strip() == "False 8" or not x86  # the asserts above ran; on x86 without vpsadbw, 8 dense lanes
 
 
 def test_kernels_under_boundscheck():

@@ -16,9 +16,9 @@ import os
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
 
 from . import pack, quant
@@ -83,6 +83,9 @@ ROW_PLANES = ROWS * 2 * SLICE  # the 4 rows' two planes of a block, each plane b
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per lane, then into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
+# The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
+TARGET_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
+WIDE_VECTORS = "+avx512f" in TARGET_FEATURES.split(",")  # 32 vector registers of 16 floats (else 16 of 8: AVX2)
 
 
 def _openblas_thread_setter():
@@ -190,7 +193,7 @@ def _add_byte_sums(typingctx, sums, a):
         sums_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
         a_ptr = builder.bitcast(context.make_array(sig.args[1])(context, builder, args[1]).data, v64i8.as_pointer())
         a = builder.load(a_ptr, align=1)
-        if "+avx512bw" in context.codegen()._get_host_cpu_features():
+        if "+avx512bw" in TARGET_FEATURES.split(","):
             psadbw = builder.module.declare_intrinsic("llvm.x86.avx512.psad.bw.512",
                                                       fnty=ir.FunctionType(v8i64, [v64i8, v64i8]))
             s = builder.call(psadbw, [a, ir.Constant(v64i8, None)])
@@ -753,14 +756,19 @@ def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
         _vq_rows(ws[i % len(ws)], nbits, codebook, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-DENSE_LANES = 16  # float32 partial sums per token and row: lane i adds the inputs j = i mod 16
+# Dense kernels: float32 partial sums per token and row, lane i adding the inputs j = i mod DENSE_LANES (one vector
+# register of the target), in blocks of rows x tokens whose sums stay in registers: (8, 1) and (4, 4) with AVX-512's
+# 32 registers; half those with AVX2's 16 (llvm-mca on haswell code: (4, 4) of 16 lanes spills 62 times a chunk).
+DENSE_LANES = 16 if WIDE_VECTORS else 8
+DENSE_ONE_ROWS = 8 if WIDE_VECTORS else 4  # rows per pass for one token: independent chains of multiply-adds
+DENSE_ROWS, DENSE_TOKENS = (4, 4) if WIDE_VECTORS else (2, 4)  # rows x tokens per pass for several tokens
 
 
 @intrinsic
 def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
-    """sums[i, k, l] = sum over chunks c < n_in // DENSE_LANES of w[r_i, 16 c + l] x[t_k, 16 c + l], i < n_rows,
+    """sums[i, k, l] = sum over chunks c < n_in // L of w[r_i, L c + l] x[t_k, L c + l], L = DENSE_LANES, i < n_rows,
     k < n_tokens (constants), r_i = min(r0 + i, last row), t_k = min(t0 + k, last token): one fused multiply-add of
-    <16 x float> per chunk, row and token, in chunk order. w (n_out, n_in) int8 (widened, exactly) or float32 and x
+    <L x float> per chunk, row and token, in chunk order. w (n_out, n_in) int8 (widened, exactly) or float32 and x
     (tokens, n_in) float32, C-contiguous; sums (n_rows, n_tokens, DENSE_LANES) float32."""
     if not (isinstance(n_rows, types.IntegerLiteral) and isinstance(n_tokens, types.IntegerLiteral)):
         return None
@@ -801,7 +809,7 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
 @njit(cache=True, inline="always")
 def _dense_dot(wr, xt, lanes):
     """wr . xt from the pair's lane sums (DENSE_LANES,): the inputs past the last full chunk (a multiply and an add
-    each, into lane j mod 16), then the 16 lanes added pairwise."""
+    each, into lane j mod DENSE_LANES), then the lanes added pairwise."""
     n_full = wr.shape[0] - wr.shape[0] % DENSE_LANES
     for j in range(n_full, wr.shape[0]):
         lanes[j - n_full] += np.float32(wr[j]) * xt[j]
@@ -830,10 +838,10 @@ def _dense_rows(w, x, y, r0, r1):
     """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32. Each
     (token, row) sum is the same sequence of float32 operations whatever the token count and the block it falls in
     (no reassociation): a request's logits do not depend on the batch it is served in."""
-    if x.shape[0] == 1:  # 8 rows: 8 independent chains of multiply-adds (one would wait on each add's latency)
-        _dense_block(w, x, y, r0, r1, 8, 1)
-    else:  # 4 rows x 4 tokens: each row vector used 4 times, each token vector 4 times
-        _dense_block(w, x, y, r0, r1, 4, 4)
+    if x.shape[0] == 1:  # independent chains of multiply-adds (one alone would wait on each add's latency)
+        _dense_block(w, x, y, r0, r1, DENSE_ONE_ROWS, 1)
+    else:  # each row vector used for DENSE_TOKENS tokens, each token vector for DENSE_ROWS rows
+        _dense_block(w, x, y, r0, r1, DENSE_ROWS, DENSE_TOKENS)
 
 
 @njit(cache=True, parallel=True)
