@@ -190,6 +190,25 @@ def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t"])
+def test_load_in_memory(models, arch):
+    """load(in_memory=True): the same logits as over the map, from tensors that are no longer mapped (but an
+    untied embedding, read by rows from the file)."""
+    mapped, copied = tinybit.load(models[arch]), tinybit.load(models[arch], in_memory=True)
+    np.testing.assert_array_equal(copied.logits(IDS), mapped.logits(IDS))
+
+    def is_mapped(a):
+        while isinstance(a, np.ndarray):
+            if isinstance(a, np.memmap):
+                return True
+            a = a.base
+        return False
+    def arrays(m):
+        return [v for layer in m.linears.values() for v in layer.values() if isinstance(v, np.ndarray)]
+    assert all(map(is_mapped, arrays(mapped))) and not any(map(is_mapped, arrays(copied)))
+    assert is_mapped(copied.embed) == (not copied.config.tie_embeddings)
+
+
 @pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows"])
 def test_kv_cache_decode_equals_full_recompute(models, arch):
     m = tinybit.load(models[arch])

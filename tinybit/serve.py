@@ -386,7 +386,7 @@ def run(args):
         import uvicorn
     except ImportError as e:
         raise UsageError(f"tinybit.serve needs the serve extra (pip install -e \".[serve]\"): {e}") from None
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, threads=args.threads, in_memory=True)  # a batch step over the file's map: 10-20% slower
     if model.tokenizer is None:
         raise UsageError(f"--model {args.model}: has no tokenizer.json; the API speaks text")
     ctx = model.config.max_seq_len if args.ctx is None else args.ctx
