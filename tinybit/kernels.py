@@ -502,7 +502,7 @@ def _base3(v):
 
 @njit(cache=True, inline="always")
 def _step_quads(binary, L):
-    """Input quads per table step for L lanes."""
+    """Input quads per table step for L lanes (the codes' offsets; _gemm_tile's copies pass the same constants)."""
     return NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
 
 
