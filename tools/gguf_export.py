@@ -37,10 +37,9 @@ from tinybit import linear, pack, quant
 from tinybit import model as tbmodel
 from tinybit.errors import UsageError
 
-QK = 256                  # weights per TQ2_0 block (QK_K)
-TQ2_0_BLOCK_BYTES = 66    # 64 bytes of codes + fp16 d
+TQ2_0 = pack.GGML_TYPES["TQ2_0"]  # blocks of 256 weights: 64 bytes of 2-bit codes, then the fp16 d
 Q8_0_BLOCK = 32           # weights per Q8_0 block
-GGML_BLOCK = {"TQ2_0": QK, "Q8_0": Q8_0_BLOCK}  # weights per block along n_in
+GGML_BLOCK = {"TQ2_0": TQ2_0.block, "Q8_0": Q8_0_BLOCK}  # weights per block along n_in
 LINEARS = {"q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT",
            "gate": "FFN_GATE", "up": "FFN_UP", "down": "FFN_DOWN"}
 NORMS = {"attn_norm": "ATTN_NORM", "ffn_norm": "FFN_NORM",
@@ -51,19 +50,15 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 def tq2_0_blocks(w_t, scale, name):
-    """Ternary codes (n_out, n_in) int8 and scale (1,) or (n_out,) -> TQ2_0 bytes (n_out, n_in/256 * 66).
-    Block layout (ggml block_tq2_0): qs[64] then d (fp16). Weight 128 h + 32 s + j of the block
-    (h = 0..1, s = 0..3, j = 0..31) is bits 2s..2s+1 of qs[32 h + j], stored as t + 1 in {0, 1, 2}."""
+    """Ternary codes (n_out, n_in) int8 and scale (1,) or (n_out,) -> TQ2_0 bytes (n_out, n_in/256 * 66), every
+    block of a row with d = fp16(its scale); the block layout is pack.GGML_TYPES["TQ2_0"]'s."""
     n_out, n_in = w_t.shape
-    nb = n_in // QK
-    qs = pack.pack_ternary_2bit(w_t, stride=32)  # runs of 128 weights in 32 bytes: qs[32 h + j], bits 2s
     with np.errstate(over="ignore"):  # an overflow to inf is refused just below
         d = np.asarray(scale, dtype=np.float32).astype(np.float16)             # (1,) or (n_out,)
     if not np.all(np.isfinite(d)) or np.any((d == 0) & (np.asarray(scale) != 0)):
         raise UsageError(f"{name}: scale {float(np.max(np.abs(scale))):g} does not fit float16 "
                          "(the TQ2_0 block scale)")
-    d = np.ascontiguousarray(np.broadcast_to(d.reshape(-1, 1), (n_out, nb))).view(np.uint8).reshape(n_out, nb, 2)
-    return np.concatenate([qs.reshape(n_out, nb, 64), d], axis=-1).reshape(n_out, nb * TQ2_0_BLOCK_BYTES)
+    return TQ2_0.encode(w_t, np.broadcast_to(d.reshape(-1, 1), (n_out, n_in // TQ2_0.block)), name)
 
 
 def permute_rows(n_rows, n_head):
