@@ -140,6 +140,48 @@ def test_vq_equals_ref(threads, shape, seed, bits, group_rows):
 
 
 @per_thread_count
+@FAST
+@given(tokens=st.integers(1, 5), n_out=st.integers(1, 11), n_blocks=st.integers(1, 3), seed=st.integers(0, 2 ** 32 - 1),
+       layout=st.sampled_from([(0, 256), (1, 32), (1, 128), (2, 64), (2, 128), (2, 256)]))
+def test_block_scaled_equals_ref(threads, tokens, n_out, n_blocks, seed, layout):
+    """ternary_block_matmul (planes x int8, blocks of 256) and code_block_matmul (1-/2-bit codes x float32): exact on
+    integers (the block sums by selects, 2x as x + x, then d once per block), within float32 rounding otherwise."""
+    kernels.set_threads(threads)
+    bits, block = layout
+    n_in = n_blocks * block
+    rng = np.random.default_rng(seed)
+    d_int = rng.integers(-40, 41, (n_out, n_blocks)).astype(np.float32)
+    d = rng.random((n_out, n_blocks)).astype(np.float32)
+    if bits == 0:
+        w = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)))
+        x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)  # -128: the widest block sums
+        y = kernels.ternary_block_matmul(w, d_int, x_q)
+        assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+        np.testing.assert_array_equal(y, kernels.ternary_block_matmul_ref(w, d_int, x_q))
+        np.testing.assert_allclose(kernels.ternary_block_matmul(w, d, x_q), kernels.ternary_block_matmul_ref(w, d, x_q),
+                                   rtol=1e-6, atol=1e-6 * 128 * n_in)
+        return
+    w = pack.pack_indices(rng.integers(0, 2 ** bits, (n_out, n_in)), bits)
+    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)
+    y = kernels.code_block_matmul(w, bits, d_int, x_int)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    np.testing.assert_array_equal(y, kernels.code_block_matmul_ref(w, bits, d_int, x_int))
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    _float_ok(kernels.code_block_matmul(w, bits, d, x), kernels.code_block_matmul_ref(w, bits, d, x), 2 * x)
+
+
+def test_block_scaled_refuses_scales_of_another_shape():
+    w = pack.pack_indices(np.zeros((3, 256), np.int64), 1)
+    x = np.zeros((1, 256), np.float32)
+    for d in (np.ones((3, 3)), np.ones((2, 2)), np.ones(3), np.ones((3, 0))):  # 3 blocks of 85.3; 2 rows; 1-D; none
+        with pytest.raises(TinybitError, match="block scales"):
+            kernels.code_block_matmul(w, 1, d, x)
+    with pytest.raises(TinybitError, match="ternary block scales"):
+        kernels.ternary_block_matmul(pack.pack_ternary(np.zeros((3, 512), np.int8)), np.ones((3, 4)),
+                                     np.zeros((1, 512), np.int8))
+
+
+@per_thread_count
 @pytest.mark.parametrize("dtype", [np.int8, np.float32])
 @FAST
 @given(shape=SHAPES, seed=st.integers(0, 2 ** 32 - 1))
@@ -388,6 +430,30 @@ def test_plane_kernels_are_multiply_free():
         assert re.search(rf"\b{add}\b.*zmm", body), f"{name}: no {add} on zmm registers (not vectorized?)"
 
 
+def test_block_scaled_kernels_multiply_only_by_the_block_scale():
+    """Inside a block the block-scaled kernels add and select: no packed multiply or fused multiply-add anywhere, only
+    the scalar multiply by d of each block sum (vmulsd); and they do add in vectors (not vacuous)."""
+    out = _run("""
+        import json, numpy as np
+        from tinybit import kernels as k
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 512)).astype(np.float32)
+        k.ternary_block_matmul(rng.integers(0, 256, (4, 128), np.uint8) & 0x0f, np.ones((4, 2)), x.astype(np.int8))
+        k.code_block_matmul(rng.integers(0, 256, (4, 64), np.uint8), 1, np.ones((4, 4)), x)
+        sigs = k._block_rows.inspect_asm()
+        assert len(sigs) == 1, sigs.keys()  # ternary planes and codes: one compiled function
+        print(json.dumps(list(sigs.values())[0]))
+    """)
+    import json
+    packed_multiply = re.compile(r"\b(vpmul\w*|vpmadd\w*|vpdp\w*|vmulp[sd]|vf[n]?m(add|sub)\w*)\b")
+    text = json.loads(out)
+    body = "\n".join(ln.split("#")[0] for ln in text.splitlines() if ln.startswith("\t") and not ln.startswith("\t."))
+    bad = sorted({m.group(0) for m in packed_multiply.finditer(body)})
+    assert not bad, f"multiply instructions {bad}"
+    assert re.search(r"\bvmulsd\b", body), "no scalar multiply by the block scale"
+    assert re.search(r"\bvaddps\b.*[yz]mm", body), "no vaddps on ymm/zmm registers (not vectorized?)"
+
+
 def test_ternary_kernel_without_avx512bw():
     """Compiled for a CPU without AVX-512 (x86: haswell; elsewhere the host), the ternary kernel's byte
     sums take the portable LLVM IR path (no vpsadbw) and still equal the reference, overflow stress included;
@@ -433,6 +499,14 @@ def test_kernels_under_boundscheck():
             assert (k.vq_matmul(wv, 2, cb, None, x) == k.vq_matmul_ref(wv, 2, cb, None, x)).all()
             w8 = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
             assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()
+        for tokens, n_out, n_blocks in [(1, 5, 1), (3, 9, 2)]:
+            x_q = rng.integers(-128, 128, (tokens, 256 * n_blocks)).astype(np.int8)
+            d = rng.integers(-9, 10, (n_out, n_blocks)).astype(np.float32)
+            wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, 256 * n_blocks)))
+            assert (k.ternary_block_matmul(wt, d, x_q) == k.ternary_block_matmul_ref(wt, d, x_q)).all()
+            wc = pack.pack_indices(rng.integers(0, 4, (n_out, 256 * n_blocks)), 2)
+            x = x_q.astype(np.float32)
+            assert (k.code_block_matmul(wc, 2, d, x) == k.code_block_matmul_ref(wc, 2, d, x)).all()
         print("ok")
     """, NUMBA_BOUNDSCHECK="1")
     assert out.strip() == "ok"

@@ -831,3 +831,74 @@ def test_int8_rows_round_to_the_nearest_step(w):
     err = np.abs(w64 - w_q.astype(np.float64) * scale.astype(np.float64)[:, None])
     assert np.all(err <= step * (0.5 + 127 * 2.0 ** -23))
     np.testing.assert_array_equal(quant.int8_dequantize(w_q, scale), (w_q * scale[:, None]).astype(np.float32))
+
+
+# --- block scales: one float16 scale per block of inputs of a row (GGUF's 1-bit types) ----------
+
+F16_HALF_ULP = 2.0 ** -11  # relative rounding of a float16 scale
+
+
+@st.composite
+def block_matrices(draw):
+    """(w (n_out, n_blocks * block) within float16's range for the scales, block)."""
+    block = draw(st.sampled_from([1, 4, 8, 32]))
+    n_out, n_blocks = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    shapes = st.just((n_out, n_blocks * block))
+    w = draw(matrices(shapes=shapes))
+    return np.clip(w, -1e4, 1e4), block
+
+
+def _block_means(w, block):
+    return np.array([[_mean(np.abs(b)) for b in row] for row in w.reshape(w.shape[0], -1, block)])
+
+
+def _f16_close(d, want):
+    assert np.all(np.abs(d.astype(np.float64) - want) <= F16_HALF_ULP * want + 2.0 ** -24), (d, want)
+
+
+@given(case=block_matrices())
+def test_ternarize_blocks_matches_formula(case):
+    """gamma = f16(mean |W| of the block), W~ = clip(rint(W / (gamma + eps)), -1, 1) with the stored gamma."""
+    w, block = case
+    w_t, gamma = quant.ternarize_blocks(w, block)
+    assert w_t.dtype == np.int8 and gamma.dtype == np.float16 and gamma.shape == (w.shape[0], w.shape[1] // block)
+    _f16_close(gamma, _block_means(w, block))
+    g = np.repeat(gamma.astype(np.float64), block, axis=1)
+    np.testing.assert_array_equal(w_t, np.clip(np.rint(w.astype(np.float64) / (g + EPS)), -1, 1))
+
+
+@given(case=block_matrices())
+def test_binarize_blocks_matches_formula(case):
+    """llama.cpp's Q1_0: d = f16(mean |W| of the block), +1 where W >= 0 (zero included), else -1."""
+    w, block = case
+    w_sign, d = quant.binarize_blocks(w, block)
+    np.testing.assert_array_equal(w_sign, np.where(w >= 0, 1, -1))
+    _f16_close(d, _block_means(w, block))
+
+
+@given(case=block_matrices())
+def test_twobit_blocks_is_the_best_candidate(case):
+    """Codes in {-1, 0, +1, +2} = clip(rint(W / d), -1, 2), and no candidate scale s * mean|W| (s in TWOBIT_STEPS)
+    leaves a smaller squared error than the chosen d."""
+    w, block = case
+    w_c, d = quant.twobit_blocks(w, block)
+    assert set(np.unique(w_c)) <= {-1, 0, 1, 2}
+    wb, dd = w.astype(np.float64).reshape(w.shape[0], -1, block), d.astype(np.float64)[:, :, None]
+    cb = w_c.reshape(wb.shape)
+    np.testing.assert_array_equal(cb, np.clip(np.rint(np.divide(wb, dd, out=np.zeros_like(wb), where=dd > 0)), -1, 2))
+    err = ((wb - cb * dd) ** 2).sum(axis=2)
+    mean = np.abs(wb).mean(axis=2, keepdims=True)
+    for s in quant.TWOBIT_STEPS:
+        ds = (s * mean).astype(np.float16).astype(np.float64)
+        c = np.clip(np.rint(np.divide(wb, ds, out=np.zeros_like(wb), where=ds > 0)), -1, 2)
+        assert np.all(err <= ((wb - c * ds) ** 2).sum(axis=2) * (1 + 1e-12) + 1e-300)
+
+
+@pytest.mark.parametrize("f", [quant.ternarize_blocks, quant.binarize_blocks, quant.twobit_blocks])
+def test_block_quantizers_refuse_partial_blocks_and_float16_overflow(f):
+    with pytest.raises(QuantError, match="whole number of blocks"):
+        f(np.ones((2, 12)), 8)
+    with pytest.raises(QuantError, match="float16"):
+        f(np.full((2, 8), 1e6), 8)
+    with pytest.raises(QuantError, match="NaN"):
+        f(np.array([[np.nan] * 8]), 8)

@@ -4,6 +4,8 @@ Each Numba kernel sits beside the NumPy function it must equal (`*_ref`, tests h
 y (tokens, n_out); scales are the caller's.
     ternary_matmul(s), binary_matmul(s)   planes x int8 -> exact int32 (several matrices, one x: q/k/v)
     binary_matmul_f32                     binary planes x float32 (OneBit, W1A16)
+    ternary_block_matmul                  ternary planes x int8, a float scale per block of 256 inputs (TQ1_0, TQ2_0)
+    code_block_matmul                     1-/2-bit codes x float32, a float scale per block (Q1_0, Q2_0, PQ2_0)
     lut_matmul, vq_matmul                 n-bit indices into per-row-group tables, float32
     int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
@@ -65,6 +67,28 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
 def int8_matmul_ref(w_q, x):
     """(n_out, n_in) int8 (or float32: f32_matmul_ref), (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W^T."""
     return (x.astype(np.float64) @ w_q.T.astype(np.float64)).astype(np.float32)
+
+
+def ternary_block_matmul_ref(w_packed, d, x_q):
+    """Block-scaled ternary (TQ1_0, TQ2_0): (n_out, n_blocks*64) uint8 planes, d (n_out, n_blocks) float32, (tokens, n_in)
+    int8 -> (tokens, n_out) float32: y[t, o] = sum_b d[o, b] (x_q[t, block b] . W~[o, block b]), blocks of 256 inputs."""
+    return _block_product(pack.unpack_ternary(w_packed, x_q.shape[1]), d, x_q)
+
+
+def code_block_matmul_ref(w_idx, bits, d, x):
+    """Block-scaled 1- or 2-bit codes (Q1_0; Q2_0, PQ2_0): w_idx (n_out, bits*n_in/8) uint8 LSB-first codes q, weight
+    BLOCK_VALUES[bits][q] (1 bit: -1, +1; 2 bits: -1, 0, +1, +2) times d (n_out, n_blocks) float32 of its block of
+    n_in / n_blocks inputs; x (tokens, n_in) float32 -> (tokens, n_out) float32, as ternary_block_matmul_ref."""
+    idx = pack.unpack_indices(w_idx, x.shape[1], bits)  # (n_out, n_in)
+    return _block_product(BLOCK_VALUES[bits][idx], d, x)
+
+
+def _block_product(w, d, x):
+    """y[t, o] = sum_b d[o, b] (x[t, block b] . w[o, block b]) in float64: w (n_out, n_in) weight multiples."""
+    n_out, n_blocks = d.shape
+    xb = x.astype(np.float64).reshape(x.shape[0], n_blocks, -1)  # (tokens, n_blocks, block)
+    dots = np.einsum("tbj,obj->tob", xb, w.astype(np.float64).reshape(n_out, n_blocks, -1))  # (tokens, n_out, n_blocks)
+    return (dots * d.astype(np.float64)).sum(-1).astype(np.float32)
 
 
 f32_matmul_ref = int8_matmul_ref  # w (n_out, n_in) float32: the same product
@@ -756,6 +780,68 @@ def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
         _vq_rows(ws[i % len(ws)], nbits, codebook, group_rows, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
+# Block-scaled codes: a weight is c d, c in {-1, 0, +1, +2} a code, d the float scale of its block of inputs (GGUF's
+# TQ1_0, TQ2_0, Q1_0, Q2_0). A row's block is decoded once into c, then each token adds its inputs by selects (2x is
+# x + x) into an exact block sum, which d scales once.
+BLOCK_VALUES = {1: np.array([-1, 1], np.int8), 2: np.array([-1, 0, 1, 2], np.int8)}  # code q -> c (Q1_0; Q2_0)
+
+
+@njit(cache=True, inline="always")
+def _select_dot(c, x, j0, s):
+    """s + sum_j c[j] x[j0 + j], c in {-1, 0, +1, +2}: selects and adds only."""
+    for j in range(c.shape[0]):
+        v = x[j0 + j]
+        s += (v + v if c[j] == 2 else v) if c[j] > 0 else (-v if c[j] < 0 else v - v)
+    return s
+
+
+@njit(cache=True, inline="always")
+def _decode_block(wr, nbits, b, c):
+    """Codes of block b of a row into c (block,) int8. nbits 0: ternary planes (docs/FORMAT.md, block 256), c = nonzero
+    bit - 2 (negative bit); 1, 2: LSB-first codes q -> BLOCK_VALUES."""
+    if nbits == 0:
+        for p in range(8):
+            for j in range(PLANE):
+                nz, ng = (wr[2 * PLANE * b + j] >> p) & 1, (wr[2 * PLANE * b + PLANE + j] >> p) & 1
+                c[PLANE * p + j] = np.int8(nz) - np.int8((ng & nz) << 1)
+    elif nbits == 1:
+        o = b * c.shape[0] // 8
+        for k in range(c.shape[0] // 8):
+            for i in range(8):
+                q = np.int8((wr[o + k] >> i) & 1)
+                c[8 * k + i] = q + q - 1
+    else:
+        o = b * c.shape[0] // 4
+        for k in range(c.shape[0] // 4):
+            for i in range(4):
+                c[4 * k + i] = np.int8((wr[o + k] >> (2 * i)) & 3) - 1
+
+
+@njit(cache=True, fastmath={"reassoc"})  # the block sums in vector lanes: exact on integers in any order
+def _block_rows(w, nbits, d, x, y, r0, r1):
+    """Rows r0..r1-1 of y[t, o] = sum_b d[o, b] (x[t, block b] . c[o, block b]), scaled and added in float64. w (n_out,
+    row bytes) uint8 (_decode_block), d (n_out, n_blocks) float32, x (tokens, n_blocks * block) float32 (int8
+    activations widened: their block sums, |s| <= 2^16, are exact in float32), y (tokens, n_out) float32."""
+    n_blocks = d.shape[1]
+    c = np.empty(x.shape[1] // n_blocks, np.int8)  # (block,) the codes of one block of a row
+    acc = np.empty(x.shape[0])  # (tokens,) float64
+    for r in range(r0, r1):
+        wr = w[r]
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _decode_block(wr, nbits, b, c)
+            for t in range(x.shape[0]):
+                acc[t] += np.float64(d[r, b]) * _select_dot(c, x[t], b * c.shape[0], np.float32(0))
+        for t in range(x.shape[0]):
+            y[t, r] = acc[t]
+
+
+@njit(cache=True, parallel=True)
+def _block_par(ws, nbits, d, x, ys, n_chunks):
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _block_rows(ws[i % len(ws)], nbits, d, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+
+
 # Dense kernels: float32 partial sums per token and row, lane i adding the inputs j = i mod DENSE_LANES (one vector
 # register of the target), in blocks of rows x tokens whose sums stay in registers: (8, 1) and (4, 4) with AVX-512's
 # 32 registers; half those with AVX2's 16 (llvm-mca on haswell code: (4, 4) of 16 lanes spills 62 times a chunk).
@@ -992,6 +1078,33 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     cb, g = _table(codebook, (2 ** nbits, 2), group_rows, w.shape[0], "codebook")
     xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
     return _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), *xf.shape)[0]
+
+
+def ternary_block_matmul(w_packed, d, x_q):
+    """Same as ternary_block_matmul_ref: (n_out, n_blocks*64) uint8, d (n_out, n_blocks) float32, (tokens, n_in) int8."""
+    x_q = _check_x(x_q, np.int8)
+    w = check_packed(w_packed, 2 * pack.plane_row_bytes(x_q.shape[1]), "ternary planes")
+    if np.shape(d)[1:] != (w.shape[1] // (2 * PLANE),):
+        raise UsageError(f"ternary block scales: expected (n_out, {w.shape[1] // (2 * PLANE)}), got {np.shape(d)}")
+    return _block_matmul(w, 0, d, _padded(x_q, w.shape[1] // (2 * PLANE) * BLOCK, np.float32))
+
+
+def code_block_matmul(w_idx, bits, d, x):
+    """Same as code_block_matmul_ref: w_idx (n_out, bits*n_in/8) uint8 codes, d (n_out, n_blocks) float32, x (tokens,
+    n_in) float32, n_in a multiple of n_blocks and the block a multiple of 8 inputs."""
+    if bits not in BLOCK_VALUES:
+        raise UsageError(f"block codes: bits must be 1 or 2, got {bits!r}")
+    x = _check_x(x)
+    w = check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit codes")
+    return _block_matmul(w, bits, d, np.ascontiguousarray(x, np.float32))
+
+
+def _block_matmul(w, nbits, d, x):
+    d = np.ascontiguousarray(d, np.float32)
+    if d.ndim != 2 or d.shape[0] != w.shape[0] or not d.shape[1] or x.shape[1] % (8 * d.shape[1]):
+        raise UsageError(f"block scales: expected (n_out={w.shape[0]}, n_blocks), n_blocks dividing {x.shape[1]} "
+                         f"inputs into blocks of a multiple of 8, got {d.shape}")
+    return _launch(_block_par, _block_rows, (w,), (nbits, d, x), *x.shape)[0]
 
 
 def _dense_matmul(w, x, dtype, what):

@@ -11,6 +11,10 @@ A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arra
     lut      palettized:   y[o] = sum_k lut[o, k] (sum of x_j with idx[o, j] = k)         w_idx, lut
     vq       2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs      w_idx, codebook
     int8     int8 rows:    y = (x W_q^T) * scale, scale = max|w_row| / 127 (a smaller head)   w_q, scale
+  block scales, W = c d per block of `block` inputs of a row, d float16 (GGUF's 1-bit types):
+    ternary_block  c in {-1, 0, +1}, int8 x as ternary: y = (sum_b d_b (x_q . W~)_b) / s_x   w_packed, scale
+    binary_block   c in {-1, +1}, float x:          y = sum_b d_b (x . c)_b (Q1_0)            w_idx, scale
+    twobit_block   c in {-1, 0, +1, +2}, float x:   the same (Q2_0, PQ2_0)                    w_idx, scale
 Formulas and papers: docs/QUANTIZERS.md; bit layouts: docs/FORMAT.md. Adding a scheme is one
 record here, its quantizer (quant.py), its codec (pack.py) and its kernel (kernels.py).
 """
@@ -215,8 +219,72 @@ INT8 = Scheme(
     dequantize=lambda layer: quant.int8_dequantize(layer["w_q"], layer["scale"]),
     bits=lambda spec: 8, gguf="Q8_0")
 
+# --- block scales: codes times a float16 scale per block of inputs of a row (GGUF's 1-bit types) ------------------
+
+def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, **traits):
+    """ternary_block, binary_block, twobit_block: codes of the weight multiples c, and scale (n_out, n_in / block)
+    float16 (W = c * scale per block). codes: (tensor suffix, its bytes per row of n_in, pack(c), unpack(packed, n_in)
+    -> c, check(packed, n_in, what))."""
+    suffix, row_bytes, pack_codes, unpack_codes, check_packed = codes
+
+    def check(spec, t, n_in, where):
+        if n_in % spec["block"]:
+            raise pack.PackError(f"{where}: {n_in} inputs are not a whole number of blocks of {spec['block']}")
+        check_packed(t[suffix], n_in, f"{where}.{suffix}")
+
+    return Scheme(
+        name, {"block": blocks},
+        lambda spec, n_out, n_in: {suffix: (np.uint8, (n_out, row_bytes(n_in))),
+                                   "scale": (np.float16, (n_out, pack.ceil_div(n_in, spec["block"])))},
+        quantize=lambda w, spec, method: quantize(w, spec["block"]),
+        encode=lambda spec, w_c, d: {suffix: pack_codes(w_c), "scale": np.asarray(d, np.float16)},
+        check=check, apply=apply, apply_ref=apply_ref,
+        dequantize=lambda layer: quant.block_dequantize(unpack_codes(layer[suffix], layer["n_in"]), layer["scale"]),
+        **traits)
+
+
+def _block_codes(bits):
+    """The codes of binary_block / twobit_block: LSB-first bits-bit indices q (pack.pack_indices), c = BLOCK_VALUES[q]."""
+    values = kernels.BLOCK_VALUES[bits]  # (2^bits,) ascending
+
+    def pack_codes(w_c):
+        q = np.searchsorted(values, w_c).clip(max=len(values) - 1)
+        if not np.array_equal(values[q], w_c):
+            raise pack.PackError(f"{bits}-bit block codes: weight multiples must be in {values.tolist()}")
+        return pack.pack_indices(q, bits)
+    return ("w_idx", lambda n_in: pack.index_row_bytes(n_in, bits), pack_codes,
+            lambda w_idx, n_in: values[pack.unpack_indices(w_idx, n_in, bits)],
+            lambda w_idx, n_in, what: pack.check_indices(w_idx, n_in, bits, what))
+
+
+def _ternary_block_apply(absmax, matmul):
+    """apply for ternary_block layers reading one x: one absmax quantization, y = (sum_b d_b (x_q . W~)_b) / s_x."""
+    return lambda layers, x: (lambda x_q, s_x: [matmul(layer["w_packed"], layer["scale"], x_q) / s_x
+                                                 for layer in layers])(*absmax(x))
+
+
+def _code_block_apply(matmul, bits):
+    return lambda layer, x: matmul(layer["w_idx"], bits, layer["scale"], x)
+
+
+TERNARY_BLOCK = _block_scheme(
+    "ternary_block", (256,), quant.ternarize_blocks,
+    ("w_packed", lambda n_in: 2 * pack.plane_row_bytes(n_in), pack.pack_ternary, pack.unpack_ternary,
+     pack.check_ternary_planes),
+    _ternary_block_apply(kernels.absmax_quantize, kernels.ternary_block_matmul),
+    _ternary_block_apply(kernels.absmax_quantize_ref, kernels.ternary_block_matmul_ref),
+    bits=lambda spec: 2, int8_act=True, gguf="TQ2_0")
+BINARY_BLOCK = _block_scheme(
+    "binary_block", (32, 64, 128, 256), quant.binarize_blocks, _block_codes(1),
+    _weight_only(_code_block_apply(kernels.code_block_matmul, 1)),
+    _each(_code_block_apply(kernels.code_block_matmul_ref, 1)), bits=lambda spec: 1, gguf="Q1_0")
+TWOBIT_BLOCK = _block_scheme(
+    "twobit_block", (32, 64, 128, 256), quant.twobit_blocks, _block_codes(2),
+    _weight_only(_code_block_apply(kernels.code_block_matmul, 2)),
+    _each(_code_block_apply(kernels.code_block_matmul_ref, 2)), bits=lambda spec: 2, gguf="Q2_0")
+
 SCHEMES = {s.name: s for s in (_float("f32", np.float32), _float("f16", np.float16), TERNARY, BINARY, ONEBIT,
-                               LUT, VQ, INT8)}
+                               LUT, VQ, INT8, TERNARY_BLOCK, BINARY_BLOCK, TWOBIT_BLOCK)}
 
 
 # --- the interface: everything below dispatches through SCHEMES ---------------------------------

@@ -280,6 +280,70 @@ def vq_dequantize(w_idx, codebook, n_in, group_rows=None):
     return pairs.reshape(w_idx.shape[0], -1)[:, :n_in].astype(np.float32)
 
 
+# --- block scales: one float16 scale per block of `block` inputs of a row (GGUF's 1-bit types) ---------------------
+
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _blocks(w, block):
+    """Checked float64 (n_out, n_in) -> (n_out, n_in // block, block); n_in a multiple of block."""
+    w = check_weight(w)
+    if not is_int(block) or block < 1 or w.shape[1] % block:
+        raise QuantError(f"block scales: {w.shape[1]} inputs are not a whole number of blocks of {block!r}")
+    return w.reshape(w.shape[0], -1, block)
+
+
+def _f16_scale(d):
+    """Block scales (n_out, n_blocks) float64 -> float16, refusing what float16 cannot hold."""
+    if d.max(initial=0) > F16_MAX:
+        raise QuantError(f"block scale {d.max():.3g} exceeds float16's range ({F16_MAX}); cannot quantize")
+    return d.astype(np.float16)
+
+
+def ternarize_blocks(w, block, eps=EPS):
+    """BitNet b1.58's absmean RoundClip (ternarize) per block of a row, as GGUF TQ1_0 / TQ2_0 hold it (block 256):
+        gamma[o, b] = f16(mean |W[o, block b]|),  W~ = clip(rint(W / (gamma + eps)), -1, 1);  W ~= W~ * gamma
+    (the codes from the stored, float16 gamma). -> w_t (n_out, n_in) int8, gamma (n_out, n_blocks) float16."""
+    wb = _blocks(w, block)
+    gamma = _f16_scale(np.abs(wb).mean(axis=2))
+    w_t = np.clip(np.rint(wb / (gamma[:, :, None].astype(np.float64) + eps)), -1, 1)
+    return w_t.astype(np.int8).reshape(w.shape), gamma
+
+
+def binarize_blocks(w, block):
+    """Signs with the mean magnitude per block, as llama.cpp's Q1_0 quantizer (block 128):
+        d[o, b] = f16(mean |W[o, block b]|),  W~ = +1 if W >= 0 else -1;  W ~= W~ * d
+    -> w_sign (n_out, n_in) int8, d (n_out, n_blocks) float16."""
+    wb = _blocks(w, block)
+    return np.where(wb >= 0, 1, -1).astype(np.int8).reshape(w.shape), _f16_scale(np.abs(wb).mean(axis=2))
+
+
+TWOBIT_STEPS = np.linspace(0.5, 2.0, 16)  # candidate d / mean|W| of twobit_blocks
+
+
+def twobit_blocks(w, block):
+    """Codes in {-1, 0, +1, +2} per block (GGUF Q2_0, PQ2_0): the block's d is the candidate s * mean|W_block|,
+    s in TWOBIT_STEPS, whose codes W~ = clip(rint(W / d), -1, 2) leave the least squared error |W - W~ d|^2
+    (an all-zero block: d = 0, codes 0). -> w_c (n_out, n_in) int8, d (n_out, n_blocks) float16."""
+    wb = _blocks(w, block)
+    mean = np.abs(wb).mean(axis=2, keepdims=True)  # (n_out, n_blocks, 1)
+    best_d, best_err = np.zeros_like(mean), np.full(mean.shape, np.inf)
+    for step in TWOBIT_STEPS:
+        d = _f16_scale(step * mean).astype(np.float64)
+        c = np.clip(np.rint(np.divide(wb, d, out=np.zeros_like(wb), where=d > 0)), -1, 2)
+        err = ((wb - c * d) ** 2).sum(axis=2, keepdims=True)
+        better = err < best_err
+        best_d, best_err = np.where(better, d, best_d), np.where(better, err, best_err)
+    w_c = np.clip(np.rint(np.divide(wb, best_d, out=np.zeros_like(wb), where=best_d > 0)), -1, 2)
+    return w_c.astype(np.int8).reshape(w.shape), best_d[:, :, 0].astype(np.float16)
+
+
+def block_dequantize(w_c, d):
+    """W = W~ * d per block: w_c (n_out, n_in) int8, d (n_out, n_blocks) -> float32."""
+    n_out, n_blocks = d.shape
+    return (w_c.reshape(n_out, n_blocks, -1) * d[:, :, None].astype(np.float32)).reshape(w_c.shape).astype(np.float32)
+
+
 def int8_rows(w):
     """Per-row absmax int8 weights, for the output head (LLM.int8(), Dettmers et al. 2022, §3.1):
     gamma = max|w_row| (1 for an all-zero row), w_q = clip(rint(w / gamma * 127), -127, 127), scale = gamma / 127.
