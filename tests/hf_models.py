@@ -4,7 +4,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import BitNetConfig, LlamaConfig
+from transformers import BitNetConfig, LlamaConfig, Qwen3Config
 from transformers.integrations.bitnet import pack_weights, replace_with_bitnet_linear
 from transformers.utils.quantization_config import BitNetQuantConfig
 
@@ -27,6 +27,16 @@ def llama_config(**kw):
              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     c.update(kw)
     return LlamaConfig(**c)
+
+
+def qwen3_config(**kw):
+    """GQA 2, head_dim 32 != hidden / heads (16), per-head q/k norms (Qwen3Config has no attention bias)."""
+    c = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+             bos_token_id=1, eos_token_id=2)
+    c.update(kw)
+    return Qwen3Config(**c)
 
 
 def bitnet_config(**kw):

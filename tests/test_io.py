@@ -50,6 +50,7 @@ def edit_header(st_path, edit):
     (dict(format_version=2), "format_version 2 is not supported"),
     (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling must be null or have type"),
     (dict(family=5), "family must be a string"),
+    (dict(qk_norm="true"), "qk_norm must be true or false"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}),
      "rope_scaling: unknown key(s) ['low_freq_factor'] for type 'linear'"),
     (dict(rope_scaling={"type": "linear", "rope_type": "llama3", "factor": 2.0}),

@@ -29,6 +29,7 @@ ARCHS = {
     "vq2-oddin": dict(quant={"scheme": "vq", "bits": 2, "group_rows": 8}, dim=47, head_dim=10),
     "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "qwen3-ternary-qk-norm": dict(quant={"scheme": "ternary"}, qk_norm=True, head_dim=16, tie_embeddings=False),
 }
 
 
@@ -86,6 +87,8 @@ def independent_logits(m, ids):
         q = lin(p + "q", h).reshape(T, c.n_heads, c.head_dim)
         k = lin(p + "k", h).reshape(T, c.n_kv_heads, c.head_dim)
         v = lin(p + "v", h).reshape(T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:  # each head over head_dim
+            q, k = rms(q, m.block_norms[i]["q_norm"]), rms(k, m.block_norms[i]["k_norm"])
         q = np.stack([rotate(q[t], t) for t in range(T)])
         k = np.stack([rotate(k[t], t) for t in range(T)])
         a = np.zeros((T, c.n_heads, c.head_dim))
@@ -209,7 +212,8 @@ def test_load_in_memory(models, arch):
     assert is_mapped(copied.embed) == (not copied.config.tie_embeddings)
 
 
-@pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows"])
+@pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows",
+                                  "qwen3-ternary-qk-norm"])
 def test_kv_cache_decode_equals_full_recompute(models, arch):
     m = tinybit.load(models[arch])
     full = m.logits(IDS)

@@ -39,6 +39,7 @@ class Config:
     max_seq_len: int = 2048
     activation: str = "silu"     # gate activation: silu (SwiGLU), relu2 (squared ReLU, BitNet 2B4T), gelu_tanh
     sub_norms: bool = False      # RMSNorm before o_proj and down_proj (BitNet b1.58 2B4T, 1bitLLM)
+    qk_norm: bool = False        # RMSNorm of each q and k head over head_dim, before rope (Qwen3)
     tie_embeddings: bool = True  # head = embed.weight (no head.* tensors)
     embed_dtype: str = "f32"     # storage of embed.weight: f32 or f16 (computed in f32)
     quant: dict = field(default_factory=lambda: {"scheme": "f32"})      # block linears
@@ -99,7 +100,7 @@ class Config:
              f"range ({f32.smallest_subnormal:.1e} to {f32.max:.1e}), got {self.norm_eps!r}")
         need(self.embed_dtype in ("f32", "f16"), f"embed_dtype must be 'f32' or 'f16', got {self.embed_dtype!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        for name in ("sub_norms", "tie_embeddings", "add_bos"):
+        for name in ("sub_norms", "qk_norm", "tie_embeddings", "add_bos"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
         rs = self.rope_scaling
         need(rs is None or (isinstance(rs, dict) and rs.get("type") in ("linear", "llama3")),

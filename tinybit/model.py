@@ -3,6 +3,7 @@
 One implementation covers the LLaMA family and its low-bit relatives through a few config
 switches (the schemes of the linears live in linear.py):
     LLaMA / SmolLM      RMSNorm pre-norms, rotary (HF rotate-half), GQA, SwiGLU (silu)
+    Qwen3               + qk_norm (RMSNorm of each query and key head over head_dim, before rotary)
     BitNet b1.58 2B4T   + sub_norms (RMSNorm before o_proj and down_proj), relu2 gate, ternary linears
     1bitLLM b1.58       + sub_norms, silu gate, full MHA, ternary linears
     BitNet (binary)     binary linears with LayerNorm before activation quantization (scheme "ln")
@@ -14,6 +15,7 @@ Canonical tensor names (docs/FORMAT.md):
     layers.{i}.attn_norm.weight (dim,)               layers.{i}.ffn_norm.weight (dim,)
     layers.{i}.{q,k,v,o}.*   attention linears       layers.{i}.{gate,up,down}.*   MLP linears
     layers.{i}.attn_sub_norm.weight (n_heads*head_dim,)   layers.{i}.ffn_sub_norm.weight (ffn_dim,)  (sub_norms)
+    layers.{i}.q_norm.weight (head_dim,)             layers.{i}.k_norm.weight (head_dim,)          (qk_norm)
 """
 import math
 import os
@@ -27,7 +29,8 @@ from .errors import FormatError, QuantError, UsageError
 # the linears of a block, grouped by the input they read (one kernel call per group)
 BLOCK_CALLS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 BLOCK_LINEARS = sum(BLOCK_CALLS, ())
-BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")
+BLOCK_NORMS = ("attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm")  # (those kernels.attention_step reads)
+QK_NORMS = ("q_norm", "k_norm")  # RMSNorm of each query / key head over head_dim, before rotary (qk_norm)
 
 
 def linear_shapes(config):
@@ -47,10 +50,11 @@ def expected_tensors(config):
     c = config
     out = {"embed.weight": (np.float16 if c.embed_dtype == "f16" else np.float32, (c.vocab_size, c.dim)),
            "norm.weight": (np.float32, (c.dim,))}
-    norm_dims = {"attn_norm": c.dim, "ffn_norm": c.dim,
-                 "attn_sub_norm": c.n_heads * c.head_dim, "ffn_sub_norm": c.ffn_dim}
+    norm_dims = {"attn_norm": c.dim, "ffn_norm": c.dim, "attn_sub_norm": c.n_heads * c.head_dim,
+                 "ffn_sub_norm": c.ffn_dim, "q_norm": c.head_dim, "k_norm": c.head_dim}
+    norms = BLOCK_NORMS[:4 if c.sub_norms else 2] + (QK_NORMS if c.qk_norm else ())
     for i in range(c.n_layers):
-        for name in BLOCK_NORMS[:4 if c.sub_norms else 2]:
+        for name in norms:
             out[f"layers.{i}.{name}.weight"] = (np.float32, (norm_dims[name],))
     for name, n_out, n_in in linear_shapes(c):
         for suffix, spec in linear.tensor_specs(c.scheme_of(name), n_out, n_in).items():
@@ -75,8 +79,9 @@ def check_token_ids(ids, what):
 # --- building blocks ----------------------------------------------------------------------------
 
 def rms_norm(x, weight, eps):
-    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps), x (T, d) float32. The mean of squares is summed in
-    float64: another summation order (kernels.attention_step's) changes its float32 only at a rounding tie."""
+    """HF LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last axis, x (..., d) float32. The mean of
+    squares is summed in float64: another summation order (kernels.attention_step's) changes its float32 only at a
+    rounding tie."""
     mean_sq = np.square(x, dtype=np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
     return weight * (x / np.sqrt(mean_sq + np.float32(eps)))
 
@@ -141,16 +146,18 @@ def attention(q, k, v, start):
 
 def block(c, norms, x, cos, sin, attend, linears):
     """The transformer block, the reference (one token: its twin kernels.attention_step): x (T, dim) -> (T, dim).
-    norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm"} weights (sub-norms: None
-    without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
+    norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm", "q_norm", "k_norm"} weights (sub-norms,
+    q/k norms: None without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
     attention of the rotated queries over the past and these rotated keys and values (a KV cache,
     or the calibration batch's own sequences); linears(names, x) -> [y]: the linears that read x."""
     T, H, KV, hd, eps = len(x), c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
     # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     h = rms_norm(x, norms["attn_norm"], eps)                                    # (T, dim)
     q, k, v = linears(("q", "k", "v"), h)                                        # (T, H*hd), (T, KV*hd) x 2
-    a = attend(rope(q.reshape(T, H, hd), cos, sin), rope(k.reshape(T, KV, hd), cos, sin),
-               v.reshape(T, KV, hd))                                             # (T, H*hd)
+    q, k = q.reshape(T, H, hd), k.reshape(T, KV, hd)                             # (T, H, hd), (T, KV, hd)
+    if c.qk_norm:  # Qwen3: q = q_norm(q), k = k_norm(k), each head over head_dim
+        q, k = rms_norm(q, norms["q_norm"], eps), rms_norm(k, norms["k_norm"], eps)
+    a = attend(rope(q, cos, sin), rope(k, cos, sin), v.reshape(T, KV, hd))     # (T, H*hd)
     if c.sub_norms:
         a = rms_norm(a, norms["attn_sub_norm"], eps)
     x = x + linears(("o",), a)[0]                                                # (T, dim)
@@ -225,15 +232,16 @@ class Model:
         if c.tie_embeddings:
             self.linears["head"] = linear.make({"scheme": "f32"}, {"weight": self.embed.astype(np.float32, copy=False)},
                                                c.vocab_size, c.dim)
-        # block i's norm weights by name, None where the model has none (sub-norms)
-        self.block_norms = [{name: tensors.get(f"layers.{i}.{name}.weight") for name in BLOCK_NORMS}
+        # block i's norm weights by name, None where the model has none (sub-norms, q/k norms)
+        self.block_norms = [{name: tensors.get(f"layers.{i}.{name}.weight") for name in BLOCK_NORMS + QK_NORMS}
                             for i in range(c.n_layers)]
         self.inv_freq = rope_inv_freq(c)
-        # one-token steps through blocks whose linears are all ternary run compiled (kernels.attention_step)
+        # one-token steps through blocks whose linears are all ternary run compiled (kernels.attention_step,
+        # which has no q/k norms: a qk_norm model's blocks run in NumPy)
         self.compiled_blocks = {}  # i -> decode_args of block i
         for i in range(c.n_layers):
             layers = [self.linears[f"layers.{i}.{name}"] for name in BLOCK_LINEARS]
-            if not ref and all(linear.scheme(layer["scheme"]) is linear.TERNARY for layer in layers):
+            if not ref and not c.qk_norm and all(linear.scheme(layer["scheme"]) is linear.TERNARY for layer in layers):
                 self.compiled_blocks[i] = decode_args(self.block_norms[i], layers)
 
     def new_cache(self, max_len=None):

@@ -44,6 +44,7 @@ from tinybit.errors import ConfigError, FormatError, UsageError, is_int  # noqa:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import calibrate  # noqa: E402  (tools/calibrate.py: GPTQ/GPTVQ error feedback for --calibrate)
+import gguf_raw  # noqa: E402  (tools/gguf_raw.py: GGUF files with tensor types gguf-py does not know)
 
 FAMILIES = ("bitnet", "bitnet-bf16", "hf-bitlinear", "1bitllm", "onebit", "llama")
 FAMILY_INFO = {
@@ -54,13 +55,15 @@ FAMILY_INFO = {
     "onebit": "OneBit bitllama (sign, g, h, LayerNorm after the product)",
     "llama": "float LLaMA-family checkpoint",
 }
-# --scheme names: each scheme of tinybit.linear.SCHEMES, with its bits appended where it takes them
-# (lut4, vq2), and the names that set a flag or OneBit's decomposition -> (spec, onebit method)
+# --scheme names: each scheme of tinybit.linear.SCHEMES, with its bits or block appended where it takes them
+# (lut4, vq2, binary_block128), and the names that set a flag or OneBit's decomposition -> (spec, onebit method)
 SCHEME_ALIASES = {"ternary-row": ({"scheme": "ternary", "per_row": True}, None),
                   **{n: ({"scheme": "onebit", "post_ln": False}, n[7:] or "svd")
                      for n in ("onebit", "onebit-svd", "onebit-nmf")}}
-SCHEME_SPECS = {**{f"{s.name}{b}" if b else s.name: ({"scheme": s.name, **({"bits": b} if b else {})}, None)
-                   for s in linear.SCHEMES.values() for b in s.params.get("bits", (None,))},
+SCHEME_SPECS = {**{f"{s.name}{v}" if v else s.name: ({"scheme": s.name, **({key: v} if v else {})}, None)
+                   for s in linear.SCHEMES.values()
+                   for key in [next((k for k in ("bits", "block") if k in s.params), None)]
+                   for v in s.params.get(key, (None,))},
                 **SCHEME_ALIASES}
 SCHEME_NAMES = tuple(SCHEME_SPECS)
 EPS = 1e-5  # transformers' clamp of mean|W| in BitNet weight quantization
@@ -70,7 +73,8 @@ LAYER_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_lay
                "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight",    # BitNet 2B4T
                "mlp.ffn_sub_norm.weight": "ffn_sub_norm.weight",
                "self_attn.inner_attn_ln.weight": "attn_sub_norm.weight",    # 1bitLLM
-               "mlp.ffn_layernorm.weight": "ffn_sub_norm.weight"}
+               "mlp.ffn_layernorm.weight": "ffn_sub_norm.weight",
+               "self_attn.q_norm.weight": "q_norm.weight", "self_attn.k_norm.weight": "k_norm.weight"}  # Qwen3
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")  # GGUF pre-tokenizer names of the Llama 3 tokenizer
 LLAMA3_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -87,8 +91,9 @@ class Ref:
     """One source tensor: name, shape, dtype kind ("float" or a NumPy int dtype) and a loader.
     load() returns float32 for float tensors (bf16/f16/f64 widened) and checks NaN/Inf."""
 
-    def __init__(self, name, shape, dtype, loader):
+    def __init__(self, name, shape, dtype, loader, exact=None):
         self.name, self.shape, self.dtype, self._loader = name, tuple(int(d) for d in shape), dtype, loader
+        self.exact = exact  # None, or () -> (spec, stored tensors): a tinybit scheme holding the weights exactly
 
     @property
     def is_float(self):
@@ -280,7 +285,14 @@ GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
 GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+              "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+GGUF_ARCHS = ("llama", "qwen3")  # llama's Q/K rows are permuted (interleaved-pair RoPE); qwen3's are in HF order
+# GGML types held exactly (their codes and scales, no float round trip): type -> the tinybit scheme. Ternary types
+# whose block scales are one per tensor (or per row) become plain ternary, the same weights with fewer scales.
+GGUF_EXACT = {"TQ1_0": {"scheme": "ternary_block", "block": 256}, "TQ2_0": {"scheme": "ternary_block", "block": 256},
+              "I2_S": {"scheme": "ternary"}, "Q1_0": {"scheme": "binary_block", "block": 128},
+              "Q2_0": {"scheme": "twobit_block", "block": 64}, "PQ2_0": {"scheme": "twobit_block", "block": 128}}
+GGUF_FORK_TYPES = {pack.I2S_TYPE_ID: "I2_S", **{t.type_id: name for name, t in pack.GGML_TYPES.items()}}
 
 
 def unpermute_qk(w, n_head):
@@ -289,29 +301,42 @@ def unpermute_qk(w, n_head):
 
 
 def open_gguf(path):
-    """(the gguf module, a GGUFReader of path)."""
+    """(fields {key: value}, {name: (GGML type name, shape in ggml order, data)}) of a GGUF file: read by gguf-py,
+    or by tools/gguf_raw.py where gguf-py does not know a tensor type (Q2_0, PQ2_0, I2_S). data: float32/float16
+    values of float tensors, the raw bytes (uint8) of the others."""
     try:
         import gguf
     except ImportError:
         raise UsageError("reading .gguf files needs the gguf package (pip install gguf)") from None
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: not found")
     try:
-        return gguf, gguf.GGUFReader(path, "r")
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found") from None
+        reader = gguf.GGUFReader(path, "r")
     except Exception as e:
-        raise FormatError(f"{path}: not a readable GGUF file: {str(e)[:200]}") from None
+        try:
+            fields, raw = gguf_raw.read(path)
+        except FormatError:
+            raise FormatError(f"{path}: not a readable GGUF file: {str(e)[:200]}") from None
+        known = {t.value: t.name for t in gguf.GGMLQuantizationType}
+        tensors = {}
+        for name, type_id, shape, data in raw:
+            tname = GGUF_FORK_TYPES.get(type_id, known.get(type_id))
+            dtype = {"F32": np.float32, "F16": np.float16}.get(tname)
+            tensors[name] = (tname, shape, data.view(dtype) if dtype else data)
+        return fields, tensors
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return fields, {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), np.asarray(t.data))
+                    for t in reader.tensors}
 
 
 def read_gguf(path):
-    gguf, reader = open_gguf(path)
+    fields, tensors = open_gguf(path)
 
     def field(key, default=None):
-        f = reader.get_field(key)
-        return default if f is None else f.contents()
+        return fields.get(key, default)
 
-    tensors = {t.name: t for t in reader.tensors}
     hf = gguf_hf_config(path, field, tensors)
-    refs = gguf_refs(path, gguf, tensors, hf["num_attention_heads"], hf["num_key_value_heads"])
+    refs = gguf_refs(path, tensors, hf)
     tokens = field("tokenizer.ggml.tokens")
     tok_json, notes = None, []
     if tokens:
@@ -326,10 +351,10 @@ def read_gguf(path):
 
 
 def gguf_hf_config(path, field, tensors):
-    """The HF-style config dict of a llama GGUF, from its metadata (field(key, default)) and tensor names."""
+    """The HF-style config dict of a llama or qwen3 GGUF, from its metadata (field(key, default)) and tensor names."""
     arch = field("general.architecture")
-    if arch != "llama":
-        raise UsageError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
+    if arch not in GGUF_ARCHS:
+        raise UsageError(f"{path}: GGUF architecture {arch!r} is not supported (only {', '.join(GGUF_ARCHS)}); "
                          "convert the original Hugging Face checkpoint instead")
     a = arch + "."
     n_head = field(a + "attention.head_count")
@@ -345,7 +370,7 @@ def gguf_hf_config(path, field, tensors):
     theta = _number(field(a + "rope.freq_base", 10000.0), a + "rope.freq_base", path)
     tokens = field("tokenizer.ggml.tokens")
     emb = tensors.get("token_embd.weight")
-    vocab = field(a + "vocab_size") or (len(tokens) if tokens else None) or (int(emb.shape[1]) if emb else None)
+    vocab = field(a + "vocab_size") or (len(tokens) if tokens else None) or (int(emb[1][1]) if emb else None)
     head_dim = field(a + "attention.key_length") or dim // n_head
     v_dim = field(a + "attention.value_length", head_dim)
     if v_dim != head_dim:
@@ -354,7 +379,7 @@ def gguf_hf_config(path, field, tensors):
     if rope_dim != head_dim:
         raise UsageError(f"{path}: partial rotary (rope.dimension_count {rope_dim} != head_dim {head_dim}) "
                          "is not supported")
-    hf = {"model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
+    hf = {"model_type": arch, "vocab_size": vocab, "hidden_size": dim,
           "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
           "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": head_dim,
           "rms_norm_eps": eps, "rope_theta": theta, "max_position_embeddings": ctx, "hidden_act": "silu",
@@ -374,11 +399,34 @@ def gguf_hf_config(path, field, tensors):
     return hf
 
 
-def gguf_refs(path, gguf, tensors, n_head, n_kv):
-    """{HF name: Ref} of a llama GGUF's tensors: dequantized to float32, attn_q / attn_k rows unpermuted."""
+def gguf_exact(tname, data, shape, what, perm):
+    """A GGUF tensor of a GGUF_EXACT type -> (spec, its stored tinybit tensors): the file's codes and scales as they
+    are (attn_q / attn_k rows unpermuted: perm heads)."""
+    n_out, n_in = shape
+    if tname == "I2_S":
+        codes, scale = pack.i2s_decode(data, n_out, n_in, what)
+        d = np.full((n_out, 1), scale, np.float32)
+    else:
+        codes, d = pack.GGML_TYPES[tname].decode(data.reshape(n_out, -1), n_in, what)  # (n_out, n_in), (n_out, nb)
+    if perm:
+        codes, d = unpermute_qk(codes, perm), unpermute_qk(d, perm)
+    spec = GGUF_EXACT[tname]
+    if linear.scheme(spec).int8_act:  # ternary: one scale per tensor or per row, where the file's are so
+        d32 = d.astype(np.float32)
+        if (d32 > 0).all() and (d32 == d32[:, :1]).all():
+            per_row = bool((d32[:, 0] != d32[0, 0]).any())
+            spec = {"scheme": "ternary", **({"per_row": True} if per_row else {})}
+            return spec, linear.TERNARY.encode(spec, codes, d32[:, 0] if per_row else d32[:1, 0])
+    return spec, linear.scheme(spec).encode(spec, codes, d)
+
+
+def gguf_refs(path, tensors, hf):
+    """{HF name: Ref} of a GGUF's tensors: floats (dequantized; GGUF_EXACT types also held exactly, Ref.exact),
+    llama's attn_q / attn_k rows unpermuted."""
     refs = {}
-    qtypes = gguf.GGMLQuantizationType
-    for name, t in tensors.items():
+    n_head, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    permuted = hf["model_type"] == "llama"
+    for name, (tname, ggml_shape, data) in tensors.items():
         if name == "rope_freqs.weight":
             raise UsageError(f"{path}: tensor 'rope_freqs.weight' (llama3 rope scaling factors) is not supported; "
                              "convert the Hugging Face checkpoint instead")
@@ -389,21 +437,30 @@ def gguf_refs(path, gguf, tensors, n_head, n_kv):
             hf_name = GGUF_NAMES[name]
         else:
             raise FormatError(f"{path}: unexpected tensor {name!r}")
-        shape = tuple(int(d) for d in reversed(list(t.shape)))  # ggml ne0 is the fastest (input) axis
-        perm = n_head if m and m.group(2) == "attn_q" else n_kv if m and m.group(2) == "attn_k" else None
+        shape = tuple(reversed(ggml_shape))  # ggml ne0 is the fastest (input) axis
+        perm = (n_head if m.group(2) == "attn_q" else n_kv if m.group(2) == "attn_k" else None) if m and permuted \
+            else None
+        what = f"{path}: tensor {name!r}"
+        exact = None
+        if tname in GGUF_EXACT and len(shape) == 2:
+            def exact(tname=tname, data=data, shape=shape, what=what, perm=perm):
+                return gguf_exact(tname, data, shape, what, perm)
 
-        def loader(t=t, perm=perm, shape=shape, name=name):
-            if t.tensor_type in (qtypes.F32, qtypes.F16, qtypes.F64):
-                w = np.asarray(t.data, dtype=np.float32)
-            else:
-                try:
-                    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-                except Exception as e:
-                    raise FormatError(f"{path}: tensor {name!r} of type {t.tensor_type.name} cannot be "
-                                      f"dequantized: {str(e)[:120]}") from None
+        def loader(tname=tname, data=data, perm=perm, shape=shape, what=what, exact=exact):
+            if tname in ("F32", "F16", "F64"):
+                w = np.asarray(data, dtype=np.float32).reshape(shape)
+                return unpermute_qk(w, perm) if perm else w
+            if exact is not None:  # unpermuted already
+                spec, stored = exact()
+                return linear.dequantize(linear.make(spec, stored, *shape))
+            import gguf
+            try:
+                w = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[tname]).astype(np.float32)
+            except Exception as e:
+                raise FormatError(f"{what} of type {tname} cannot be dequantized: {str(e)[:120]}") from None
             w = w.reshape(shape)
             return unpermute_qk(w, perm) if perm else w
-        refs[hf_name] = Ref(f"{hf_name} ({name} in {os.path.basename(path)})", shape, "F32", loader)
+        refs[hf_name] = Ref(f"{hf_name} ({name} in {os.path.basename(path)})", shape, "F32", loader, exact)
     return refs
 
 
@@ -493,7 +550,7 @@ def detect_family(src):
     if mt == "bitnet":
         raise UsageError(f"{where}: model_type 'bitnet' without a quantization_config; "
                          "pass --family bitnet-bf16 (master weights) or --family bitnet (packed)")
-    if mt in ("llama", "mistral") or src.where.endswith(".gguf"):
+    if mt in ("llama", "mistral", "qwen3") or src.where.endswith(".gguf"):
         return "llama"
     raise UsageError(f"{where}: model_type {mt!r:.80} is not supported; pass --family llama if it is "
                      "a plain LLaMA-architecture checkpoint")
@@ -532,13 +589,18 @@ def _number(v, key, where):
 
 
 # What transformers' config classes assume for keys a config.json leaves out: LlamaConfig (llama and
-# the LLaMA-based families), BitNetConfig (model_type bitnet: the bitnet and bitnet-bf16 families)
-HF_DEFAULTS = {"llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-               "bitnet": {"rms_norm_eps": 1e-5, "rope_theta": 500000.0}}
+# the LLaMA-based families), BitNetConfig (model_type bitnet: the bitnet and bitnet-bf16 families), Qwen3Config
+# (model_type qwen3); head_dim None: hidden_size // num_attention_heads
+HF_DEFAULTS = {
+    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": None, "max_position_embeddings": 2048},
+    "bitnet": {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "head_dim": None, "max_position_embeddings": 2048},
+    "qwen3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 128, "max_position_embeddings": 32768}}
 
 
-def hf_defaults(family):
-    return HF_DEFAULTS["bitnet" if family in ("bitnet", "bitnet-bf16") else "llama"]
+def hf_defaults(family, model_type):
+    if family in ("bitnet", "bitnet-bf16"):
+        return HF_DEFAULTS["bitnet"]
+    return HF_DEFAULTS["qwen3" if model_type == "qwen3" else "llama"]
 
 
 def rope_from_hf(c, where, default_theta):
@@ -591,19 +653,19 @@ def build_config(src, family, args):
         raise ConfigError(f"{where}: hidden_act {act!r:.80} is not supported ({', '.join(ACT)})")
     n_heads = _int(c, "num_attention_heads", where=where)
     dim = _int(c, "hidden_size", where=where)
-    head_dim = c.get("head_dim") or dim // n_heads
-    defaults = hf_defaults(family)
+    defaults = hf_defaults(family, c.get("model_type"))
+    head_dim = c.get("head_dim") or defaults["head_dim"] or dim // n_heads
     theta, scaling = rope_from_hf(c, where, defaults["rope_theta"])
     vocab = _int(c, "vocab_size", where=where)
     bos, eos = token_ids(src, vocab)
     add_bos = src.add_bos if src.add_bos is not None else tokenizer_adds_bos(src.tokenizer, bos)
-    max_seq_len = _int(c, "max_position_embeddings", 2048, where)
+    max_seq_len = _int(c, "max_position_embeddings", defaults["max_position_embeddings"], where)
     tie = c.get("tie_word_embeddings")
     tie = False if tie is None else tie
     if not isinstance(tie, bool):
         raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {tie!r:.80}")
     sw = c.get("sliding_window")
-    if is_int(sw) and sw < max_seq_len:
+    if is_int(sw) and sw < max_seq_len and c.get("use_sliding_window", True):  # (Qwen3: false, sliding_window unused)
         src.notes.append(f"sliding_window {sw} is ignored: tinybit attends to the whole context "
                          f"(identical for sequences up to {sw} tokens)")
     quant = {"scheme": "ternary"}
@@ -619,6 +681,7 @@ def build_config(src, family, args):
             norm_eps=float(_number(c.get("rms_norm_eps", defaults["rms_norm_eps"]), "rms_norm_eps", where)),
             rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len,
             activation=ACT[act], sub_norms=family in ("bitnet", "bitnet-bf16", "1bitllm"),
+            qk_norm=c.get("model_type") == "qwen3",
             tie_embeddings=tie, embed_dtype=args.embed_dtype,
             quant=quant, bos_token_id=bos, eos_token_ids=eos, add_bos=bool(add_bos and bos is not None),
             chat_template=src.chat_template, family=family)
@@ -713,12 +776,18 @@ def float_weight(parts, n_out, n_in, name):
     return ref.load()
 
 
-def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method):
-    """-> (stored {suffix: array}, spec used, float reference W or None for the error report)."""
+def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method, keep_exact=False):
+    """-> (stored {suffix: array}, spec used, float reference W or None for the error report). keep_exact: a source
+    tensor a tinybit scheme holds exactly (Ref.exact: a GGUF's 1-bit types) is stored so, whatever spec says."""
     extra = sorted(set(parts) - {"weight"} - ({"weight_scale"} if family in ("bitnet", "hf-bitlinear") else set())
                    - ({"weight_scale", "input_factor"} if family == "onebit" else set()))
     if extra:
         raise FormatError(f"unexpected tensor {parts[extra[0]].name!r} for a {family} checkpoint")
+    ref = parts.get("weight")
+    if keep_exact and ref is not None and ref.exact is not None:
+        check_shape(ref, (n_out, n_in))
+        used, stored = ref.exact()
+        return stored, used, None
     if name == "head" or spec["scheme"] == "f32" and family not in ("bitnet", "hf-bitlinear", "onebit"):
         w = float_weight(parts, n_out, n_in, name)
         if spec["scheme"] == "f32":
@@ -838,8 +907,11 @@ def convert_weights(src, config, family, args):
     for i, (name, n_out, n_in) in enumerate(shapes):
         spec = head_spec if name == "head" else c.quant
         log(f"convert: [{i + 1}/{len(shapes)}] {name} ({n_out}x{n_in}, {spec['scheme']})")
-        stored, used, w = convert_linear(family, name, lin[name], n_out, n_in, spec, args.onebit_method)
-        if used != spec and name != "head":
+        stored, used, w = convert_linear(family, name, lin[name], n_out, n_in, spec, args.onebit_method,
+                                         args.keep_exact_head if name == "head" else args.keep_exact)
+        if name == "head":
+            c.head_quant = used
+        elif used != spec:
             c.quant_overrides[name] = used
         for suffix, t in stored.items():
             out[f"{name}.{suffix}"] = t
@@ -848,6 +920,10 @@ def convert_weights(src, config, family, args):
             err = calibrate.weight_error(w, linear.dequantize(linear.make(used, stored, n_out, n_in)))
         stats.append((name, n_out * n_in, sum(t.nbytes for t in stored.values()), err, used["scheme"]))
     log(f"convert: {len(shapes)} linears in {time.time() - t0:.1f}s")
+    if c.quant_overrides and args.keep_exact:  # the file's own types: the most common one is the block scheme
+        used = {name: c.quant_overrides.get(name, c.quant) for name, _, _ in shapes if name != "head"}
+        c.quant = max(used.values(), key=list(used.values()).count)
+        c.quant_overrides = {name: spec for name, spec in used.items() if spec != c.quant}
     io.check_tensors(out, tbmodel.expected_tensors(c), "converted model")
     return out, stats
 
@@ -958,9 +1034,10 @@ def make_parser():
     p.add_argument("src", help="HF model directory, raw state-dict file (with --config) or .gguf file")
     p.add_argument("out", help="output tinybit model directory (must not exist unless --force)")
     p.add_argument("--scheme", help="PTQ scheme for float checkpoints, with its stored bits per weight: " + ", ".join(
-        f"{n} ({linear.scheme(spec).bits(spec)})" for n, (spec, _) in SCHEME_SPECS.items()) + " (default f32)")
+        f"{n} ({linear.scheme(spec).bits(spec)})" for n, (spec, _) in SCHEME_SPECS.items())
+        + " (default f32; a GGUF's 1-bit tensors keep their own types)")
     p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
-    p.add_argument("--head-scheme", default="f32", help="scheme of the output head (default f32)")
+    p.add_argument("--head-scheme", help="scheme of the output head (default: f32, or a GGUF head's own 1-bit type)")
     p.add_argument("--head-group-size", type=int,
                    help="rows per scale/LUT/codebook group of the head (binary, lut*, vq*; 1 = per row)")
     p.add_argument("--family", choices=FAMILIES, help="override the detected checkpoint family")
@@ -1009,6 +1086,9 @@ def choose_schemes(args, family):
     """Set args.block_spec (the block linears' scheme: None but for family llama, whose checkpoints are
     quantized here), args.head_spec and args.onebit_method from --scheme, --head-scheme and their groups."""
     args.onebit_method = "svd"
+    # no --scheme (and no --head-scheme for the head): a GGUF's 1-bit tensors keep their own types (GGUF_EXACT)
+    args.keep_exact = family == "llama" and args.scheme is None
+    args.keep_exact_head = args.keep_exact and args.head_scheme is None
     if family == "llama":
         args.block_spec, method = parse_scheme(args.scheme or "f32", args.group_size)
         args.onebit_method = method or "svd"
@@ -1017,7 +1097,7 @@ def choose_schemes(args, family):
             raise UsageError(f"--scheme/--group-size apply to float checkpoints (family llama); this is a "
                              f"{family} checkpoint ({FAMILY_INFO[family]}), converted without loss")
         args.block_spec = None
-    args.head_spec, head_method = parse_scheme(args.head_scheme, args.head_group_size, "--head-scheme",
+    args.head_spec, head_method = parse_scheme(args.head_scheme or "f32", args.head_group_size, "--head-scheme",
                                                "--head-group-size")
     if head_method and family != "llama":
         args.onebit_method = head_method

@@ -103,7 +103,7 @@ def attend(q, k, v):
 
 class Block(nn.Module):
     """model.block in torch, with autograd over a batch of sequences: block i of config c, its linears
-    make_linear(n_out, n_in) named as model.BLOCK_LINEARS, its norms as model.BLOCK_NORMS."""
+    make_linear(n_out, n_in) named as model.BLOCK_LINEARS, its norms as model.BLOCK_NORMS and QK_NORMS."""
 
     def __init__(self, c, i, make_linear):
         super().__init__()
@@ -113,7 +113,7 @@ class Block(nn.Module):
             if name.startswith(prefix):
                 setattr(self, name[len(prefix):], make_linear(n_out, n_in))
         shapes = tbmodel.expected_tensors(c)
-        for name in tbmodel.BLOCK_NORMS:  # the sub-norms only where c has them
+        for name in tbmodel.BLOCK_NORMS + tbmodel.QK_NORMS:  # the sub-norms and q/k norms only where c has them
             if prefix + name + ".weight" in shapes:
                 setattr(self, name, RMSNorm(shapes[prefix + name + ".weight"][1][0], c.norm_eps))
 
@@ -124,8 +124,10 @@ class Block(nn.Module):
         # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
         h = self.attn_norm(x)                                                        # (B, T, dim)
         q, k, v = self.q(h), self.k(h), self.v(h)                                    # (B, T, H*hd), (B, T, KV*hd) x 2
-        a = attend(rope(q.view(B, T, H, hd), cos, sin), rope(k.view(B, T, KV, hd), cos, sin),
-                   v.view(B, T, KV, hd))                                             # (B, T, H*hd)
+        q, k = q.view(B, T, H, hd), k.view(B, T, KV, hd)                             # (B, T, H, hd), (B, T, KV, hd)
+        if c.qk_norm:  # Qwen3: q = q_norm(q), k = k_norm(k), each head over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
+        a = attend(rope(q, cos, sin), rope(k, cos, sin), v.view(B, T, KV, hd))       # (B, T, H*hd)
         if c.sub_norms:
             a = self.attn_sub_norm(a)
         x = x + self.o(a)                                                            # (B, T, dim)
