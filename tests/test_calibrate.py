@@ -111,7 +111,7 @@ def test_block_pass_equals_model_block():
     c = tiny_config(n_layers=2)
     m = model.Model(c, quantize_tensors(c, random_float_tensors(c, seed=3)))
     ids = np.random.default_rng(0).integers(0, c.vocab_size, (3, 10))
-    x = m.embed[ids].astype(np.float32)
+    x = m.embed_rows(ids).astype(np.float32)
     got = calibrate.block_pass(m, 1, x, lambda name, h: m.linears_of([name], h)[0])
     for s in range(len(ids)):
         cache = m.new_cache(10)

@@ -30,6 +30,13 @@ ARCHS = {
     "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "qwen3-ternary-qk-norm": dict(quant={"scheme": "ternary"}, qk_norm=True, head_dim=16, tie_embeddings=False),
+    # GGUF's block-scaled types; a tied 1-bit embedding is the head (Bonsai), an untied one is looked up by rows
+    "q1_0-embed-tied": dict(quant={"scheme": "binary_block", "block": 128}, dim=128, head_dim=32, ffn_dim=256,
+                            embed_quant={"scheme": "binary_block", "block": 128},
+                            head_quant={"scheme": "binary_block", "block": 128}),
+    "tq-blocks-q2_0-embed": dict(quant={"scheme": "ternary_block", "block": 256}, dim=256, head_dim=64, ffn_dim=256,
+                                 tie_embeddings=False, embed_quant={"scheme": "twobit_block", "block": 64},
+                                 head_quant={"scheme": "twobit_block", "block": 128}),
 }
 
 
@@ -59,7 +66,7 @@ def independent_logits(m, ids):
         layer = m.linears[name]
         spec = layer["scheme"]
         w = linear.dequantize(layer).astype(np.float64)
-        if spec["scheme"] in ("ternary", "binary"):
+        if linear.scheme(spec).int8_act:
             x = x.astype(np.float32)
             if spec.get("ln"):
                 x = ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)).astype(np.float32)
@@ -80,7 +87,7 @@ def independent_logits(m, ids):
     act = {"silu": lambda v: v / (1 + np.exp(-v)), "relu2": lambda v: np.maximum(v, 0) ** 2,
            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))}[c.activation]
     T = len(ids)
-    x = m.embed[ids].astype(np.float32)
+    x = m.embed_rows(ids).astype(np.float32)
     for i in range(c.n_layers):
         p = f"layers.{i}."
         h = rms(x, m.block_norms[i]["attn_norm"])
@@ -123,7 +130,7 @@ def test_forward_equals_independent_float_computation(models, arch):
 
 
 @pytest.mark.parametrize("arch", ["bitnet-2b4t", "bitnet-binary-subln", "onebit", "lut3-tensor", "vq2-oddin",
-                                  "ternary-int8-head"])
+                                  "ternary-int8-head", "q1_0-embed-tied", "tq-blocks-q2_0-embed"])
 def test_fast_kernels_equal_reference_path(models, arch):
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
     a, b = fast.logits(IDS), ref.logits(IDS)
@@ -180,7 +187,8 @@ def test_linear_refuses_activations_of_another_width(spec, tokens):
 
 
 @pytest.mark.parametrize("block_rows", [None, 3])  # one block per layer; blocks of 3 rows (8 with groups of 8)
-@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head", "lut4-rows"])
+@pytest.mark.parametrize("arch", ["lut3-tensor", "vq2-oddin", "ternary-int8-head", "lut4-rows", "q1_0-embed-tied",
+                                  "tq-blocks-q2_0-embed"])
 def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows):
     """Many tokens: lut/vq/int8 layers multiply by the dequantized weight (from linear.DEQUANT_MIN_TOKENS
     on; int8 from INT8_DEQUANT_MIN_TOKENS), a block of rows at a time, blocks aligned to the LUT/codebook groups."""
@@ -209,11 +217,11 @@ def test_load_in_memory(models, arch):
     def arrays(m):
         return [v for layer in m.linears.values() for v in layer.values() if isinstance(v, np.ndarray)]
     assert all(map(is_mapped, arrays(mapped))) and not any(map(is_mapped, arrays(copied)))
-    assert is_mapped(copied.embed) == (not copied.config.tie_embeddings)
+    assert is_mapped(copied.embed["weight"]) == (not copied.config.tie_embeddings)
 
 
 @pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t", "onebit", "lut4-rows",
-                                  "qwen3-ternary-qk-norm"])
+                                  "qwen3-ternary-qk-norm", "q1_0-embed-tied", "tq-blocks-q2_0-embed"])
 def test_kv_cache_decode_equals_full_recompute(models, arch):
     m = tinybit.load(models[arch])
     full = m.logits(IDS)

@@ -527,7 +527,7 @@ def test_embedding_rows_read_from_the_file(tmp_path, monkeypatch):
     reads = []
     pread = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(off) or pread(fd, n, off))
-    np.testing.assert_array_equal(m.embed_rows(ids), np.asarray(m.embed)[ids])
+    np.testing.assert_array_equal(m.embed_rows(ids), np.asarray(m.embed["weight"])[ids])
     assert len(reads) == len(ids)  # from the file, one read per row
     for bad in ([61], [-1], [3, 99]):
         with pytest.raises(UsageError, match="token ids must be in 0..60"):

@@ -30,11 +30,15 @@ def random_float_tensors(config, seed=0):
 
 def quantize_tensors(config, float_tensors):
     """Canonical float tensors (linears as "{name}.weight" (n_out, n_in)) -> the stored tensors of config:
-    each linear by its scheme's data-free quantizer, the rest float32 (embed.weight as config.embed_dtype)."""
+    each linear by its scheme's data-free quantizer, the rest float32 (embed.weight as config.embed_dtype, or
+    quantized as config.embed_quant)."""
     shapes = model.linear_shapes(config)
     linears = {name for name, _, _ in shapes}
     out = {k: np.asarray(t, np.float16 if k == "embed.weight" and config.embed_dtype == "f16" else np.float32)
            for k, t in float_tensors.items() if k.rsplit(".", 1)[0] not in linears}
+    if config.embed_quant["scheme"] != "f32":
+        out.update({f"embed.{suffix}": t for suffix, t in linear.quantize(out.pop("embed.weight"),
+                                                                           config.embed_quant).items()})
     for name, _, _ in shapes:
         w = float_tensors[name + ".weight"]
         out.update({f"{name}.{suffix}": t for suffix, t in linear.quantize(w, config.scheme_of(name)).items()})

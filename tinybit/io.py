@@ -42,6 +42,7 @@ class Config:
     qk_norm: bool = False        # RMSNorm of each q and k head over head_dim, before rope (Qwen3)
     tie_embeddings: bool = True  # head = embed.weight (no head.* tensors)
     embed_dtype: str = "f32"     # storage of embed.weight: f32 or f16 (computed in f32)
+    embed_quant: dict = field(default_factory=lambda: {"scheme": "f32"})  # else embed.* of a per-row scheme
     quant: dict = field(default_factory=lambda: {"scheme": "f32"})      # block linears
     quant_overrides: dict = field(default_factory=dict)                 # "layers.3.down" -> scheme
     head_quant: dict = field(default_factory=lambda: {"scheme": "f32"})
@@ -128,8 +129,14 @@ class Config:
         for where, spec in [("quant", self.quant), ("head_quant", self.head_quant)] + \
                 [(f"quant_overrides.{k}", v) for k, v in self.quant_overrides.items()]:
             linear.check_spec(spec, f"{source}: {where}")
-        need(not self.tie_embeddings or self.head_quant.get("scheme") == "f32",
-             "tie_embeddings needs head_quant f32 (a quantized head is stored as head.* tensors)")
+        linear.check_spec(self.embed_quant, f"{source}: embed_quant")
+        need(linear.scheme(self.embed_quant).rows and self.embed_quant["scheme"] != "f16",
+             f"embed_quant must be f32 (embed_dtype sets its storage) or a scheme stored by rows, got {self.embed_quant}")
+        need(self.embed_quant["scheme"] == "f32" or self.embed_dtype == "f32",
+             "embed_dtype applies to a float embedding (embed_quant f32)")
+        need(not self.tie_embeddings or self.head_quant == self.embed_quant,
+             "tie_embeddings needs head_quant equal to embed_quant (the head is the embedding; "
+             "another head is stored as head.* tensors)")
 
 
 def load_config(model_dir):

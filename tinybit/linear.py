@@ -58,6 +58,7 @@ class Scheme:
     int8_act: bool = False  # x is quantized to int8 by absmax before the product (ternary, binary)
     gguf: str | None = None  # the GGUF tensor type tools/gguf_export.py writes
     blas: bool = False    # runs on NumPy's BLAS: a model of such layers only gives BLAS the threads
+    rows: bool = False    # every stored tensor has a row per output: an embedding may be stored so (rows())
 
 
 def n_groups(n_out, group_rows):
@@ -94,7 +95,7 @@ def _float(name, dtype):
         check=lambda spec, t, n_in, where: None,
         apply=_each(_float_apply), apply_ref=_each(lambda layer, x: x @ layer["weight"].T),
         dequantize=lambda layer: np.asarray(layer["weight"], np.float32),
-        bits=lambda spec: 8 * np.dtype(dtype).itemsize, gguf=name.upper(), blas=True)
+        bits=lambda spec: 8 * np.dtype(dtype).itemsize, gguf=name.upper(), blas=True, rows=True)
 
 
 # --- int8 activations: ternary, binary -----------------------------------------------------------
@@ -217,7 +218,7 @@ INT8 = Scheme(
     apply=_weight_only(lambda layer, x: kernels.int8_matmul(layer["w_q"], x) * layer["scale"], int8=True),
     apply_ref=_each(lambda layer, x: kernels.int8_matmul_ref(layer["w_q"], x) * layer["scale"]),
     dequantize=lambda layer: quant.int8_dequantize(layer["w_q"], layer["scale"]),
-    bits=lambda spec: 8, gguf="Q8_0")
+    bits=lambda spec: 8, gguf="Q8_0", rows=True)
 
 # --- block scales: codes times a float16 scale per block of inputs of a row (GGUF's 1-bit types) ------------------
 
@@ -240,7 +241,7 @@ def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, **traits):
         encode=lambda spec, w_c, d: {suffix: pack_codes(w_c), "scale": np.asarray(d, np.float16)},
         check=check, apply=apply, apply_ref=apply_ref,
         dequantize=lambda layer: quant.block_dequantize(unpack_codes(layer[suffix], layer["n_in"]), layer["scale"]),
-        **traits)
+        rows=True, **traits)
 
 
 def _block_codes(bits):
@@ -370,6 +371,16 @@ def apply_many(layers, x, ref=False):
 def dequantize(layer):
     """The float matrix W (n_out, n_in) this layer multiplies by (activation quantization aside)."""
     return scheme(layer["scheme"]).dequantize(layer)
+
+
+def rows(layer, ids):
+    """dequantize(layer)[ids] without the whole matrix: rows ids (N,) of a layer of a per-row scheme (Scheme.rows,
+    an embedding) -> (N, n_in) float32."""
+    s = scheme(layer["scheme"])
+    if not s.rows:
+        raise UsageError(f"scheme {s.name!r} does not store its weights by rows")
+    picked = {suffix: layer[suffix][ids] for suffix in tensor_specs(layer["scheme"], layer["n_out"], layer["n_in"])}
+    return s.dequantize(dict(layer, n_out=len(ids), **picked))
 
 
 def _dequantized_matmul(layer, x):

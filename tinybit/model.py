@@ -12,6 +12,7 @@ All activations are float32 (squared ReLU overflows float16).
 
 Canonical tensor names (docs/FORMAT.md):
     embed.weight (vocab, dim)                        norm.weight (dim,)        head.* (if untied)
+    embed.* (embed_quant: a per-row scheme, e.g. embed.w_idx + embed.scale; rows dequantized per token)
     layers.{i}.attn_norm.weight (dim,)               layers.{i}.ffn_norm.weight (dim,)
     layers.{i}.{q,k,v,o}.*   attention linears       layers.{i}.{gate,up,down}.*   MLP linears
     layers.{i}.attn_sub_norm.weight (n_heads*head_dim,)   layers.{i}.ffn_sub_norm.weight (ffn_dim,)  (sub_norms)
@@ -48,8 +49,9 @@ def linear_shapes(config):
 def expected_tensors(config):
     """{name: (dtype, shape)} of every tensor a model file of this config holds, and nothing else."""
     c = config
-    out = {"embed.weight": (np.float16 if c.embed_dtype == "f16" else np.float32, (c.vocab_size, c.dim)),
-           "norm.weight": (np.float32, (c.dim,))}
+    embed = {"weight": (np.float16 if c.embed_dtype == "f16" else np.float32, (c.vocab_size, c.dim))} \
+        if c.embed_quant["scheme"] == "f32" else linear.tensor_specs(c.embed_quant, c.vocab_size, c.dim)
+    out = {**{f"embed.{suffix}": spec for suffix, spec in embed.items()}, "norm.weight": (np.float32, (c.dim,))}
     norm_dims = {"attn_norm": c.dim, "ffn_norm": c.dim, "attn_sub_norm": c.n_heads * c.head_dim,
                  "ffn_sub_norm": c.ffn_dim, "q_norm": c.head_dim, "k_norm": c.head_dim}
     norms = BLOCK_NORMS[:4 if c.sub_norms else 2] + (QK_NORMS if c.qk_norm else ())
@@ -220,18 +222,20 @@ class Model:
     """A loaded model: config, weights (memory-mapped), tokenizer. forward() runs it over a cache."""
 
     def __init__(self, config, tensors, tokenizer=None, ref=False, embed_rows=None):
-        """embed_rows: ids -> embedding rows (io.row_reader); default: indexing the array."""
+        """embed_rows: ids -> rows of a float embedding (io.row_reader); default: indexing the array."""
         self.config, self.tokenizer, self.ref = config, tokenizer, ref
         c = config
-        self.embed = tensors["embed.weight"]  # (vocab, dim) f32 or f16
-        self.embed_rows = embed_rows or (lambda ids: self.embed[ids])
-        self.norm = tensors["norm.weight"]  # (dim,)
         by_linear = tensors_by_linear(tensors)
+        # the embedding as a layer of embed_quant's scheme (vocab, dim): a token's row is its dequantized weights
+        # (a float one as stored, f32 or f16: rows widened when read)
+        self.embed = {"scheme": c.embed_quant, "n_out": c.vocab_size, "n_in": c.dim, "weight": tensors["embed.weight"]} \
+            if c.embed_quant["scheme"] == "f32" else linear.make(c.embed_quant, by_linear["embed"], c.vocab_size, c.dim)
+        self.embed_rows = embed_rows or (lambda ids: linear.rows(self.embed, ids))
+        self.norm = tensors["norm.weight"]  # (dim,)
         self.linears = {name: linear.make(c.scheme_of(name), by_linear[name], n_out, n_in)
                         for name, n_out, n_in in linear_shapes(c)}
-        if c.tie_embeddings:
-            self.linears["head"] = linear.make({"scheme": "f32"}, {"weight": self.embed.astype(np.float32, copy=False)},
-                                               c.vocab_size, c.dim)
+        if c.tie_embeddings:  # the head is the embedding (a float16 one computed in float32)
+            self.linears["head"] = linear.make(c.embed_quant, by_linear["embed"], c.vocab_size, c.dim)
         # block i's norm weights by name, None where the model has none (sub-norms, q/k norms)
         self.block_norms = [{name: tensors.get(f"layers.{i}.{name}.weight") for name in BLOCK_NORMS + QK_NORMS}
                             for i in range(c.n_layers)]
@@ -290,7 +294,8 @@ class Model:
         x = self.embed_rows(ids).astype(np.float32)  # (N, dim), N = sum T_j
         if not np.isfinite(x).all():
             bad = ids[~np.isfinite(x).all(axis=1)]
-            raise FormatError(f"tensor 'embed.weight' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
+            names = "', '".join(f"embed.{k}" for k in linear.tensor_specs(c.embed_quant, c.vocab_size, c.dim))
+            raise FormatError(f"tensor '{names}' has NaN or Inf in the rows of token ids {bad[:5].tolist()}")
         ends = np.cumsum([len(t) for t in tokens])
         spans = [(end - len(t), end, cache) for t, end, cache in zip(tokens, ends, caches)]  # rows of each sequence
         cos, sin = self.rope_tables(np.concatenate([np.arange(cache.length, cache.length + len(t))
@@ -358,17 +363,19 @@ def load(path, threads=None, ref=False, in_memory=False):
     config = io.load_config(path)
     st_path = os.path.join(path, "model.safetensors")
     tensors = io.read_safetensors(st_path)
-    # an untied embedding is only gathered from: its rows are checked when read (Model.forward)
+    # an untied float embedding is only gathered from: its rows are checked when read (Model.forward)
+    float_embed = config.embed_quant["scheme"] == "f32"
     io.check_tensors(tensors, expected_tensors(config), st_path,
-                     checked_at_use=() if config.tie_embeddings else ("embed.weight",))
+                     checked_at_use=("embed.weight",) if float_embed and not config.tie_embeddings else ())
     by_linear = tensors_by_linear(tensors)
-    for name, n_out, n_in in linear_shapes(config):  # packed codes are legal before a kernel sees them
-        linear.check_codes(config.scheme_of(name), by_linear[name], n_in, f"{st_path}: tensor {name}")
+    for name, n_out, n_in in linear_shapes(config) + [("embed", config.vocab_size, config.dim)]:
+        spec = config.embed_quant if name == "embed" else config.scheme_of(name)  # packed codes are legal
+        linear.check_codes(spec, by_linear[name], n_in, f"{st_path}: tensor {name}")  # before a kernel sees them
     # BLAS threads only for a float model: they would spin against the kernels' threads
     float_only = all(linear.scheme(config.scheme_of(name)).blas for name, _, _ in linear_shapes(config))
     kernels.set_threads(threads, blas=float_only)
     # an untied embedding is only gathered from: read its rows from the file, not the memory map
-    embed_rows = None if config.tie_embeddings else io.row_reader(st_path, tensors["embed.weight"])
+    embed_rows = io.row_reader(st_path, tensors["embed.weight"]) if float_embed and not config.tie_embeddings else None
     if in_memory:
         tensors = {name: t if embed_rows and name == "embed.weight" else np.array(t) for name, t in tensors.items()}
     return Model(config, tensors, tokenizer=io.load_tokenizer(path, config.vocab_size), ref=ref,

@@ -609,7 +609,7 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
         except UsageError as e:  # a Hessian without a Cholesky factor: name the linears it belongs to
             raise UsageError(f"{e} ({', '.join(names)})") from None
 
-    X = model.embed[ids].astype(np.float32)  # (n_seq, L, dim)
+    X = model.embed_rows(ids.reshape(-1)).astype(np.float32).reshape(*ids.shape, -1)  # (n_seq, L, dim)
     t0 = time.time()
     lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
              f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear",

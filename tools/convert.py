@@ -93,7 +93,7 @@ class Ref:
 
     def __init__(self, name, shape, dtype, loader, exact=None):
         self.name, self.shape, self.dtype, self._loader = name, tuple(int(d) for d in shape), dtype, loader
-        self.exact = exact  # None, or () -> (spec, stored tensors): a tinybit scheme holding the weights exactly
+        self.exact = exact  # None, or (collapse=True) -> (spec, stored tensors): a scheme holding the weights exactly
 
     @property
     def is_float(self):
@@ -399,9 +399,10 @@ def gguf_hf_config(path, field, tensors):
     return hf
 
 
-def gguf_exact(tname, data, shape, what, perm):
+def gguf_exact(tname, data, shape, what, perm, collapse=True):
     """A GGUF tensor of a GGUF_EXACT type -> (spec, its stored tinybit tensors): the file's codes and scales as they
-    are (attn_q / attn_k rows unpermuted: perm heads)."""
+    are (attn_q / attn_k rows unpermuted: perm heads); collapse: ternary block scales that are one per tensor or
+    per row become plain ternary."""
     n_out, n_in = shape
     if tname == "I2_S":
         codes, scale = pack.i2s_decode(data, n_out, n_in, what)
@@ -411,7 +412,7 @@ def gguf_exact(tname, data, shape, what, perm):
     if perm:
         codes, d = unpermute_qk(codes, perm), unpermute_qk(d, perm)
     spec = GGUF_EXACT[tname]
-    if linear.scheme(spec).int8_act:  # ternary: one scale per tensor or per row, where the file's are so
+    if collapse and linear.scheme(spec).int8_act:  # ternary: one scale per tensor or per row, where the file's are
         d32 = d.astype(np.float32)
         if (d32 > 0).all() and (d32 == d32[:, :1]).all():
             per_row = bool((d32[:, 0] != d32[0, 0]).any())
@@ -443,8 +444,8 @@ def gguf_refs(path, tensors, hf):
         what = f"{path}: tensor {name!r}"
         exact = None
         if tname in GGUF_EXACT and len(shape) == 2:
-            def exact(tname=tname, data=data, shape=shape, what=what, perm=perm):
-                return gguf_exact(tname, data, shape, what, perm)
+            def exact(collapse=True, tname=tname, data=data, shape=shape, what=what, perm=perm):
+                return gguf_exact(tname, data, shape, what, perm, collapse)
 
         def loader(tname=tname, data=data, perm=perm, shape=shape, what=what, exact=exact):
             if tname in ("F32", "F16", "F64"):
@@ -858,7 +859,7 @@ def exact_ternary(w, per_row):
 
 def stored_tie(config, head_spec):
     """Whether the output stays tied to the embedding: a quantized head is stored untied."""
-    return config.tie_embeddings and head_spec["scheme"] == "f32"
+    return config.tie_embeddings and head_spec == config.embed_quant
 
 
 def convert_weights(src, config, family, args):
@@ -872,7 +873,18 @@ def convert_weights(src, config, family, args):
         if k not in plain:
             raise FormatError(f"{src.where}: missing tensor {hf_names.get(k, k)!r} (tinybit {k!r})")
     out = {}
+    head_spec = args.head_spec
+    embed = plain["embed.weight"]
+    if args.keep_exact and embed.exact is not None:  # a GGUF's 1-bit embedding, looked up by rows as it is
+        check_shape(embed, (c.vocab_size, c.dim))
+        spec, stored = embed.exact(collapse=False)
+        if linear.scheme(spec).rows:
+            c.embed_quant = spec
+            head_spec = spec if args.keep_exact_head and c.tie_embeddings else head_spec  # the head is the embedding
+            out.update({f"embed.{suffix}": t for suffix, t in stored.items()})
     for k, shape in expected_plain.items():
+        if k == "embed.weight" and c.embed_quant["scheme"] != "f32":
+            continue
         check_shape(plain[k], shape)
         if not plain[k].is_float:
             raise FormatError(f"tensor {plain[k].name!r}: expected floats, got {plain[k].dtype}")
@@ -881,7 +893,6 @@ def convert_weights(src, config, family, args):
     if extra:
         raise FormatError(f"{src.where}: unexpected tensor {plain[extra[0]].name!r} for family {family}")
     # tied head: a stored lm_head must be the embedding
-    head_spec = args.head_spec
     if c.tie_embeddings and "head" in lin:
         h = lin.pop("head")
         if set(h) != {"weight"} or h["weight"].shape != (c.vocab_size, c.dim) or \
@@ -1061,6 +1072,9 @@ def make_parser():
                                                         "--calibrate-self's sampling (default 0)")
     p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
                    help="output format: a tinybit model directory, or a llama.cpp GGUF file (tools/gguf_export.py)")
+    p.add_argument("--gguf-ternary", choices=("TQ2_0", "TQ1_0", "I2_S"), default="TQ2_0",
+                   help="GGML type of the ternary linears with --to gguf (default TQ2_0; TQ1_0: 1.69 bits per weight; "
+                        "I2_S: one scale per tensor, for bitnet.cpp, which llama.cpp cannot load)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -1161,7 +1175,7 @@ def convert(argv):
         import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
         stored = dataclasses.replace(config, head_quant=args.head_spec,
                                      tie_embeddings=stored_tie(config, args.head_spec))  # as convert_weights stores it
-        gguf_export.check_exportable(out_dir, stored, src.tokenizer_json)
+        gguf_export.check_exportable(out_dir, stored, src.tokenizer_json, args.gguf_ternary)
     calib_ids, block_spec = calibration_ids(args, src, config, family), config.quant
     if calib_ids is not None:
         config.quant = {"scheme": "f32"}  # the block linears come out float; calibrate_model quantizes them
@@ -1172,7 +1186,7 @@ def convert(argv):
     if calib_ids is not None:
         tensors, stats, calib_lines = calibrate_weights(args, config, tensors, stats, calib_ids, block_spec)
     if args.to == "gguf":
-        gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json)
+        gguf_export.write_gguf(out_dir, config, tensors, src.tokenizer_json, args.gguf_ternary)
     else:
         write_output(out_dir, config, tensors, src.tokenizer_json, args.force)
     print(report(src, args.out, config, family, tensors, stats), flush=True)
