@@ -312,11 +312,11 @@ def open_gguf(path):
         raise FormatError(f"{path}: not found")
     try:
         reader = gguf.GGUFReader(path, "r")
-    except Exception as e:
+    except Exception:  # (what gguf-py cannot read, gguf_raw reads or refuses naming the tensor)
         try:
             fields, raw = gguf_raw.read(path)
-        except FormatError:
-            raise FormatError(f"{path}: not a readable GGUF file: {str(e)[:200]}") from None
+        except FormatError as e:
+            raise FormatError(f"{path}: not a readable GGUF file: {str(e).removeprefix(f'{path}: ')}") from None
         known = {t.value: t.name for t in gguf.GGMLQuantizationType}
         tensors = {}
         for name, type_id, shape, data in raw:
@@ -917,9 +917,10 @@ def convert_weights(src, config, family, args):
     t0 = time.time()
     for i, (name, n_out, n_in) in enumerate(shapes):
         spec = head_spec if name == "head" else c.quant
-        log(f"convert: [{i + 1}/{len(shapes)}] {name} ({n_out}x{n_in}, {spec['scheme']})")
-        stored, used, w = convert_linear(family, name, lin[name], n_out, n_in, spec, args.onebit_method,
-                                         args.keep_exact_head if name == "head" else args.keep_exact)
+        keep = args.keep_exact_head if name == "head" else args.keep_exact
+        kept = keep and getattr(lin[name].get("weight"), "exact", None) is not None
+        log(f"convert: [{i + 1}/{len(shapes)}] {name} ({n_out}x{n_in}, {'as in the file' if kept else spec['scheme']})")
+        stored, used, w = convert_linear(family, name, lin[name], n_out, n_in, spec, args.onebit_method, keep)
         if name == "head":
             c.head_quant = used
         elif used != spec:

@@ -1,0 +1,235 @@
+"""GGUF files in the 1-bit types, written by llama.cpp's own quantizer, converted with no scheme flag: the file's types
+are kept (exact codes and scales), and the model computes what llama.cpp computes on the same file.
+
+The reference is llama.cpp through llama-cpp-python: `llama_model_quantize` writes Q1_0, Q2_0, TQ1_0 and TQ2_0 from an
+F32 GGUF (embedding and head too, as PrismML's Bonsai models store them), and runs the files. Weight-only types (Q1_0,
+Q2_0) are compared with llama.cpp running its own dequantization of the file to F32 (the same weights in float);
+ternary types (TQ1_0, TQ2_0) with llama.cpp running the file, where it rounds activations to int8 per 256 inputs
+(Q8_K) while tinybit rounds per token, as BitNet does: where every activation vector is one 256-input block the two
+roundings coincide, elsewhere they differ by a rounding step.
+"""
+import contextlib
+import ctypes
+import io
+import os
+
+import numpy as np
+import pytest
+
+import tinybit
+from tinybit import linear
+from tinybit.model import linear_shapes
+from util import load_tool
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+convert = load_tool("convert")
+
+# type -> (llama_ftype, GGML type id, the scheme tinybit keeps it as; ternary: per row where a row is one block)
+TYPES = {"Q1_0": ("LLAMA_FTYPE_MOSTLY_Q1_0", 41, {"scheme": "binary_block", "block": 128}),
+         "Q2_0": ("LLAMA_FTYPE_MOSTLY_Q2_0", 42, {"scheme": "twobit_block", "block": 64}),
+         "TQ1_0": ("LLAMA_FTYPE_MOSTLY_TQ1_0", 34, {"scheme": "ternary_block", "block": 256}),
+         "TQ2_0": ("LLAMA_FTYPE_MOSTLY_TQ2_0", 35, {"scheme": "ternary_block", "block": 256})}
+WEIGHT_ONLY = ("Q1_0", "Q2_0")
+# random models: (arch, tied, dim, ffn, heads, kv heads, head_dim). "one-block": every activation vector is 256 wide;
+# qwen3's head_dim is not dim / heads (its q and o are 384 wide: Q1_0 / Q2_0 only, TQ needs multiples of 256)
+MODELS = {"llama-one-block": ("llama", False, 256, 256, 4, 2, 64),
+          "qwen3-one-block": ("qwen3", True, 256, 256, 4, 2, 64),
+          "llama-ffn768": ("llama", True, 256, 768, 4, 2, 64),
+          "qwen3-hd96": ("qwen3", False, 256, 512, 4, 2, 96)}
+VOCAB, LAYERS, POSITIONS = 512, 2, 96
+
+
+def write_f32_gguf(path, arch, tied, dim, ffn, heads, kv, head_dim, seed):
+    """A random model as an F32 GGUF llama.cpp loads (byte-level BPE metadata with one merge)."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(128)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(VOCAB - 1)] + ["\u0100\u0101"])
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges(["\u0100 \u0101"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    shapes = {"token_embd.weight": (VOCAB, dim), "output_norm.weight": (dim,),
+              **({} if tied else {"output.weight": (VOCAB, dim)})}
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
+                       p + "attn_q.weight": (heads * head_dim, dim), p + "attn_k.weight": (kv * head_dim, dim),
+                       p + "attn_v.weight": (kv * head_dim, dim), p + "attn_output.weight": (dim, heads * head_dim),
+                       p + "ffn_gate.weight": (ffn, dim), p + "ffn_up.weight": (ffn, dim),
+                       p + "ffn_down.weight": (dim, ffn)})
+        if arch == "qwen3":
+            shapes.update({p + "attn_q_norm.weight": (head_dim,), p + "attn_k_norm.weight": (head_dim,)})
+    for name, s in shapes.items():
+        a = 1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s)
+        w.add_tensor(name, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize(src, dst, ftype, tensor_type=None):
+    """llama.cpp's quantizer: src -> dst as ftype (embedding and head as tensor_type too); requantizing is allowed
+    (ftype F32 on a quantized file: llama.cpp's own dequantization)."""
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize = ftype, True
+    if tensor_type is not None:
+        p.output_tensor_type = p.token_embedding_type = tensor_type
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+def llama_logits(path, ids):
+    """llama.cpp's logits (len(ids), vocab), with a float32 KV cache (its default f16 cache rounds k and v)."""
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=1, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float64)
+
+
+def kl_and_top1(ref, ours):
+    """Mean KL(ref || ours) over positions, and the fraction of positions with the same argmax."""
+    lp = ref - ref.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    lq = ours - ours.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean()), float((ref.argmax(1) == ours.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{(model, type): (the quantized GGUF, its F32 dequantization by llama.cpp, the converted tinybit dir)}."""
+    root = tmp_path_factory.mktemp("gguf_formats")
+    out = {}
+    for i, (model, (arch, tied, dim, ffn, heads, kv, hd)) in enumerate(MODELS.items()):
+        f32 = root / f"{model}-f32.gguf"
+        write_f32_gguf(f32, arch, tied, dim, ffn, heads, kv, hd, seed=i)
+        for tname, (ftype, type_id, _) in TYPES.items():
+            if tname not in WEIGHT_ONLY and (heads * hd) % 256:
+                continue
+            q, deq, conv = root / f"{model}-{tname}.gguf", root / f"{model}-{tname}-deq.gguf", root / f"{model}-{tname}"
+            quantize(f32, q, getattr(llama_cpp, ftype), type_id)
+            quantize(q, deq, llama_cpp.LLAMA_FTYPE_ALL_F32)
+            assert convert.main([str(q), str(conv)]) == 0
+            out[model, tname] = q, deq, conv
+    return out
+
+
+CASES = [(m, t) for m, (_, _, _, _, h, _, hd) in MODELS.items() for t in TYPES if t in WEIGHT_ONLY or h * hd % 256 == 0]
+
+
+@pytest.mark.parametrize("model, tname", CASES)
+def test_file_types_are_kept_exactly(files, model, tname):
+    """No scheme flag: the block linears, the head and the embedding keep the file's type (ternary with one block per
+    row: plain ternary per row, the same weights); every weight equals llama.cpp's own dequantization of the file;
+    the model file is at most 1.5x the GGUF."""
+    q, deq, conv = files[model, tname]
+    m = tinybit.load(str(conv))
+    c, spec = m.config, TYPES[tname][2]
+    row_spec = {"scheme": "ternary", "per_row": True} if spec["scheme"] == "ternary_block" else spec
+    specs = {name: c.scheme_of(name) for name, _, _ in linear_shapes(c)}
+    n_in = {name: n for name, _, n in linear_shapes(c)}
+    for name, s in specs.items():  # ternary rows of 256 inputs are one block: one scale per row
+        assert s == (row_spec if n_in[name] == 256 else spec), (name, s)
+    assert c.embed_quant == spec  # (looked up by rows: never collapsed)
+    assert c.head_quant == (c.embed_quant if c.tie_embeddings else row_spec if c.dim == 256 else spec)
+    reader = gguf.GGUFReader(str(deq))
+    ref = {t.name: np.asarray(t.data, np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
+           for t in reader.tensors}
+    permuted = MODELS[model][0] == "llama"  # llama.cpp permutes llama's q / k rows (those: compared by logits)
+    for i in range(c.n_layers):
+        for gname, name in (("attn_v", "v"), ("attn_output", "o"), ("ffn_gate", "gate"), ("ffn_up", "up"),
+                            ("ffn_down", "down")) + ((("attn_q", "q"), ("attn_k", "k")) if not permuted else ()):
+            np.testing.assert_array_equal(linear.dequantize(m.linears[f"layers.{i}.{name}"]),
+                                          ref[f"blk.{i}.{gname}.weight"], err_msg=f"layers.{i}.{name}")
+    np.testing.assert_array_equal(m.embed_rows(np.arange(c.vocab_size)), ref["token_embd.weight"])
+    np.testing.assert_array_equal(linear.dequantize(m.linears["head"]),
+                                  ref["token_embd.weight" if c.tie_embeddings else "output.weight"])
+    assert os.path.getsize(conv / "model.safetensors") <= 1.5 * os.path.getsize(q)
+
+
+@pytest.mark.parametrize("model, tname", CASES)
+def test_logits_agree_with_llama_cpp(files, model, tname):
+    """96 positions: weight-only types against llama.cpp on the F32 dequantization of the file, mean KL <= 1e-5;
+    ternary types against llama.cpp on the file, mean KL <= 5e-3 (top-1 agreement >= 95% where the activation
+    roundings coincide; elsewhere they move near-tied logits of these random models)."""
+    q, deq, conv = files[model, tname]
+    ids = [int(i) for i in np.random.default_rng(7).integers(2, VOCAB, POSITIONS)]
+    ours = np.asarray(tinybit.load(str(conv)).logits(ids), np.float64)
+    kl, top1 = kl_and_top1(llama_logits(deq if tname in WEIGHT_ONLY else q, ids), ours)
+    if tname in WEIGHT_ONLY:
+        assert kl <= 1e-5 and top1 >= 0.95, (kl, top1)
+    else:
+        assert kl <= 5e-3, kl
+        if model.endswith("one-block"):
+            assert top1 >= 0.95 and kl <= 1e-4, (kl, top1)
+
+
+# --- bad files: one line naming the file and the tensor, nothing written --------------------------------------------
+
+def _convert_fails(src, out, *needles):
+    """convert.py src out exits 2 with one error line holding each needle, and writes nothing."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = convert.main([str(src), str(out)])
+    lines = [ln for ln in err.getvalue().splitlines() if not ln.startswith("convert: [")]
+    assert rc == 2 and len(lines) == 1, lines
+    assert all(n in lines[0] for n in (str(src),) + needles), lines[0]
+    assert not os.path.lexists(out)
+
+
+def _patched(files, tmp_path, model_type, tensor, edit):
+    """A copy of a fixture GGUF with `edit(raw bytes of tensor)` applied (a numpy uint8 view into the copy)."""
+    src = files[model_type][0]
+    data = bytearray(open(src, "rb").read())
+    t = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == tensor)
+    edit(np.frombuffer(memoryview(data)[t.data_offset:t.data_offset + t.n_bytes], np.uint8))
+    path = tmp_path / f"bad-{os.path.basename(src)}"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_nan_block_scale_is_refused(files, tmp_path):
+    def nan_scale(raw):  # Q1_0 block: d (f16) first; 0x7e00 is a NaN
+        raw[18 * 3:18 * 3 + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+    bad = _patched(files, tmp_path, ("llama-one-block", "Q1_0"), "blk.1.ffn_up.weight", nan_scale)
+    _convert_fails(bad, tmp_path / "out", "'blk.1.ffn_up.weight'", "block scale d is nan")
+
+
+def test_code_outside_the_alphabet_is_refused(files, tmp_path):
+    def code3(raw):  # TQ2_0 block: qs[64] | d; bits 0-1 of byte 5 = code 3 (none of -1, 0, +1)
+        raw[5] |= 3
+    bad = _patched(files, tmp_path, ("qwen3-one-block", "TQ2_0"), "blk.0.attn_v.weight", code3)
+    _convert_fails(bad, tmp_path / "out", "'blk.0.attn_v.weight'", "illegal TQ2_0 code 3")
+
+
+def test_truncated_file_is_refused(files, tmp_path):
+    src = files["llama-one-block", "Q2_0"][0]  # (gguf-py cannot read Q2_0: tools/gguf_raw.py reads it)
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(open(src, "rb").read()[:-1000])
+    _convert_fails(bad, tmp_path / "out", "runs past the end of the file")
+
+
+def test_unknown_type_id_is_refused(files, tmp_path):
+    src = files["llama-one-block", "Q1_0"][0]
+    data = bytearray(open(src, "rb").read())
+    name = b"blk.0.ffn_gate.weight"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)  # tensor info: n_dims, ne[n_dims], type
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    assert int.from_bytes(data[type_at:type_at + 4], "little") == 41
+    data[type_at:type_at + 4] = (99).to_bytes(4, "little")
+    bad = tmp_path / "unknown-type.gguf"
+    bad.write_bytes(bytes(data))
+    _convert_fails(bad, tmp_path / "out", "'blk.0.ffn_gate.weight'", "type id 99")
