@@ -404,14 +404,13 @@ def gguf_exact(tname, data, shape, what, perm, collapse=True):
     are (attn_q / attn_k rows unpermuted: perm heads); collapse: ternary block scales that are one per tensor or
     per row become plain ternary."""
     n_out, n_in = shape
-    if tname == "I2_S":
+    spec = GGUF_EXACT[tname]
+    if tname == "I2_S":  # one float32 scale per tensor: plain ternary
         codes, scale = pack.i2s_decode(data, n_out, n_in, what)
-        d = np.full((n_out, 1), scale, np.float32)
-    else:
-        codes, d = pack.GGML_TYPES[tname].decode(data.reshape(n_out, -1), n_in, what)  # (n_out, n_in), (n_out, nb)
+        return spec, linear.TERNARY.encode(spec, unpermute_qk(codes, perm) if perm else codes, [scale])
+    codes, d = pack.GGML_TYPES[tname].decode(data.reshape(n_out, -1), n_in, what)  # (n_out, n_in), (n_out, nb)
     if perm:
         codes, d = unpermute_qk(codes, perm), unpermute_qk(d, perm)
-    spec = GGUF_EXACT[tname]
     if collapse and linear.scheme(spec).int8_act:  # ternary: one scale per tensor or per row, where the file's are
         d32 = d.astype(np.float32)
         if (d32 > 0).all() and (d32 == d32[:, :1]).all():
