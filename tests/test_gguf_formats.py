@@ -233,3 +233,58 @@ def test_unknown_type_id_is_refused(files, tmp_path):
     bad = tmp_path / "unknown-type.gguf"
     bad.write_bytes(bytes(data))
     _convert_fails(bad, tmp_path / "out", "'blk.0.ffn_gate.weight'", "type id 99")
+
+
+# --- PQ2_0 and I2_S: files written here from the byte layouts (llama.cpp has neither type) --------------------------
+
+@pytest.mark.parametrize("tname", ["PQ2_0", "I2_S", "I2_S-without-tail"])
+def test_pq2_0_and_i2s_files_convert_exactly(tmp_path, tname):
+    """A qwen3 GGUF whose linears are PQ2_0 (PrismML) or I2_S (bitnet.cpp), packed by test_ggml_blocks' packers from
+    the byte layouts (gguf-py writes the unknown type id from raw bytes): converted with no flag, every linear holds
+    exactly the codes and scales packed, as twobit_block 128 / per-tensor ternary."""
+    from test_ggml_blocks import i2s_bytes, pq2_0_bytes
+    tname, cut = tname.split("-")[0], tname.endswith("tail")  # cut: the ffn_down tensor loses its 32-byte tail
+    type_id = {"PQ2_0": 142, "I2_S": 36}[tname]
+    rng = np.random.default_rng(3)
+    path, dim, hd = tmp_path / f"m-{tname}.gguf", 256, 64
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    for key, v in dict(block_count=1, context_length=64, embedding_length=dim, feed_forward_length=dim, head_count=4,
+                       head_count_kv=2, key_length=hd, value_length=hd, rope_freq_base=10000.0,
+                       layer_norm_rms_eps=1e-6).items():
+        getattr(w, "add_" + key)(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(VOCAB)])
+    shapes = {"attn_q": (4 * hd, dim), "attn_k": (2 * hd, dim), "attn_v": (2 * hd, dim), "attn_output": (dim, 4 * hd),
+              "ffn_gate": (dim, dim), "ffn_up": (dim, dim), "ffn_down": (dim, dim)}
+    want = {}
+    for name, (n_out, n_in) in shapes.items():
+        if tname == "PQ2_0":
+            codes = rng.integers(-1, 3, (n_out, n_in))
+            d = rng.uniform(-1, 1, (n_out, n_in // 128)).astype(np.float16)
+            raw = pq2_0_bytes(codes, d).reshape(-1)
+            want[name] = (codes.reshape(n_out, -1, 128) * d.astype(np.float32)[:, :, None]).reshape(n_out, n_in)
+        else:
+            codes, scale = rng.integers(-1, 2, (n_out, n_in)), np.float32(rng.uniform(0.01, 1))
+            raw = i2s_bytes(codes, scale, tail=rng.integers(0, 256, 28, np.uint8).tobytes())  # (tail: leftover bytes)
+            want[name] = (codes * scale).astype(np.float32)
+            raw = raw[:-32] if cut and name == "ffn_down" else raw
+        w.add_tensor(f"blk.0.{name}.weight", raw.view(np.int8), raw_shape=(n_out, n_in), raw_dtype=type_id)
+    for name, n in (("attn_norm", dim), ("ffn_norm", dim), ("attn_q_norm", hd), ("attn_k_norm", hd)):
+        w.add_tensor(f"blk.0.{name}.weight", (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, dim)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out"
+    if cut:
+        _convert_fails(path, out, "'blk.0.ffn_down.weight'", "overlaps")
+        return
+    assert convert.main([str(path), str(out)]) == 0
+    m = tinybit.load(str(out))
+    assert m.config.quant == ({"scheme": "twobit_block", "block": 128} if tname == "PQ2_0" else {"scheme": "ternary"})
+    for gname, name in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o"), ("ffn_gate", "gate"),
+                        ("ffn_up", "up"), ("ffn_down", "down")):
+        np.testing.assert_array_equal(linear.dequantize(m.linears[f"layers.0.{name}"]), want[gname], err_msg=name)
+    assert np.isfinite(m.logits([1, 2, 3])).all()
