@@ -288,3 +288,20 @@ def test_pq2_0_and_i2s_files_convert_exactly(tmp_path, tname):
                         ("ffn_up", "up"), ("ffn_down", "down")):
         np.testing.assert_array_equal(linear.dequantize(m.linears[f"layers.0.{name}"]), want[gname], err_msg=name)
     assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+def test_ternary_block_scales_collapse_only_where_the_weights_are_the_same():
+    """TQ2_0 blocks sharing one scale per tensor (all-zero blocks' scales aside: never read) are plain ternary per
+    tensor; one per row: per row; otherwise the block scales stay. The dequantized weights never change."""
+    t, rng = tinybit.pack.GGML_TYPES["TQ2_0"], np.random.default_rng(0)
+    codes = rng.integers(-1, 2, (4, 768)).astype(np.int8)
+    codes[1, 256:512] = 0  # an all-zero block, its d 0 (as llama.cpp's quantizer writes it: amax 0)
+    for d, want in ((np.full((4, 3), 0.5), {"scheme": "ternary"}),
+                    (np.repeat([[0.5], [0.25], [1.0], [2.0]], 3, axis=1), {"scheme": "ternary", "per_row": True}),
+                    (rng.uniform(0.1, 1, (4, 3)), {"scheme": "ternary_block", "block": 256})):
+        d = d.astype(np.float16)
+        d[1, 1] = 0
+        spec, stored = convert.gguf_exact("TQ2_0", t.encode(codes, d), (4, 768), "t", None)
+        assert spec == want
+        np.testing.assert_array_equal(linear.dequantize(linear.make(spec, stored, 4, 768)),
+                                      codes * np.repeat(d.astype(np.float32), 256, axis=1))

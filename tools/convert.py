@@ -412,11 +412,15 @@ def gguf_exact(tname, data, shape, what, perm, collapse=True):
     if perm:
         codes, d = unpermute_qk(codes, perm), unpermute_qk(d, perm)
     if collapse and linear.scheme(spec).int8_act:  # ternary: one scale per tensor or per row, where the file's are
-        d32 = d.astype(np.float32)
-        if (d32 > 0).all() and (d32 == d32[:, :1]).all():
-            per_row = bool((d32[:, 0] != d32[0, 0]).any())
+        used = (codes.reshape(*d.shape, -1) != 0).any(axis=2)  # (n_out, nb): the d of an all-zero block is not read
+        d32 = np.where(used, d.astype(np.float32), np.nan)  # (n_out, nb)
+        with np.errstate(all="ignore"):
+            row = np.nanmax(d32, axis=1)  # (n_out,), NaN for an all-zero row
+        row = np.where(np.isnan(row), np.nanmax(row) if not np.isnan(row).all() else 1.0, row)
+        if (row > 0).all() and (~used | (d32 == row[:, None])).all():
+            per_row = bool((row != row[0]).any())
             spec = {"scheme": "ternary", **({"per_row": True} if per_row else {})}
-            return spec, linear.TERNARY.encode(spec, codes, d32[:, 0] if per_row else d32[:1, 0])
+            return spec, linear.TERNARY.encode(spec, codes, row if per_row else row[:1])
     return spec, linear.scheme(spec).encode(spec, codes, d)
 
 
