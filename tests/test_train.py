@@ -2,7 +2,7 @@
 
 A tiny run (random, seeded weights; a small byte-level BPE tokenizer; random held-out tokens) is
 written as a work directory the way train() writes one, exported with --export to a transformers
-BitNet directory, converted with tools/convert.py and loaded with tinybit.load:
+BitNet directory (--arch llama: a float LLaMA one), converted with tools/convert.py and loaded with tinybit.load:
   - tinybit's logits equal the torch model's eval-mode (quantized) logits: max|diff| <= 1e-4 max|logit|,
     on the held-out window export picks by rounding margin (tests/test_shipped_model.py's check);
   - the torch model's state_dict keys are the canonical tensor names of the float model
@@ -43,7 +43,7 @@ def small_tokenizer():
 def random_model(config, seed=0):
     """BitNetLM of config, every matrix ~ N(0, 0.2), every norm weight ~ 1 + N(0, 0.2): logits not flat."""
     torch.manual_seed(seed)
-    m = train.BitNetLM(config)
+    m = train.make_model(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -52,14 +52,14 @@ def random_model(config, seed=0):
     return m.eval()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bitnet", "llama"])
+def run(tmp_path_factory, request):
     """(config, torch model, converted tinybit model, export dir) of a tiny trained-looking work directory."""
     tmp = tmp_path_factory.mktemp("train")
     work, hf, out = tmp / "run", tmp / "hf", tmp / "model"
     work.mkdir()
     tok = small_tokenizer()
-    config = train.run_config(argparse.Namespace(**RUN), VOCAB, tok.token_to_id(train.EOT))
+    config = train.run_config(argparse.Namespace(**RUN, arch=request.param), VOCAB, tok.token_to_id(train.EOT))
     model = random_model(config)
     # the work directory as train() leaves it
     tok.save(str(work / "tokenizer.json"))

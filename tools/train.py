@@ -4,6 +4,9 @@
     python tools/train.py --workdir runs/stdlib --export runs/stdlib/hf            # HF BitNet dir
     python tools/convert.py runs/stdlib/hf models/stdlib-b158                       # tinybit model
 
+With --arch llama it trains a float LLaMA of the same size instead (SiLU gate, no sub-norms, plain float
+linears), exported as a transformers LlamaForCausalLM directory: a float teacher for tools/distill.py.
+
 The model is the BitNet b1.58 2B4T architecture at small scale (transformers' BitNetForCausalLM
 in its "online" quantization mode): RMSNorm pre-norms, rotary embeddings, grouped-query
 attention, sub-norms before o_proj and down_proj, a squared-ReLU gated MLP, tied float
@@ -185,22 +188,40 @@ class BitNetLM(nn.Module):
         return out
 
 
+def float_linear(n_out, n_in):
+    return nn.Linear(n_in, n_out, bias=False)
+
+
 def run_config(args, vocab_size, eot_id):
     """The io.Config of a run from its options: BitNet b1.58 2B4T's layout (squared ReLU, sub-norms,
-    tied float embeddings, ternary block linears); every document and prompt starts with <|endoftext|>."""
+    tied float embeddings, ternary block linears), or with --arch llama a float LLaMA (SiLU, no sub-norms);
+    every document and prompt starts with <|endoftext|>."""
+    bitnet = getattr(args, "arch", "bitnet") == "bitnet"
     c = io.Config(vocab_size=vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                   n_kv_heads=args.kv_heads, head_dim=args.dim // args.heads, ffn_dim=args.ffn_dim,
-                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=args.ctx, activation="relu2", sub_norms=True,
-                  tie_embeddings=True, quant={"scheme": "ternary"}, bos_token_id=eot_id, eos_token_ids=[eot_id],
-                  add_bos=True)
+                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=args.ctx, activation="relu2" if bitnet else "silu",
+                  sub_norms=bitnet, tie_embeddings=True, quant={"scheme": "ternary" if bitnet else "f32"},
+                  bos_token_id=eot_id, eos_token_ids=[eot_id], add_bos=True)
     c.validate("the run's options")
     return c
 
 
+def make_model(c):
+    """The training model of run config c: BitLinear block linears, or float ones for a float run."""
+    return BitNetLM(c, bit_linear if c.quant["scheme"] == "ternary" else float_linear)
+
+
 def hf_config(c):
-    """transformers' BitNet config.json of io.Config c (the "online" mode: float master weights,
-    quantized as they are read)."""
+    """transformers' config.json of io.Config c: BitNet in the "online" mode (float master weights, quantized as
+    they are read), or LLaMA for a float run."""
     eos = c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else c.eos_token_ids
+    if c.quant["scheme"] == "f32":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+                "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+                "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+                "hidden_act": c.activation, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+                "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
+                "mlp_bias": False, "bos_token_id": c.bos_token_id, "eos_token_id": eos, "torch_dtype": "float32"}
     return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "vocab_size": c.vocab_size,
             "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
             "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
@@ -271,7 +292,7 @@ def train(args):
     torch.manual_seed(args.seed)
     tok, data, held = prepare(args)
     cfg = run_config(args, tok.get_vocab_size(), tok.token_to_id(EOT))
-    model = BitNetLM(cfg)
+    model = make_model(cfg)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
@@ -312,10 +333,10 @@ def train(args):
 
 
 def export(args):
-    """Write the trained model as a transformers BitNet directory (online quantization mode)."""
+    """Write the trained model as a transformers BitNet directory (online quantization mode), or LLaMA (float)."""
     from safetensors.torch import save_file
     cfg = read_run_config(args.workdir)
-    model = BitNetLM(cfg)
+    model = make_model(cfg)
     model.load_state_dict(torch.load(os.path.join(args.workdir, "ckpt.pt"), weights_only=True)["model"])
     os.makedirs(args.export, exist_ok=True)
     save_file(model.hf_state_dict(), os.path.join(args.export, "model.safetensors"), metadata={"format": "pt"})
@@ -376,6 +397,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--export", default=None, help="write a transformers BitNet directory from the checkpoint")
+    ap.add_argument("--arch", choices=("bitnet", "llama"), default="bitnet",
+                    help="bitnet: BitNet b1.58 QAT (default); llama: a float LLaMA (a teacher for tools/distill.py)")
     for name, default in OPTIONS.items():
         ap.add_argument("--" + name, type=type(default), default=default)
     args = ap.parse_args(argv)
