@@ -675,6 +675,7 @@ def test_tokenizer_past_the_embeddings_is_refused(float_llama, tmp_path, capsys)
     (["--head-scheme", "int8", "--head-group-size", "2"], "--head-group-size applies to binary, lut* and vq*"),
     (["--head-scheme", "lut4", "--head-group-size", "0"], "--head-group-size must be a positive integer"),
     (["--scheme", "ternary", "--group-size", "4"], "--group-size applies to binary, lut* and vq*"),
+    (["--scheme", "ternary", "--gguf-ternary", "TQ1_0"], "--gguf-ternary applies to --to gguf"),
 ])
 def test_group_size_flags_are_checked(float_llama, tmp_path, capsys, args, words):
     src, _ = float_llama

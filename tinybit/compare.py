@@ -279,9 +279,9 @@ class HFReference:
 
 
 # llama.cpp rounds a linear's input to its weights' partner type (ggml's vec_dot_type): none for F32, F16 or BF16,
-# Q8_0/Q8_1 (blocks of 32) for the 32-weight types, Q8_K (blocks of 256) for the K, TQ and IQ types; by the GGUF's
-# general.file_type (llama_ftype)
-FILE_TYPE_ROUNDING = {0: None, 1: "f16", 32: "bf16", 2: 32, 3: 32, 7: 32, 8: 32, 9: 32, 25: 32}
+# Q8_0/Q8_1 (blocks of 32) for the 32-weight types and Q1_0 / Q2_0 (file types 40, 41), Q8_K (blocks of 256) for the
+# K, TQ and IQ types; by the GGUF's general.file_type (llama_ftype)
+FILE_TYPE_ROUNDING = {0: None, 1: "f16", 32: "bf16", 2: 32, 3: 32, 7: 32, 8: 32, 9: 32, 25: 32, 40: 32, 41: 32}
 
 
 def round_like_llama_cpp(x, rounding):
@@ -300,7 +300,7 @@ def round_like_llama_cpp(x, rounding):
     return (np.rint(xb / np.where(d == 0, 1, d)) * d).reshape(T, n).astype(np.float32)
 
 
-GGUF_ARCHS = ("llama", "bitnet")  # bitnet: the llama block with sub-norms (tools/gguf_export.py)
+GGUF_ARCHS = ("llama", "bitnet", "qwen3")  # bitnet: the llama block with sub-norms; qwen3: with q/k norms
 
 
 class GGUFReference:

@@ -1076,7 +1076,7 @@ def make_parser():
                                                         "--calibrate-self's sampling (default 0)")
     p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
                    help="output format: a tinybit model directory, or a llama.cpp GGUF file (tools/gguf_export.py)")
-    p.add_argument("--gguf-ternary", choices=("TQ2_0", "TQ1_0", "I2_S"), default="TQ2_0",
+    p.add_argument("--gguf-ternary", choices=("TQ2_0", "TQ1_0", "I2_S"),
                    help="GGML type of the ternary linears with --to gguf (default TQ2_0; TQ1_0: 1.69 bits per weight; "
                         "I2_S: one scale per tensor, for bitnet.cpp, which llama.cpp cannot load)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -1088,6 +1088,9 @@ def check_args(args, out_dir):
     for flag, value in (("--group-size", args.group_size), ("--head-group-size", args.head_group_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
+    if args.gguf_ternary and args.to != "gguf":
+        raise UsageError("--gguf-ternary applies to --to gguf")
+    args.gguf_ternary = args.gguf_ternary or "TQ2_0"
     check_out_path(args)
     if os.path.lexists(out_dir):
         if args.to == "gguf":
@@ -1176,7 +1179,7 @@ def convert(argv):
     check_args(args, out_dir)
     src, family, config = read_model(args)
     if args.to == "gguf":  # every refusal before any weight is converted or calibrated
-        import gguf_export  # tools/gguf_export.py: ternary -> TQ2_0, llama / bitnet architecture
+        import gguf_export  # tools/gguf_export.py: tinybit's schemes -> GGML types; llama / qwen3 / bitnet
         stored = dataclasses.replace(config, head_quant=args.head_spec,
                                      tie_embeddings=stored_tie(config, args.head_spec))  # as convert_weights stores it
         gguf_export.check_exportable(out_dir, stored, src.tokenizer_json, args.gguf_ternary)
