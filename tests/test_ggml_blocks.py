@@ -11,10 +11,7 @@
   - gguf_raw reads what gguf-py reads, reads the Q2_0 file gguf-py cannot, and refuses an unknown type id, a
     truncated file and overlapping tensors.
 """
-import ctypes
-import os
 import struct
-import sys
 
 import numpy as np
 import pytest
@@ -24,11 +21,10 @@ import gguf
 from tinybit import pack
 from tinybit.errors import FormatError
 from tinybit.pack import PackError
+from util import llama_quantize, load_tool, write_random_gguf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gguf_raw  # noqa: E402
-import gguf_export  # noqa: E402
+gguf_raw = load_tool("gguf_raw")
+gguf_export = load_tool("gguf_export")
 
 TYPES = pack.GGML_TYPES
 ONE_BIT = ("Q1_0", "Q2_0", "TQ1_0", "TQ2_0")  # what llama.cpp quantizes to
@@ -130,44 +126,11 @@ def test_dequantize_and_quantize_equal_gguf_py(name):
 
 # --- llama.cpp ---------------------------------------------------------------------------------------------
 
-def write_tiny_llama(path, dim=256, ffn=512, vocab=256, n_heads=4, n_kv=2, head_dim=64):
-    """A one-layer F32 llama GGUF with random weights, every dimension a multiple of 256."""
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(1)
-    w.add_context_length(128)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(0x100 + i) for i in range(vocab)])
-    w.add_token_types([1] * vocab)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim),
-              "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,),
-              "blk.0.attn_q.weight": (n_heads * head_dim, dim), "blk.0.attn_k.weight": (n_kv * head_dim, dim),
-              "blk.0.attn_v.weight": (n_kv * head_dim, dim), "blk.0.attn_output.weight": (dim, n_heads * head_dim),
-              "blk.0.ffn_gate.weight": (ffn, dim), "blk.0.ffn_up.weight": (ffn, dim),
-              "blk.0.ffn_down.weight": (dim, ffn)}
-    for name, shape in shapes.items():
-        a = 1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.05 * rng.standard_normal(shape)
-        w.add_tensor(name, a.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
 def f32_file(tmp_path_factory):
+    """A one-layer F32 llama GGUF with random weights, every dimension a multiple of 256."""
     path = str(tmp_path_factory.mktemp("ggml") / "f32.gguf")
-    write_tiny_llama(path)
+    write_random_gguf(path, "llama", False, 256, 512, 4, 2, 64, layers=1, vocab=256)
     return path
 
 
@@ -175,17 +138,11 @@ def f32_file(tmp_path_factory):
 def llama_files(f32_file):
     """{type name: (quantized file, the same requantized to F32 by llama.cpp)}."""
     llama_cpp = pytest.importorskip("llama_cpp")
-
-    def quantize(src, dst, ftype, allow_requantize=False):
-        p = llama_cpp.llama_model_quantize_default_params()
-        p.ftype, p.allow_requantize = ftype, allow_requantize
-        assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)) == 0, (src, dst)
-
     files = {}
     for name in ONE_BIT:
         q, q_f32 = f32_file.replace("f32.gguf", f"{name}.gguf"), f32_file.replace("f32.gguf", f"{name}_f32.gguf")
-        quantize(f32_file, q, getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + name))
-        quantize(q, q_f32, llama_cpp.LLAMA_FTYPE_ALL_F32, allow_requantize=True)
+        llama_quantize(f32_file, q, getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + name))
+        llama_quantize(q, q_f32, llama_cpp.LLAMA_FTYPE_ALL_F32)
         files[name] = q, q_f32
     return files
 

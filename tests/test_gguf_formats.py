@@ -9,7 +9,6 @@ ternary types (TQ1_0, TQ2_0) with llama.cpp running the file, where it rounds ac
 roundings coincide, elsewhere they differ by a rounding step.
 """
 import contextlib
-import ctypes
 import io
 import os
 
@@ -19,7 +18,7 @@ import pytest
 import tinybit
 from tinybit import linear
 from tinybit.model import linear_shapes
-from util import load_tool
+from util import llama_quantize, load_tool, write_random_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -38,56 +37,6 @@ MODELS = {"llama-one-block": ("llama", False, 256, 256, 4, 2, 64),
           "llama-ffn768": ("llama", True, 256, 768, 4, 2, 64),
           "qwen3-hd96": ("qwen3", False, 256, 512, 4, 2, 96)}
 VOCAB, LAYERS, POSITIONS = 512, 2, 96
-
-
-def write_f32_gguf(path, arch, tied, dim, ffn, heads, kv, head_dim, seed):
-    """A random model as an F32 GGUF llama.cpp loads (byte-level BPE metadata with one merge)."""
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(0x100 + i) for i in range(VOCAB - 1)] + ["\u0100\u0101"])
-    w.add_token_types([1] * VOCAB)
-    w.add_token_merges(["\u0100 \u0101"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    shapes = {"token_embd.weight": (VOCAB, dim), "output_norm.weight": (dim,),
-              **({} if tied else {"output.weight": (VOCAB, dim)})}
-    for i in range(LAYERS):
-        p = f"blk.{i}."
-        shapes.update({p + "attn_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
-                       p + "attn_q.weight": (heads * head_dim, dim), p + "attn_k.weight": (kv * head_dim, dim),
-                       p + "attn_v.weight": (kv * head_dim, dim), p + "attn_output.weight": (dim, heads * head_dim),
-                       p + "ffn_gate.weight": (ffn, dim), p + "ffn_up.weight": (ffn, dim),
-                       p + "ffn_down.weight": (dim, ffn)})
-        if arch == "qwen3":
-            shapes.update({p + "attn_q_norm.weight": (head_dim,), p + "attn_k_norm.weight": (head_dim,)})
-    for name, s in shapes.items():
-        a = 1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s)
-        w.add_tensor(name, a.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def quantize(src, dst, ftype, tensor_type=None):
-    """llama.cpp's quantizer: src -> dst as ftype (embedding and head as tensor_type too); requantizing is allowed
-    (ftype F32 on a quantized file: llama.cpp's own dequantization)."""
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.allow_requantize = ftype, True
-    if tensor_type is not None:
-        p.output_tensor_type = p.token_embedding_type = tensor_type
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
 def llama_logits(path, ids):
@@ -114,13 +63,13 @@ def files(tmp_path_factory):
     out = {}
     for i, (model, (arch, tied, dim, ffn, heads, kv, hd)) in enumerate(MODELS.items()):
         f32 = root / f"{model}-f32.gguf"
-        write_f32_gguf(f32, arch, tied, dim, ffn, heads, kv, hd, seed=i)
+        write_random_gguf(f32, arch, tied, dim, ffn, heads, kv, hd, seed=i, layers=LAYERS, vocab=VOCAB)
         for tname, (ftype, type_id, _) in TYPES.items():
             if tname not in WEIGHT_ONLY and (heads * hd) % 256:
                 continue
             q, deq, conv = root / f"{model}-{tname}.gguf", root / f"{model}-{tname}-deq.gguf", root / f"{model}-{tname}"
-            quantize(f32, q, getattr(llama_cpp, ftype), type_id)
-            quantize(q, deq, llama_cpp.LLAMA_FTYPE_ALL_F32)
+            llama_quantize(f32, q, getattr(llama_cpp, ftype), type_id)
+            llama_quantize(q, deq, llama_cpp.LLAMA_FTYPE_ALL_F32)
             assert convert.main([str(q), str(conv)]) == 0
             out[model, tname] = q, deq, conv
     return out

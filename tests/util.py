@@ -69,3 +69,57 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_random_gguf(path, arch, tied, dim, ffn, heads, kv, head_dim, seed=0, layers=2, vocab=512):
+    """A random llama or qwen3 model as an F32 GGUF llama.cpp loads (byte-level BPE metadata with one merge): matrices
+    ~ N(0, 0.05), norms ~ 1 + N(0, 0.1)."""
+    import gguf
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(vocab - 1)] + ["\u0100\u0101"])
+    w.add_token_types([1] * vocab)
+    w.add_token_merges(["\u0100 \u0101"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,),
+              **({} if tied else {"output.weight": (vocab, dim)})}
+    for i in range(layers):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
+                       p + "attn_q.weight": (heads * head_dim, dim), p + "attn_k.weight": (kv * head_dim, dim),
+                       p + "attn_v.weight": (kv * head_dim, dim), p + "attn_output.weight": (dim, heads * head_dim),
+                       p + "ffn_gate.weight": (ffn, dim), p + "ffn_up.weight": (ffn, dim),
+                       p + "ffn_down.weight": (dim, ffn)})
+        if arch == "qwen3":
+            shapes.update({p + "attn_q_norm.weight": (head_dim,), p + "attn_k_norm.weight": (head_dim,)})
+    for name, s in shapes.items():
+        a = 1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s)
+        w.add_tensor(name, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(src, dst, ftype, tensor_type=None):
+    """llama.cpp's quantizer: src -> dst as ftype (embedding and head as tensor_type too); requantizing is allowed
+    (ftype F32 on a quantized file: llama.cpp's own dequantization)."""
+    import ctypes
+    import llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize = ftype, True
+    if tensor_type is not None:
+        p.output_tensor_type = p.token_embedding_type = tensor_type
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
