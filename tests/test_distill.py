@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import tinybit  # noqa: E402
 from tinybit import io  # noqa: E402
-from util import byte_bpe, load_tool  # noqa: E402
+from util import byte_bpe, llama_quantize, load_tool, write_random_gguf  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire, "
         "and the bird sings a song about the river that runs to the sea. ") * 12
@@ -175,3 +175,17 @@ def test_bad_input_is_one_line_and_exit_2(teacher, tmp_path, capsys, case, needl
     assert rc == 2
     assert err.startswith("distill.py: error: ") and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_teacher_in_a_1bit_type_is_read_as_floats(tmp_path):
+    """A teacher GGUF whose linears are Q1_0 (llama.cpp's quantizer): the teacher is its float weights (convert.py
+    with --scheme f32), not the exact 1-bit tensors convert.py keeps without a scheme."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32, q = tmp_path / "f32.gguf", tmp_path / "q1_0.gguf"
+    write_random_gguf(f32, "llama", False, 256, 256, 4, 2, 64, layers=1, vocab=256)
+    llama_quantize(f32, q, llama_cpp.LLAMA_FTYPE_MOSTLY_Q1_0, 41)
+    config, _, load = distill.read_teacher(str(q))
+    tensors = load()
+    assert config.quant == {"scheme": "f32"} and config.embed_quant == {"scheme": "f32"}
+    assert tensors["layers.0.up.weight"].dtype == np.float32 and tensors["layers.0.up.weight"].shape == (256, 256)
+    assert len(np.unique(np.abs(tensors["layers.0.up.weight"][0, :128]))) == 1  # one Q1_0 block: +-d

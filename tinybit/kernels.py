@@ -783,7 +783,8 @@ def _vq_par(ws, nbits, codebook, group_rows, x, ys, n_chunks):
 # Block-scaled codes: a weight is c d, c in {-1, 0, +1, +2} a code, d the float scale of its block of inputs (GGUF's
 # TQ1_0, TQ2_0, Q1_0, Q2_0). A row's block is decoded once into c, then each token adds its inputs by selects (2x is
 # x + x) into an exact block sum, which d scales once.
-BLOCK_VALUES = {1: np.array([-1, 1], np.int8), 2: np.array([-1, 0, 1, 2], np.int8)}  # code q -> c (Q1_0; Q2_0)
+BLOCK_VALUES = {bits: np.array(pack.GGML_TYPES[name].values, np.int8)  # code q -> c: -1, +1; -1, 0, +1, +2
+                for bits, name in ((1, "Q1_0"), (2, "Q2_0"))}
 
 
 @njit(cache=True, inline="always")

@@ -3,10 +3,12 @@
 
     python tools/convert.py SRC OUT [--scheme S] [--group-size G] [--head-scheme S] [--head-group-size G] [--family F]
                             [--config CONFIG.json] [--embed-dtype f32|f16] [--force] [--debug]
+                            [--to tinybit|gguf] [--gguf-ternary TQ2_0|TQ1_0|I2_S] [--calibrate FILE...] ...
 
 SRC is a Hugging Face model directory (config.json + model.safetensors, sharded *.safetensors with
 an index, or pytorch_model.bin read with torch.load(weights_only=True)), a raw state-dict file
-(.safetensors / .pt / .pth / .bin) together with --config, or a llama .gguf file.
+(.safetensors / .pt / .pth / .bin) together with --config, or a llama / qwen3 .gguf file (its 1-bit
+types TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, I2_S kept exactly without --scheme).
 
 Families (detected from the config, --family overrides):
     bitnet        microsoft/bitnet-b1.58-2B-4T, packed (autobitlinear, offline): weight_scale MULTIPLIES
@@ -878,7 +880,8 @@ def convert_weights(src, config, family, args):
     out = {}
     head_spec = args.head_spec
     embed = plain["embed.weight"]
-    if args.keep_exact and embed.exact is not None:  # a GGUF's 1-bit embedding, looked up by rows as it is
+    if args.keep_exact and embed.exact is not None and c.embed_dtype == "f32":  # a GGUF's 1-bit embedding, looked
+        # up by rows as it is (--embed-dtype f16 asks for a float one)
         check_shape(embed, (c.vocab_size, c.dim))
         spec, stored = embed.exact(collapse=False)
         if linear.scheme(spec).rows:

@@ -189,7 +189,7 @@ def read_teacher(path):
     """(io.Config, tokenizer.json text, load) of a float checkpoint, through tools/convert.py's reading
     path (--scheme f32: nothing quantized); load() -> its canonical float tensors (convert_weights, which
     logs a line per linear: called once the text is checked)."""
-    args = convert.make_parser().parse_args([path, path + ".unused"])  # no --scheme: float linears
+    args = convert.make_parser().parse_args([path, path + ".unused", "--scheme", "f32"])  # float, even a GGUF's 1-bit
     src, family, config = convert.read_model(args)
     if family != "llama":
         raise UsageError(f"{path}: a {family} checkpoint ({convert.FAMILY_INFO[family]}); the teacher must be "

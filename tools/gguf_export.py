@@ -94,7 +94,7 @@ def exact_codes(spec, t, n_in):
     """The stored tensors t of a ternary or block-scaled linear -> (codes (n_out, n_in) int8, scale): ternary's
     gamma (1,) or (n_out,) float32, or the block scales d (n_out, n_in / block) float16."""
     s = linear.scheme(spec)
-    if s.int8_act:  # ternary planes
+    if s in (linear.TERNARY, linear.TERNARY_BLOCK):  # ternary planes
         return pack.unpack_ternary(t["w_packed"], n_in), t["scale"]
     bits = s.bits(spec)  # binary_block, twobit_block: code q of w_idx is weight BLOCK_VALUES[bits][q] * d
     return kernels.BLOCK_VALUES[bits][pack.unpack_indices(t["w_idx"], n_in, bits)], t["scale"]

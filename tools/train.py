@@ -396,7 +396,8 @@ OPTIONS = {"steps": 2500, "batch": 8, "ctx": 256, "vocab": 4096, "dim": 256, "la
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
-    ap.add_argument("--export", default=None, help="write a transformers BitNet directory from the checkpoint")
+    ap.add_argument("--export", default=None, help="write a transformers directory from the checkpoint (BitNet; "
+                                                     "LlamaForCausalLM for an --arch llama run)")
     ap.add_argument("--arch", choices=("bitnet", "llama"), default="bitnet",
                     help="bitnet: BitNet b1.58 QAT (default); llama: a float LLaMA (a teacher for tools/distill.py)")
     for name, default in OPTIONS.items():
