@@ -24,7 +24,7 @@ from util import byte_bpe, llama_quantize, load_tool, write_random_gguf  # noqa:
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire, "
         "and the bird sings a song about the river that runs to the sea. ") * 12
-SCHEMES = ("ternary", "ternary-row", "binary", "onebit")
+SCHEMES = ("ternary", "ternary-row", "binary", "onebit", "lut2")
 
 
 distill = load_tool("distill")
@@ -57,10 +57,10 @@ def run(teacher, out, *extra, steps=2, workdir=None):
     return distill.main(argv)
 
 
-def student_of(teacher, scheme, ckpt):
+def student_of(teacher, scheme, ckpt, subln=False):
     """The torch student of scheme with the checkpoint's weights, in eval mode."""
     config, _, load = distill.read_teacher(str(teacher[0]))
-    student = distill.student_model(config, load(), dict(convert.SCHEME_SPECS[scheme][0]))
+    student = distill.student_model(config, load(), dict(convert.SCHEME_SPECS[scheme][0]), subln)
     student.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     return config, student.eval()
 
@@ -105,12 +105,14 @@ def test_step_zero_is_the_data_free_quantizer(teacher, tmp_path, scheme):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_tinybit_equals_the_torch_student(teacher, tmp_path, scheme):
-    assert run(teacher, tmp_path / "out", "--scheme", scheme, workdir=tmp_path / "w") == 0
-    config, student = student_of(teacher, scheme, tmp_path / "w" / "ckpt.pt")
+@pytest.mark.parametrize("scheme, subln", [(s, False) for s in SCHEMES] + [("ternary", True), ("lut2", True)])
+def test_tinybit_equals_the_torch_student(teacher, tmp_path, scheme, subln):
+    """Also with --subln (BitDistill's SubLN): the exported model has the sub-norms the student trained."""
+    assert run(teacher, tmp_path / "out", "--scheme", scheme, *["--subln"] * subln, workdir=tmp_path / "w") == 0
+    config, student = student_of(teacher, scheme, tmp_path / "w" / "ckpt.pt", subln)
     tb = tinybit.load(str(tmp_path / "out"))
     assert tb.config.quant == convert.SCHEME_SPECS[scheme][0] and not tb.config.tie_embeddings
+    assert tb.config.sub_norms == subln
     from tokenizers import Tokenizer
     ids = Tokenizer.from_file(str(teacher[0] / "tokenizer.json")).encode(TEXT).ids
     windows = torch.tensor([ids[s:s + 24] for s in range(0, 240, 8)])

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Distil a float LLaMA-family teacher into a 1-bit / 1.58-bit tinybit student.
 
-    python tools/distill.py TEACHER OUT --scheme ternary|ternary-row|binary|onebit --text FILE... [--steps N]
-                            [--seq N] [--batch N] [--lr X] [--warmup N] [--hidden-weight X] [--device cpu|cuda]
+    python tools/distill.py TEACHER OUT --scheme ternary|ternary-row|binary|onebit|lut2 --text FILE... [--steps N]
+                            [--seq N] [--batch N] [--lr X] [--warmup N] [--hidden-weight X] [--subln]
+                            [--device cpu|cuda]
                             [--workdir DIR] [--resume] [--seed N] [--log-every N] [--ckpt-every N]
                             [--eval-windows N] [--threads N] [--debug]
 
@@ -20,6 +21,10 @@ tinybit/quant.py, tinybit/linear.py), the embedding, norms and head float:
                  y = (x_q S^T) * (beta / s_x)                                   BitNet (Wang et al. 2023)
     onebit       S = Sign(W),  y = [(x ⊙ g) S^T] ⊙ h,  float x, trainable g (n_in), h (n_out)
                  OneBit (Xu et al. 2024, arXiv 2402.11295), g, h from SVID (quant.onebit_svid)
+    lut2         idx = the nearest entry of a trainable table lut (4 entries, k-means start: quant.lut_quantize),
+                 y = x lut[idx]^T, float x; the table learns through the gather, W straight through
+With --subln the student also gets BitDistill's SubLN (an RMSNorm before o_proj and down_proj, weight 1 at the
+start: the engine's sub_norms), the teacher not.
 
 round is half to even (torch.round = np.rint); statistics of W in float64 as quant.py takes them. The
 float latent W starts at the teacher's weights, so step 0 is the scheme's data-free quantizer; the
@@ -62,7 +67,7 @@ from tinybit import model as tbmodel  # noqa: E402
 from tinybit.cli import exit_on_error  # noqa: E402
 from tinybit.errors import UsageError  # noqa: E402
 
-SCHEMES = ("ternary", "ternary-row", "binary", "onebit")  # --scheme: names of convert.SCHEME_SPECS
+SCHEMES = ("ternary", "ternary-row", "binary", "onebit", "lut2")  # --scheme: names of convert.SCHEME_SPECS
 EPS = quant.EPS  # 1e-5: the absmax floor and ternarize's eps
 Q = 127.0  # int8 activations: 2^(8-1) - 1
 HELD_OUT = 0.1  # the fraction of the text windows held out (the last ones)
@@ -94,10 +99,13 @@ class StudentLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n_out, n_in))  # the float latent weight (STE master)
         if self.kind == "onebit":
             self.g, self.h = nn.Parameter(torch.ones(n_in)), nn.Parameter(torch.ones(n_out))
+        if self.kind == "lut":  # one table of 2^bits entries for the tensor, trained with the latent weight
+            self.lut = nn.Parameter(torch.zeros(2 ** spec["bits"]))
 
     def codes(self):
-        """(codes, scale, surrogate): codes (n_out, n_in) in {-1, 0, 1} (float64), scale float32 (1,)
-        or (n_out,) as the scheme stores it (onebit: None), surrogate the float whose gradient the codes take."""
+        """(codes, scale, surrogate): codes (n_out, n_in) in {-1, 0, 1} (float64; lut: the table indices, int64),
+        scale float32 (1,) or (n_out,) as the scheme stores it (onebit, lut: None), surrogate the float whose
+        gradient the codes take."""
         w = self.weight.detach().double()
         if self.kind == "ternary":  # quant.ternarize
             per_row = self.spec.get("per_row", False)
@@ -109,11 +117,16 @@ class StudentLinear(nn.Module):
             beta = w.abs().mean().reshape(1)
             s = torch.where(w - alpha > 0, 1.0, -1.0).double()
             return s, beta.float(), self.weight / beta.float()
+        if self.kind == "lut":  # each weight's nearest table entry (ties: the lower index, as quant.kmeans_1d)
+            idx = (w[:, :, None] - self.lut.detach().double()).abs().argmin(dim=2)  # (n_out, n_in)
+            return idx, None, self.weight
         s = torch.where(w > 0, 1.0, -1.0).double()  # onebit: quant.onebit_svid's sign (0 -> -1)
         return s, None, self.weight
 
     def forward(self, x):
         codes, scale, surrogate = self.codes()
+        if self.kind == "lut":  # y = x W^T, W = lut[idx]: the table's gradient by the gather, W's straight through
+            return F.linear(x, self.lut[codes] + (surrogate - surrogate.detach()))
         w = ste(surrogate, codes.float())  # (n_out, n_in), exactly the codes
         if self.kind == "onebit":  # y = [(x ⊙ g) Sign(W)^T] ⊙ h
             return F.linear(x * self.g, w) * self.h
@@ -124,8 +137,10 @@ class StudentLinear(nn.Module):
     @torch.no_grad()
     def init_from(self, w):
         """The scheme's data-free starting point from the teacher's float weight w (n_out, n_in) numpy:
-        W itself (ternary, binary: codes() is the quantizer); onebit: W and SVID's g, h."""
+        W itself (ternary, binary: codes() is the quantizer); onebit: W and SVID's g, h; lut: W and k-means' table."""
         self.weight.copy_(torch.from_numpy(np.asarray(w, np.float32)))
+        if self.kind == "lut":
+            self.lut.copy_(torch.from_numpy(quant.lut_quantize(w, self.spec["bits"])[1][0]))
         if self.kind == "onebit":
             _, g, h = quant.onebit_svid(w, method="svd")
             self.g.copy_(torch.from_numpy(g))
@@ -134,6 +149,9 @@ class StudentLinear(nn.Module):
     def encode(self):
         """The stored tensors of this linear: linear's scheme record encoding the forward's codes."""
         codes, scale, _ = self.codes()
+        if self.kind == "lut":
+            return linear.LUT.encode(self.spec, codes.cpu().numpy().astype(np.uint8),
+                                     self.lut.detach().cpu().numpy()[None])  # (1, 2^bits): one table
         codes = codes.cpu().numpy().astype(np.int8)
         grid = ((self.g.detach().cpu().numpy(), self.h.detach().cpu().numpy()) if self.kind == "onebit"
                 else scale.cpu().numpy())
@@ -151,28 +169,31 @@ def teacher_model(c, tensors):
     return m.eval()
 
 
-def student_model(c, tensors, spec):
+def student_model(c, tensors, spec, subln=False):
     """The student of scheme spec at its starting point: the teacher's norms, embedding and head, each
-    block linear initialised by StudentLinear.init_from from the teacher's float weight."""
-    m = train.BitNetLM(c, lambda n_out, n_in: StudentLinear(spec, n_out, n_in))
+    block linear initialised by StudentLinear.init_from from the teacher's float weight; subln: BitDistill's
+    SubLN (Wu et al. 2025, §3.1), an RMSNorm of weight 1 before o and down (the engine's sub_norms), added."""
+    m = train.BitNetLM(student_config(c, spec, subln), lambda n_out, n_in: StudentLinear(spec, n_out, n_in))
     lin = {name for name, _, _ in tbmodel.linear_shapes(c) if name != "head"}
     plain = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in tensors.items()
              if k.rsplit(".", 1)[0] not in lin}
     missing, _ = m.load_state_dict(plain, strict=False)
     for name in lin:
         m.get_submodule(name).init_from(tensors[name + ".weight"])
-    assert all(k.rsplit(".", 1)[0] in lin for k in missing), missing
+    assert all(k.rsplit(".", 1)[0] in lin or k.endswith("sub_norm.weight") for k in missing), missing
     return m
 
 
-def student_config(c, spec):
-    """The exported model's io.Config: the teacher's, block linears of scheme spec, a float head."""
-    return dataclasses.replace(c, quant=dict(spec), quant_overrides={}, family=f"distill-{spec['scheme']}")
+def student_config(c, spec, subln=False):
+    """The exported model's io.Config: the teacher's, block linears of scheme spec, a float head; sub-norms with
+    subln (a teacher that has them keeps them)."""
+    return dataclasses.replace(c, quant=dict(spec), quant_overrides={}, sub_norms=c.sub_norms or subln,
+                               family=f"distill-{spec['scheme']}")
 
 
-def export(student, c, spec, out, tokenizer_json):
+def export(student, c, spec, out, tokenizer_json, subln=False):
     """Write the student as a tinybit model directory at out (io.save_model: atomic, never overwrites)."""
-    cfg = student_config(c, spec)
+    cfg = student_config(c, spec, subln)
     sd = {k: v.detach().float().cpu().numpy() for k, v in student.state_dict().items()}
     lin = [name for name, _, _ in tbmodel.linear_shapes(cfg) if name != "head"]
     tensors = {k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in lin}
@@ -282,7 +303,7 @@ def held_out_ppl(model, held, n_windows, bsz, device):
 def run_meta(args):
     """What a checkpoint must agree with to be resumed."""
     return {"teacher": os.path.abspath(args.teacher), "scheme": args.scheme, "seq": args.seq, "batch": args.batch,
-            "seed": args.seed}
+            "seed": args.seed, "subln": args.subln}
 
 
 def save_checkpoint(path, student, opt, step, args):
@@ -369,6 +390,8 @@ def make_parser():
                                       ("--eval-windows", int, 64, "held-out windows in the progress line's ppl"),
                                       ("--threads", int, None, "torch CPU threads (default: torch's)")):
         p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
+    p.add_argument("--subln", action="store_true",
+                   help="BitDistill's SubLN: the student gets an RMSNorm before o and down (sub_norms)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--workdir", help="checkpoint directory (default OUT.distill)")
     p.add_argument("--resume", action="store_true", help="continue from --workdir's checkpoint")
@@ -405,14 +428,14 @@ def distill(argv):
     spec, tensors = dict(convert.SCHEME_SPECS[args.scheme][0]), load()
     torch.manual_seed(args.seed)
     teacher = teacher_model(config, tensors).to(args.device)
-    student = student_model(config, tensors, spec).to(args.device).train()
+    student = student_model(config, tensors, spec, args.subln).to(args.device).train()
     os.makedirs(args.workdir, exist_ok=True)
     ppl = [held_out_ppl(m, held, args.eval_windows, args.batch, args.device) for m in (teacher, student)]
     print(f"distill: {args.scheme} student, {len(train_w)} training windows, {len(held)} held-out windows of "
           f"{args.seq} tokens; held-out ppl: teacher {ppl[0]:.3f}, student at step 0 (the data-free quantizer) "
           f"{ppl[1]:.3f}", file=sys.stderr, flush=True)
     train_loop(args, teacher, student, train_w, held)
-    out = export(student.eval(), config, spec, args.out, tokenizer_json)
+    out = export(student.eval(), config, spec, args.out, tokenizer_json, args.subln)
     print(f"distilled {args.teacher} -> {args.out} ({args.scheme})", flush=True)
     return out
 
