@@ -797,6 +797,15 @@ def _select_dot(c, x, j0, s):
 
 
 @njit(cache=True, inline="always")
+def _sign_dot(c, x, j0, s):
+    """_select_dot for c in {-1, +1} (binary blocks): one select per input."""
+    for j in range(c.shape[0]):
+        v = x[j0 + j]
+        s += v if c[j] > 0 else -v
+    return s
+
+
+@njit(cache=True, inline="always")
 def _decode_block(wr, nbits, b, c):
     """Codes of block b of a row into c (block,) int8. nbits 0: ternary planes (docs/FORMAT.md, block 256), c = nonzero
     bit - 2 (negative bit); 1, 2: LSB-first codes q -> BLOCK_VALUES."""
@@ -832,7 +841,9 @@ def _block_rows(w, nbits, d, x, y, r0, r1):
         for b in range(n_blocks):
             _decode_block(wr, nbits, b, c)
             for t in range(x.shape[0]):
-                acc[t] += np.float64(d[r, b]) * _select_dot(c, x[t], b * c.shape[0], np.float32(0))
+                j0 = b * c.shape[0]
+                s = _sign_dot(c, x[t], j0, np.float32(0)) if nbits == 1 else _select_dot(c, x[t], j0, np.float32(0))
+                acc[t] += np.float64(d[r, b]) * s
         for t in range(x.shape[0]):
             y[t, r] = acc[t]
 
