@@ -427,7 +427,8 @@ def test_plane_kernels_are_multiply_free():
         bad = sorted({m.group(0) for m in VECTOR_MULTIPLY.finditer(body)})
         assert not bad, f"{name}: multiply instructions {bad}"
         add = {"ternary": "vpsadbw", "binary_f32": "vaddps"}.get(name, "vpaddw")
-        assert re.search(rf"\b{add}\b.*zmm", body), f"{name}: no {add} on zmm registers (not vectorized?)"
+        # ymm or zmm: on Intel's AVX-512 cores LLVM prefers 256-bit vectors where it vectorizes a loop itself
+        assert re.search(rf"\b{add}\b.*[yz]mm", body), f"{name}: no {add} on ymm/zmm registers (not vectorized?)"
 
 
 def test_block_scaled_kernels_multiply_only_by_the_block_scale():
