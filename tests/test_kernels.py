@@ -455,20 +455,28 @@ def test_block_scaled_kernels_multiply_only_by_the_block_scale():
     assert re.search(r"\bvaddps\b.*[yz]mm", body), "no vaddps on ymm/zmm registers (not vectorized?)"
 
 
-def test_ternary_kernel_without_avx512bw():
-    """Compiled for a CPU without AVX-512 (x86: haswell; elsewhere the host), the ternary kernel's byte
-    sums take the portable LLVM IR path (no vpsadbw) and still equal the reference, overflow stress included;
+CPUS_WITHOUT_AVX512 = {"haswell": "+avx2,+fma,+popcnt,+bmi2,+sse4.2,+ssse3", "x86-64": "+sse2"}  # AVX2; no AVX
+
+
+@pytest.mark.parametrize("cpu", sorted(CPUS_WITHOUT_AVX512))
+def test_kernels_without_avx512(cpu):
+    """Compiled for a CPU without AVX-512 (x86: haswell, and x86-64 without even SSSE3; elsewhere the host), the
+    ternary kernel's byte sums take the portable LLVM IR path (no vpsadbw), the table GEMM's quad codes vpshufb
+    (haswell) or their digits' arithmetic (x86-64), and all still equal the references, overflow stress included;
     the dense kernel runs 8-lane sums in AVX2-sized blocks."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+popcnt,+bmi2,+sse4.2"} if x86 else {}
+    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": CPUS_WITHOUT_AVX512[cpu]} if x86 else {}
     out = _run("""
         import numpy as np
         from tinybit import kernels as k, pack
         rng = np.random.default_rng(0)
-        for tokens, n_out, n_in, x_lo in [(1, 5, 300, -128), (3, 9, 513, -128), (2, 6, 17920, 127)]:
+        for tokens, n_out, n_in, x_lo in [(1, 5, 300, -128), (3, 9, 513, -128), (2, 6, 17920, 127), (9, 7, 513, -128),
+                                          (70, 5, 300, -128)]:
             x_q = rng.integers(x_lo, 128, (tokens, n_in)).astype(np.int8)
             wt = pack.pack_ternary(rng.integers(-1, 2, (n_out, n_in)) if x_lo < 0 else np.ones((n_out, n_in)))
-            assert (k.ternary_matmul(wt, x_q) == k.ternary_matmul_ref(wt, x_q)).all()
+            wb = pack.pack_binary(rng.integers(0, 2, (n_out, n_in)) * 2 - 1)
+            assert (k.ternary_matmul(wt, x_q) == k.ternary_matmul_ref(wt, x_q)).all(), tokens
+            assert (k.binary_matmul(wb, x_q) == k.binary_matmul_ref(wb, x_q)).all(), tokens
         w8, x = rng.integers(-127, 128, (9, 300)).astype(np.int8), rng.integers(-99, 100, (5, 300)).astype(np.float32)
         assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()  # the dense kernel's AVX2 blocks
         assert (k.int8_matmul(w8, x[2:3]) == k.int8_matmul(w8, x)[2:3]).all()

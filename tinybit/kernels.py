@@ -460,7 +460,7 @@ def _plane_par(ws, xa, xb, ys, n_chunks):
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
 GEMM_LANES = 64  # tokens per tile: 2 x 32 int16 lanes
 NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: a quarter of the adds per row
-GEMM_ROWS = 1024  # rows per block (4 x as many at 16 lanes): their int16 sums (128 KB) and int32 ones (256 KB) in L2
+GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
 NARROW_MAX_TOKENS = {"ternary": 48, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
 QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
@@ -468,7 +468,7 @@ TERNARY_STEP_QUADS = 4  # input quads per step: 4 quads x 81 entries x 64 lanes 
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
 NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
 TABLE_SIZE = 81 * TERNARY_STEP_QUADS * GEMM_LANES  # int16 table entries (the largest of the three)
-ACC_SIZE = GEMM_ROWS * GEMM_LANES  # int16 row sums: GEMM_ROWS rows of 64 lanes, or 4 x as many of 16
+ACC_SIZE = GEMM_ROWS * GEMM_LANES  # int16 row sums: GEMM_ROWS rows of up to 64 lanes
 
 
 @intrinsic
@@ -515,62 +515,75 @@ def _lanes_major(x_q, n_pad, lanes):
     return xt
 
 
-# Quad (2 b + h, j): bits 4 h + i of plane byte j of block b, the weights of inputs 128 (2 b + h) + 32 i + j, i < 4
-@njit(cache=True, inline="always")
-def _base3(v):
-    """Bits 0..3 of v read as base-3 digits, b0 + 3 b1 + 9 b2 + 27 b3 (per bit pair u: b0 + 3 b1 = u + (u >> 1))."""
-    lo, hi = v & np.uint8(3), (v >> np.uint8(2)) & np.uint8(3)
-    lo, hi = lo + (lo >> np.uint8(1)), hi + (hi >> np.uint8(1))
-    return np.uint8(lo + (hi << np.uint8(3)) + hi)
+# Quad (2 b + h, j): bits 4 h + i of plane byte j of block b, the weights of inputs 128 (2 b + h) + 32 i + j, i < 4.
+# Its entry: e = nibble h (binary), or e = a0 + 3 a1 + 9 a2 + 27 a3 with a = nz bit + ng bit = 0, 1, 2 for
+# w = 0, +1, -1, i.e. e = base3(nz nibble) + base3(nz & ng nibble) (ternary)
+BASE3 = [sum(3 ** i for i in range(4) if v >> i & 1) for v in range(16)]  # nibble bits read as base-3 digits
+
+
+@intrinsic
+def _quad_offsets(typingctx, out, wr, i0, shift, binary, n_quads, L):
+    """out[:16] uint16 = 2 L (n_entries (j % n_quads) + e_j), the byte offset of quad j's entry in a step's tables
+    of L lanes, for the 16 quads of nibble shift / 4 of plane bytes wr[i0 + j] (ternary: nz; ng 32 bytes on);
+    n_entries = 16 (binary) or 81. At most 2 x 64 x 324 < 2^16. One vector of 16 bytes: base3 by vpshufb from a
+    16-entry table (SSSE3 on), else by its digits' arithmetic; then widened, shifted by log2(2 L), offset."""
+    if not all(isinstance(a, (types.IntegerLiteral, types.BooleanLiteral)) for a in (binary, n_quads, L)):
+        return None
+    is_binary, quads, lanes = binary.literal_value, n_quads.literal_value, L.literal_value
+    steps = [2 * lanes * (16 if is_binary else 81) * (j % quads) for j in range(16)]
+
+    def codegen(context, builder, sig, args):
+        i8, i16 = ir.IntType(8), ir.IntType(16)
+        v16i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i16, 16)
+        out_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v16i16.as_pointer())
+        row = context.make_array(sig.args[1])(context, builder, args[1]).data
+
+        def load(at):
+            return builder.load(builder.bitcast(builder.gep(row, [at]), v16i8.as_pointer()), align=1)
+
+        def splat(v):
+            return ir.Constant(v16i8, [v] * 16)
+        nib = builder.trunc(args[3], i8)
+        nib = builder.insert_element(ir.Constant(v16i8, None), nib, ir.Constant(ir.IntType(32), 0))
+        nib = builder.shuffle_vector(nib, ir.Constant(v16i8, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+
+        def nibble(v):
+            return builder.and_(builder.lshr(v, nib), splat(15))
+        nz = load(args[2])
+        if is_binary:
+            e = nibble(nz)
+        else:
+            ng = builder.and_(load(builder.add(args[2], ir.Constant(args[2].type, PLANE))), nz)
+            if "+ssse3" in TARGET_FEATURES.split(","):
+                pshufb = builder.module.declare_intrinsic("llvm.x86.ssse3.pshuf.b.128",
+                                                          fnty=ir.FunctionType(v16i8, [v16i8, v16i8]))
+                table = ir.Constant(v16i8, BASE3)
+
+                def base3(v):
+                    return builder.call(pshufb, [table, v])
+            else:
+                def base3(v):  # per bit pair u: b0 + 3 b1 = u + (u >> 1); then lo + 9 hi = lo + 8 hi + hi
+                    lo, hi = builder.and_(v, splat(3)), builder.lshr(v, splat(2))
+                    lo, hi = builder.add(lo, builder.lshr(lo, splat(1))), builder.add(hi, builder.lshr(hi, splat(1)))
+                    return builder.add(lo, builder.add(builder.shl(hi, splat(3)), hi))
+            e = builder.add(base3(nibble(nz)), base3(nibble(ng)))
+        wide = builder.shl(builder.zext(e, v16i16), ir.Constant(v16i16, [int(math.log2(2 * lanes))] * 16))
+        builder.store(builder.add(wide, ir.Constant(v16i16, steps)), out_ptr, align=2)
+        return context.get_dummy_value()
+    return types.none(out, wr, i0, shift, binary, n_quads, L), codegen
 
 
 @njit(cache=True, inline="always")
-def _step_quads(binary, L):
-    """Input quads per table step for L lanes (the codes' offsets; _gemm_tile's copies pass the same constants)."""
-    return NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS
-
-
-@njit(cache=True, inline="always")
-def _step_offsets(n_entries, n_quads, L):
-    """(PLANE,) uint16: the byte offset 2 L n_entries (j % n_quads) of quad j's table in its step."""
-    out = np.empty(PLANE, np.uint16)
-    for j in range(PLANE):
-        out[j] = 2 * L * n_entries * (j % n_quads)
-    return out
-
-
-@njit(cache=True)
-def _ternary_quad_codes(w, r0, r1, codes, n_quads, L):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 2 L (81 (j % n_quads) + e), the byte offset
-    of quad (2 b + h, j)'s entry in the step's tables of L lanes; e = a0 + 3 a1 + 9 a2 + 27 a3, a = nz bit + ng bit =
-    0, 1, 2 for w = 0, +1, -1: e = base3(nz) + base3(ng). (At most 2 x 64 x 324 < 2^16: the tables' bytes.)"""
-    step_offsets = _step_offsets(81, n_quads, L)
-    row_bytes = np.uint16(2 * L)
-    for b in range(w.shape[1] // (2 * PLANE)):
-        o = 2 * PLANE * b
-        for r in range(r0, r1):
-            nz, ng = w[r, o:o + PLANE], w[r, o + PLANE:o + 2 * PLANE]
-            c0, c1 = codes[2 * b, r - r0], codes[2 * b + 1, r - r0]
-            for j in range(PLANE):
-                n = nz[j]
-                g = ng[j] & n  # a negative bit counts only on a nonzero weight
-                c0[j] = step_offsets[j] + row_bytes * np.uint16(_base3(n) + _base3(g))
-                c1[j] = step_offsets[j] + row_bytes * np.uint16(_base3(n >> np.uint8(4)) + _base3(g >> np.uint8(4)))
-
-
-@njit(cache=True)
-def _binary_quad_codes(w, r0, r1, codes, n_quads, L):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = 2 L (16 (j % n_quads) + nibble h), the
-    byte offset of its entry in the step's tables."""
-    step_offsets = _step_offsets(16, n_quads, L)
-    row_bytes = np.uint16(2 * L)
-    for b in range(w.shape[1] // PLANE):
-        for r in range(r0, r1):
-            plane = w[r, PLANE * b:PLANE * (b + 1)]
-            c0, c1 = codes[2 * b, r - r0], codes[2 * b + 1, r - r0]
-            for j in range(PLANE):
-                c0[j] = step_offsets[j] + row_bytes * np.uint16(plane[j] & np.uint8(15))
-                c1[j] = step_offsets[j] + row_bytes * np.uint16(plane[j] >> np.uint8(4))
+def _quad_codes(w, r0, r1, codes, binary, n_quads, L):
+    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = _quad_offsets of quad (2 b + h, j) of row r
+    (computed once per block of rows, read by every tile; binary, n_quads, L constants)."""
+    block_bytes = PLANE if binary else 2 * PLANE
+    for b in range(w.shape[1] // block_bytes):
+        for h in range(2):
+            c = codes[2 * b + h]
+            for r in range(r0, r1):
+                for k in range(0, PLANE, 16):
+                    _quad_offsets(c[r - r0, k:], w[r], block_bytes * b + k, 4 * h, binary, n_quads, L)
 
 
 @njit(cache=True, inline="always")
@@ -623,9 +636,9 @@ def _flush(acc16, acc32):
 
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= ACC_SIZE // L rows: codes (2 nb,
-    >= n_rows, PLANE) uint16 (_ternary_quad_codes, _binary_quad_codes), xt (n_pad, L) int16, L = GEMM_LANES or
-    NARROW_LANES. Each case is a copy of _gemm_steps with its constants."""
+    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (2 nb, >= n_rows,
+    PLANE) uint16 (_quad_codes), xt (n_pad, L) int16, L = GEMM_LANES or NARROW_LANES. Each case is a copy of
+    _gemm_steps with its constants."""
     if xt.shape[1] == NARROW_LANES and binary:
         _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
     elif xt.shape[1] == NARROW_LANES:
@@ -684,15 +697,19 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
     binary ones if `binary`; xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L); y (tokens, n_out) int32."""
     nb = w.shape[1] // PLANE if binary else w.shape[1] // (2 * PLANE)
     L = xT.shape[2]
-    block_rows = max(1, min(ACC_SIZE // L, r1 - r0))  # (k / v of a small model: fewer rows than a block)
+    block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
     acc32 = _aligned_empty(block_rows * L, np.int32).reshape((block_rows, L))
     codes = np.empty((2 * nb, block_rows, PLANE), np.uint16)
     for rb0 in range(r0, r1, block_rows):
         rb1 = min(rb0 + block_rows, r1)
-        if binary:
-            _binary_quad_codes(w, rb0, rb1, codes, _step_quads(True, L), L)
+        if L == NARROW_LANES and binary:  # (constants: one inlined copy each)
+            _quad_codes(w, rb0, rb1, codes, True, NARROW_STEP_QUADS, NARROW_LANES)
+        elif L == NARROW_LANES:
+            _quad_codes(w, rb0, rb1, codes, False, NARROW_STEP_QUADS, NARROW_LANES)
+        elif binary:
+            _quad_codes(w, rb0, rb1, codes, True, BINARY_STEP_QUADS, GEMM_LANES)
         else:
-            _ternary_quad_codes(w, rb0, rb1, codes, _step_quads(False, L), L)
+            _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, GEMM_LANES)
         for tile in range(xT.shape[0]):
             _gemm_tile(codes, xT[tile], binary, rb1 - rb0, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
