@@ -208,3 +208,47 @@ def test_bad_flags_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinybit.serve", "--model", str(tmp_path / "none")], capture_output=True,
                        text=True, env=dict(os.environ))
     assert r.returncode == 2 and r.stderr.startswith("tinybit.serve: error: ") and r.stderr.count("\n") == 1
+
+
+def test_admission_step_runs_only_the_new_first_chunks(tmp_path):
+    """The engine, without HTTP: a step that admits requests feeds only their first prompt chunks; every other
+    step advances every active request (a decode token, or its next chunk) in one forward_batch."""
+    import asyncio
+
+    import tinybit
+    from tinybit.generate import TextStream
+    from tinybit.serve import Engine, Job
+    tk = byte_bpe(TEXT)
+    c = tiny_config(vocab_size=tk.get_vocab_size(), bos_token_id=0, eos_token_ids=[], max_seq_len=CTX,
+                    quant={"scheme": "ternary"})
+    model = tinybit.load(str(save_random_model(tmp_path / "m", c, seed=3, tokenizer_json=tk.to_str())))
+    fed = []
+
+    class Recorded:  # the model, with each forward_batch's feed lengths kept
+        config = model.config
+
+        def new_cache(self, n):
+            return model.new_cache(n)
+
+        def forward_batch(self, feeds, caches):
+            fed.append([len(f) for f in feeds])
+            return model.forward_batch(feeds, caches)
+    loop = asyncio.new_event_loop()
+    engine = Engine(Recorded(), max_batch=4, prefill_chunk=4)
+
+    def job(n_prompt, n_new):
+        j = Job(list(range(2, 2 + n_prompt)), n_new, 0.0, 0, 1.0, 0, TextStream(model.tokenizer), loop,
+                asyncio.Queue())
+        j.cache = model.new_cache(n_prompt + n_new)  # (as Engine.run admits it)
+        return j
+    a, b = job(6, 5), job(3, 2)
+    engine.active = [a]
+    engine.step()  # a admitted: its first chunk alone
+    engine.step()  # the rest of its prompt: its first token
+    engine.step()  # a decodes
+    engine.active.append(b)
+    engine.step()  # b admitted: its chunk alone, a waits
+    engine.step()  # both advance: a decodes, b decodes its second token
+    loop.close()
+    assert fed == [[4], [2], [1], [3], [1, 1]]
+    assert len(a.tokens) == 3 and len(b.tokens) == 2 and b.done and engine.active == [a]

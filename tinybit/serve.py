@@ -9,7 +9,8 @@ the end of a prompt too long for the context); other fields are ignored.
 
 One engine thread runs the model. Each step, every active request advances by one token, or by a chunk of at most
 --prefill-chunk tokens of its prompt, all in one Model.forward_batch pass: each linear reads its weights once for
-all of them, each request attends to its own KV cache. Requests join and leave between steps; a client gone away
+all of them, each request attends to its own KV cache. A step that admits requests runs only their first chunks,
+so that a new request's first token comes one chunk after the running step, not one chunk and a batch later. Requests join and leave between steps; a client gone away
 frees its slot at the next step. Activations are quantized per token and the kernels are exact, so a request's
 tokens are the same alone or among others (float schemes: up to BLAS's summation order).
 """
@@ -106,17 +107,21 @@ class Engine:
                     self.active = []
 
     def step(self):
-        """Every active job one token further (or one chunk of its prompt), in one pass."""
+        """Every active job one token further (or one chunk of its prompt), in one pass. A step that admits new
+        jobs runs their first chunks alone: a new request waits for one chunk of its own, not for a chunk plus
+        every stream's token (the streams pause for that chunk, about as long as the tokens they would add)."""
+        new = [job for job in self.active if job.fed == 0]
+        batch = new or self.active
         feeds = []
-        for job in self.active:
+        for job in batch:
             if job.fed < len(job.prompt):
                 n = min(self.prefill_chunk, len(job.prompt) - job.fed)
                 feeds.append(job.prompt[job.fed:job.fed + n])
                 job.fed += n
             else:
                 feeds.append(job.tokens[-1:])
-        logits = self.model.forward_batch(feeds, [job.cache for job in self.active])  # (n_active, vocab)
-        for job, row in zip(self.active, logits):
+        logits = self.model.forward_batch(feeds, [job.cache for job in batch])  # (len(batch), vocab)
+        for job, row in zip(batch, logits):
             if job.fed == len(job.prompt):  # its prompt is in: a new token
                 self.advance(job, sample(row, job.temperature, job.top_k, job.top_p, job.rng))
         self.active = [job for job in self.active if not job.done]
