@@ -241,14 +241,19 @@ def test_admission_step_runs_only_the_new_first_chunks(tmp_path):
                 asyncio.Queue())
         j.cache = model.new_cache(n_prompt + n_new)  # (as Engine.run admits it)
         return j
-    a, b = job(6, 5), job(3, 2)
+    a, b, c, d = job(6, 9), job(3, 2), job(2, 3), job(2, 3)
     engine.active = [a]
     engine.step()  # a admitted: its first chunk alone
     engine.step()  # the rest of its prompt: its first token
     engine.step()  # a decodes
     engine.active.append(b)
     engine.step()  # b admitted: its chunk alone, a waits
-    engine.step()  # both advance: a decodes, b decodes its second token
+    engine.step()  # both advance: a decodes, b decodes its second token and is done
+    engine.active.append(c)
+    engine.step()  # c admitted alone
+    engine.active.append(d)
+    engine.step()  # d arrives right after an admission: it joins a step of all (never two admissions in a row)
     loop.close()
-    assert fed == [[4], [2], [1], [3], [1, 1]]
-    assert len(a.tokens) == 3 and len(b.tokens) == 2 and b.done and engine.active == [a]
+    assert fed == [[4], [2], [1], [3], [1, 1], [2], [1, 1, 2]]
+    assert len(a.tokens) == 4 and b.done and len(b.tokens) == 2 and len(c.tokens) == 2 and len(d.tokens) == 1
+    assert engine.active == [a, c, d]

@@ -67,6 +67,7 @@ class Engine:
     def __init__(self, model, max_batch, prefill_chunk):
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.waiting, self.active = collections.deque(), []
+        self.admitted = False  # the last step ran only new jobs' first chunks
         self.wake, self.stopping = threading.Condition(), False
         self.thread = threading.Thread(target=self.run, name="tinybit-engine", daemon=True)
 
@@ -109,9 +110,11 @@ class Engine:
     def step(self):
         """Every active job one token further (or one chunk of its prompt), in one pass. A step that admits new
         jobs runs their first chunks alone: a new request waits for one chunk of its own, not for a chunk plus
-        every stream's token (the streams pause for that chunk, about as long as the tokens they would add)."""
+        every stream's token (the streams pause for that chunk, about as long as the tokens they would add). Never
+        twice in a row: requests arriving at every step do not stall the running ones."""
         new = [job for job in self.active if job.fed == 0]
-        batch = new or self.active
+        batch = new if new and not self.admitted else self.active
+        self.admitted = batch is new
         feeds = []
         for job in batch:
             if job.fed < len(job.prompt):
