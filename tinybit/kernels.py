@@ -19,7 +19,7 @@ import os
 import numba
 import numpy as np
 from llvmlite import binding, ir
-from numba import njit, prange, types
+from numba import literal_unroll, njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
 
@@ -721,6 +721,120 @@ def _gemm_par(ws, xT, binary, ys, n_chunks):
         _gemm_rows(ws[i % len(ws)], xT, binary, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
+# --- LUT / VQ: 16 indices at a time looked up in registers, products added in float64 ---------------------------
+LOOKUP_BITS = 4  # indices of up to 4 bits are looked up 16 at a time from a 16-float table (_lookup16)
+LOOKUP_ISA = ("avx512f" if "+avx512f" in TARGET_FEATURES.split(",") else "avx2" if "+avx2" in TARGET_FEATURES.split(",")
+              else "scalar")
+
+
+@intrinsic
+def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
+    """sum over items m of sum_c tabs[c, i_m] * xs[c, m], in float64: i_m the LSB-first nbits-bit indices of row wr,
+    16 items at a time (xs (n_c, n) float64, n a multiple of 16; tabs (n_c, 16) float32 C-contiguous; nbits <= 4 and
+    n_c constants). The 16 lookups: vpermps of the 16-float table (AVX-512F), or of its halves and a select by bit 3
+    (AVX2), else a scalar load each; the products widened to float64 and added in 2 x 8 lanes, then lane by lane."""
+    if not (isinstance(nbits, types.IntegerLiteral) and isinstance(n_c, types.IntegerLiteral)):
+        return None
+    bits, n_tables = nbits.literal_value, n_c.literal_value
+
+    def codegen(context, builder, sig, args):
+        f32, f64, i32, i64 = ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(64)
+        v16f, v16i32, v8f, v8i32, v8d = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(f32, 8),
+                                         ir.VectorType(i32, 8), ir.VectorType(f64, 8))
+        tabs, row, xs = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+        x_stride, n_items = cgutils.unpack_tuple(builder, xs.strides, 2)[0], cgutils.unpack_tuple(builder, xs.shape, 2)[1]
+        x_base = builder.bitcast(xs.data, ir.IntType(8).as_pointer())
+        tab_ptr = tabs.data
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8d, [0.0] * 8)) for _ in range(2)]
+
+        def lookup(table, idx):  # 16 floats of table (a float pointer) at idx
+            if LOOKUP_ISA == "avx512f":
+                perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
+                                                        fnty=ir.FunctionType(v16f, [v16f, v16i32]))
+                return builder.call(perm, [builder.load(builder.bitcast(table, v16f.as_pointer()), align=4), idx])
+            if LOOKUP_ISA == "avx2":  # (vpermps reads an index's low 3 bits)
+                perm = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i32]))
+                lo, hi = (builder.load(builder.bitcast(builder.gep(table, [ir.Constant(i64, h)]), v8f.as_pointer()),
+                                       align=4) for h in (0, 8))
+                halves = []
+                for h in range(2):
+                    ih = builder.shuffle_vector(idx, ir.Constant(v16i32, None),
+                                                ir.Constant(v8i32, list(range(8 * h, 8 * h + 8))))
+                    v = builder.call(perm, [lo, ih])
+                    if bits == 4:
+                        v = builder.select(builder.icmp_unsigned(">", ih, ir.Constant(v8i32, [7] * 8)),
+                                           builder.call(perm, [hi, ih]), v)
+                    halves.append(v)
+                return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
+            vals = ir.Constant(v16f, None)
+            for l in range(16):
+                i = builder.extract_element(idx, ir.Constant(i32, l))
+                vals = builder.insert_element(vals, builder.load(builder.gep(table, [i])), ir.Constant(i32, l))
+            return vals
+
+        with cgutils.for_range(builder, builder.udiv(n_items, ir.Constant(n_items.type, 16))) as loop:
+            m16 = loop.index
+            byte0 = builder.mul(m16, ir.Constant(m16.type, 2 * bits))
+            word_type = ir.IntType(16 * bits)  # the 16 indices' bytes
+            word = builder.load(builder.bitcast(builder.gep(row.data, [byte0]), word_type.as_pointer()), align=1)
+            word = builder.zext(word, i64) if bits < 4 else word
+            lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
+                                                                  ir.Constant(i32, 0)),
+                                           ir.Constant(ir.VectorType(i64, 16), None), ir.Constant(v16i32, None))
+            shifted = builder.lshr(lanes, ir.Constant(lanes.type, [bits * l for l in range(16)]))
+            idx = builder.and_(builder.trunc(shifted, v16i32), ir.Constant(v16i32, [(1 << bits) - 1] * 16))
+            for c in range(n_tables):
+                vals = lookup(builder.gep(tab_ptr, [ir.Constant(i64, 16 * c)]), idx)
+                x_at = builder.gep(x_base, [builder.add(builder.mul(ir.Constant(i64, c), x_stride),
+                                                        builder.mul(m16, ir.Constant(i64, 16 * 8)))])
+                x_ptr = builder.bitcast(x_at, v8d.as_pointer())
+                for h in range(2):
+                    v = builder.fpext(builder.shuffle_vector(vals, ir.Constant(v16f, None),
+                                                             ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))), v8d)
+                    x = builder.load(builder.gep(x_ptr, [ir.Constant(i64, h)]), align=8)
+                    builder.store(builder.fadd(builder.load(accs[h]), builder.fmul(v, x)), accs[h])
+        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        out = builder.extract_element(total, ir.Constant(i32, 0))
+        for l in range(1, 8):
+            out = builder.fadd(out, builder.extract_element(total, ir.Constant(i32, l)))
+        return out
+    return types.float64(tabs, wr, xs, nbits, n_c), codegen
+
+
+@njit(cache=True, inline="always")
+def _lookup_rows(w, nbits, tables, group_rows, xs, y, r0, r1, n_c):
+    """Rows r0..r1-1 of y[t, o] = sum_m sum_c tables[g(o), i_m, c] * xs[c, t, m] in float64: nbits (<= 4) -bit index
+    i_m of item m in w's rows; tables (n_groups, 2^nbits, n_c) float32; xs (n_c, tokens, n_items) float64, n_items a
+    multiple of 16: LUT (n_c = 1: an item is an input), VQ (n_c = 2: a pair, its even and odd input). Constants:
+    nbits, n_c."""
+    tab = numba.carray(_stack_array(32, np.float32), (2, 16))
+    tab[:] = 0
+    for r in range(r0, r1):
+        _prefetch_row(w[min(r + PREFETCH_ROWS, r1 - 1)])
+        g = r // group_rows if group_rows > 0 else 0
+        for c in range(n_c):
+            for i in range(tables.shape[1]):
+                tab[c, i] = tables[g, i, c]
+        for t in range(xs.shape[1]):
+            y[t, r] = _lookup_dot(tab, w[r], xs[:, t], nbits, n_c)
+
+
+@njit(cache=True)
+def _lookup16_rows(w, nbits, tables, group_rows, xs, y, r0, r1):
+    """_lookup_rows with its constants: the index width, and the tables' columns (LUT 1, VQ 2)."""
+    for bits in literal_unroll((1, 2, 3, 4)):
+        if nbits == bits and tables.shape[2] == 1:
+            _lookup_rows(w, bits, tables, group_rows, xs, y, r0, r1, 1)
+        elif nbits == bits:
+            _lookup_rows(w, bits, tables, group_rows, xs, y, r0, r1, 2)
+
+
+@njit(cache=True, parallel=True)
+def _lookup16_par(ws, nbits, tables, group_rows, xs, ys, n_chunks):
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _lookup16_rows(ws[i % len(ws)], nbits, tables, group_rows, xs, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+
+
 @njit(cache=True)
 def _unpack_row(wr, nbits, idx):
     """One row's LSB-first nbits-bit indices -> idx (8 * len(wr) / nbits,) uint8; 8 indices = nbits LE bytes."""
@@ -1092,7 +1206,12 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     x = _check_x(x)
     w = check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
     lut, g = _table(lut, (2 ** bits,), group_rows, w.shape[0], "lut")
-    xf = _padded(x, w.shape[1] // bits * 8, np.float32)
+    n_pad = w.shape[1] // bits * 8
+    if bits <= LOOKUP_BITS and n_pad % 16 == 0:
+        xs = _padded(x, n_pad, np.float64)[None]
+        return _launch(_lookup16_par, _lookup16_rows, (w,), (bits, lut.reshape(*lut.shape, 1), g, xs),
+                       x.shape[0], n_pad)[0]
+    xf = _padded(x, n_pad, np.float32)
     return _launch(_lut_par, _lut_rows, (w,), (bits, lut, g, xf), *xf.shape)[0]
 
 
@@ -1105,7 +1224,11 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     nbits = 2 * bits
     w = check_packed(w_idx, pack.index_row_bytes(pack.ceil_div(x.shape[1], 2), nbits), f"{nbits}-bit codes")
     cb, g = _table(codebook, (2 ** nbits, 2), group_rows, w.shape[0], "codebook")
-    xf = _padded(x, 2 * (w.shape[1] // nbits * 8), np.float32)
+    n_pairs = w.shape[1] // nbits * 8
+    if nbits <= LOOKUP_BITS and n_pairs % 16 == 0:
+        xs = _padded(x, 2 * n_pairs, np.float64).reshape(x.shape[0], n_pairs, 2).transpose(2, 0, 1).copy()
+        return _launch(_lookup16_par, _lookup16_rows, (w,), (nbits, cb, g, xs), x.shape[0], 2 * n_pairs)[0]
+    xf = _padded(x, 2 * n_pairs, np.float32)
     return _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), *xf.shape)[0]
 
 
