@@ -745,13 +745,32 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
         x_stride, n_items = cgutils.unpack_tuple(builder, xs.strides, 2)[0], cgutils.unpack_tuple(builder, xs.shape, 2)[1]
         x_base = builder.bitcast(xs.data, ir.IntType(8).as_pointer())
         tab_ptr = tabs.data
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8d, [0.0] * 8)) for _ in range(2)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8d, [0.0] * 8)) for _ in range(4)]
 
-        def lookup(table, idx):  # 16 floats of table (a float pointer) at idx
-            if LOOKUP_ISA == "avx512f":
-                perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
-                                                        fnty=ir.FunctionType(v16f, [v16f, v16i32]))
-                return builder.call(perm, [builder.load(builder.bitcast(table, v16f.as_pointer()), align=4), idx])
+        v8i64 = ir.VectorType(i64, 8)
+
+        def table_halves(c):  # table c as two <8 x double> (AVX-512F: looked up as doubles), else its float pointer
+            table = builder.gep(tab_ptr, [ir.Constant(i64, 16 * c)])
+            if LOOKUP_ISA != "avx512f":
+                return table
+            t = builder.load(builder.bitcast(table, v16f.as_pointer()), align=4)
+            return [builder.fpext(builder.shuffle_vector(t, ir.Constant(v16f, None),
+                                                         ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))), v8d)
+                    for h in range(2)]
+
+        def lookup(table, word):  # the 16 table entries the indices in word (i64) pick, as two <8 x double>
+            lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
+                                                                  ir.Constant(i32, 0)),
+                                           ir.Constant(ir.VectorType(i64, 16), None), ir.Constant(v16i32, None))
+            shifted = builder.lshr(lanes, ir.Constant(lanes.type, [bits * l for l in range(16)]))
+            if LOOKUP_ISA == "avx512f":  # vpermt2pd: 8 of the 16 doubles of both registers by each index's low 4 bits
+                perm = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.pd.512",
+                                                        fnty=ir.FunctionType(v8d, [v8d, v8i64, v8d]))
+                mask = ir.Constant(v8i64, [(1 << bits) - 1] * 8)
+                return [builder.call(perm, [table[0], builder.and_(builder.shuffle_vector(
+                    shifted, ir.Constant(shifted.type, None), ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))),
+                    mask), table[1]]) for h in range(2)]
+            idx = builder.and_(builder.trunc(shifted, v16i32), ir.Constant(v16i32, [(1 << bits) - 1] * 16))
             if LOOKUP_ISA == "avx2":  # (vpermps reads an index's low 3 bits)
                 perm = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i32]))
                 lo, hi = (builder.load(builder.bitcast(builder.gep(table, [ir.Constant(i64, h)]), v8f.as_pointer()),
@@ -764,35 +783,49 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
                     if bits == 4:
                         v = builder.select(builder.icmp_unsigned(">", ih, ir.Constant(v8i32, [7] * 8)),
                                            builder.call(perm, [hi, ih]), v)
-                    halves.append(v)
-                return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
-            vals = ir.Constant(v16f, None)
+                    halves.append(builder.fpext(v, v8d))
+                return halves
+            vals = []
             for l in range(16):
                 i = builder.extract_element(idx, ir.Constant(i32, l))
-                vals = builder.insert_element(vals, builder.load(builder.gep(table, [i])), ir.Constant(i32, l))
-            return vals
+                vals.append(builder.fpext(builder.load(builder.gep(table, [i])), f64))
+            halves = []
+            for h in range(2):
+                v = ir.Constant(v8d, None)
+                for l in range(8):
+                    v = builder.insert_element(v, vals[8 * h + l], ir.Constant(i32, l))
+                halves.append(v)
+            return halves
 
-        with cgutils.for_range(builder, builder.udiv(n_items, ir.Constant(n_items.type, 16))) as loop:
-            m16 = loop.index
+        tables = [table_halves(c) for c in range(n_tables)]
+        def multiply_add(a, b, c):  # a b + c: the product is exact, so a fused one is the same sum
+            if "+fma" not in TARGET_FEATURES.split(","):
+                return builder.fadd(builder.fmul(a, b), c)
+            fma = builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(v8d, [v8d] * 3))
+            return builder.call(fma, [a, b, c])
+        def chunk(m16, acc):  # items 16 m16 .. 16 m16 + 15 into the accumulators acc (2)
             byte0 = builder.mul(m16, ir.Constant(m16.type, 2 * bits))
             word_type = ir.IntType(16 * bits)  # the 16 indices' bytes
             word = builder.load(builder.bitcast(builder.gep(row.data, [byte0]), word_type.as_pointer()), align=1)
             word = builder.zext(word, i64) if bits < 4 else word
-            lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
-                                                                  ir.Constant(i32, 0)),
-                                           ir.Constant(ir.VectorType(i64, 16), None), ir.Constant(v16i32, None))
-            shifted = builder.lshr(lanes, ir.Constant(lanes.type, [bits * l for l in range(16)]))
-            idx = builder.and_(builder.trunc(shifted, v16i32), ir.Constant(v16i32, [(1 << bits) - 1] * 16))
             for c in range(n_tables):
-                vals = lookup(builder.gep(tab_ptr, [ir.Constant(i64, 16 * c)]), idx)
+                vals = lookup(tables[c], word)
                 x_at = builder.gep(x_base, [builder.add(builder.mul(ir.Constant(i64, c), x_stride),
                                                         builder.mul(m16, ir.Constant(i64, 16 * 8)))])
                 x_ptr = builder.bitcast(x_at, v8d.as_pointer())
                 for h in range(2):
-                    v = builder.fpext(builder.shuffle_vector(vals, ir.Constant(v16f, None),
-                                                             ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))), v8d)
                     x = builder.load(builder.gep(x_ptr, [ir.Constant(i64, h)]), align=8)
-                    builder.store(builder.fadd(builder.load(accs[h]), builder.fmul(v, x)), accs[h])
+                    builder.store(multiply_add(vals[h], x, builder.load(acc[h])), acc[h])
+
+        n16 = builder.udiv(n_items, ir.Constant(n_items.type, 16))
+        two = ir.Constant(n16.type, 2)
+        with cgutils.for_range(builder, builder.udiv(n16, two)) as loop:  # two chunks a pass: 4 addition chains
+            chunk(builder.mul(loop.index, two), accs[:2])
+            chunk(builder.add(builder.mul(loop.index, two), ir.Constant(n16.type, 1)), accs[2:])
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n16, two), ir.Constant(n16.type, 0))):
+            chunk(builder.sub(n16, ir.Constant(n16.type, 1)), accs[:2])
+        for h in range(2):
+            builder.store(builder.fadd(builder.load(accs[h]), builder.load(accs[2 + h])), accs[h])
         total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
         out = builder.extract_element(total, ir.Constant(i32, 0))
         for l in range(1, 8):
