@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tinybit import io, linear, pack  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
+from tinybit.kernels import target_isa  # noqa: E402
 from kernels import cpu_model  # noqa: E402  (bench/kernels.py, beside this script)
 
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
@@ -250,7 +251,7 @@ def main(argv=None):
         kv_bytes = 2 * 4 * config.n_layers * (args.prefill + args.decode) * config.n_kv_heads * config.head_dim
         c = config
         if not args.json:
-            print(f"CPU: {cpu_model()}; shape {args.shape} (dim {c.dim}, ffn {c.ffn_dim}, {c.n_layers} layers, "
+            print(f"CPU: {cpu_model()}; kernels for {target_isa()}; shape {args.shape} (dim {c.dim}, ffn {c.ffn_dim}, {c.n_layers} layers, "
                   f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}); random ternary codes, per-tensor scale, "
                   f"{'tied f32' if config.tie_embeddings else args.head} head = {head_bytes / 2**20:.0f} MiB = "
                   f"{100 * head_bytes / read_bytes:.0f}% of the bytes read per token; "

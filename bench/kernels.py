@@ -13,8 +13,12 @@ Weights are streamed from memory: each call uses the next of enough copies of th
 float32) matrix to exceed 256 MB (--stream-mb), so no call finds its weights in the caches.
 --stream-mb 0 cycles through 2 copies instead: the packed weights stay in the L3 cache, which
 separates the kernels' own thread scaling from the memory bandwidth they share.
+The header names the CPU and what the kernels were compiled for (numba's CPU name, the vector extension the
+kernels choose by). `x read` (fraction_of_read) is a 1-token row's GB/s of packed weights over the `read` row's
+at the same threads: the share of the memory ceiling the GEMV reaches.
 --json prints one JSON object per line (kernel, shape, threads, tokens, us_median, us_min,
-gweights_per_s, gb_per_s, ratio_vs_f32, and ratio_vs_gemv for 128 tokens) instead of the table.
+gweights_per_s, gb_per_s, ratio_vs_f32, fraction_of_read for 1 token, and ratio_vs_gemv for 128 tokens)
+instead of the table.
 """
 import argparse
 import json
@@ -92,10 +96,10 @@ def cases(n_out, n_in, rng):
     x_q = {t: rng.integers(-127, 128, (t, n_in)).astype(np.int8) for t in (1, GEMM_TOKENS)}
     x_f = {t: rng.standard_normal((t, n_in)).astype(np.float32) for t in (1, GEMM_TOKENS)}
     return [
-        ("f32_numpy", lambda: rng.standard_normal((n_out, n_in)).astype(np.float32),
-         lambda t: (lambda w: x_f[t] @ w.T)),
         ("read", lambda: pack.pack_ternary(w_t),
          lambda t: (lambda w: stream_read(w.reshape(-1, 512), kernels.kernel_threads))),  # (the shapes' bytes: x 512)
+        ("f32_numpy", lambda: rng.standard_normal((n_out, n_in)).astype(np.float32),
+         lambda t: (lambda w: x_f[t] @ w.T)),
         ("ternary", lambda: pack.pack_ternary(w_t), lambda t: (lambda w: kernels.ternary_matmul(w, x_q[t]))),
         ("binary", lambda: pack.pack_binary(w_s), lambda t: (lambda w: kernels.binary_matmul(w, x_q[t]))),
         ("binary_f32", lambda: pack.pack_binary(w_s),
@@ -120,7 +124,7 @@ def main(argv=None):
     min_s = 0.15 if args.quick else 0.5
     rng = np.random.default_rng(0)
     if not args.json:
-        print(f"CPU: {cpu_model()}; numba {numba.__version__}, numpy {np.__version__}; "
+        print(f"CPU: {cpu_model()}; kernels for {kernels.target_isa()}; numba {numba.__version__}, numpy {np.__version__}; "
               f"threads {threads}; OpenBLAS threads {'set' if kernels._SET_BLAS_THREADS else 'NOT set (default)'}; "
               f"weights streamed through >= {args.stream_mb} MB of copies (at least 2)")
     for n_out, n_in in shapes:
@@ -129,7 +133,7 @@ def main(argv=None):
         if not args.json:
             print(f"\n## W {n_out}x{n_in}")
             print(f"{'kernel':<11} {'thr':>3} {'tok':>4} {'us med':>10} {'us min':>10} "
-                  f"{'Gw/s':>7} {'GB/s':>6} {'x f32':>6} {'x gemv':>6}")
+                  f"{'Gw/s':>7} {'GB/s':>6} {'x f32':>6} {'x gemv':>6} {'x read':>6}")
         for n_thr in threads:
             set_threads(n_thr)
             gemv = {}  # kernel -> G weights/s at 1 token
@@ -138,27 +142,31 @@ def main(argv=None):
                     todo = [b for b in built if b[0] in ("f32_numpy", "ternary", "binary")]
                 else:
                     todo = [b for b in built if tokens == 1 or b[0] != "read"]
-                f32_med = None
+                f32_med = ceiling = None  # float32's time, and the read row's GB/s: this thread count's
                 for name, ws, call in todo:
                     slow = name in ("lut4", "vq2") and tokens > 1  # scalar scatter: ~1 s per GEMM call
                     ts = time_calls(call(tokens), ws, min_s, 3, 3 if slow else 400)
                     med, mn = float(np.median(ts)), float(ts.min())
                     f32_med = med if name == "f32_numpy" else f32_med
+                    ceiling = ws[0].nbytes / med if name == "read" else ceiling
                     row = dict(kernel=name, shape=f"{n_out}x{n_in}", threads=n_thr, tokens=tokens,
                                us_median=round(med * 1e6, 1), us_min=round(mn * 1e6, 1),
                                gweights_per_s=round(n_out * n_in * tokens / med / 1e9, 2),
-                               gb_per_s=round(ws[0].nbytes / med / 1e9, 2),
-                               ratio_vs_f32=round(f32_med / med, 2))
+                               gb_per_s=round(ws[0].nbytes / med / 1e9, 2))
+                    if f32_med:
+                        row["ratio_vs_f32"] = round(f32_med / med, 2)
                     if tokens == 1:
                         gemv[name] = row["gweights_per_s"]
+                        row["fraction_of_read"] = round(ws[0].nbytes / med / ceiling, 2)  # the GEMV's share of the
+                        # memory bandwidth a plain read of packed bytes gets, same threads, same run
                     elif name in gemv:
                         row["ratio_vs_gemv"] = round(row["gweights_per_s"] / gemv[name], 2)
                     if args.json:
                         print(json.dumps(row), flush=True)
                     else:
                         print(f"{name:<11} {n_thr:>3} {tokens:>4} {row['us_median']:>10.0f} {row['us_min']:>10.0f} "
-                              f"{row['gweights_per_s']:>7.1f} {row['gb_per_s']:>6.1f} {row['ratio_vs_f32']:>6.2f} "
-                              f"{row.get('ratio_vs_gemv', ''):>6}",
+                              f"{row['gweights_per_s']:>7.1f} {row['gb_per_s']:>6.1f} {row.get('ratio_vs_f32', ''):>6} "
+                              f"{row.get('ratio_vs_gemv', ''):>6} {row.get('fraction_of_read', ''):>6}",
                               flush=True)
         del built
     set_threads(numba.config.NUMBA_NUM_THREADS)

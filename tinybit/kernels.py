@@ -112,6 +112,14 @@ TARGET_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else bi
 WIDE_VECTORS = "+avx512f" in TARGET_FEATURES.split(",")  # 32 vector registers of 16 floats (else 16 of 8: AVX2)
 
 
+def target_isa():
+    """What the kernels are compiled for, in words: numba's CPU name and the vector extensions the kernels choose by."""
+    feats = TARGET_FEATURES.split(",")
+    isa = ("AVX-512" + ("BW" if "+avx512bw" in feats else "F") if WIDE_VECTORS else "AVX2" if "+avx2" in feats
+           else "SSSE3" if "+ssse3" in feats else "SSE2")
+    return f"{config.CPU_NAME or binding.get_host_cpu_name()}, {isa}{' + FMA' if '+fma' in feats else ''}"
+
+
 def _openblas_thread_setter():
     """The thread setter of the OpenBLAS in NumPy's wheels (numpy.libs), or None (another BLAS: the user's to set)."""
     for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))):
