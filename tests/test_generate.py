@@ -200,3 +200,25 @@ def test_chat_templates_get_the_helpers_transformers_gives_them():
     with pytest.raises(FormatError, match="chat_template: TemplateError: roles must alternate"):
         render("{% if messages[1].role == 'assistant' %}{{ raise_exception('roles must alternate') }}{% endif %}",
                messages=msgs)
+
+
+def test_warm_up_says_when_it_compiles(monkeypatch, capsys):
+    """A warm-up that runs past COMPILE_NOTICE_S (numba compiling) prints one line on stderr; a quick one is silent."""
+    import time
+
+    class Slow:  # a model whose forward takes `delay` seconds
+        def __init__(self, delay):
+            self.delay, self.config = delay, type("C", (), {"max_seq_len": 64})()
+
+        def new_cache(self, n):
+            return None
+
+        def forward(self, tokens, cache, last_only=False):
+            time.sleep(self.delay)
+    monkeypatch.setattr(generate, "COMPILE_NOTICE_S", 0.05)
+    generate.warm_up(Slow(0.0), 4)
+    time.sleep(0.1)  # (a timer not cancelled would fire by now)
+    assert capsys.readouterr().err == ""
+    generate.warm_up(Slow(0.1), 4)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tinybit: compiling the kernels")

@@ -5,6 +5,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from .model import check_token_ids, load
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
+COMPILE_NOTICE_S = 2.0  # a warm-up still running after this long is compiling: say so on stderr
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
@@ -232,9 +234,15 @@ def warm_up(model, n_prompt):
     n = min(max(n_prompt, 1), WARM_TOKENS, model.config.max_seq_len - 1)
     if n >= 1:
         cache = model.new_cache(n + 1)
-        with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt meets it
-            model.forward([0] * n, cache, last_only=True)
-            model.forward([0], cache, last_only=True)
+        notice = threading.Timer(COMPILE_NOTICE_S, print, ("tinybit: compiling the kernels for this CPU (the first run "
+                                                           "only: numba caches them) ...",), {"file": sys.stderr})
+        notice.start()  # (loading cached kernels takes well under COMPILE_NOTICE_S: nothing is said then)
+        try:
+            with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt does
+                model.forward([0] * n, cache, last_only=True)
+                model.forward([0], cache, last_only=True)
+        finally:
+            notice.cancel()
 
 
 def run(args):
