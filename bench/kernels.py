@@ -104,6 +104,8 @@ def cases(n_out, n_in, rng):
         ("binary", lambda: pack.pack_binary(w_s), lambda t: (lambda w: kernels.binary_matmul(w, x_q[t]))),
         ("binary_f32", lambda: pack.pack_binary(w_s),
          lambda t: (lambda w: kernels.binary_matmul_f32(w, x_f[t]))),
+        ("int8", lambda: rng.integers(-127, 128, (n_out, n_in)).astype(np.int8),
+         lambda t: (lambda w: kernels.int8_matmul(w, x_f[t]))),
         ("lut4", lambda: pack.pack_indices(idx4, 4),
          lambda t: (lambda w: kernels.lut_matmul(w, 4, lut, None, x_f[t]))),
         ("vq2", lambda: pack.pack_indices(vq2, 4),
@@ -144,7 +146,7 @@ def main(argv=None):
                     todo = [b for b in built if tokens == 1 or b[0] != "read"]
                 f32_med = ceiling = None  # float32's time, and the read row's GB/s: this thread count's
                 for name, ws, call in todo:
-                    slow = name in ("lut4", "vq2") and tokens > 1  # scalar scatter: ~1 s per GEMM call
+                    slow = name in ("lut4", "vq2") and tokens > 1  # ~1 s per GEMM call (bucket kernels)
                     ts = time_calls(call(tokens), ws, min_s, 3, 3 if slow else 400)
                     med, mn = float(np.median(ts)), float(ts.min())
                     f32_med = med if name == "f32_numpy" else f32_med
