@@ -1096,6 +1096,8 @@ def _dense_block(w, x, y, r0, r1, n_rows, n_tokens):
     """Rows r0..r1-1 of y = x W^T in blocks of n_rows rows x n_tokens tokens (constants)."""
     sums = np.empty((n_rows, n_tokens, DENSE_LANES), np.float32)
     for rb in range(r0, r1, n_rows):
+        for i in range(n_rows):  # the rows two blocks ahead: DRAM latency is not hidden otherwise
+            _prefetch_row(w[min(rb + 2 * n_rows + i, r1 - 1)])
         for t0 in range(0, x.shape[0], n_tokens):
             _dense_lane_sums(w, rb, x, t0, n_rows, n_tokens, sums)
             for i in range(min(n_rows, r1 - rb)):
