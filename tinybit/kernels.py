@@ -730,7 +730,7 @@ def _gemm_par(ws, xT, binary, ys, n_chunks):
 
 
 # --- LUT / VQ: 16 indices at a time looked up in registers, products added in float64 ---------------------------
-LOOKUP_BITS = 4  # indices of up to 4 bits are looked up 16 at a time from a 16-float table (_lookup16)
+LOOKUP_BITS = 4  # indices of up to 4 bits are looked up 16 at a time from a 16-entry table (_lookup_dot)
 LOOKUP_ISA = ("avx512f" if "+avx512f" in TARGET_FEATURES.split(",") else "avx2" if "+avx2" in TARGET_FEATURES.split(",")
               else "scalar")
 
@@ -739,8 +739,9 @@ LOOKUP_ISA = ("avx512f" if "+avx512f" in TARGET_FEATURES.split(",") else "avx2" 
 def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
     """sum over items m of sum_c tabs[c, i_m] * xs[c, m], in float64: i_m the LSB-first nbits-bit indices of row wr,
     16 items at a time (xs (n_c, n) float64, n a multiple of 16; tabs (n_c, 16) float32 C-contiguous; nbits <= 4 and
-    n_c constants). The 16 lookups: vpermps of the 16-float table (AVX-512F), or of its halves and a select by bit 3
-    (AVX2), else a scalar load each; the products widened to float64 and added in 2 x 8 lanes, then lane by lane."""
+    n_c constants). The 16 lookups: vpermt2pd of the table as 16 doubles in two registers (AVX-512F), vpermps of its
+    8-float halves and a select by bit 3 (AVX2), else a scalar load each. The products (exact in float64) are added
+    by fused multiply-adds into 4 chains of 8 lanes, then the chains and the lanes in a fixed order."""
     if not (isinstance(nbits, types.IntegerLiteral) and isinstance(n_c, types.IntegerLiteral)):
         return None
     bits, n_tables = nbits.literal_value, n_c.literal_value
@@ -754,7 +755,6 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
         x_base = builder.bitcast(xs.data, ir.IntType(8).as_pointer())
         tab_ptr = tabs.data
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v8d, [0.0] * 8)) for _ in range(4)]
-
         v8i64 = ir.VectorType(i64, 8)
 
         def table_halves(c):  # table c as two <8 x double> (AVX-512F: looked up as doubles), else its float pointer

@@ -10,9 +10,10 @@ the end of a prompt too long for the context); other fields are ignored.
 One engine thread runs the model. Each step, every active request advances by one token, or by a chunk of at most
 --prefill-chunk tokens of its prompt, all in one Model.forward_batch pass: each linear reads its weights once for
 all of them, each request attends to its own KV cache. A step that admits requests runs only their first chunks,
-so that a new request's first token comes one chunk after the running step, not one chunk and a batch later. Requests join and leave between steps; a client gone away
-frees its slot at the next step. Activations are quantized per token and the kernels are exact, so a request's
-tokens are the same alone or among others (float schemes: up to BLAS's summation order).
+so that a new request's first token comes one chunk after the running step, not one chunk and a batch later.
+Requests join and leave between steps; a client gone away frees its slot at the next step. Activations are
+quantized per token and the kernels are exact, so a request's tokens are the same alone or among others (float
+schemes: up to BLAS's summation order).
 """
 import asyncio
 import collections
