@@ -8,7 +8,7 @@ self-looping block with the kernel's characteristic instruction) goes to llvm-mc
 run that code: AVX-512 code for -mcpu=znver4, znver5, skylake-avx512 (and sapphirerapids), AVX2 code
 for alderlake (its cores have no AVX-512) and haswell. Printed per loop: llvm-mca's block reciprocal
 throughput (cycles per iteration), the weights one iteration covers (counted from the instructions:
-see WEIGHTS), cycles per 64 weights, and the G weights/s and GB/s of packed weights that implies at
+see LOOPS), cycles per 64 weights, and the G weights/s and GB/s of packed weights that implies at
 3.5 GHz on one core (GEMM: weight x tokens per second). These are throughput bounds of the loop alone: memory, the row overheads and
 the frequency are not in them; docs/performance.md puts them beside measured figures.
 """
@@ -39,7 +39,10 @@ LOOPS = {
                             lambda c: c["cvt"] * c["lanes"], 1.0, 1),
     "ternary GEMM (16 tokens)": ("_gemm_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
                                  lambda c: 4 * (c["paddw"]), 0.25, 16),
+    # one block of 4 rows: 4 vpsadbw for the plane bits' counts, 4 x 4 for 64 picked bytes of a row (AVX-512BW only)
+    "ternary GEMV (1 token)": ("_plane_rows", lambda c: c["psadbw"] == 20, lambda c: 1024, 0.25, 1),
 }
+SPANNING = {"ternary GEMV (1 token)"}  # loops of several blocks: from the loop's label to its backward jump
 CHILD = """
 import json, sys
 import numpy as np
@@ -51,7 +54,9 @@ k.lut_matmul(pack.pack_indices(rng.integers(0, 16, (8, 512)), 4), 4, rng.standar
 k.vq_matmul(pack.pack_indices(rng.integers(0, 16, (8, 256)), 4), 2, rng.standard_normal((1, 16, 2)).astype(np.float32),
             None, x1)
 k.int8_matmul(rng.integers(-127, 128, (64, 512)).astype(np.int8), x1)
-k.ternary_matmul(pack.pack_ternary(rng.integers(-1, 2, (8, 512))), rng.integers(-127, 128, (16, 512)).astype(np.int8))
+wt = pack.pack_ternary(rng.integers(-1, 2, (8, 512)))
+for tokens in (1, 16):
+    k.ternary_matmul(wt, rng.integers(-127, 128, (tokens, 512)).astype(np.int8))
 json.dump({name: "\\n".join(getattr(k, name).inspect_asm().values()) for name in sys.argv[1:]}, sys.stdout)
 """
 
@@ -84,6 +89,19 @@ def self_loops(text):
     return out
 
 
+def spanning_loops(text):
+    """[(label, instruction lines)] from each label to a backward jump to it, inner blocks included, shortest first
+    (llvm-mca reads them as straight-line code: the inner branches as not taken)."""
+    lines, out = text.splitlines(), []
+    where = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.LBB\d+_\d+):", ln))}
+    for j, line in enumerate(lines):
+        m = re.search(r"\bj\w+\s+(\.LBB\d+_\d+)\b", line)
+        if m and where.get(m.group(1), j) < j:
+            out.append((m.group(1), [ln.split("#")[0].rstrip() for ln in lines[where[m.group(1)] + 1:j + 1]
+                                     if ln.startswith("\t") and not ln.startswith("\t.")]))
+    return sorted(out, key=lambda item: len(item[1]))
+
+
 def counts(body):
     ops = [ln.split()[0] for ln in body]
     text = "\n".join(body)
@@ -91,7 +109,7 @@ def counts(body):
             "bcast8": bool(re.search(r"vpbroadcastq\s+-?\d*\(|movq\s+-?\d*\(%r\w+,%r\w+\), %r|vmovq\s+-?\d*\(", text)),
             "cvt": sum(o == "vcvtdq2ps" for o in ops), "fma": sum(o.startswith("vfmadd") for o in ops),
             "lanes": 16 if "zmm" in text else 8, "paddw": sum(o == "vpaddw" for o in ops),
-            "lanes16": bool(re.search(r"vpaddw\s+[^\n]*ymm", text))}
+            "lanes16": bool(re.search(r"vpaddw\s+[^\n]*ymm", text)), "psadbw": sum(o == "vpsadbw" for o in ops)}
 
 
 def mca(body, mcpu, tool):
@@ -116,7 +134,8 @@ def main(argv=None):
     for code, ((cpu, features), mcpus) in TARGETS.items():
         asm = compiled_asm(cpu, features, functions)
         for kernel, (fn, pick, weights, bytes_per_weight, tokens) in LOOPS.items():
-            found = [(label, body) for label, body in self_loops(asm[fn]) if pick(counts(body))]
+            loops = spanning_loops(asm[fn]) if kernel in SPANNING else self_loops(asm[fn])
+            found = [(label, body) for label, body in loops if pick(counts(body))]
             if not found:
                 print(f"{kernel:<26} {code:<8} (no loop matched in {fn})")
                 continue
