@@ -767,6 +767,13 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
                     for h in range(2)]
 
         def lookup(table, word):  # the 16 table entries the indices in word (i64) pick, as two <8 x double>
+            if LOOKUP_ISA != "avx512f" and bits != 3:  # 32-bit lanes, each from the half of word its index is in
+                halves = builder.bitcast(word, ir.VectorType(i32, 2))
+                spread = builder.shuffle_vector(halves, ir.Constant(halves.type, None),
+                                                ir.Constant(v16i32, [bits * l // 32 for l in range(16)]))
+                idx = builder.and_(builder.lshr(spread, ir.Constant(v16i32, [bits * l % 32 for l in range(16)])),
+                                   ir.Constant(v16i32, [(1 << bits) - 1] * 16))
+                return lookup_floats(table, idx)
             lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
                                                                   ir.Constant(i32, 0)),
                                            ir.Constant(ir.VectorType(i64, 16), None), ir.Constant(v16i32, None))
@@ -778,7 +785,10 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
                 return [builder.call(perm, [table[0], builder.and_(builder.shuffle_vector(
                     shifted, ir.Constant(shifted.type, None), ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))),
                     mask), table[1]]) for h in range(2)]
-            idx = builder.and_(builder.trunc(shifted, v16i32), ir.Constant(v16i32, [(1 << bits) - 1] * 16))
+            return lookup_floats(table, builder.and_(builder.trunc(shifted, v16i32),
+                                                     ir.Constant(v16i32, [(1 << bits) - 1] * 16)))
+
+        def lookup_floats(table, idx):  # AVX2 or none: the 16 floats of table (a float pointer) at idx, as doubles
             if LOOKUP_ISA == "avx2":  # (vpermps reads an index's low 3 bits)
                 perm = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i32]))
                 lo, hi = (builder.load(builder.bitcast(builder.gep(table, [ir.Constant(i64, h)]), v8f.as_pointer()),
