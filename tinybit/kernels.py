@@ -767,11 +767,10 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
                     for h in range(2)]
 
         def lookup(table, word):  # the 16 table entries the indices in word (i64) pick, as two <8 x double>
-            if LOOKUP_ISA != "avx512f" and bits != 3:  # 32-bit lanes, each from the half of word its index is in
+            if LOOKUP_ISA != "avx512f" and bits <= 2:  # all 16 in 32 bits: 32-bit lanes from one broadcast
                 halves = builder.bitcast(word, ir.VectorType(i32, 2))
-                spread = builder.shuffle_vector(halves, ir.Constant(halves.type, None),
-                                                ir.Constant(v16i32, [bits * l // 32 for l in range(16)]))
-                idx = builder.and_(builder.lshr(spread, ir.Constant(v16i32, [bits * l % 32 for l in range(16)])),
+                spread = builder.shuffle_vector(halves, ir.Constant(halves.type, None), ir.Constant(v16i32, [0] * 16))
+                idx = builder.and_(builder.lshr(spread, ir.Constant(v16i32, [bits * l for l in range(16)])),
                                    ir.Constant(v16i32, [(1 << bits) - 1] * 16))
                 return lookup_floats(table, idx)
             lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
