@@ -108,16 +108,17 @@ FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
-TARGET_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
-WIDE_VECTORS = "+avx512f" in TARGET_FEATURES.split(",")  # 32 vector registers of 16 floats (else 16 of 8: AVX2)
+TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
+                             else binding.get_host_cpu_features().flatten()).split(","))  # {"+avx2", "-avx512f", ...}
+WIDE_VECTORS = "+avx512f" in TARGET_FEATURES  # 32 vector registers of 16 floats (else 16 of 8: AVX2)
 
 
 def target_isa():
     """What the kernels are compiled for, in words: numba's CPU name and the vector extensions the kernels choose by."""
-    feats = TARGET_FEATURES.split(",")
-    isa = ("AVX-512" + ("BW" if "+avx512bw" in feats else "F") if WIDE_VECTORS else "AVX2" if "+avx2" in feats
-           else "SSSE3" if "+ssse3" in feats else "SSE2")
-    return f"{config.CPU_NAME or binding.get_host_cpu_name()}, {isa}{' + FMA' if '+fma' in feats else ''}"
+    has = TARGET_FEATURES
+    isa = ("AVX-512" + ("BW" if "+avx512bw" in has else "F") if WIDE_VECTORS else "AVX2" if "+avx2" in has
+           else "SSSE3" if "+ssse3" in has else "SSE2")
+    return f"{config.CPU_NAME or binding.get_host_cpu_name()}, {isa}{' + FMA' if '+fma' in has else ''}"
 
 
 def _openblas_thread_setter():
@@ -225,7 +226,7 @@ def _add_byte_sums(typingctx, sums, a):
         sums_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
         a_ptr = builder.bitcast(context.make_array(sig.args[1])(context, builder, args[1]).data, v64i8.as_pointer())
         a = builder.load(a_ptr, align=1)
-        if "+avx512bw" in TARGET_FEATURES.split(","):
+        if "+avx512bw" in TARGET_FEATURES:
             psadbw = builder.module.declare_intrinsic("llvm.x86.avx512.psad.bw.512",
                                                       fnty=ir.FunctionType(v8i64, [v64i8, v64i8]))
             s = builder.call(psadbw, [a, ir.Constant(v64i8, None)])
@@ -562,7 +563,7 @@ def _quad_offsets(typingctx, out, wr, i0, shift, binary, n_quads, L):
             e = nibble(nz)
         else:
             ng = builder.and_(load(builder.add(args[2], ir.Constant(args[2].type, PLANE))), nz)
-            if "+ssse3" in TARGET_FEATURES.split(","):
+            if "+ssse3" in TARGET_FEATURES:
                 pshufb = builder.module.declare_intrinsic("llvm.x86.ssse3.pshuf.b.128",
                                                           fnty=ir.FunctionType(v16i8, [v16i8, v16i8]))
                 table = ir.Constant(v16i8, BASE3)
@@ -731,8 +732,7 @@ def _gemm_par(ws, xT, binary, ys, n_chunks):
 
 # --- LUT / VQ: 16 indices at a time looked up in registers, products added in float64 ---------------------------
 LOOKUP_BITS = 4  # indices of up to 4 bits are looked up 16 at a time from a 16-entry table (_lookup_dot)
-LOOKUP_ISA = ("avx512f" if "+avx512f" in TARGET_FEATURES.split(",") else "avx2" if "+avx2" in TARGET_FEATURES.split(",")
-              else "scalar")
+LOOKUP_ISA = "avx512f" if "+avx512f" in TARGET_FEATURES else "avx2" if "+avx2" in TARGET_FEATURES else "scalar"
 
 
 @intrinsic
@@ -815,11 +815,12 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
             return halves
 
         tables = [table_halves(c) for c in range(n_tables)]
+        fma = ("+fma" in TARGET_FEATURES
+               and builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(v8d, [v8d] * 3)))
+
         def multiply_add(a, b, c):  # a b + c: the product is exact, so a fused one is the same sum
-            if "+fma" not in TARGET_FEATURES.split(","):
-                return builder.fadd(builder.fmul(a, b), c)
-            fma = builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(v8d, [v8d] * 3))
-            return builder.call(fma, [a, b, c])
+            return builder.call(fma, [a, b, c]) if fma else builder.fadd(builder.fmul(a, b), c)
+
         def chunk(m16, acc):  # items 16 m16 .. 16 m16 + 15 into the accumulators acc (2)
             byte0 = builder.mul(m16, ir.Constant(m16.type, 2 * bits))
             word_type = ir.IntType(16 * bits)  # the 16 indices' bytes
@@ -1304,6 +1305,7 @@ def code_block_matmul(w_idx, bits, d, x):
 
 
 def _block_matmul(w, nbits, d, x):
+    """_block_rows over all of w's rows, after checking d's shape against w and x."""
     d = np.ascontiguousarray(d, np.float32)
     if d.ndim != 2 or d.shape[0] != w.shape[0] or not d.shape[1] or x.shape[1] % (8 * d.shape[1]):
         raise UsageError(f"block scales: expected (n_out={w.shape[0]}, n_blocks), n_blocks dividing {x.shape[1]} "
