@@ -222,3 +222,53 @@ def test_warm_up_says_when_it_compiles(monkeypatch, capsys):
     generate.warm_up(Slow(0.1), 4)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("tinybit: compiling the kernels")
+
+
+def test_warm_up_hands_the_prefill_to_a_second_process_when_it_compiles(monkeypatch):
+    """At numba's first compile during warm_up (source given), a second process is started for the prefill's kernels,
+    waited for, then the prefill runs here (from numba's cache); no compile (a warm cache), or no source: no process."""
+    from numba.core import event
+    started, calls = [], []
+
+    class Proc:  # what warm_up needs of a Popen
+        returncode = 0
+
+        def __init__(self, args, **kwargs):
+            started.append(args)
+
+        def wait(self, timeout=None):
+            calls.append("helper done")
+
+        def poll(self):
+            return 0
+
+    class Model:  # forward fires numba's compile event (or not)
+        config = type("C", (), {"max_seq_len": 64})()
+
+        def __init__(self, compiles):
+            self.compiles = compiles
+
+        def new_cache(self, n):
+            return n
+
+        def forward(self, tokens, cache, last_only=False):
+            calls.append(len(tokens))
+            if self.compiles:
+                with event.trigger_event("numba:compile", data={}):
+                    pass
+    monkeypatch.setattr(generate.subprocess, "Popen", Proc)
+    generate.warm_up(Model(True), 5, ("models/stdlib-b158", {"threads": 1}))
+    assert calls == [1, "helper done", 5] and len(started) == 1
+    assert started[0][0] == sys.executable and "warm_prefill('models/stdlib-b158', 5, {'threads': 1})" in started[0][2]
+    for compiles, source in ((False, ("m", {})), (True, None)):
+        calls.clear()
+        generate.warm_up(Model(compiles), 5, source)
+        assert calls == [1, 5] and len(started) == 1
+
+
+def test_the_prefill_helper_process_runs():
+    """The command warm_up's second process runs: it loads the model and runs its prefill (exit status 0)."""
+    helper = generate._PrefillHelper((os.path.join(ROOT, "models", "stdlib-b158"), {"threads": 1}), 12)
+    helper.on_start(None)
+    helper.wait()
+    assert helper.proc.returncode == 0

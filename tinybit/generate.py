@@ -4,11 +4,13 @@ import contextlib
 import math
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
+from numba.core import event
 
 from . import kernels, linear
 from .chat import render_chat_template
@@ -19,6 +21,7 @@ from .model import check_token_ids, load
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 COMPILE_NOTICE_S = 2.0  # a warm-up still running after this long is compiling: say so on stderr
+HELPER_TIMEOUT_S = 120  # warm_up waits this long at most for its second compiling process
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
@@ -228,21 +231,62 @@ def main(argv=None):
     return exit_on_error("tinybit.generate", args.debug, lambda: run(args))
 
 
-def warm_up(model, n_prompt):
-    """A prefill of min(n_prompt, WARM_TOKENS) tokens (the prompt's kernels) and a decode step, on a cache of their own:
-    numba loads a kernel's code at its first call (~0.3 s for the shipped model), which would be timed otherwise."""
+def warm_up(model, n_prompt, source=None):
+    """A prefill of min(n_prompt, WARM_TOKENS) tokens (the prompt's kernels) and a decode step, on caches of their own:
+    numba loads a kernel's code at its first call (~0.3 s for the shipped model), which would be timed otherwise.
+    source: (path, load's keyword arguments) of the model. Then on a first run, at numba's first compile (a kernel
+    not in its cache), a second process loads the model from there and compiles the prefill's kernels (warm_prefill)
+    while this one compiles the decode step's; numba's cache on disk hands them over: two cores, about half the time."""
     n = min(max(n_prompt, 1), WARM_TOKENS, model.config.max_seq_len - 1)
-    if n >= 1:
-        cache = model.new_cache(n + 1)
-        notice = threading.Timer(COMPILE_NOTICE_S, print, ("tinybit: compiling the kernels for this CPU (the first run "
-                                                           "only: numba caches them) ...",), {"file": sys.stderr})
-        notice.start()  # (loading cached kernels takes well under COMPILE_NOTICE_S: nothing is said then)
-        try:
-            with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt does
-                model.forward([0] * n, cache, last_only=True)
-                model.forward([0], cache, last_only=True)
-        finally:
-            notice.cancel()
+    if n < 1:
+        return
+    notice = threading.Timer(COMPILE_NOTICE_S, print, ("tinybit: compiling the kernels for this CPU (the first run "
+                                                       "only: numba caches them) ...",), {"file": sys.stderr})
+    notice.start()  # (loading cached kernels takes well under COMPILE_NOTICE_S: nothing is said then)
+    helper = _PrefillHelper(source, n)
+    try:
+        with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt does
+            with event.install_listener("numba:compile", helper):
+                model.forward([0], model.new_cache(1), last_only=True)
+            helper.wait()
+            model.forward([0] * n, model.new_cache(n), last_only=True)
+    finally:
+        notice.cancel()
+        helper.stop()
+
+
+def warm_prefill(path, n, load_kwargs):
+    """The prefill of warm_up in a process of its own (compiling its kernels into numba's cache)."""
+    model = load(path, **load_kwargs)
+    model.forward([0] * n, model.new_cache(n), last_only=True)
+
+
+class _PrefillHelper(event.Listener):
+    """Starts `python -c warm_prefill(...)` at the first numba compile it hears of (source given); wait() for it
+    (HELPER_TIMEOUT_S at most: it only saves time, its failure costs none), stop() ends it."""
+
+    def __init__(self, source, n):
+        self.source, self.n, self.proc = source, n, None
+
+    def on_start(self, _):
+        if self.source is not None and self.proc is None:
+            path, kwargs = self.source
+            code = f"from tinybit.generate import warm_prefill; warm_prefill({path!r}, {self.n}, {kwargs!r})"
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def on_end(self, _):
+        pass
+
+    def wait(self):
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(HELPER_TIMEOUT_S)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run(args):
@@ -260,7 +304,8 @@ def run(args):
         raise UsageError(f"the prompt is not valid UTF-8 (bad byte at character {e.start})") from None
     t0 = time.perf_counter()
     model = load(path, threads=args.threads)
-    warm_up(model, len(encode_prompt(model, prompt, chat=args.chat)))  # (generate encodes it again: microseconds)
+    # (generate encodes the prompt again: microseconds)
+    warm_up(model, len(encode_prompt(model, prompt, chat=args.chat)), (path, {"threads": args.threads}))
     load_s = time.perf_counter() - t0
     try:
         for piece in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -106,6 +106,7 @@ SLICE_SUMS = ROWS * 8  # ... whose picked bytes add up in 8 uint64 lanes per row
 ROW_PLANES = ROWS * 2 * SLICE  # the 4 rows' two planes of a block, each plane byte twice
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per lane, then into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
+MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded with 0-row ones (one compile)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
 TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
@@ -184,7 +185,8 @@ def _n_chunks(n_out, work, threads, min_work):
 
 def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32):
     """ys[m] (tokens, n_out) dtype = matrix ws[m]'s output, n_in inputs (q/k/v: one call), by rows(ws[m], *args, ys[m],
-    r0, r1): par(ws, *args, ys, n_chunks) over all the matrices' rows, or per matrix (no parallel region) if 1 chunk."""
+    r0, r1): par(ws, *args, ys, n_chunks) over all the matrices' rows, or per matrix (no parallel region) if 1 chunk.
+    par gets MATRICES matrices, ws padded with 0-row ones: one compiled region for 1, 2 and 3 matrices."""
     n_out = sum(w.shape[0] for w in ws)
     ys = tuple(np.empty((tokens, w.shape[0]), dtype) for w in ws)
     n_chunks = _n_chunks(n_out, tokens * n_in * n_out, kernel_threads, MIN_WORK_PER_THREAD)
@@ -192,7 +194,8 @@ def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32):
         for w, y in zip(ws, ys):
             rows(w, *args, y, 0, w.shape[0])
     else:
-        par(ws, *args, ys, n_chunks)
+        pad = max(0, MATRICES - len(ws))
+        par(ws + (ws[0][:0],) * pad, *args, ys + (np.empty((tokens, 0), dtype),) * pad, n_chunks)
     return ys
 
 
@@ -1345,7 +1348,8 @@ def _rms_norm(x, weight, eps, out):
 
 @njit(cache=True)
 def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
-    """linear.apply_many, one token x (n_in,), ternary ws: ys[m] = (x_q W_m~^T) * scale_m / s_x; False on x NaN/Inf."""
+    """linear.apply_many, one token x (n_in,), ternary ws: ys[m] = (x_q W_m~^T) * scale_m / s_x; False on x NaN/Inf.
+    ws, scales, accs, ys: MATRICES each, those past the layer's matrices 0-row slices (one compile for 1, 2, 3)."""
     n = x.shape[0]
     if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
         return False
@@ -1358,13 +1362,13 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     n_chunks = _n_chunks(n_out, n_pad * n_out, threads, min_work)
     if n_chunks == 1:
         for m in range(len(ws)):
-            _plane_rows(ws[m], xu, xn, accs[m], 0, ws[m].shape[0])
+            _plane_rows(ws[m], xu, xn, accs[m], np.int64(0), ws[m].shape[0])
     else:
         _plane_par(ws, xu, xn, accs, n_chunks)
     for m in range(len(ws)):
-        acc, scale, y = accs[m][0], scales[m], ys[m]
+        scale, y = scales[m], ys[m]
         for r in range(y.shape[0]):  # gamma per tensor (1,) or per row (n_out,)
-            y[r] = np.float32(acc[r]) * (scale[r if scale.shape[0] > 1 else 0] / s_x[0])
+            y[r] = np.float32(accs[m][0, r]) * (scale[r if scale.shape[0] > 1 else 0] / s_x[0])
     return True
 
 
@@ -1440,22 +1444,26 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
     q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
     _rope(q2, cos, sin)
     _rope(k2, cos, sin)
-    k_cache[:, pos] = k2
-    v_cache[:, pos] = v.reshape((n_kv, hd))
+    for g in range(n_kv):  # (element loops: a slice assignment compiles numba's shape-mismatch message, ~1 s)
+        for j in range(hd):
+            k_cache[g, pos, j] = k2[g, j]
+            v_cache[g, pos, j] = v[g * hd + j]
     att2 = att.reshape((n_heads, hd))
     n_chunks = min(threads, n_heads, n_heads * (pos + 1) * hd // min_work)
     if n_chunks > 1:
         _attention_par(q2, k_cache, v_cache, pos + 1, scores, att2, n_chunks)
     else:
-        _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, 0, n_heads)
+        _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, np.int64(0), n_heads)
     if attn_sub.shape[0]:
         _rms_norm(att, attn_sub, eps, att)
-    if not _linears((wo,), (so,), att, x_q, x8, s_x, (ao,), (y,), threads, min_work):
+    if not _linears((wo, wo[:0], wo[:0]), (so, so[:0], so[:0]), att, x_q, x8, s_x, (ao, ao[:0], ao[:0]),
+                    (y, y[:0], y[:0]), threads, min_work):
         return 2
     x += y
     # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
     _rms_norm(x, ffn_norm, eps, h)
-    if not _linears((wg, wu), (sg, su), h, x_q, x8, s_x, (ag, au), (gate, up), threads, min_work):
+    if not _linears((wg, wu, wu[:0]), (sg, su, su[:0]), h, x_q, x8, s_x, (ag, au, au[:0]), (gate, up, up[:0]),
+                    threads, min_work):
         return 3
     return 0
 
@@ -1467,7 +1475,9 @@ def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
     (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
     if ffn_sub.shape[0]:
         _rms_norm(m, ffn_sub, eps, m)
-    if not _linears((wd,), (sd,), m, x_q, x8, s_x, (accs[6],), (y,), threads, min_work):
+    ad = accs[6]
+    if not _linears((wd, wd[:0], wd[:0]), (sd, sd[:0], sd[:0]), m, x_q, x8, s_x, (ad, ad[:0], ad[:0]), (y, y[:0], y[:0]),
+                    threads, min_work):
         return 4
     x += y
     return 0

@@ -401,7 +401,8 @@ def run(args):
     ctx = model.config.max_seq_len if args.ctx is None else args.ctx
     if not 2 <= ctx <= model.config.max_seq_len:
         raise UsageError(f"--ctx must be in 2..{model.config.max_seq_len} (the model's max_seq_len), got {ctx}")
-    warm_up(model, min(args.prefill_chunk, ctx - 1))  # compile the kernels before the first request waits on them
+    # compile the kernels before the first request waits on them
+    warm_up(model, min(args.prefill_chunk, ctx - 1), (args.model, {"threads": args.threads, "in_memory": True}))
     name = args.name or (args.model.rstrip("/").rsplit("/", 1)[-1])
     server = Server(model, name, Engine(model, args.max_batch, args.prefill_chunk), ctx)
     print(f"tinybit.serve: {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, ctx {ctx})",
