@@ -257,3 +257,24 @@ def test_admission_step_runs_only_the_new_first_chunks(tmp_path):
     assert fed == [[4], [2], [1], [3], [1, 1], [2], [1, 1, 2]]
     assert len(a.tokens) == 4 and b.done and len(b.tokens) == 2 and len(c.tokens) == 2 and len(d.tokens) == 1
     assert engine.active == [a, c, d]
+
+
+def test_warm_up_compiles_the_engine_steps(tmp_path):
+    """serve.warm_up_steps runs forward_batch over 1, 16 and a prompt chunk of tokens: afterwards steps of lone tokens,
+    of a few streams and of prompt chunks call no kernel that was not loaded (the server's first requests never wait
+    on numba), and nothing of generate's one-token step is compiled for it."""
+    c = tiny_config(max_seq_len=CTX, quant={"scheme": "ternary"}, dim=64, ffn_dim=128, n_heads=4, n_kv_heads=2,
+                    head_dim=16)
+    path = save_random_model(tmp_path / "m", c, seed=5)
+    code = ("import numba, tinybit\nfrom tinybit import kernels, linear, serve\n"
+            "def loaded():\n"
+            "    return {n: len(f.signatures) for mod in (kernels, linear) for n, f in vars(mod).items()\n"
+            "            if isinstance(f, numba.core.dispatcher.Dispatcher) and f.signatures}\n"
+            f"m = tinybit.load({str(path)!r}, threads=1)\n"
+            "serve.warm_up_steps(m, 64)\nwarm = loaded()\n"
+            "for n in (1, 3, 16, 30, 64):\n"
+            "    m.forward_batch([[5] * n, [6]], [m.new_cache(n), m.new_cache(1)])\n"
+            "print(warm == loaded(), 'attention_step' in warm)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "False"]

@@ -18,7 +18,8 @@ from .cli import OneLineParser, check_threads, exit_on_error, write_out
 from .errors import FormatError, TinybitError, UsageError, is_int
 from .model import check_token_ids, load
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `import tinybit` finds this one
+DEFAULT_MODEL = os.path.join(PACKAGE_PARENT, "models", "stdlib-b158")
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 COMPILE_NOTICE_S = 2.0  # a warm-up still running after this long is compiling: say so on stderr
 HELPER_TIMEOUT_S = 120  # warm_up waits this long at most for its second compiling process
@@ -240,19 +241,28 @@ def warm_up(model, n_prompt, source=None):
     n = min(max(n_prompt, 1), WARM_TOKENS, model.config.max_seq_len - 1)
     if n < 1:
         return
-    notice = threading.Timer(COMPILE_NOTICE_S, print, ("tinybit: compiling the kernels for this CPU (the first run "
-                                                       "only: numba caches them) ...",), {"file": sys.stderr})
-    notice.start()  # (loading cached kernels takes well under COMPILE_NOTICE_S: nothing is said then)
     helper = _PrefillHelper(source, n)
     try:
-        with contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported if the prompt does
-            with event.install_listener("numba:compile", helper):
+        with compile_notice(), contextlib.suppress(TinybitError):  # a fault token 0 meets (a NaN row) is reported
+            with event.install_listener("numba:compile", helper):  # if the prompt meets it too
                 model.forward([0], model.new_cache(1), last_only=True)
             helper.wait()
             model.forward([0] * n, model.new_cache(n), last_only=True)
     finally:
-        notice.cancel()
         helper.stop()
+
+
+@contextlib.contextmanager
+def compile_notice():
+    """Says on stderr that the kernels are compiling when the block runs past COMPILE_NOTICE_S (loading cached
+    kernels takes well under that: nothing is said then)."""
+    notice = threading.Timer(COMPILE_NOTICE_S, print, ("tinybit: compiling the kernels for this CPU (the first run "
+                                                       "only: numba caches them) ...",), {"file": sys.stderr})
+    notice.start()
+    try:
+        yield
+    finally:
+        notice.cancel()
 
 
 def warm_prefill(path, n, load_kwargs):
@@ -272,8 +282,10 @@ class _PrefillHelper(event.Listener):
         if self.source is not None and self.proc is None:
             path, kwargs = self.source
             code = f"from tinybit.generate import warm_prefill; warm_prefill({path!r}, {self.n}, {kwargs!r})"
+            path_env = os.pathsep.join(filter(None, (PACKAGE_PARENT, os.environ.get("PYTHONPATH"))))
             self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         env=dict(os.environ, PYTHONPATH=path_env))
 
     def on_end(self, _):
         pass

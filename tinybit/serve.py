@@ -30,13 +30,22 @@ import uuid
 
 import numpy as np
 
+from . import kernels
 from .cli import OneLineParser, check_threads, exit_on_error
 from .errors import TinybitError, UsageError, is_int
-from .generate import TextStream, encode_messages, encode_prompt, sample, truncate_prompt, warm_up
+from .generate import TextStream, compile_notice, encode_messages, encode_prompt, sample, truncate_prompt
 from .model import load
 
 
 # --- the engine: continuous batching over Model.forward_batch -----------------------------------------------------
+def warm_up_steps(model, n):
+    """Compile (or load) the kernels of the engine's steps before the first request waits on them: Model.forward_batch
+    over 1 token (the per-token kernels), NARROW_LANES (the narrow table GEMM) and a prompt chunk of n."""
+    with compile_notice(), contextlib.suppress(TinybitError):  # (a fault token 0 meets is reported where a request does)
+        for tokens in sorted({1, min(kernels.NARROW_LANES, n), n}):
+            model.forward_batch([[0] * tokens], [model.new_cache(tokens)])
+
+
 
 @dataclasses.dataclass
 class Job:
@@ -401,8 +410,7 @@ def run(args):
     ctx = model.config.max_seq_len if args.ctx is None else args.ctx
     if not 2 <= ctx <= model.config.max_seq_len:
         raise UsageError(f"--ctx must be in 2..{model.config.max_seq_len} (the model's max_seq_len), got {ctx}")
-    # compile the kernels before the first request waits on them
-    warm_up(model, min(args.prefill_chunk, ctx - 1), (args.model, {"threads": args.threads, "in_memory": True}))
+    warm_up_steps(model, min(args.prefill_chunk, ctx - 1))
     name = args.name or (args.model.rstrip("/").rsplit("/", 1)[-1])
     server = Server(model, name, Engine(model, args.max_batch, args.prefill_chunk), ctx)
     print(f"tinybit.serve: {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, ctx {ctx})",
