@@ -268,13 +268,30 @@ def test_calibrate_self_writes_chats_and_plain_text_deterministically(hf_dir):
     for i in (0, 2):  # chats: bos, the template's head, an instruction, the turn to the assistant, its answer
         assert any(list(ids[i, :len(f)]) == f for f in firsts), i
     m = model.Model(c, tensors, tokenizer=Tokenizer.from_str(tj))
-    for i in (1, 3):  # plain text from bos: every token one that sampling at 0.7, top-p 0.95 can draw
-        assert ids[i, 0] == 0
+    added = set(Tokenizer.from_str(tj).get_added_tokens_decoder())
+    for i in (1, 3):  # plain text: bos, an ordinary token, then tokens that sampling at 0.7, top-p 0.95 can draw
+        assert ids[i, 0] == 0 and ids[i, 1] not in added  # from the logits with the last 64 tokens' penalised
         logits = m.logits(ids[i])
-        assert all(ids[i, t] in nucleus(logits[t - 1], calibrate.SELF_TEMPERATURE, calibrate.SELF_TOP_P)
-                   for t in range(1, 60))
+        assert all(ids[i, t] in nucleus(penalised(logits[t - 1], ids[i, max(0, t - 64):t]),
+                                        calibrate.SELF_TEMPERATURE, calibrate.SELF_TOP_P) for t in range(2, 60))
+    assert ids[1, 1] != ids[3, 1]  # (the random first tokens: 2 of a vocabulary of hundreds)
     plain = calibrate.self_samples(dataclasses.replace(c, chat_template=None), tensors, tj, 2, 60, seed=7)
     assert plain[0, 0] == 0 and list(plain[0, :len(firsts[0])]) not in firsts  # no chat template: plain text only
+
+
+def penalised(logits, recent, theta=1.2):
+    """CTRL's repetition penalty (Keskar et al. 2019, §4.1), written out: a seen token's logit l -> l / θ if l > 0,
+    else l · θ."""
+    out = logits.astype(np.float64)
+    for t in set(recent.tolist()):
+        out[t] = out[t] / theta if out[t] > 0 else out[t] * theta
+    return out
+
+
+def test_repetition_penalty_lowers_the_seen_tokens():
+    logits = np.array([2.0, -1.0, 3.0, 0.5], np.float32)
+    out = calibrate.repetition_penalty(logits, [0, 1, 0], 2.0)
+    assert out.tolist() == [1.0, -2.0, 3.0, 0.5] and logits[0] == 2.0  # (a copy)
 
 
 def test_calibrate_self_conversion(hf_dir, tmp_path, capsys):
@@ -417,3 +434,28 @@ def test_chat_frame_renders_as_generate_does(template, needle):
     tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
     with pytest.raises(UsageError, match=needle):
         calibrate.chat_frame(template, tok)
+
+
+def test_descend_reaches_a_point_no_single_move_improves():
+    """calibrate.descend: the calibrated error sum_o (w_o - q_o) H (w_o - q_o)ᵀ never rises, and at the end no
+    weight moved alone to another entry of its row's table lowers it (brute force, errors recomputed from scratch)."""
+    rng = np.random.default_rng(4)
+    n_out, n_in, k = 5, 12, 4
+    w = rng.standard_normal((n_out, n_in))
+    X = rng.standard_normal((40, n_in)) * rng.uniform(0.2, 3, n_in)
+    H = X.T @ X / 40
+    table = np.sort(rng.standard_normal((n_out, k)), axis=1)
+    codes = rng.integers(0, k, (n_out, n_in))
+
+    def error(c):
+        d = np.take_along_axis(table, c, axis=1) - w
+        return np.einsum("oi,ij,oj->", d, H, d)
+    out = calibrate.descend(w, H, table, codes, sweeps=8)
+    assert error(out) < error(codes)
+    assert calibrate.descend(w, H, table, out, sweeps=1).tolist() == out.tolist()  # a fixed point
+    for o in range(n_out):
+        for j in range(n_in):
+            for a in range(k):
+                moved = out.copy()
+                moved[o, j] = a
+                assert error(moved) >= error(out) - 1e-9
