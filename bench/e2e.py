@@ -1,6 +1,7 @@
 """End-to-end benchmark: tinybit prefill and decode on a random-weight ternary model, beside llama.cpp.
 
     python bench/e2e.py [--shape 2b4t|large] [--threads 1,2] [--head f32|int8] [--json] [--prefill 128] [--decode 128]
+                        [--ik-bench DIR]
 
 Builds a model of the shape with random ternary codes (packed with tinybit.pack; P(0) = 1/3),
 one scale per tensor (1/sqrt(n_in)), norms of ones and a random float32 embedding that is also
@@ -24,6 +25,9 @@ engines' logits of 16 tokens are compared (they compute the same function up to 
 llama.cpp quantizes activations per 256-block, tinybit per token). Otherwise
 the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a reference
 anchor (not measured here; Q6_K head there; docs/BENCHMARKS.md).
+With --ik-bench DIR (ik_llama.cpp's build/bin), the same weights also run in ik_llama.cpp, the fastest CPU engine
+for ternary models: the TQ2_0 export to F16 by llama.cpp, to IQ2_BN by ik's llama-quantize (head as above), then
+its llama-bench -p/-n as here, -r 3, -rtr 1 (repacked to IQ2_BN_R4 at load); the tinybit rows get ratio_vs_ik.
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and
@@ -189,6 +193,38 @@ def child_llamacpp(gguf_path, threads, n_prefill, n_decode):
                 decode_tok_s=1 / float(np.median(steps)), peak_rss_mb=rss_mb())
 
 
+def ik_model(ik_dir, gguf_path, tied):
+    """The exported TQ2_0 GGUF as ik_llama.cpp's IQ2_BN (../shared/reference/ik-llama.md: ik_llama.cpp reads no TQ2_0),
+    by way of F16 (llama.cpp's own dequantization through llama-cpp-python), then ik's llama-quantize with the head
+    as Q8_0 (an untied int8 head) or the tied embedding kept f32. File names must not begin with a digit."""
+    import ctypes
+    import llama_cpp
+    f16, out = (os.path.join(os.path.dirname(gguf_path), name) for name in ("model-f16.gguf", "model-iq2bn.gguf"))
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True
+    if llama_cpp.llama_model_quantize(gguf_path.encode(), f16.encode(), ctypes.byref(p)) != 0:
+        sys.exit("e2e.py: llama.cpp could not write the F16 GGUF that ik_llama.cpp's quantizer reads")
+    head = ["--token-embedding-type", "f32"] if tied else ["--output-tensor-type", "q8_0"]
+    q = subprocess.run([os.path.join(ik_dir, "llama-quantize"), *head, f16, out, "IQ2_BN", "2"], capture_output=True,
+                       text=True)
+    if q.returncode != 0:
+        sys.exit(f"e2e.py: {ik_dir}/llama-quantize failed ({q.returncode}):\n{q.stderr[-2000:]}")
+    os.remove(f16)
+    return out
+
+
+def ik_bench(ik_dir, path, threads, args):
+    """ik_llama.cpp's llama-bench on `path`: {"prefill_tok_s", "decode_tok_s"} (-r 3 means, -rtr 1: IQ2_BN_R4)."""
+    out = subprocess.run([os.path.join(ik_dir, "llama-bench"), "-m", path, "-p", str(args.prefill), "-n",
+                          str(args.decode), "-r", "3", "-rtr", "1", "-t", str(threads), "-o", "json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"e2e.py: {ik_dir}/llama-bench failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    runs = json.loads(out.stdout)
+    return {"prefill_tok_s": next(r["avg_ts"] for r in runs if r["n_prompt"] and not r["n_gen"]),
+            "decode_tok_s": next(r["avg_ts"] for r in runs if r["n_gen"] and not r["n_prompt"])}
+
+
 def run_child(engine, path, threads, args, warm_only=False):
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -212,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens (default 128)")
     ap.add_argument("--workdir", help="where the temporary model goes (default: the system temp dir)")
+    ap.add_argument("--ik-bench", metavar="DIR", help="ik_llama.cpp's binaries (llama-bench, llama-quantize): its "
+                    "IQ2_BN of the same weights runs beside (needs llama-cpp-python; ../shared/reference/ik-llama.md)")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -228,6 +266,9 @@ def main(argv=None):
     except ImportError:
         have_llamacpp = False
 
+    if args.ik_bench and not (have_llamacpp and os.path.isfile(os.path.join(args.ik_bench, "llama-bench"))):
+        sys.exit(f"e2e.py: --ik-bench {args.ik_bench}: needs llama-cpp-python and a directory holding llama-bench and "
+                 "llama-quantize")
     config = build_config(args.shape, args.head)
     work = tempfile.mkdtemp(prefix="tinybit-e2e-", dir=args.workdir)
     try:
@@ -241,6 +282,7 @@ def main(argv=None):
             import gguf_export
             gguf_path = os.path.join(work, "model.gguf")
             gguf_export.write_gguf(gguf_path, config, tensors, byte_level_bpe(config.vocab_size))
+        ik_path = ik_model(args.ik_bench, gguf_path, config.tie_embeddings) if args.ik_bench else None
         build_s = time.perf_counter() - t
         head_bytes = sum(v.nbytes for k, v in tensors.items() if k.startswith("head.")) or tensors["embed.weight"].nbytes
         # bytes read per decoded token: every linear's planes and scales + the head (the embedding row is noise)
@@ -277,6 +319,7 @@ def main(argv=None):
         for n in threads:
             tb = run_child("tinybit", model_dir, n, args)
             lc = run_child("llama.cpp", gguf_path, n, args) if gguf_path else None
+            ik = ik_bench(args.ik_bench, ik_path, n, args) if ik_path else None
             for phase in ("prefill", "decode"):
                 tok_s = tb[f"{phase}_tok_s"]
                 row = dict(engine="tinybit", shape=args.shape, threads=n, phase=phase, tok_s=round(tok_s, 2), head=args.head,
@@ -288,7 +331,13 @@ def main(argv=None):
                            cpu_per_wall=round(tb["decode_cpu_per_wall"], 2) if phase == "decode" else None)
                 if lc:
                     row["ratio_vs_llamacpp"] = round(tok_s / lc[f"{phase}_tok_s"], 3)
+                if ik:
+                    row["ratio_vs_ik"] = round(tok_s / ik[f"{phase}_tok_s"], 3)
                 rows.append(row)
+                if ik:
+                    rows.append(dict(engine="ik_llama.cpp", shape=args.shape, threads=n, phase=phase,
+                                     tok_s=round(ik[f"{phase}_tok_s"], 2),
+                                     ms_per_token=round(1000 / ik[f"{phase}_tok_s"], 1)))
                 if lc:
                     rows.append(dict(engine="llama.cpp", shape=args.shape, threads=n, phase=phase,
                                      tok_s=round(lc[f"{phase}_tok_s"], 2),
@@ -324,6 +373,11 @@ def print_rows(rows, shape, have_llamacpp, budget_bytes):
         if r["engine"] == "llama.cpp":
             print(f"{'llama.cpp':<10} {r['threads']:>3} {r['phase']:<8} {r['tok_s']:>8.2f} {r['ms_per_token']:>8.1f} "
                   f"{'':>6} {'':>16} {'':>6} {r['load_s']:>7.3f} {r['warm_start_s']:>7.3f} {r['peak_rss_mb']:>12}")
+    for r in rows:
+        if r["engine"] == "ik_llama.cpp":  # (llama-bench: no load, warm-start or RSS figures)
+            tb = next(t for t in rows if t["engine"] == "tinybit" and (t["threads"], t["phase"]) == (r["threads"], r["phase"]))
+            print(f"{'ik_llama':<10} {r['threads']:>3} {r['phase']:<8} {r['tok_s']:>8.2f} {r['ms_per_token']:>8.1f} "
+                  f"{'':>6} {'tinybit / ik':>16} {tb['tok_s'] / r['tok_s']:6.3f}")
     tb = next(r for r in rows if r["engine"] == "tinybit")
     target = 1.2 * budget_bytes / 2**20
     print(f"targets: peak RSS {tb['peak_rss_mb']} MB (of which {tb['base_rss_mb']} MB before load: "
