@@ -46,7 +46,6 @@ def warm_up_steps(model, n):
             model.forward_batch([[0] * tokens], [model.new_cache(tokens)])
 
 
-
 @dataclasses.dataclass
 class Job:
     """One request in the engine: its prompt, sampling, and where its events go (an asyncio queue of
