@@ -375,7 +375,8 @@ def print_rows(rows, shape, have_llamacpp, budget_bytes):
                   f"{'':>6} {'':>16} {'':>6} {r['load_s']:>7.3f} {r['warm_start_s']:>7.3f} {r['peak_rss_mb']:>12}")
     for r in rows:
         if r["engine"] == "ik_llama.cpp":  # (llama-bench: no load, warm-start or RSS figures)
-            tb = next(t for t in rows if t["engine"] == "tinybit" and (t["threads"], t["phase"]) == (r["threads"], r["phase"]))
+            tb = next(t for t in rows
+                      if t["engine"] == "tinybit" and (t["threads"], t["phase"]) == (r["threads"], r["phase"]))
             print(f"{'ik_llama':<10} {r['threads']:>3} {r['phase']:<8} {r['tok_s']:>8.2f} {r['ms_per_token']:>8.1f} "
                   f"{'':>6} {'tinybit / ik':>16} {tb['tok_s'] / r['tok_s']:6.3f}")
     tb = next(r for r in rows if r["engine"] == "tinybit")

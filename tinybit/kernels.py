@@ -1476,8 +1476,8 @@ def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
     if ffn_sub.shape[0]:
         _rms_norm(m, ffn_sub, eps, m)
     ad = accs[6]
-    if not _linears((wd, wd[:0], wd[:0]), (sd, sd[:0], sd[:0]), m, x_q, x8, s_x, (ad, ad[:0], ad[:0]), (y, y[:0], y[:0]),
-                    threads, min_work):
+    if not _linears((wd, wd[:0], wd[:0]), (sd, sd[:0], sd[:0]), m, x_q, x8, s_x, (ad, ad[:0], ad[:0]),
+                    (y, y[:0], y[:0]), threads, min_work):
         return 4
     x += y
     return 0

@@ -41,7 +41,8 @@ from .model import load
 def warm_up_steps(model, n):
     """Compile (or load) the kernels of the engine's steps before the first request waits on them: Model.forward_batch
     over 1 token (the per-token kernels), NARROW_LANES (the narrow table GEMM) and a prompt chunk of n."""
-    with compile_notice(), contextlib.suppress(TinybitError):  # (a fault token 0 meets is reported where a request does)
+    # (a fault token 0 meets is reported where a request meets it)
+    with compile_notice(), contextlib.suppress(TinybitError):
         for tokens in sorted({1, min(kernels.NARROW_LANES, n), n}):
             model.forward_batch([[0] * tokens], [model.new_cache(tokens)])
 

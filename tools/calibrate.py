@@ -28,7 +28,8 @@ the calibrated objective  sum_o (w_o - q_o) H (w_o - q_o)ᵀ  by least squares, 
 GPTQ then runs again on the fitted grid, for at most `rounds` passes (fewer when a pass gains < 1%);
 the pass with the lowest calibrated error is kept. A LUT's codes then descend coordinate-wise on the same
 objective (descend: each weight to its row's best entry with the others held, QuantEase's step) and its
-tables are fitted once more, kept where that lowers the error (SmolLM2's linears: 4-6% lower). Stored tensors are exactly linear.tensor_specs(spec) of
+tables are fitted once more, kept where that lowers the error (SmolLM2's linears: 4-6% lower).
+Stored tensors are exactly linear.tensor_specs(spec) of
 the scheme: the model file format does not change.
 """
 import copy
