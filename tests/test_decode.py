@@ -13,12 +13,16 @@ from util import quantize_tensors, random_float_tensors, save_random_model, tiny
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
 THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
-ARCHS = {  # ternary blocks: every option the compiled block reads
+ARCHS = {  # ternary and LUT blocks: every option the compiled block reads
     "2b4t-gqa-relu2-subnorms": dict(sub_norms=True, activation="relu2", rope_theta=500000.0),
     "1bitllm-mha-silu": dict(sub_norms=True, n_kv_heads=4),
     "per-row-gqa4-gelu-odd": dict(quant={"scheme": "ternary", "per_row": True}, activation="gelu_tanh",
                                   n_heads=8, n_kv_heads=2, head_dim=6, dim=47, ffn_dim=300),
     "llama-plain-untied": dict(tie_embeddings=False),
+    "lut4-row": dict(quant={"scheme": "lut", "bits": 4, "group_rows": 1}),
+    "lut2-tensor-subnorms": dict(quant={"scheme": "lut", "bits": 2}, sub_norms=True, activation="relu2"),
+    "lut3-groups-odd": dict(quant={"scheme": "lut", "bits": 3, "group_rows": 5}, activation="gelu_tanh",
+                            n_heads=8, n_kv_heads=2, head_dim=6, dim=47, ffn_dim=300),
 }
 
 
@@ -113,7 +117,7 @@ def test_linears_equal_apply_many(threads, per_row, n_in):
     layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
               for n in (8, 5, 13)]
     config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
-    floats, x_q, x8, accs, _ = tbmodel.decode_workspace(config, 4)
+    floats, x_q, x8, accs, _, _ = tbmodel.decode_workspace(config, 4)
     x = rng.standard_normal(n_in).astype(np.float32)
     x8[0][:] = 77  # stale values past n_in must not be read as inputs
     _, ws, scales = tbmodel.decode_args(dict.fromkeys(tbmodel.BLOCK_NORMS), layers)
@@ -130,20 +134,56 @@ def test_linears_equal_apply_many(threads, per_row, n_in):
     assert not kernels._linears(ws, scales, x, x_q, x8, floats[8], outs, ys, threads, 1)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("bits,group_rows", [(4, 1), (2, None), (3, 3)])
+@pytest.mark.parametrize("n_in", [48, 304])
+def test_lut_linears_equal_apply_many(threads, bits, group_rows, n_in):
+    """One token through the step's LUT linears (one call over the rows of all matrices, parallel when min_work
+    allows; a table per group of rows given as one per row) gives linear.apply_many's floats exactly."""
+    rng = np.random.default_rng(n_in + bits)
+    spec = {"scheme": "lut", "bits": bits, "group_rows": group_rows}
+    layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
+              for n in (8, 5, 13)]
+    config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
+    work = tbmodel.decode_workspace(config, 4)
+    work[5][:] = 77.0  # stale values past n_in must not be read as inputs
+    x = rng.standard_normal(n_in - 3).astype(np.float32)  # n_in - 3 inputs pad to n_in with zeros
+    ws, params = zip(*(tbmodel.step_weights(layer) for layer in layers))
+    ys = tuple(np.zeros(n, np.float32) for n in (8, 5, 13))
+    kernels.set_threads(threads)
+    try:
+        assert kernels._lut_linears(ws, params, x, work[5], ys, threads, 1)
+    finally:
+        kernels.set_threads()
+    xp = np.zeros((1, n_in), np.float32)
+    xp[0, :n_in - 3] = x
+    for y, want in zip(ys, linear.apply_many(layers, xp)):
+        np.testing.assert_array_equal(y, want[0])
+
+
 # --- the model: compiled blocks in decode, NumPy elsewhere ---------------------------------------
 
 IDS = [1, 17, 5, 33, 8, 60, 2, 11, 42, 3, 9, 27]
 
 
 def test_which_blocks_are_compiled(tmp_path, models):
-    """Ternary blocks; not the reference path, not other schemes, not a block with an override."""
+    """Ternary blocks, and LUT blocks the register lookups run (at most 4 bits, inputs in whole 16s after padding to
+    bytes); not the reference path, not other schemes, not a block with an override of another scheme."""
     assert sorted(tinybit.load(models["1bitllm-mha-silu"]).compiled_blocks) == [0, 1]
     assert tinybit.load(models["1bitllm-mha-silu"], ref=True).compiled_blocks == {}
-    path = save_random_model(str(tmp_path / "binary"), tiny_config(quant={"scheme": "binary", "ln": True}))
-    assert tinybit.load(path).compiled_blocks == {}
-    config = tiny_config(quant={"scheme": "ternary"}, quant_overrides={"layers.1.down": {"scheme": "f32"}})
-    path = save_random_model(str(tmp_path / "mixed"), config)
-    assert sorted(tinybit.load(path).compiled_blocks) == [0]
+    assert sorted(tinybit.load(models["lut3-groups-odd"]).compiled_blocks) == [0, 1]  # 47 and 300 inputs: 48, 304
+    for name, over in {"binary": dict(quant={"scheme": "binary", "ln": True}),
+                       "lut6": dict(quant={"scheme": "lut", "bits": 6}),
+                       "lut-40-inputs": dict(quant={"scheme": "lut", "bits": 4}, dim=40)}.items():
+        assert tinybit.load(save_random_model(str(tmp_path / name), tiny_config(**over))).compiled_blocks == {}, name
+    for name, quant, other in (("ternary", {"scheme": "ternary"}, {"scheme": "f32"}),
+                               ("lut", {"scheme": "lut", "bits": 4}, {"scheme": "ternary"}),
+                               ("lut-bits", {"scheme": "lut", "bits": 4}, {"scheme": "lut", "bits": 6})):
+        config = tiny_config(quant=quant, quant_overrides={"layers.1.down": other})
+        assert sorted(tinybit.load(save_random_model(str(tmp_path / f"mixed-{name}"), config)).compiled_blocks) == [0]
+    config = tiny_config(quant={"scheme": "lut", "bits": 4},
+                         quant_overrides={"layers.1.down": {"scheme": "lut", "bits": 2}})
+    assert sorted(tinybit.load(save_random_model(str(tmp_path / "lut-4-2"), config)).compiled_blocks) == [0, 1]
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -185,7 +225,7 @@ def test_each_cache_has_its_workspace(models):
     for t in IDS:
         steps_a.append(m.forward([t], a))
         steps_b.append(m.forward([(3 * t) % m.config.vocab_size], b))
-    assert a.work[1] is not b.work[1] and b.work[1][-1].shape == (m.config.n_heads, 40)
+    assert a.work[1] is not b.work[1] and b.work[1][4].shape == (m.config.n_heads, 40)
     np.testing.assert_array_equal(np.concatenate(steps_a), decode_logits(m, IDS))
 
 

@@ -108,6 +108,7 @@ FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded with 0-row ones (one compile)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
+LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: 13 Gw/s against the ternary kernel's 28-36
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
 TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
                              else binding.get_host_cpu_features().flatten()).split(","))  # {"+avx2", "-avx512f", ...}
@@ -183,13 +184,14 @@ def _n_chunks(n_out, work, threads, min_work):
     return max(1, min(threads, (n_out + ROWS - 1) // ROWS, work // min_work))
 
 
-def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32):
+def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32, cost=1):
     """ys[m] (tokens, n_out) dtype = matrix ws[m]'s output, n_in inputs (q/k/v: one call), by rows(ws[m], *args, ys[m],
     r0, r1): par(ws, *args, ys, n_chunks) over all the matrices' rows, or per matrix (no parallel region) if 1 chunk.
-    par gets MATRICES matrices, ws padded with 0-row ones: one compiled region for 1, 2 and 3 matrices."""
+    par gets MATRICES matrices, ws padded with 0-row ones: one compiled region for 1, 2 and 3 matrices. cost: the
+    work of a product (LOOKUP_COST)."""
     n_out = sum(w.shape[0] for w in ws)
     ys = tuple(np.empty((tokens, w.shape[0]), dtype) for w in ws)
-    n_chunks = _n_chunks(n_out, tokens * n_in * n_out, kernel_threads, MIN_WORK_PER_THREAD)
+    n_chunks = _n_chunks(n_out, cost * tokens * n_in * n_out, kernel_threads, MIN_WORK_PER_THREAD)
     if n_chunks == 1:
         for w, y in zip(ws, ys):
             rows(w, *args, y, 0, w.shape[0])
@@ -1266,7 +1268,7 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     if bits <= LOOKUP_BITS and n_pad % 16 == 0:
         xs = _padded(x, n_pad, np.float64)[None]
         return _launch(_lookup16_par, _lookup16_rows, (w,), (bits, lut.reshape(*lut.shape, 1), g, xs),
-                       x.shape[0], n_pad)[0]
+                       x.shape[0], n_pad, cost=LOOKUP_COST)[0]
     xf = _padded(x, n_pad, np.float32)
     return _launch(_lut_par, _lut_rows, (w,), (bits, lut, g, xf), *xf.shape)[0]
 
@@ -1283,7 +1285,8 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     n_pairs = w.shape[1] // nbits * 8
     if nbits <= LOOKUP_BITS and n_pairs % 16 == 0:
         xs = _padded(x, 2 * n_pairs, np.float64).reshape(x.shape[0], n_pairs, 2).transpose(2, 0, 1).copy()
-        return _launch(_lookup16_par, _lookup16_rows, (w,), (nbits, cb, g, xs), x.shape[0], 2 * n_pairs)[0]
+        return _launch(_lookup16_par, _lookup16_rows, (w,), (nbits, cb, g, xs), x.shape[0], 2 * n_pairs,
+                       cost=LOOKUP_COST)[0]
     xf = _padded(x, 2 * n_pairs, np.float32)
     return _launch(_vq_par, _vq_rows, (w,), (nbits, cb, g, xf), *xf.shape)[0]
 
@@ -1373,6 +1376,57 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
 
 
 @njit(cache=True)
+def _lookup_step_rows(w, tables, xs, y, r0, r1):
+    """Rows r0..r1-1 of a LUT linear of one token: y (n_out,) float32; tables (1 or n_out, 2^bits, 1), one for all
+    rows or one per row."""
+    bits = 0
+    while (1 << bits) < tables.shape[1]:
+        bits += 1
+    _lookup16_rows(w, bits, tables, np.int64(tables.shape[0] > 1), xs, y.reshape((1, y.shape[0])), r0, r1)
+
+
+@njit(cache=True, parallel=True)
+def _lookup_step_par(ws, params, xs, ys, n_chunks):
+    for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
+        _lookup_step_rows(ws[i % len(ws)], params[i % len(ws)], xs, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+
+
+@njit(cache=True)
+def _lut_linears(ws, params, x, xs, ys, threads, min_work):
+    """linear.apply_many, one token x (n_in,), LUT ws of at most LOOKUP_BITS-bit indices, n_pad a multiple of 16:
+    ys[m] = lut_matmul's floats, params[m] its tables (1 or n_out, 2^bits, 1). xs (1, 1, >= n_pad) float64 scratch.
+    ws, params, ys: MATRICES each, as _linears pads them. Returns True (a NaN or Inf in x flows into ys, as in
+    lut_matmul)."""
+    n_pad = (x.shape[0] + 7) // 8 * 8  # pack.index_row_bytes: whole bytes of 8 indices
+    for j in range(n_pad):
+        xs[0, 0, j] = x[j] if j < x.shape[0] else 0.0
+    n_out = 0
+    for m in range(len(ws)):
+        n_out += ws[m].shape[0]
+    n_chunks = _n_chunks(n_out, LOOKUP_COST * n_pad * n_out, threads, min_work)
+    if n_chunks == 1:
+        for m in range(len(ws)):
+            _lookup_step_rows(ws[m], params[m], xs[:, :, :n_pad], ys[m], np.int64(0), ws[m].shape[0])
+    else:
+        _lookup_step_par(ws, params, xs[:, :, :n_pad], ys, n_chunks)
+    return True
+
+
+def _step_linears(ws, params, x, work, accs, ys, threads, min_work):
+    """The linears of the compiled step (attention_step, down_step), by the block's scheme: _linears (ternary: params
+    their gamma (1-D), accs their int32 sums) or _lut_linears (params their tables (3-D)). False on an x NaN/Inf."""
+
+
+@overload(_step_linears, inline="always")
+def _step_linears_scheme(ws, params, x, work, accs, ys, threads, min_work):
+    if params.dtype.ndim == 1:
+        return lambda ws, params, x, work, accs, ys, threads, min_work: _linears(
+            ws, params, x, work[1], work[2], work[0][8], accs, ys, threads, min_work)
+    return lambda ws, params, x, work, accs, ys, threads, min_work: _lut_linears(
+        ws, params, x, work[5], ys, threads, min_work)
+
+
+@njit(cache=True)
 def _rope(x, cos, sin):
     """model.rope of one token, in place: x (heads, hd); cos, sin (hd/2,) of its position."""
     half = x.shape[1] // 2
@@ -1424,22 +1478,22 @@ def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
 
 
 @njit(cache=True)
-def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
+def attention_step(x, norms, ws, params, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
     """model.Model.block for one token at pos, up to the MLP's activation: x (dim,) float32 += o(attention), then work's
-    gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, scales: model.BLOCK_NORMS weights (sub-norms empty: none),
-    model.BLOCK_LINEARS' w_packed and gamma; k_cache, v_cache (KV, max_len, hd): pos written here; cos, sin (hd/2,) of
-    pos; work: model.decode_workspace(); threads, min_work: kernel_threads, MIN_WORK_PER_THREAD. Returns 0, or the
-    linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x then partly updated)."""
+    gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, params: model.BLOCK_NORMS weights (sub-norms empty: none),
+    model.BLOCK_LINEARS' weights and their _step_linears params (model.decode_args); k_cache, v_cache (KV, max_len,
+    hd): pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace(); threads, min_work: kernel_threads,
+    MIN_WORK_PER_THREAD. Returns 0, or the linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x then partly updated)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
-    sq, sk, sv, so, sg, su, _ = scales
-    (h, q, k, v, att, y, gate, up, s_x), x_q, x8, accs, scores = work
+    sq, sk, sv, so, sg, su, _ = params
+    (h, q, k, v, att, y, gate, up, _), _, _, accs, scores, _ = work
     aq, ak, av, ao, ag, au, _ = accs
     n_kv, hd = k_cache.shape[0], k_cache.shape[2]
     n_heads = q.shape[0] // hd
     # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     _rms_norm(x, attn_norm, eps, h)
-    if not _linears((wq, wk, wv), (sq, sk, sv), h, x_q, x8, s_x, (aq, ak, av), (q, k, v), threads, min_work):
+    if not _step_linears((wq, wk, wv), (sq, sk, sv), h, work, (aq, ak, av), (q, k, v), threads, min_work):
         return 1
     q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
     _rope(q2, cos, sin)
@@ -1456,28 +1510,28 @@ def attention_step(x, norms, ws, scales, k_cache, v_cache, pos, cos, sin, work, 
         _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, np.int64(0), n_heads)
     if attn_sub.shape[0]:
         _rms_norm(att, attn_sub, eps, att)
-    if not _linears((wo, wo[:0], wo[:0]), (so, so[:0], so[:0]), att, x_q, x8, s_x, (ao, ao[:0], ao[:0]),
-                    (y, y[:0], y[:0]), threads, min_work):
+    if not _step_linears((wo, wo[:0], wo[:0]), (so, so, so), att, work, (ao, ao[:0], ao[:0]), (y, y[:0], y[:0]),
+                         threads, min_work):
         return 2
     x += y
     # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
     _rms_norm(x, ffn_norm, eps, h)
-    if not _linears((wg, wu, wu[:0]), (sg, su, su[:0]), h, x_q, x8, s_x, (ag, au, au[:0]), (gate, up, up[:0]),
-                    threads, min_work):
+    if not _step_linears((wg, wu, wu[:0]), (sg, su, su), h, work, (ag, au, au[:0]), (gate, up, up[:0]), threads,
+                         min_work):
         return 3
     return 0
 
 
 @njit(cache=True)
-def down_step(x, m, norms, ws, scales, work, eps, threads, min_work):
+def down_step(x, m, norms, ws, params, work, eps, threads, min_work):
     """The rest: x += down(ffn_sub_norm(m)), m = act(gate) * up by the caller (in NumPy); 0, or 4 on a NaN/Inf in m."""
-    ffn_sub, wd, sd = norms[3], ws[6], scales[6]
-    (_, _, _, _, _, y, _, _, s_x), x_q, x8, accs, _ = work
+    ffn_sub, wd, sd = norms[3], ws[6], params[6]
+    y, accs = work[0][5], work[3]
     if ffn_sub.shape[0]:
         _rms_norm(m, ffn_sub, eps, m)
     ad = accs[6]
-    if not _linears((wd, wd[:0], wd[:0]), (sd, sd[:0], sd[:0]), m, x_q, x8, s_x, (ad, ad[:0], ad[:0]),
-                    (y, y[:0], y[:0]), threads, min_work):
+    if not _step_linears((wd, wd[:0], wd[:0]), (sd, sd, sd), m, work, (ad, ad[:0], ad[:0]), (y, y[:0], y[:0]),
+                         threads, min_work):
         return 4
     x += y
     return 0

@@ -181,11 +181,11 @@ def tensors_by_linear(tensors):
     return by_linear
 
 
-# --- the compiled one-token block: block()'s fast twin for all-ternary blocks (kernels.attention_step) ---
+# --- the compiled one-token block: block()'s fast twin for all-ternary and all-LUT blocks (kernels.attention_step) ---
 
 def decode_workspace(c, max_len):
     """The scratch buffers of kernels.attention_step and down_step for config c and a cache of
-    max_len positions: (floats, x_q, x8, accs, scores)."""
+    max_len positions: (floats, x_q, x8, accs, scores, xs)."""
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     n_pad = max(pack.ceil_div(n, pack.BLOCK) * pack.BLOCK for n in (c.dim, q_dim, c.ffn_dim))
     # h, q, k, v, attention out, a linear's y, gate, up, s_x (the absmax scale)
@@ -194,16 +194,37 @@ def decode_workspace(c, max_len):
     x8 = (np.zeros((1, n_pad), np.uint8), np.zeros((1, n_pad), np.uint8))  # x_q + 128, 127 - x_q as the kernels read them
     accs = tuple(np.zeros((1, n), np.int32) for n in (q_dim, kv_dim, kv_dim, c.dim, c.ffn_dim, c.ffn_dim, c.dim))
     scores = np.zeros((c.n_heads, max_len), np.float32)  # (H, max_len)
-    return floats, x_q, x8, accs, scores
+    xs = np.zeros((1, 1, n_pad), np.float64)  # a LUT linear's input, as its kernel reads it
+    return floats, x_q, x8, accs, scores, xs
+
+
+def step_weights(layer):
+    """(weights, params) of a layer as kernels.attention_step reads them: ternary (w_packed, gamma); LUT of at most
+    kernels.LOOKUP_BITS bits over a multiple of 16 inputs (w_idx, its tables (1 or n_out, 2^bits, 1): one for all
+    rows or one per row); else None: no compiled step. Weights are read-only views (one compiled version for mapped and
+    in-memory weights)."""
+    s, spec = linear.scheme(layer["scheme"]), layer["scheme"]
+    if s is linear.TERNARY:
+        w = layer["w_packed"]
+        return kernels.check_packed(w, w.shape[1], "ternary planes"), np.array(layer["scale"], np.float32)
+    if s is linear.LUT and spec["bits"] <= kernels.LOOKUP_BITS and pack.ceil_div(layer["n_in"], 8) % 2 == 0:
+        w, lut, g = layer["w_idx"], np.asarray(layer["lut"], np.float32), spec.get("group_rows")
+        if g and len(lut) > 1:  # row r's table is lut[r // g]: as one per row
+            lut = lut[np.arange(layer["n_out"]) // g]
+        return kernels.check_packed(w, w.shape[1], "lut indices"), np.ascontiguousarray(lut).reshape(*lut.shape, 1)
+    return None
 
 
 def decode_args(norms, layers):
-    """(norms, ws, scales) of kernels.attention_step and down_step for one block: norms as block() takes
-    them; layers, its q, k, v, o, gate, up and down layers (linear.make dicts, ternary)."""
+    """(norms, ws, params) of kernels.attention_step and down_step for one block, or None if its layers (q, k, v, o,
+    gate, up, down: linear.make dicts) are not all ternary or all LUT with a step (step_weights). norms as block()
+    takes them."""
+    weights = [step_weights(layer) for layer in layers]
+    if any(w is None for w in weights) or len({layer["scheme"]["scheme"] for layer in layers}) > 1:
+        return None
     norms = tuple(np.array(norms[name] if norms[name] is not None else (), np.float32) for name in BLOCK_NORMS)
-    # read-only views, as the kernels' callers pass them: one compiled version for mapped and in-memory weights
-    ws = tuple(kernels.check_packed(layer["w_packed"], layer["w_packed"].shape[1], "ternary planes") for layer in layers)
-    return norms, ws, tuple(np.array(layer["scale"], np.float32) for layer in layers)
+    ws, params = zip(*weights)
+    return norms, ws, params
 
 
 class KVCache:
@@ -240,13 +261,14 @@ class Model:
         self.block_norms = [{name: tensors.get(f"layers.{i}.{name}.weight") for name in BLOCK_NORMS + QK_NORMS}
                             for i in range(c.n_layers)]
         self.inv_freq = rope_inv_freq(c)
-        # one-token steps through blocks whose linears are all ternary run compiled (kernels.attention_step,
+        # one-token steps through blocks whose linears are all ternary or all LUT run compiled (kernels.attention_step,
         # which has no q/k norms: a qk_norm model's blocks run in NumPy)
         self.compiled_blocks = {}  # i -> decode_args of block i
         for i in range(c.n_layers):
-            layers = [self.linears[f"layers.{i}.{name}"] for name in BLOCK_LINEARS]
-            if not ref and not c.qk_norm and all(linear.scheme(layer["scheme"]) is linear.TERNARY for layer in layers):
-                self.compiled_blocks[i] = decode_args(self.block_norms[i], layers)
+            args = None if ref or c.qk_norm else decode_args(
+                self.block_norms[i], [self.linears[f"layers.{i}.{name}"] for name in BLOCK_LINEARS])
+            if args is not None:
+                self.compiled_blocks[i] = args
 
     def new_cache(self, max_len=None):
         """A cache of max_len positions (default max_seq_len), 2 n_layers n_kv_heads head_dim float32 each, resident
