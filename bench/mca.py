@@ -29,12 +29,14 @@ TARGETS = {  # compiled for -> (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES), the -mcpu v
     "AVX2": (("haswell", "+avx2,+fma,+popcnt,+bmi2,+sse4.2,+ssse3,+f16c"), ("alderlake", "haswell")),
 }
 # kernel -> (function whose machine code holds the loop, loop predicate over its instruction counts, weights per
-# iteration from them, bytes of packed weight per weight, tokens per iteration). A lookup of 8 doubles (vpermi2pd /
-# vpermt2pd), or a pair of 8-float ones and their select (vpermps), is 8 weights (LUT: inputs; VQ: 4 pairs); a
-# converted weight vector (vcvtdq2ps) is its lanes; a GEMM step's row adds 16 table entries (vpaddw) of 4 weights.
+# iteration from them, bytes of packed weight per weight, tokens per iteration). A lookup of 16 floats (one vpermps of
+# 16 lanes, or four of 8 lanes: two per half and their select) is 16 weights (LUT: inputs; VQ: 8 pairs); a converted
+# weight vector (vcvtdq2ps) is its lanes; a GEMM step's row adds 16 table entries (vpaddw) of 4 weights.
 LOOPS = {
-    "lut4 (1 token)": ("_lookup16_rows", lambda c: c["perm"] == 4 and c["four_bit"], lambda c: 8 * c["perm"], 0.5, 1),
-    "vq2 (1 token)": ("_lookup16_rows", lambda c: c["perm"] == 8 and c["four_bit"], lambda c: 8 * c["perm"], 0.25, 1),
+    "lut4 (1 token)": ("_lookup16_rows", lambda c: c["lookups"] == 4 and c["four_bit"], lambda c: 16 * c["lookups"],
+                       0.5, 1),
+    "vq2 (1 token)": ("_lookup16_rows", lambda c: c["lookups"] == 8 and c["four_bit"], lambda c: 16 * c["lookups"],
+                      0.25, 1),
     "int8 head (1 token)": ("_dense_rows", lambda c: c["cvt"] >= 4 and c["fma"] == c["cvt"],
                             lambda c: c["cvt"] * c["lanes"], 1.0, 1),
     "ternary GEMM (16 tokens)": ("_gemm_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
@@ -105,11 +107,10 @@ def spanning_loops(text):
 def counts(body):
     ops = [ln.split()[0] for ln in body]
     text = "\n".join(body)
-    eight_bytes = r"vpbroadcastq\s+-?\d*\(|movq\s+-?\d*\(%r\w+,%r\w+\), %r|vmovq\s+-?\d*\("
-    return {"perm": (sum(o in ("vpermi2pd", "vpermt2pd") for o in ops)
-                     or sum(o in ("vpermps", "vpermd") for o in ops) // 2),
-            # 4-bit indices: 8 index bytes loaded at once (AVX-512), or the select between table halves (AVX2)
-            "four_bit": bool(re.search(eight_bytes, text)) or "vblendvps" in ops,
+    perms = sum(o == "vpermps" for o in ops)
+    return {"lookups": perms if "zmm" in text else perms // 4,
+            # 4-bit indices: index bytes zero-extended to lanes (fewer bits: a broadcast word shifted per lane)
+            "four_bit": "vpmovzxbd" in ops,
             "cvt": sum(o == "vcvtdq2ps" for o in ops), "fma": sum(o.startswith("vfmadd") for o in ops),
             "lanes": 16 if "zmm" in text else 8, "paddw": sum(o == "vpaddw" for o in ops),
             "lanes16": bool(re.search(r"vpaddw\s+[^\n]*ymm", text)), "psadbw": sum(o == "vpsadbw" for o in ops)}

@@ -107,7 +107,7 @@ def test_lut_equals_ref(threads, shape, seed, bits, group_rows):
     w = pack.pack_indices(rng.integers(0, 2 ** bits, (n_out, n_in)), bits)
     n_groups = -(-n_out // group_rows) if group_rows else 1
     lut_int = rng.integers(-50, 51, (n_groups, 2 ** bits)).astype(np.float32)
-    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)
+    x_int = rng.integers(-300, 301, (tokens, n_in)).astype(np.float32)  # every float32 lane sum exact: < 2^24
     y = kernels.lut_matmul(w, bits, lut_int, group_rows, x_int)
     assert y.dtype == np.float32 and y.shape == (tokens, n_out)
     np.testing.assert_array_equal(y, kernels.lut_matmul_ref(w, bits, lut_int, group_rows, x_int))
@@ -129,7 +129,7 @@ def test_vq_equals_ref(threads, shape, seed, bits, group_rows):
     w = pack.pack_indices(rng.integers(0, k, (n_out, -(-n_in // 2))), 2 * bits)
     n_groups = -(-n_out // group_rows) if group_rows else 1
     cb_int = rng.integers(-50, 51, (n_groups, k, 2)).astype(np.float32)
-    x_int = rng.integers(-1000, 1001, (tokens, n_in)).astype(np.float32)
+    x_int = rng.integers(-300, 301, (tokens, n_in)).astype(np.float32)  # every float32 lane sum exact: < 2^24
     y = kernels.vq_matmul(w, bits, cb_int, group_rows, x_int)
     assert y.dtype == np.float32 and y.shape == (tokens, n_out)
     np.testing.assert_array_equal(y, kernels.vq_matmul_ref(w, bits, cb_int, group_rows, x_int))
@@ -462,8 +462,9 @@ CPUS_WITHOUT_AVX512 = {"haswell": "+avx2,+fma,+popcnt,+bmi2,+sse4.2,+ssse3", "x8
 def test_kernels_without_avx512(cpu):
     """Compiled for a CPU without AVX-512 (x86: haswell, and x86-64 without even SSSE3; elsewhere the host), the
     ternary kernel's byte sums take the portable LLVM IR path (no vpsadbw), the table GEMM's quad codes vpshufb
-    (haswell) or their digits' arithmetic (x86-64), and all still equal the references, overflow stress included;
-    the dense kernel runs 8-lane sums in AVX2-sized blocks."""
+    (haswell) or their digits' arithmetic (x86-64), the LUT/VQ lookups vpermps of 8-float halves (haswell) or
+    scalar loads (x86-64), and all still equal the references, overflow stress included; the dense kernel runs
+    8-lane sums in AVX2-sized blocks."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": CPUS_WITHOUT_AVX512[cpu]} if x86 else {}
     out = _run("""
@@ -480,9 +481,20 @@ def test_kernels_without_avx512(cpu):
         w8, x = rng.integers(-127, 128, (9, 300)).astype(np.int8), rng.integers(-99, 100, (5, 300)).astype(np.float32)
         assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()  # the dense kernel's AVX2 blocks
         assert (k.int8_matmul(w8, x[2:3]) == k.int8_matmul(w8, x)[2:3]).all()
-        print(any("psadbw" in text for text in k._plane_rows.inspect_asm().values()), k.DENSE_LANES)
+        for n_in in (16, 48, 80, 304):  # the register lookups: 16-item tails, 32-item nibble groups, unrolled passes
+            x = rng.integers(-99, 100, (2, n_in)).astype(np.float32)
+            for bits in (1, 2, 3, 4):
+                wi = pack.pack_indices(rng.integers(0, 2 ** bits, (6, n_in)), bits)
+                lut = rng.integers(-50, 51, (6, 2 ** bits)).astype(np.float32)
+                assert (k.lut_matmul(wi, bits, lut, 1, x) == k.lut_matmul_ref(wi, bits, lut, 1, x)).all(), bits
+            for bits in (1, 2):
+                wv = pack.pack_indices(rng.integers(0, 4 ** bits, (6, 2 * n_in)), 2 * bits)
+                cb = rng.integers(-50, 51, (1, 4 ** bits, 2)).astype(np.float32)
+                xv = rng.integers(-99, 100, (2, 4 * n_in)).astype(np.float32)
+                assert (k.vq_matmul(wv, bits, cb, None, xv) == k.vq_matmul_ref(wv, bits, cb, None, xv)).all(), bits
+        print(any("psadbw" in text for text in k._plane_rows.inspect_asm().values()), k.DENSE_LANES, k.LOOKUP_ISA)
     """, **env)
-    assert out.strip() == "False 8" or not x86  # the asserts above ran; on x86 without vpsadbw, 8 dense lanes
+    assert out.strip() == f"False 8 {'avx2' if cpu == 'haswell' else 'scalar'}" or not x86  # the asserts above ran
 
 
 def test_kernels_under_boundscheck():

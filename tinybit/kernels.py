@@ -735,134 +735,169 @@ def _gemm_par(ws, xT, binary, ys, n_chunks):
         _gemm_rows(ws[i % len(ws)], xT, binary, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
-# --- LUT / VQ: 16 indices at a time looked up in registers, products added in float64 ---------------------------
+# --- LUT / VQ: 16 indices at a time looked up in registers, products added in float32 ---------------------------
 LOOKUP_BITS = 4  # indices of up to 4 bits are looked up 16 at a time from a 16-entry table (_lookup_dot)
 LOOKUP_ISA = "avx512f" if "+avx512f" in TARGET_FEATURES else "avx2" if "+avx2" in TARGET_FEATURES else "scalar"
+NIBBLE_GROUP = 32  # 4-bit indices: the items of 16 bytes, even ones (low nibbles) then odd ones (_lookup_order)
+
+
+@njit(cache=True)
+def _lookup_order(x, nbits, out):
+    """out (tokens, n) = x (tokens, <= n) zero-padded, in _lookup_dot's order for nbits-bit indices: for 4 bits each
+    NIBBLE_GROUP items (the last group may be 16) as their even items, then their odd ones; else as it is."""
+    out[:] = 0
+    n = out.shape[1]
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            if nbits != 4:
+                out[t, j] = x[t, j]
+            else:
+                g0 = j - j % NIBBLE_GROUP
+                half = min(NIBBLE_GROUP, n - g0) // 2
+                out[t, g0 + (j - g0) // 2 + half * (j % 2)] = x[t, j]
 
 
 @intrinsic
 def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
-    """sum over items m of sum_c tabs[c, i_m] * xs[c, m], in float64: i_m the LSB-first nbits-bit indices of row wr,
-    16 items at a time (xs (n_c, n) float64, n a multiple of 16; tabs (n_c, 16) float32 C-contiguous; nbits <= 4 and
-    n_c constants). The 16 lookups: vpermt2pd of the table as 16 doubles in two registers (AVX-512F), vpermps of its
-    8-float halves and a select by bit 3 (AVX2), else a scalar load each. The products (exact in float64) are added
-    by fused multiply-adds into 4 chains of 8 lanes, then the chains and the lanes in a fixed order."""
+    """sum over items m of sum_c tabs[c, i_m] * xs[c, m] in float32: i_m the LSB-first nbits-bit index of item m of
+    row wr; xs (n_c, n) float32 in _lookup_order, n a multiple of 16; tabs (n_c, 16) float32 C-contiguous; nbits <= 4
+    and n_c constants. 16 indices go into 16 lanes: 4 bits, 16 bytes zero-extended (a lane's low nibble is the even
+    item's index: the lookups read the low 4 bits) and shifted down by 4 (the odd items'); fewer bits, a broadcast of
+    their bytes shifted per lane and masked. Lookups: vpermps of the table in one register (AVX-512F), of its 8-float
+    halves and a select by bit 3 (AVX2), else a scalar load each. Fused multiply-adds into 4 chains of 16 lanes,
+    then the chains and the lanes added in a fixed order."""
     if not (isinstance(nbits, types.IntegerLiteral) and isinstance(n_c, types.IntegerLiteral)):
         return None
     bits, n_tables = nbits.literal_value, n_c.literal_value
 
     def codegen(context, builder, sig, args):
-        f32, f64, i32, i64 = ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(64)
-        v16f, v16i32, v8f, v8i32, v8d = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(f32, 8),
-                                         ir.VectorType(i32, 8), ir.VectorType(f64, 8))
+        f32, i8, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        v16f, v16i32, v8f, v8i32 = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(f32, 8),
+                                    ir.VectorType(i32, 8))
         tabs, row, xs = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
         x_stride, n_items = cgutils.unpack_tuple(builder, xs.strides, 2)[0], cgutils.unpack_tuple(builder, xs.shape, 2)[1]
-        x_base = builder.bitcast(xs.data, ir.IntType(8).as_pointer())
-        tab_ptr = tabs.data
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8d, [0.0] * 8)) for _ in range(4)]
-        v8i64 = ir.VectorType(i64, 8)
+        x_base = builder.bitcast(xs.data, i8.as_pointer())
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(4)]
 
-        def table_halves(c):  # table c as two <8 x double> (AVX-512F: looked up as doubles), else its float pointer
-            table = builder.gep(tab_ptr, [ir.Constant(i64, 16 * c)])
-            if LOOKUP_ISA != "avx512f":
-                return table
-            t = builder.load(builder.bitcast(table, v16f.as_pointer()), align=4)
-            return [builder.fpext(builder.shuffle_vector(t, ir.Constant(v16f, None),
-                                                         ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))), v8d)
-                    for h in range(2)]
+        def table(c):  # table c: one <16 x float> (AVX-512F), two <8 x float> (AVX2), else its float pointer
+            ptr = builder.gep(tabs.data, [ir.Constant(i64, 16 * c)])
+            if LOOKUP_ISA == "avx512f":
+                return builder.load(builder.bitcast(ptr, v16f.as_pointer()), align=4)
+            if LOOKUP_ISA == "avx2":
+                return [builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(i64, h)]), v8f.as_pointer()),
+                                     align=4) for h in (0, 8)]
+            return ptr
 
-        def lookup(table, word):  # the 16 table entries the indices in word (i64) pick, as two <8 x double>
-            if LOOKUP_ISA != "avx512f" and bits <= 2:  # all 16 in 32 bits: 32-bit lanes from one broadcast
-                halves = builder.bitcast(word, ir.VectorType(i32, 2))
-                spread = builder.shuffle_vector(halves, ir.Constant(halves.type, None), ir.Constant(v16i32, [0] * 16))
-                idx = builder.and_(builder.lshr(spread, ir.Constant(v16i32, [bits * l for l in range(16)])),
-                                   ir.Constant(v16i32, [(1 << bits) - 1] * 16))
-                return lookup_floats(table, idx)
-            lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i64, 16), None), word,
-                                                                  ir.Constant(i32, 0)),
-                                           ir.Constant(ir.VectorType(i64, 16), None), ir.Constant(v16i32, None))
-            shifted = builder.lshr(lanes, ir.Constant(lanes.type, [bits * l for l in range(16)]))
-            if LOOKUP_ISA == "avx512f":  # vpermt2pd: 8 of the 16 doubles of both registers by each index's low 4 bits
-                perm = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.pd.512",
-                                                        fnty=ir.FunctionType(v8d, [v8d, v8i64, v8d]))
-                mask = ir.Constant(v8i64, [(1 << bits) - 1] * 8)
-                return [builder.call(perm, [table[0], builder.and_(builder.shuffle_vector(
-                    shifted, ir.Constant(shifted.type, None), ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))),
-                    mask), table[1]]) for h in range(2)]
-            return lookup_floats(table, builder.and_(builder.trunc(shifted, v16i32),
-                                                     ir.Constant(v16i32, [(1 << bits) - 1] * 16)))
+        def half(v, h):  # lanes 8 h .. 8 h + 7 of a 16-lane vector
+            return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(v8i32, list(range(8 * h, 8 * h + 8))))
 
-        def lookup_floats(table, idx):  # AVX2 or none: the 16 floats of table (a float pointer) at idx, as doubles
-            if LOOKUP_ISA == "avx2":  # (vpermps reads an index's low 3 bits)
+        def lookup(tab, idx):  # <16 x float>: tab's entries at the low 4 bits of idx <16 x i32>
+            if LOOKUP_ISA == "avx512f":
+                perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
+                                                        fnty=ir.FunctionType(v16f, [v16f, v16i32]))
+                return builder.call(perm, [tab, idx])
+            if LOOKUP_ISA == "avx2":  # vpermps reads an index's low 3 bits; bit 3 picks the half
                 perm = builder.module.declare_intrinsic("llvm.x86.avx2.permps", fnty=ir.FunctionType(v8f, [v8f, v8i32]))
-                lo, hi = (builder.load(builder.bitcast(builder.gep(table, [ir.Constant(i64, h)]), v8f.as_pointer()),
-                                       align=4) for h in (0, 8))
                 halves = []
                 for h in range(2):
-                    ih = builder.shuffle_vector(idx, ir.Constant(v16i32, None),
-                                                ir.Constant(v8i32, list(range(8 * h, 8 * h + 8))))
-                    v = builder.call(perm, [lo, ih])
-                    if bits == 4:
-                        v = builder.select(builder.icmp_unsigned(">", ih, ir.Constant(v8i32, [7] * 8)),
-                                           builder.call(perm, [hi, ih]), v)
-                    halves.append(builder.fpext(v, v8d))
-                return halves
-            vals = []
+                    ih = half(idx, h)
+                    high = builder.icmp_unsigned("!=", builder.and_(ih, ir.Constant(v8i32, [8] * 8)),
+                                                 ir.Constant(v8i32, [0] * 8))
+                    halves.append(builder.select(high, builder.call(perm, [tab[1], ih]), builder.call(perm, [tab[0], ih])))
+                return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
+            out = ir.Constant(v16f, None)
             for l in range(16):
-                i = builder.extract_element(idx, ir.Constant(i32, l))
-                vals.append(builder.fpext(builder.load(builder.gep(table, [i])), f64))
-            halves = []
-            for h in range(2):
-                v = ir.Constant(v8d, None)
-                for l in range(8):
-                    v = builder.insert_element(v, vals[8 * h + l], ir.Constant(i32, l))
-                halves.append(v)
-            return halves
+                i = builder.and_(builder.extract_element(idx, ir.Constant(i32, l)), ir.Constant(i32, 15))
+                out = builder.insert_element(out, builder.load(builder.gep(tab, [i])), ir.Constant(i32, l))
+            return out
 
-        tables = [table_halves(c) for c in range(n_tables)]
+        tables = [table(c) for c in range(n_tables)]
         fma = ("+fma" in TARGET_FEATURES
-               and builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(v8d, [v8d] * 3)))
+               and builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(v16f, [v16f] * 3)))
 
-        def multiply_add(a, b, c):  # a b + c: the product is exact, so a fused one is the same sum
-            return builder.call(fma, [a, b, c]) if fma else builder.fadd(builder.fmul(a, b), c)
-
-        def chunk(m16, acc):  # items 16 m16 .. 16 m16 + 15 into the accumulators acc (2)
-            byte0 = builder.mul(m16, ir.Constant(m16.type, 2 * bits))
-            word_type = ir.IntType(16 * bits)  # the 16 indices' bytes
-            word = builder.load(builder.bitcast(builder.gep(row.data, [byte0]), word_type.as_pointer()), align=1)
-            word = builder.zext(word, i64) if bits < 4 else word
+        def multiply_add(idx, item0, acc):  # acc += the 16 items from item0 (i64): tables at idx times their xs
             for c in range(n_tables):
-                vals = lookup(tables[c], word)
                 x_at = builder.gep(x_base, [builder.add(builder.mul(ir.Constant(i64, c), x_stride),
-                                                        builder.mul(m16, ir.Constant(i64, 16 * 8)))])
-                x_ptr = builder.bitcast(x_at, v8d.as_pointer())
-                for h in range(2):
-                    x = builder.load(builder.gep(x_ptr, [ir.Constant(i64, h)]), align=8)
-                    builder.store(multiply_add(vals[h], x, builder.load(acc[h])), acc[h])
+                                                        builder.mul(item0, ir.Constant(i64, 4)))])
+                x = builder.load(builder.bitcast(x_at, v16f.as_pointer()), align=4)
+                vals = lookup(tables[c], idx)
+                prod_sum = builder.call(fma, [vals, x, builder.load(acc)]) if fma else \
+                    builder.fadd(builder.fmul(vals, x), builder.load(acc))
+                builder.store(prod_sum, acc)
+
+        def load_bytes(byte0, n):  # <n x i8> of the row from byte0, zero-extended to <n x i32>
+            vt = ir.VectorType(i8, n)
+            v = builder.load(builder.bitcast(builder.gep(row.data, [byte0]), vt.as_pointer()), align=1)
+            return builder.zext(v, ir.VectorType(i32, n))
+
+        def nibble_group(g, acc_lo, acc_hi):  # items 32 g .. 32 g + 31: 16 bytes, low nibbles then high ones
+            lo = load_bytes(builder.mul(g, ir.Constant(i64, 16)), 16)
+            item0 = builder.mul(g, ir.Constant(i64, NIBBLE_GROUP))
+            multiply_add(lo, item0, acc_lo)
+            multiply_add(builder.lshr(lo, ir.Constant(v16i32, [4] * 16)), builder.add(item0, ir.Constant(i64, 16)),
+                         acc_hi)
+
+        def chunk(m16, acc):  # items 16 m16 .. 16 m16 + 15 of 1-3-bit indices (2 bits each: one 32-bit word)
+            word_type = ir.IntType(16 * bits)
+            word = builder.load(builder.bitcast(builder.gep(row.data, [builder.mul(m16, ir.Constant(i64, 2 * bits))]),
+                                                word_type.as_pointer()), align=1)
+            shifts = [bits * l for l in range(16)]
+            if bits <= 2:  # all 16 in 32 bits: 32-bit lanes from one broadcast
+                w32 = builder.zext(word, i32) if bits < 2 else word
+                lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i32, None), w32, ir.Constant(i32, 0)),
+                                               ir.Constant(v16i32, None), ir.Constant(v16i32, [0] * 16))
+                lanes = builder.lshr(lanes, ir.Constant(v16i32, shifts))
+            else:  # 48 bits: 64-bit lanes, narrowed
+                v16i64 = ir.VectorType(i64, 16)
+                lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i64, None), builder.zext(word, i64),
+                                                                      ir.Constant(i32, 0)),
+                                               ir.Constant(v16i64, None), ir.Constant(v16i32, [0] * 16))
+                lanes = builder.trunc(builder.lshr(lanes, ir.Constant(v16i64, shifts)), v16i32)
+            idx = builder.and_(lanes, ir.Constant(v16i32, [(1 << bits) - 1] * 16))
+            multiply_add(idx, builder.mul(m16, ir.Constant(i64, 16)), acc)
 
         n16 = builder.udiv(n_items, ir.Constant(n_items.type, 16))
-        two = ir.Constant(n16.type, 2)
-        with cgutils.for_range(builder, builder.udiv(n16, two)) as loop:  # two chunks a pass: 4 addition chains
-            chunk(builder.mul(loop.index, two), accs[:2])
-            chunk(builder.add(builder.mul(loop.index, two), ir.Constant(n16.type, 1)), accs[2:])
-        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n16, two), ir.Constant(n16.type, 0))):
-            chunk(builder.sub(n16, ir.Constant(n16.type, 1)), accs[:2])
-        for h in range(2):
-            builder.store(builder.fadd(builder.load(accs[h]), builder.load(accs[2 + h])), accs[h])
-        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        out = builder.extract_element(total, ir.Constant(i32, 0))
-        for l in range(1, 8):
-            out = builder.fadd(out, builder.extract_element(total, ir.Constant(i32, l)))
-        return out
-    return types.float64(tabs, wr, xs, nbits, n_c), codegen
+        if bits == 4:  # two groups of 32 a pass: 4 chains; then a group of 32, then one of 16 (8 bytes)
+            groups = builder.udiv(n16, ir.Constant(n16.type, 2))
+            with cgutils.for_range(builder, builder.udiv(groups, ir.Constant(n16.type, 2))) as loop:
+                g = builder.mul(loop.index, ir.Constant(n16.type, 2))
+                nibble_group(g, accs[0], accs[1])
+                nibble_group(builder.add(g, ir.Constant(n16.type, 1)), accs[2], accs[3])
+            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(groups, ir.Constant(n16.type, 2)),
+                                                       ir.Constant(n16.type, 0))):
+                nibble_group(builder.sub(groups, ir.Constant(n16.type, 1)), accs[0], accs[1])
+            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n16, ir.Constant(n16.type, 2)),
+                                                       ir.Constant(n16.type, 0))):
+                lo = load_bytes(builder.mul(groups, ir.Constant(i64, 16)), 8)  # <8 x i32>
+                idx = builder.shuffle_vector(lo, builder.lshr(lo, ir.Constant(v8i32, [4] * 8)),
+                                             ir.Constant(v16i32, list(range(16))))
+                multiply_add(idx, builder.mul(groups, ir.Constant(i64, NIBBLE_GROUP)), accs[0])
+        else:  # four chunks of 16 a pass: 4 chains; then the rest into the first
+            with cgutils.for_range(builder, builder.udiv(n16, ir.Constant(n16.type, 4))) as loop:
+                for q in range(4):
+                    chunk(builder.add(builder.mul(loop.index, ir.Constant(n16.type, 4)), ir.Constant(n16.type, q)),
+                          accs[q])
+            with cgutils.for_range(builder, builder.urem(n16, ir.Constant(n16.type, 4))) as loop:
+                chunk(builder.add(builder.mul(builder.udiv(n16, ir.Constant(n16.type, 4)), ir.Constant(n16.type, 4)),
+                                  loop.index), accs[0])
+        total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                             builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+        width = 16
+        while width > 1:  # the lanes, pairwise: lane l + width/2 onto lane l
+            width //= 2
+            total = builder.fadd(total, builder.shuffle_vector(total, ir.Constant(v16f, None),
+                                                               ir.Constant(v16i32, list(range(width, 2 * width))
+                                                                           + [0] * (16 - width))))
+        return builder.extract_element(total, ir.Constant(i32, 0))
+    return types.float32(tabs, wr, xs, nbits, n_c), codegen
 
 
 @njit(cache=True, inline="always")
 def _lookup_rows(w, nbits, tables, group_rows, xs, y, r0, r1, n_c):
-    """Rows r0..r1-1 of y[t, o] = sum_m sum_c tables[g(o), i_m, c] * xs[c, t, m] in float64: nbits (<= 4) -bit index
-    i_m of item m in w's rows; tables (n_groups, 2^nbits, n_c) float32; xs (n_c, tokens, n_items) float64, n_items a
-    multiple of 16: LUT (n_c = 1: an item is an input), VQ (n_c = 2: a pair, its even and odd input). Constants:
-    nbits, n_c."""
+    """Rows r0..r1-1 of y[t, o] = sum_m sum_c tables[g(o), i_m, c] * xs[c, t, m] in float32: nbits (<= 4) -bit index
+    i_m of item m in w's rows; tables (n_groups, 2^nbits, n_c) float32; xs (n_c, tokens, n_items) float32 in
+    _lookup_order, n_items a multiple of 16: LUT (n_c = 1: an item is an input), VQ (n_c = 2: a pair, its even and
+    odd input). Constants: nbits, n_c."""
     tab = numba.carray(_stack_array(32, np.float32), (2, 16))
     tab[:] = 0
     for r in range(r0, r1):
@@ -1266,7 +1301,8 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     lut, g = _table(lut, (2 ** bits,), group_rows, w.shape[0], "lut")
     n_pad = w.shape[1] // bits * 8
     if bits <= LOOKUP_BITS and n_pad % 16 == 0:
-        xs = _padded(x, n_pad, np.float64)[None]
+        xs = np.empty((1, x.shape[0], n_pad), np.float32)
+        _lookup_order(np.ascontiguousarray(x, dtype=np.float32), bits, xs[0])
         return _launch(_lookup16_par, _lookup16_rows, (w,), (bits, lut.reshape(*lut.shape, 1), g, xs),
                        x.shape[0], n_pad, cost=LOOKUP_COST)[0]
     xf = _padded(x, n_pad, np.float32)
@@ -1284,7 +1320,10 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     cb, g = _table(codebook, (2 ** nbits, 2), group_rows, w.shape[0], "codebook")
     n_pairs = w.shape[1] // nbits * 8
     if nbits <= LOOKUP_BITS and n_pairs % 16 == 0:
-        xs = _padded(x, 2 * n_pairs, np.float64).reshape(x.shape[0], n_pairs, 2).transpose(2, 0, 1).copy()
+        xp = _padded(x, 2 * n_pairs, np.float32)
+        xs = np.empty((2, x.shape[0], n_pairs), np.float32)  # the pairs' even inputs, their odd inputs
+        for c in range(2):
+            _lookup_order(np.ascontiguousarray(xp[:, c::2]), nbits, xs[c])
         return _launch(_lookup16_par, _lookup16_rows, (w,), (nbits, cb, g, xs), x.shape[0], 2 * n_pairs,
                        cost=LOOKUP_COST)[0]
     xf = _padded(x, 2 * n_pairs, np.float32)
@@ -1378,11 +1417,12 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
 @njit(cache=True)
 def _lookup_step_rows(w, tables, xs, y, r0, r1):
     """Rows r0..r1-1 of a LUT linear of one token: y (n_out,) float32; tables (1 or n_out, 2^bits, 1), one for all
-    rows or one per row."""
+    rows or one per row; xs (2, 1, n_pad) the token in _lookup_order for 1-3 bits, then for 4 bits."""
     bits = 0
     while (1 << bits) < tables.shape[1]:
         bits += 1
-    _lookup16_rows(w, bits, tables, np.int64(tables.shape[0] > 1), xs, y.reshape((1, y.shape[0])), r0, r1)
+    _lookup16_rows(w, bits, tables, np.int64(tables.shape[0] > 1), xs[1:] if bits == 4 else xs[:1],
+                   y.reshape((1, y.shape[0])), r0, r1)
 
 
 @njit(cache=True, parallel=True)
@@ -1394,21 +1434,22 @@ def _lookup_step_par(ws, params, xs, ys, n_chunks):
 @njit(cache=True)
 def _lut_linears(ws, params, x, xs, ys, threads, min_work):
     """linear.apply_many, one token x (n_in,), LUT ws of at most LOOKUP_BITS-bit indices, n_pad a multiple of 16:
-    ys[m] = lut_matmul's floats, params[m] its tables (1 or n_out, 2^bits, 1). xs (1, 1, >= n_pad) float64 scratch.
+    ys[m] = lut_matmul's floats, params[m] its tables (1 or n_out, 2^bits, 1). xs (2, 1, >= n_pad) float32 scratch.
     ws, params, ys: MATRICES each, as _linears pads them. Returns True (a NaN or Inf in x flows into ys, as in
     lut_matmul)."""
     n_pad = (x.shape[0] + 7) // 8 * 8  # pack.index_row_bytes: whole bytes of 8 indices
-    for j in range(n_pad):
-        xs[0, 0, j] = x[j] if j < x.shape[0] else 0.0
+    xs = xs[:, :, :n_pad]
+    for c in range(2):
+        _lookup_order(x.reshape((1, x.shape[0])), 4 * c, xs[c])
     n_out = 0
     for m in range(len(ws)):
         n_out += ws[m].shape[0]
     n_chunks = _n_chunks(n_out, LOOKUP_COST * n_pad * n_out, threads, min_work)
     if n_chunks == 1:
         for m in range(len(ws)):
-            _lookup_step_rows(ws[m], params[m], xs[:, :, :n_pad], ys[m], np.int64(0), ws[m].shape[0])
+            _lookup_step_rows(ws[m], params[m], xs, ys[m], np.int64(0), ws[m].shape[0])
     else:
-        _lookup_step_par(ws, params, xs[:, :, :n_pad], ys, n_chunks)
+        _lookup_step_par(ws, params, xs, ys, n_chunks)
     return True
 
 

@@ -194,7 +194,7 @@ def decode_workspace(c, max_len):
     x8 = (np.zeros((1, n_pad), np.uint8), np.zeros((1, n_pad), np.uint8))  # x_q + 128, 127 - x_q as the kernels read them
     accs = tuple(np.zeros((1, n), np.int32) for n in (q_dim, kv_dim, kv_dim, c.dim, c.ffn_dim, c.ffn_dim, c.dim))
     scores = np.zeros((c.n_heads, max_len), np.float32)  # (H, max_len)
-    xs = np.zeros((1, 1, n_pad), np.float64)  # a LUT linear's input, as its kernel reads it
+    xs = np.zeros((2, 1, n_pad), np.float32)  # a LUT linear's input as its kernel reads it: 1-3-bit, 4-bit indices
     return floats, x_q, x8, accs, scores, xs
 
 
