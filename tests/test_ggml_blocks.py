@@ -1,8 +1,11 @@
-"""tinybit.pack's GGML block codecs (GGML_TYPES: TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0; i2s_*: I2_S) and tools/gguf_raw.py.
+"""tinybit.pack's GGML block codecs (GGML_TYPES: TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, Q8_0; i2s_*: I2_S) and
+tools/gguf_raw.py.
 
   - every type round-trips byte for byte: codes and finite fp16 scales -> encode -> decode -> the same codes and
     scales, and bytes the encoder writes -> decode -> encode -> the same bytes;
   - TQ1_0 / TQ2_0 (Q1_0 where gguf-py has a codec) decode to gguf-py's dequantize, and encode to its quantize;
+  - Q8_0 decodes to gguf-py's dequantize, and quant.int8_blocks (llama.cpp's Q8_0 quantizer) encodes to the bytes of
+    gguf-py's quantize;
   - llama.cpp itself (llama-cpp-python) quantizes a tiny F32 llama to Q1_0, Q2_0, TQ1_0 and TQ2_0: each tensor's
     bytes decode and re-encode to the same bytes, and codes x d equal llama.cpp's own dequantization (the file
     requantized to F32);
@@ -18,7 +21,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import gguf
-from tinybit import pack
+from tinybit import pack, quant
 from tinybit.errors import FormatError
 from tinybit.pack import PackError
 from util import llama_quantize, load_tool, write_random_gguf
@@ -124,6 +127,21 @@ def test_dequantize_and_quantize_equal_gguf_py(name):
     assert np.array_equal(gguf.quants.quantize(x, qtype), t.encode(codes, d))
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -10, 1.0, 2.0 ** 8])
+def test_q8_0_equals_gguf_py(scale):
+    """Any bytes with finite d decode to gguf-py's dequantization; floats (a zero block, a block of exact halves of a
+    step) quantize to gguf-py's bytes: halves rounded away from zero, as roundf does."""
+    t, qtype, rng = TYPES["Q8_0"], gguf.GGMLQuantizationType.Q8_0, np.random.default_rng(3)
+    raw = canonical_raw(t, rng, 3, 4)
+    codes, d = t.decode(raw, 4 * t.block, "Q8_0")
+    assert np.array_equal(gguf.quants.dequantize(raw, qtype), codes * np.repeat(d.astype(np.float32), t.block, axis=1))
+    x = (scale * rng.standard_normal((4, 4 * t.block))).astype(np.float32)
+    x[0, :t.block] = 0
+    x[1, :t.block] = scale * np.concatenate([[127], np.arange(t.block - 1) - 15.5])  # d = scale: halves of a step
+    assert np.array_equal(quant.int8_blocks(x[1:2, :t.block], t.block)[0][0, 1:3], [-16, -15])  # -15.5 -> -16
+    assert np.array_equal(t.encode(*quant.int8_blocks(x, t.block)), gguf.quants.quantize(x, qtype))
+
+
 # --- llama.cpp ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -224,7 +242,7 @@ def test_bad_blocks_refused_naming_the_tensor(name):
     with pytest.raises(PackError, match=f"{what}: {name} block scale d is nan at row 1, block 1"):
         t.decode(nan.reshape(raw.shape), 2 * t.block, what)
     with pytest.raises(PackError, match="codes must be in"):
-        t.encode(np.full((1, t.block), 3), np.ones((1, 1), np.float16))
+        t.encode(np.full((1, t.block), max(t.values) + 1), np.ones((1, 1), np.float16))
     with pytest.raises(PackError, match="block scales must be finite float16"):
         t.encode(np.ones((1, t.block), np.int8), np.ones((1, 1), np.float32))
 

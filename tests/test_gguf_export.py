@@ -203,7 +203,7 @@ def test_llama_round_trip_through_convert_gguf_reader(tmp_path, tokenizer_json):
     tensors = stored(c, seed=1)
     path = str(tmp_path / "m.gguf")
     gguf_export.write_gguf(path, c, tensors, tokenizer_json)
-    assert convert.main([path, str(tmp_path / "f32"), "--scheme", "f32"]) == 0
+    assert convert.main([path, str(tmp_path / "f32"), "--scheme", "f32", "--head-scheme", "f32"]) == 0
     back = io.read_safetensors(str(tmp_path / "f32" / "model.safetensors"))
     for name, n_out, n_in in model.linear_shapes(c):  # W = t * fp16(gamma), in tinybit's row order
         d = tensors[name + ".scale"].astype(np.float16).astype(np.float32)

@@ -1,12 +1,12 @@
-"""GGUF files in the 1-bit types, written by llama.cpp's own quantizer, converted with no scheme flag: the file's types
-are kept (exact codes and scales), and the model computes what llama.cpp computes on the same file.
+"""GGUF files in the 1-bit types and Q8_0, written by llama.cpp's own quantizer, converted with no scheme flag: the
+file's types are kept (exact codes and scales), and the model computes what llama.cpp computes on the same file.
 
-The reference is llama.cpp through llama-cpp-python: `llama_model_quantize` writes Q1_0, Q2_0, TQ1_0 and TQ2_0 from an
-F32 GGUF (embedding and head too, as PrismML's Bonsai models store them), and runs the files. Weight-only types (Q1_0,
-Q2_0) are compared with llama.cpp running its own dequantization of the file to F32 (the same weights in float);
-ternary types (TQ1_0, TQ2_0) with llama.cpp running the file, where it rounds activations to int8 per 256 inputs
-(Q8_K) while tinybit rounds per token, as BitNet does: where every activation vector is one 256-input block the two
-roundings coincide, elsewhere they differ by a rounding step.
+The reference is llama.cpp through llama-cpp-python: `llama_model_quantize` writes Q1_0, Q2_0, TQ1_0, TQ2_0 and Q8_0
+from an F32 GGUF (embedding and head too, as PrismML's Bonsai models store them), and runs the files. Weight-only types
+(Q1_0, Q2_0, Q8_0) are compared with llama.cpp running its own dequantization of the file to F32 (the same weights in
+float); ternary types (TQ1_0, TQ2_0) with llama.cpp running the file, where it rounds activations to int8 per 256
+inputs (Q8_K) while tinybit rounds per token, as BitNet does: where every activation vector is one 256-input block the
+two roundings coincide, elsewhere they differ by a rounding step.
 """
 import contextlib
 import io
@@ -28,8 +28,9 @@ convert = load_tool("convert")
 TYPES = {"Q1_0": ("LLAMA_FTYPE_MOSTLY_Q1_0", 41, {"scheme": "binary_block", "block": 128}),
          "Q2_0": ("LLAMA_FTYPE_MOSTLY_Q2_0", 42, {"scheme": "twobit_block", "block": 64}),
          "TQ1_0": ("LLAMA_FTYPE_MOSTLY_TQ1_0", 34, {"scheme": "ternary_block", "block": 256}),
-         "TQ2_0": ("LLAMA_FTYPE_MOSTLY_TQ2_0", 35, {"scheme": "ternary_block", "block": 256})}
-WEIGHT_ONLY = ("Q1_0", "Q2_0")
+         "TQ2_0": ("LLAMA_FTYPE_MOSTLY_TQ2_0", 35, {"scheme": "ternary_block", "block": 256}),
+         "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", 8, {"scheme": "int8_block", "block": 32})}
+WEIGHT_ONLY = ("Q1_0", "Q2_0", "Q8_0")
 # random models: (arch, tied, dim, ffn, heads, kv heads, head_dim). "one-block": every activation vector is 256 wide;
 # qwen3's head_dim is not dim / heads (its q and o are 384 wide: Q1_0 / Q2_0 only, TQ needs multiples of 256)
 MODELS = {"llama-one-block": ("llama", False, 256, 256, 4, 2, 64),
@@ -123,6 +124,30 @@ def test_logits_agree_with_llama_cpp(files, model, tname):
         assert kl <= 5e-3, kl
         if model.endswith("one-block"):
             assert top1 >= 0.95 and kl <= 1e-4, (kl, top1)
+
+
+def test_q8_0_embedding_and_head_kept_under_a_scheme(files, tmp_path):
+    """--scheme f32 makes the block linears float; the Q8_0 embedding and head stay int8_block, their weights
+    llama.cpp's dequantization, and export back to the file's very Q8_0 bytes. --head-scheme f32 makes both float."""
+    q, deq, _ = files["llama-one-block", "Q8_0"]
+    assert convert.main([str(q), str(tmp_path / "f32"), "--scheme", "f32"]) == 0
+    m = tinybit.load(str(tmp_path / "f32"))
+    spec = {"scheme": "int8_block", "block": 32}
+    assert m.config.quant == {"scheme": "f32"} and m.config.embed_quant == m.config.head_quant == spec
+    ref = {t.name: np.asarray(t.data, np.float32) for t in gguf.GGUFReader(str(deq)).tensors}
+    np.testing.assert_array_equal(m.embed_rows(np.arange(VOCAB)), ref["token_embd.weight"].reshape(VOCAB, -1))
+    np.testing.assert_array_equal(linear.dequantize(m.linears["head"]), ref["output.weight"].reshape(VOCAB, -1))
+    gguf_export = load_tool("gguf_export")
+    out = tmp_path / "back.gguf"
+    tensors = tinybit.io.read_safetensors(str(tmp_path / "f32" / "model.safetensors"))
+    gguf_export.write_gguf(str(out), m.config, tensors, open(tmp_path / "f32" / "tokenizer.json").read())
+    raw = {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(str(q)).tensors}
+    for t in gguf.GGUFReader(str(out)).tensors:
+        if t.name in ("token_embd.weight", "output.weight"):
+            assert (t.tensor_type, bytes(t.data)) == raw[t.name], t.name
+    assert convert.main([str(q), str(tmp_path / "f32head"), "--scheme", "f32", "--head-scheme", "f32"]) == 0
+    c = tinybit.load(str(tmp_path / "f32head")).config
+    assert c.embed_quant == c.head_quant == {"scheme": "f32"}
 
 
 # --- bad files: one line naming the file and the tensor, nothing written --------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinybit import kernels, pack
+from tinybit import kernels, pack, quant
 from tinybit.errors import TinybitError
 
 THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
@@ -199,6 +199,29 @@ def test_dense_equals_ref(threads, dtype, shape, seed):
     np.testing.assert_array_equal(y, ref(w, x_int))
     x = rng.standard_normal((tokens, n_in)).astype(np.float32)
     _float_ok(fast(w, x), ref(w, x), x * 127)
+
+
+@per_thread_count
+@FAST
+@given(tokens=st.integers(1, 9), n_out=st.integers(1, 11), n_blocks=st.integers(1, 20),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_int8_blocks_equal_f32_of_their_weights(threads, tokens, n_out, n_blocks, seed):
+    """int8_block_matmul (GGUF Q8_0) is f32_matmul of the float32 weights w_q d bit for bit, in one token and several;
+    it equals its float64 reference within float32 summation order, and exactly on integers (sums below 2^24)."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    n_in = kernels.SCALE_BLOCK * n_blocks
+    w_q, d = quant.int8_blocks(rng.standard_normal((n_out, n_in)) * rng.uniform(0.01, 3, (n_out, 1)), 32)
+    x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    y = kernels.int8_block_matmul(w_q, d, x)
+    assert y.dtype == np.float32 and y.shape == (tokens, n_out)
+    assert np.array_equal(y, kernels.f32_matmul(quant.block_dequantize(w_q, d), x))
+    assert np.array_equal(kernels.int8_block_matmul(w_q, d, x[:1]), y[:1])
+    _float_ok(y, kernels.int8_block_matmul_ref(w_q, d, x), x * np.abs(quant.block_dequantize(w_q, d)).max())
+    d_int = rng.integers(1, 5, d.shape).astype(np.float16)
+    x_int = rng.integers(-30, 31, (tokens, n_in)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.int8_block_matmul(w_q, d_int, x_int),
+                                  kernels.int8_block_matmul_ref(w_q, d_int, x_int))
 
 
 @per_thread_count
@@ -481,6 +504,10 @@ def test_kernels_without_avx512(cpu):
         w8, x = rng.integers(-127, 128, (9, 300)).astype(np.int8), rng.integers(-99, 100, (5, 300)).astype(np.float32)
         assert (k.int8_matmul(w8, x) == k.int8_matmul_ref(w8, x)).all()  # the dense kernel's AVX2 blocks
         assert (k.int8_matmul(w8, x[2:3]) == k.int8_matmul(w8, x)[2:3]).all()
+        d = rng.integers(1, 5, (9, 10)).astype(np.float16)  # Q8_0 blocks: 320 inputs
+        w8, x = rng.integers(-127, 128, (9, 320)).astype(np.int8), rng.integers(-99, 100, (5, 320)).astype(np.float32)
+        assert (k.int8_block_matmul(w8, d, x) == k.int8_block_matmul_ref(w8, d, x)).all()
+        assert (k.int8_block_matmul(w8, d, x[1:2]) == k.int8_block_matmul_ref(w8, d, x[1:2])).all()
         for n_in in (16, 48, 80, 304):  # the register lookups: 16-item tails, 32-item nibble groups, unrolled passes
             x = rng.integers(-99, 100, (2, n_in)).astype(np.float32)
             for bits in (1, 2, 3, 4):

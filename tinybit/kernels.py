@@ -64,6 +64,11 @@ def vq_matmul_ref(w_idx, bits, codebook, group_rows, x):
     return (buckets * cb).sum((-1, -2)).astype(np.float32)
 
 
+def int8_block_matmul_ref(w_q, d, x):
+    """x @ (w_q d)^T: int8 w_q (n_out, n_in), d (n_out, n_in / block) float16 per block of a row, in float64."""
+    return int8_matmul_ref(quant.block_dequantize(w_q, d), x)
+
+
 def int8_matmul_ref(w_q, x):
     """(n_out, n_in) int8 (or float32: f32_matmul_ref), (tokens, n_in) float32 -> (tokens, n_out) float32: x @ W^T."""
     return (x.astype(np.float64) @ w_q.T.astype(np.float64)).astype(np.float32)
@@ -1082,17 +1087,22 @@ def _block_par(ws, nbits, d, x, ys, n_chunks):
 DENSE_LANES = 16 if WIDE_VECTORS else 8
 DENSE_ONE_ROWS = 8 if WIDE_VECTORS else 4  # rows per pass for one token: independent chains of multiply-adds
 DENSE_ROWS, DENSE_TOKENS = (4, 4) if WIDE_VECTORS else (2, 4)  # rows x tokens per pass for several tokens
+SCALE_BLOCK = 32  # int8 weights with a float16 scale per block of 32 inputs of a row (GGUF Q8_0): a multiple of lanes
 
 
 @intrinsic
-def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
+def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums, d):
     """sums[i, k, l] = sum over chunks c < n_in // L of w[r_i, L c + l] x[t_k, L c + l], L = DENSE_LANES, i < n_rows,
     k < n_tokens (constants), r_i = min(r0 + i, last row), t_k = min(t0 + k, last token): one fused multiply-add of
     <L x float> per chunk, row and token, in chunk order. w (n_out, n_in) int8 (widened, exactly) or float32 and x
-    (tokens, n_in) float32, C-contiguous; sums (n_rows, n_tokens, DENSE_LANES) float32."""
+    (tokens, n_in) float32, C-contiguous; sums (n_rows, n_tokens, DENSE_LANES) float32. d: None, or int8 w's block
+    scales (n_out, n_in / SCALE_BLOCK) float32 (float16 values: numba has no float16 arrays), C-contiguous: each
+    widened weight vector is multiplied by its block's d first (exactly: 8 by 11 significant bits), so the sums are
+    those of the float32 weights w d."""
     if not (isinstance(n_rows, types.IntegerLiteral) and isinstance(n_tokens, types.IntegerLiteral)):
         return None
     n_r, n_k = n_rows.literal_value, n_tokens.literal_value
+    scaled = not isinstance(d, types.NoneType)
 
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
@@ -1101,12 +1111,15 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
         w_ary, x_ary, s_ary = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 6))
         n_in = builder.extract_value(x_ary.shape, 1)
 
-        def rows(ary, first, n):  # pointers to rows min(first + i, last), i < n
+        def rows(ary, first, n, length):  # pointers to rows min(first + i, last) of `length` elements, i < n
             last = builder.sub(builder.extract_value(ary.shape, 0), i64(1))
             return [builder.gep(ary.data, [builder.mul(builder.select(builder.icmp_signed("<", builder.add(first, i64(i)), last),
-                                                                      builder.add(first, i64(i)), last), n_in)])
+                                                                      builder.add(first, i64(i)), last), length)])
                     for i in range(n)]
-        w_rows, x_rows = rows(w_ary, args[1], n_r), rows(x_ary, args[3], n_k)
+        w_rows, x_rows = rows(w_ary, args[1], n_r, n_in), rows(x_ary, args[3], n_k, n_in)
+        if scaled:
+            d_ary = context.make_array(sig.args[7])(context, builder, args[7])
+            d_rows = rows(d_ary, args[1], n_r, builder.extract_value(d_ary.shape, 1))
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
                                              f"llvm.fmuladd.v{DENSE_LANES}f32")
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(n_k)] for _ in range(n_r)]
@@ -1116,6 +1129,12 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
             for i, p in enumerate(w_rows):
                 wv = builder.load(builder.bitcast(builder.gep(p, [j]), wvec.as_pointer()), align=1)
                 wv = builder.sitofp(wv, vec) if isinstance(wvec.element, ir.IntType) else wv
+                if scaled:  # times the block's d, broadcast
+                    di = builder.load(builder.gep(d_rows[i], [builder.udiv(j, i64(SCALE_BLOCK))]))
+                    lanes = ir.VectorType(ir.IntType(32), DENSE_LANES)
+                    wv = builder.fmul(wv, builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(vec, None), di, ir.Constant(ir.IntType(32), 0)),
+                        ir.Constant(vec, None), ir.Constant(lanes, [0] * DENSE_LANES)))
                 for k in range(n_k):
                     builder.store(builder.call(fma, [wv, xs[k], builder.load(accs[i][k])]), accs[i][k])
         for i in range(n_r):
@@ -1123,7 +1142,7 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums):
                 ptr = builder.gep(s_ary.data, [i64((i * n_k + k) * DENSE_LANES)])
                 builder.store(builder.load(accs[i][k]), builder.bitcast(ptr, vec.as_pointer()), align=4)
         return context.get_dummy_value()
-    return types.none(w, r0, x, t0, n_rows, n_tokens, sums), codegen
+    return types.none(w, r0, x, t0, n_rows, n_tokens, sums, d), codegen
 
 
 @njit(cache=True, inline="always")
@@ -1142,34 +1161,35 @@ def _dense_dot(wr, xt, lanes):
 
 
 @njit(cache=True, inline="always")
-def _dense_block(w, x, y, r0, r1, n_rows, n_tokens):
-    """Rows r0..r1-1 of y = x W^T in blocks of n_rows rows x n_tokens tokens (constants)."""
+def _dense_block(w, d, x, y, r0, r1, n_rows, n_tokens):
+    """Rows r0..r1-1 of y = x W^T in blocks of n_rows rows x n_tokens tokens (constants); d: _dense_lane_sums'."""
     sums = np.empty((n_rows, n_tokens, DENSE_LANES), np.float32)
     for rb in range(r0, r1, n_rows):
         for i in range(n_rows):  # the rows two blocks ahead: DRAM latency is not hidden otherwise
             _prefetch_row(w[min(rb + 2 * n_rows + i, r1 - 1)])
         for t0 in range(0, x.shape[0], n_tokens):
-            _dense_lane_sums(w, rb, x, t0, n_rows, n_tokens, sums)
+            _dense_lane_sums(w, rb, x, t0, n_rows, n_tokens, sums, d)
             for i in range(min(n_rows, r1 - rb)):
                 for k in range(min(n_tokens, x.shape[0] - t0)):
                     y[t0 + k, rb + i] = _dense_dot(w[rb + i], x[t0 + k], sums[i, k])
 
 
 @njit(cache=True)
-def _dense_rows(w, x, y, r0, r1):
-    """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32. Each
-    (token, row) sum is the same sequence of float32 operations whatever the token count and the block it falls in
-    (no reassociation): a request's logits do not depend on the batch it is served in."""
+def _dense_rows(w, d, x, y, r0, r1):
+    """Rows r0..r1-1 of y (tokens, n_out) = x (tokens, n_in) W^T, float32; w (n_out, n_in) int8 or float32, d None or
+    int8 w's block scales (_dense_lane_sums). Each (token, row) sum is the same sequence of float32 operations whatever
+    the token count and the block it falls in (no reassociation): a request's logits do not depend on the batch it is
+    served in."""
     if x.shape[0] == 1:  # independent chains of multiply-adds (one alone would wait on each add's latency)
-        _dense_block(w, x, y, r0, r1, DENSE_ONE_ROWS, 1)
+        _dense_block(w, d, x, y, r0, r1, DENSE_ONE_ROWS, 1)
     else:  # each row vector used for DENSE_TOKENS tokens, each token vector for DENSE_ROWS rows
-        _dense_block(w, x, y, r0, r1, DENSE_ROWS, DENSE_TOKENS)
+        _dense_block(w, d, x, y, r0, r1, DENSE_ROWS, DENSE_TOKENS)
 
 
 @njit(cache=True, parallel=True)
-def _dense_par(ws, x, ys, n_chunks):
+def _dense_par(ws, d, x, ys, n_chunks):
     for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _dense_rows(ws[i % len(ws)], x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+        _dense_rows(ws[i % len(ws)], d, x, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 @njit(cache=True)
@@ -1358,17 +1378,28 @@ def _block_matmul(w, nbits, d, x):
     return _launch(_block_par, _block_rows, (w,), (nbits, d, x), *x.shape)[0]
 
 
-def _dense_matmul(w, x, dtype, what):
+def _dense_matmul(w, x, dtype, what, d=None):
     x = np.ascontiguousarray(_check_x(x), dtype=np.float32)
     if not isinstance(w, np.ndarray) or w.dtype != dtype or w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise UsageError(f"{what}: expected a 2-D {np.dtype(dtype)} array with {x.shape[1]} columns, got "
                          f"{getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
-    return _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w),), (x,), *x.shape)[0]
+    return _launch(_dense_par, _dense_rows, (np.ascontiguousarray(w),), (d, x), *x.shape)[0]
 
 
 def int8_matmul(w_q, x):
     """Same as int8_matmul_ref (float32 lane sums): w_q (n_out, n_in) int8, x (tokens, n_in) float32."""
     return _dense_matmul(w_q, x, np.int8, "int8 weights")
+
+
+def int8_block_matmul(w_q, d, x):
+    """Same as int8_block_matmul_ref, bit for bit f32_matmul of the float32 weights w_q d (GGUF Q8_0): w_q (n_out,
+    n_in) int8, d (n_out, n_in / SCALE_BLOCK) float16 values (float16 or float32), x (tokens, n_in) float32."""
+    d = np.asarray(d)
+    if d.dtype not in (np.float16, np.float32) or d.shape != (np.shape(w_q)[0], np.shape(w_q)[1] // SCALE_BLOCK) \
+            or np.shape(w_q)[1] % SCALE_BLOCK:
+        raise UsageError(f"int8 blocks: expected scales (n_out, n_in / {SCALE_BLOCK}) for int8 weights "
+                         f"{np.shape(w_q)}, got {d.dtype} {d.shape}")
+    return _dense_matmul(w_q, x, np.int8, "int8 block weights", np.ascontiguousarray(d, np.float32))
 
 
 def f32_matmul(w, x):

@@ -222,10 +222,10 @@ INT8 = Scheme(
 
 # --- block scales: codes times a float16 scale per block of inputs of a row (GGUF's 1-bit types) ------------------
 
-def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, **traits):
-    """ternary_block, binary_block, twobit_block: codes of the weight multiples c, and scale (n_out, n_in / block)
-    float16 (W = c * scale per block). codes: (tensor suffix, its bytes per row of n_in, pack(c), unpack(packed, n_in)
-    -> c, check(packed, n_in, what))."""
+def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, code_dtype=np.uint8, **traits):
+    """ternary_block, binary_block, twobit_block, int8_block: codes of the weight multiples c, and scale (n_out, n_in /
+    block) float16 (W = c * scale per block). codes: (tensor suffix, its code_dtype elements per row of n_in, pack(c),
+    unpack(packed, n_in) -> c, check(packed, n_in, what))."""
     suffix, row_bytes, pack_codes, unpack_codes, check_packed = codes
 
     def check(spec, t, n_in, where):
@@ -235,7 +235,7 @@ def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, **traits):
 
     return Scheme(
         name, {"block": blocks},
-        lambda spec, n_out, n_in: {suffix: (np.uint8, (n_out, row_bytes(n_in))),
+        lambda spec, n_out, n_in: {suffix: (code_dtype, (n_out, row_bytes(n_in))),
                                    "scale": (np.float16, (n_out, pack.ceil_div(n_in, spec["block"])))},
         quantize=lambda w, spec, method: quantize(w, spec["block"]),
         encode=lambda spec, w_c, d: {suffix: pack_codes(w_c), "scale": np.asarray(d, np.float16)},
@@ -284,8 +284,16 @@ TWOBIT_BLOCK = _block_scheme(
     _weight_only(_code_block_apply(kernels.code_block_matmul, 2)),
     _each(_code_block_apply(kernels.code_block_matmul_ref, 2)), bits=lambda spec: 2, gguf="Q2_0")
 
+INT8_BLOCK = _block_scheme(  # GGUF Q8_0: int8 codes as they are, read by the dense kernel with each block's d
+    "int8_block", (kernels.SCALE_BLOCK,), quant.int8_blocks,
+    ("w_q", lambda n_in: n_in, lambda w_c: np.asarray(w_c, np.int8), lambda w_q, n_in: w_q,
+     lambda w_q, n_in, what: None),  # (every int8 is a code)
+    _weight_only(lambda layer, x: kernels.int8_block_matmul(layer["w_q"], layer["scale"], x), int8=True),
+    _each(lambda layer, x: kernels.int8_block_matmul_ref(layer["w_q"], layer["scale"], x)),
+    code_dtype=np.int8, bits=lambda spec: 8, gguf="Q8_0")
+
 SCHEMES = {s.name: s for s in (_float("f32", np.float32), _float("f16", np.float16), TERNARY, BINARY, ONEBIT,
-                               LUT, VQ, INT8, TERNARY_BLOCK, BINARY_BLOCK, TWOBIT_BLOCK)}
+                               LUT, VQ, INT8, TERNARY_BLOCK, BINARY_BLOCK, TWOBIT_BLOCK, INT8_BLOCK)}
 
 
 # --- the interface: everything below dispatches through SCHEMES ---------------------------------

@@ -6,8 +6,9 @@ n_in, returns exactly (n_out, n_in) and raises PackError on an illegal code or n
                32 p + j; binary one plane (bit 1 = +1), ternary a nonzero then a negative plane
     2-bit      codes t + 1, 4 per byte, with a stride: tinybit's, GGUF TQ2_0's and HF BitNet's layouts
     indices    n-bit LUT / VQ codes, LSB-first bit strings, rows padded to a multiple of 8 indices
-    GGML       the 1-bit block types of GGUF files (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0: GGML_TYPES) and bitnet.cpp's
-               per-tensor I2_S: codes and fp16 block scales <-> their bytes, as llama.cpp / bitnet.cpp write them
+    GGML       the 1-bit block types of GGUF files (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0) and Q8_0 (GGML_TYPES), and
+               bitnet.cpp's per-tensor I2_S: codes and fp16 block scales <-> their bytes, as llama.cpp / bitnet.cpp
+               write them
 """
 from dataclasses import dataclass
 from functools import partial
@@ -271,6 +272,7 @@ def unpack_indices(w_packed, n_idx, bits):
 #   Q2_0  (42)   64 weights, 18 bytes: d | qs[16]. Weight j is bits 2 (j % 4) of qs[j / 4] (stride 1);
 #               code q -> (q - 1) d: {-1, 0, +1, +2} d, every code legal.
 #   PQ2_0 (142) Q2_0's codec over blocks of 128 weights: 34 bytes, d | qs[32].
+#   Q8_0  (8)    32 weights, 34 bytes: d | qs[32]. Weight j is the int8 qs[j]: code c = qs[j] + 128 -> c - 128.
 
 @dataclass(frozen=True)
 class GgmlType:
@@ -365,6 +367,7 @@ GGML_TYPES = {t.name: t for t in (
     GgmlType("Q1_0", 41, 128, 18, (-1, 1), True, *_LSB_BITS),
     GgmlType("Q2_0", 42, 64, 18, (-1, 0, 1, 2), True, *_STRIDE1),
     GgmlType("PQ2_0", 142, 128, 34, (-1, 0, 1, 2), True, *_STRIDE1),
+    GgmlType("Q8_0", 8, 32, 34, tuple(range(-128, 128)), True, lambda qs: qs ^ 0x80, lambda c: c ^ 0x80),
 )}
 
 # I2_S (bitnet.cpp's ggml, 3rdparty/llama.cpp: GGML_TYPE_I2_S = 36; upstream ggml has no type 36): one tensor of

@@ -338,6 +338,20 @@ def twobit_blocks(w, block):
     return w_c.astype(np.int8).reshape(w.shape), best_d[:, :, 0].astype(np.float16)
 
 
+def int8_blocks(w, block):
+    """Absmax int8 per block of a row, as llama.cpp's Q8_0 quantizer (ggml-quants.c quantize_row_q8_0_ref, block 32),
+    in its float32 arithmetic:
+        d[o, b] = max |W[o, block b]| / 127,  W~ = roundf(W * (1 / d)) (0 where d = 0);  W ~= W~ * f16(d)
+    (roundf: halves away from zero; the codes from the float32 d, before it is stored as float16).
+    -> w_q (n_out, n_in) int8, d (n_out, n_blocks) float16."""
+    wb = _blocks(w, block).astype(np.float32)
+    d = np.abs(wb).max(axis=2, keepdims=True) / np.float32(127)  # (n_out, n_blocks, 1) float32
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    a = np.abs(wb * inv)
+    q = np.sign(wb) * (np.floor(a) + np.floor(2 * (a - np.floor(a))))  # roundf, exactly (no a + 0.5 rounding)
+    return q.astype(np.int8).reshape(w.shape), _f16_scale(d[:, :, 0])
+
+
 def block_dequantize(w_c, d):
     """W = W~ * d per block: w_c (n_out, n_in) int8, d (n_out, n_blocks) -> float32."""
     n_out, n_blocks = d.shape

@@ -293,7 +293,8 @@ GGUF_ARCHS = ("llama", "qwen3")  # llama's Q/K rows are permuted (interleaved-pa
 # whose block scales are one per tensor (or per row) become plain ternary, the same weights with fewer scales.
 GGUF_EXACT = {"TQ1_0": {"scheme": "ternary_block", "block": 256}, "TQ2_0": {"scheme": "ternary_block", "block": 256},
               "I2_S": {"scheme": "ternary"}, "Q1_0": {"scheme": "binary_block", "block": 128},
-              "Q2_0": {"scheme": "twobit_block", "block": 64}, "PQ2_0": {"scheme": "twobit_block", "block": 128}}
+              "Q2_0": {"scheme": "twobit_block", "block": 64}, "PQ2_0": {"scheme": "twobit_block", "block": 128},
+              "Q8_0": {"scheme": "int8_block", "block": 32}}
 GGUF_FORK_TYPES = {pack.I2S_TYPE_ID: "I2_S", **{t.type_id: name for name, t in pack.GGML_TYPES.items()}}
 
 
@@ -880,7 +881,7 @@ def convert_weights(src, config, family, args):
     out = {}
     head_spec = args.head_spec
     embed = plain["embed.weight"]
-    if args.keep_exact and embed.exact is not None and c.embed_dtype == "f32":  # a GGUF's 1-bit embedding, looked
+    if args.keep_exact_head and embed.exact is not None and c.embed_dtype == "f32":  # a GGUF's embedding, looked
         # up by rows as it is (--embed-dtype f16 asks for a float one)
         check_shape(embed, (c.vocab_size, c.dim))
         spec, stored = embed.exact(collapse=False)
@@ -1055,7 +1056,8 @@ def make_parser():
         f"{n} ({linear.scheme(spec).bits(spec)})" for n, (spec, _) in SCHEME_SPECS.items())
         + " (default f32; a GGUF's 1-bit tensors keep their own types)")
     p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
-    p.add_argument("--head-scheme", help="scheme of the output head (default: f32, or a GGUF head's own 1-bit type)")
+    p.add_argument("--head-scheme", help="scheme of the output head (default: a GGUF head's own type where tinybit "
+                   "holds it exactly: the 1-bit types and Q8_0; else f32)")
     p.add_argument("--head-group-size", type=int,
                    help="rows per scale/LUT/codebook group of the head (binary, lut*, vq*; 1 = per row)")
     p.add_argument("--family", choices=FAMILIES, help="override the detected checkpoint family")
@@ -1110,9 +1112,10 @@ def choose_schemes(args, family):
     """Set args.block_spec (the block linears' scheme: None but for family llama, whose checkpoints are
     quantized here), args.head_spec and args.onebit_method from --scheme, --head-scheme and their groups."""
     args.onebit_method = "svd"
-    # no --scheme (and no --head-scheme for the head): a GGUF's 1-bit tensors keep their own types (GGUF_EXACT)
+    # a GGUF's tensors of GGUF_EXACT types keep them: the block linears without --scheme, the head and the embedding
+    # without --head-scheme (a Q8_0 embedding, say, stays 8.5 bits a weight rather than float32's 32)
     args.keep_exact = family == "llama" and args.scheme is None
-    args.keep_exact_head = args.keep_exact and args.head_scheme is None
+    args.keep_exact_head = family == "llama" and args.head_scheme is None
     if family == "llama":
         args.block_spec, method = parse_scheme(args.scheme or "f32", args.group_size)
         args.onebit_method = method or "svd"

@@ -208,9 +208,9 @@ def export(student, c, spec, out, tokenizer_json, subln=False):
 
 def read_teacher(path):
     """(io.Config, tokenizer.json text, load) of a float checkpoint, through tools/convert.py's reading
-    path (--scheme f32: nothing quantized); load() -> its canonical float tensors (convert_weights, which
-    logs a line per linear: called once the text is checked)."""
-    args = convert.make_parser().parse_args([path, path + ".unused", "--scheme", "f32"])  # float, even a GGUF's 1-bit
+    path (--scheme f32 --head-scheme f32: nothing quantized, even a GGUF's 1-bit or Q8_0 tensors); load() -> its
+    canonical float tensors (convert_weights, which logs a line per linear: called once the text is checked)."""
+    args = convert.make_parser().parse_args([path, path + ".unused", "--scheme", "f32", "--head-scheme", "f32"])
     src, family, config = convert.read_model(args)
     if family != "llama":
         raise UsageError(f"{path}: a {family} checkpoint ({convert.FAMILY_INFO[family]}); the teacher must be "

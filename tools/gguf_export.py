@@ -74,7 +74,7 @@ def ggml_type(spec, name, ternary):
     s = linear.scheme(spec)
     if s.gguf is None:
         raise UsageError(f"GGUF export: {name} is {s.name}, which llama.cpp has no type for (it holds ternary, "
-                         "ternary_block, binary_block 128, twobit_block 64 or 128, int8 and float linears)")
+                         "ternary_block, binary_block 128, twobit_block 64 or 128, int8, int8_block and float linears)")
     if s.int8_act:  # ternary, ternary_block
         if ternary == "I2_S" and (s is linear.TERNARY_BLOCK or spec.get("per_row")):
             raise UsageError(f"GGUF export: {name} has a scale per {'block' if s is linear.TERNARY_BLOCK else 'row'}; "
@@ -96,6 +96,8 @@ def exact_codes(spec, t, n_in):
     s = linear.scheme(spec)
     if s in (linear.TERNARY, linear.TERNARY_BLOCK):  # ternary planes
         return pack.unpack_ternary(t["w_packed"], n_in), t["scale"]
+    if s is linear.INT8_BLOCK:  # Q8_0's own codes
+        return t["w_q"], t["scale"]
     bits = s.bits(spec)  # binary_block, twobit_block: code q of w_idx is weight BLOCK_VALUES[bits][q] * d
     return kernels.BLOCK_VALUES[bits][pack.unpack_indices(t["w_idx"], n_in, bits)], t["scale"]
 
@@ -127,7 +129,7 @@ def gguf_weight(spec, qtype, t, name, n_in, rows=slice(None)):
     to write: raw bytes for a quantized qtype, the float weight as stored for F32 / F16."""
     if qtype in ("F32", "F16"):
         return np.ascontiguousarray(t["weight"][rows])
-    if qtype == "Q8_0":  # the dequantized int8 rows, requantized in blocks of 32
+    if qtype == "Q8_0" and linear.scheme(spec) is linear.INT8:  # the dequantized int8 rows, requantized in blocks
         w = quant.int8_dequantize(t["w_q"][rows], t["scale"][rows])  # (n_out, n_in) f32
         gguf = _gguf()
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
