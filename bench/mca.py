@@ -107,7 +107,7 @@ def spanning_loops(text):
 def counts(body):
     ops = [ln.split()[0] for ln in body]
     text = "\n".join(body)
-    perms = sum(o == "vpermps" for o in ops)
+    perms = sum(o in ("vpermps", "vpermd") for o in ops)  # (LLVM may pick the integer-domain one for the lookup)
     return {"lookups": perms if "zmm" in text else perms // 4,
             # 4-bit indices: index bytes zero-extended to lanes (fewer bits: a broadcast word shifted per lane)
             "four_bit": "vpmovzxbd" in ops,
