@@ -228,18 +228,34 @@ def _token_tile(tokens, bytes_per_token):
     return max(1, min(tokens, X_TILE_BYTES // max(1, bytes_per_token)))  # (n_in = 0: one tile)
 
 
+PSADBW = (("+avx512bw", "llvm.x86.avx512.psad.bw.512", 64), ("+avx2", "llvm.x86.avx2.psad.bw", 32),
+          ("+sse2", "llvm.x86.sse2.psad.bw", 16))  # (feature, intrinsic, bytes a vector), the widest first
+
+
 @intrinsic
 def _add_byte_sums(typingctx, sums, a):
-    """sums[i] += a[8 i] + ... + a[8 i + 7], i < 8: sums (8,) uint64, a (64,) uint8; vpsadbw if AVX-512BW, else IR."""
+    """sums[i] += a[8 i] + ... + a[8 i + 7], i < 8: sums (8,) uint64, a (64,) uint8. psadbw against zero (the sums of
+    8 bytes' distances to 0) on the widest vectors the target has: 1 of 64 bytes (AVX-512BW), 2 of 32 (AVX2), 4 of 16
+    (SSE2); else portable IR."""
     def codegen(context, builder, sig, args):
-        v64i8, v8i64 = ir.VectorType(ir.IntType(8), 64), ir.VectorType(ir.IntType(64), 8)
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        v64i8, v8i64 = ir.VectorType(i8, 64), ir.VectorType(i64, 8)
         sums_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
         a_ptr = builder.bitcast(context.make_array(sig.args[1])(context, builder, args[1]).data, v64i8.as_pointer())
         a = builder.load(a_ptr, align=1)
-        if "+avx512bw" in TARGET_FEATURES:
-            psadbw = builder.module.declare_intrinsic("llvm.x86.avx512.psad.bw.512",
-                                                      fnty=ir.FunctionType(v8i64, [v64i8, v64i8]))
-            s = builder.call(psadbw, [a, ir.Constant(v64i8, None)])
+        psadbw = next(((name, width) for feature, name, width in PSADBW if feature in TARGET_FEATURES), None)
+        if psadbw:
+            name, width = psadbw
+            vin, vout = ir.VectorType(i8, width), ir.VectorType(i64, width // 8)
+            fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vout, [vin, vin]))
+            parts = [builder.call(fn, [builder.shuffle_vector(a, ir.Constant(v64i8, None), ir.Constant(
+                ir.VectorType(i32, width), list(range(k, k + width)))), ir.Constant(vin, None)])
+                for k in range(0, 64, width)]
+            while len(parts) > 1:  # concatenated pairwise into <8 x i64>
+                n = 2 * parts[0].type.count
+                parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(i32, n), list(range(n))))
+                         for i in range(0, len(parts), 2)]
+            s = parts[0]
         else:  # s[i] = sum over k of a[8 i + k]: 8 strided shuffles of the widened bytes, added
             wide = builder.zext(a, ir.VectorType(ir.IntType(64), 64))
             s = None
