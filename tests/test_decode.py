@@ -23,6 +23,8 @@ ARCHS = {  # ternary and LUT blocks: every option the compiled block reads
     "lut2-tensor-subnorms": dict(quant={"scheme": "lut", "bits": 2}, sub_norms=True, activation="relu2"),
     "lut3-groups-odd": dict(quant={"scheme": "lut", "bits": 3, "group_rows": 5}, activation="gelu_tanh",
                             n_heads=8, n_kv_heads=2, head_dim=6, dim=47, ffn_dim=300),
+    # k and v (24 rows) one group, read from the file; q, o, gate, up, down several, expanded to one per row
+    "lut4-groups-of-32": dict(quant={"scheme": "lut", "bits": 4, "group_rows": 32}),
 }
 
 

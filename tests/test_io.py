@@ -219,7 +219,7 @@ def test_gguf_tensor_types_are_dequantized_as_gguf_does(tmp_path, tied):
              "blk.0.ffn_down.weight": qt.F16, "token_embd.weight": qt.Q8_0 if tied else qt.F32,
              "output.weight": qt.Q6_K}
     stored = write_gguf(str(tmp_path / "m.gguf"), types, tied=tied)
-    rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out", "--scheme", "f32")
+    rc, err = convert_cli(tmp_path / "m.gguf", tmp_path / "out", "--scheme", "f32", "--head-scheme", "f32")
     assert rc == 0, err
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "head.weight"}

@@ -8,8 +8,9 @@ y (tokens, n_out); scales are the caller's.
     code_block_matmul                     1-/2-bit codes x float32, a float scale per block (Q1_0, Q2_0, PQ2_0)
     lut_matmul, vq_matmul                 n-bit indices into per-row-group tables, float32
     int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
+    int8_block_matmul                     int8 rows, a float16 scale per block of 32 inputs (Q8_0), as f32_matmul
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
-    attention_step, down_step             model.block for one token of an all-ternary block (its twin)
+    attention_step, down_step             model.block for one token of an all-ternary or all-LUT block (its twin)
 Ternary and binary: additions, selects, bit tests; table lookups from GEMM_MIN_TOKENS on. How, why: docs/KERNELS.md."""
 import ctypes
 import glob
@@ -113,7 +114,8 @@ FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded with 0-row ones (one compile)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
-LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: 13 Gw/s against the ternary kernel's 28-36
+LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: SmolLM2-135M's LUT linears (0.3-1.8 M products)
+# gain from a second thread from 0.25 M products on (docs/performance.md)
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
 TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
                              else binding.get_host_cpu_features().flatten()).split(","))  # {"+avx2", "-avx512f", ...}
@@ -253,8 +255,8 @@ def _add_byte_sums(typingctx, sums, a):
                 for k in range(0, 64, width)]
             while len(parts) > 1:  # concatenated pairwise into <8 x i64>
                 n = 2 * parts[0].type.count
-                parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(i32, n), list(range(n))))
-                         for i in range(0, len(parts), 2)]
+                both = ir.Constant(ir.VectorType(i32, n), list(range(n)))
+                parts = [builder.shuffle_vector(parts[i], parts[i + 1], both) for i in range(0, len(parts), 2)]
             s = parts[0]
         else:  # s[i] = sum over k of a[8 i + k]: 8 strided shuffles of the widened bytes, added
             wide = builder.zext(a, ir.VectorType(ir.IntType(64), 64))
@@ -796,7 +798,8 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
         v16f, v16i32, v8f, v8i32 = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(f32, 8),
                                     ir.VectorType(i32, 8))
         tabs, row, xs = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
-        x_stride, n_items = cgutils.unpack_tuple(builder, xs.strides, 2)[0], cgutils.unpack_tuple(builder, xs.shape, 2)[1]
+        x_stride = cgutils.unpack_tuple(builder, xs.strides, 2)[0]
+        n_items = cgutils.unpack_tuple(builder, xs.shape, 2)[1]
         x_base = builder.bitcast(xs.data, i8.as_pointer())
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(4)]
 
@@ -810,7 +813,8 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
             return ptr
 
         def half(v, h):  # lanes 8 h .. 8 h + 7 of a 16-lane vector
-            return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(v8i32, list(range(8 * h, 8 * h + 8))))
+            pick = ir.Constant(v8i32, list(range(8 * h, 8 * h + 8)))
+            return builder.shuffle_vector(v, ir.Constant(v.type, None), pick)
 
         def lookup(tab, idx):  # <16 x float>: tab's entries at the low 4 bits of idx <16 x i32>
             if LOOKUP_ISA == "avx512f":
@@ -824,7 +828,8 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
                     ih = half(idx, h)
                     high = builder.icmp_unsigned("!=", builder.and_(ih, ir.Constant(v8i32, [8] * 8)),
                                                  ir.Constant(v8i32, [0] * 8))
-                    halves.append(builder.select(high, builder.call(perm, [tab[1], ih]), builder.call(perm, [tab[0], ih])))
+                    lo, hi = (builder.call(perm, [t, ih]) for t in tab)
+                    halves.append(builder.select(high, hi, lo))
                 return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
             out = ir.Constant(v16f, None)
             for l in range(16):
@@ -865,14 +870,13 @@ def _lookup_dot(typingctx, tabs, wr, xs, nbits, n_c):
             shifts = [bits * l for l in range(16)]
             if bits <= 2:  # all 16 in 32 bits: 32-bit lanes from one broadcast
                 w32 = builder.zext(word, i32) if bits < 2 else word
-                lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i32, None), w32, ir.Constant(i32, 0)),
-                                               ir.Constant(v16i32, None), ir.Constant(v16i32, [0] * 16))
+                first = builder.insert_element(ir.Constant(v16i32, None), w32, ir.Constant(i32, 0))
+                lanes = builder.shuffle_vector(first, ir.Constant(v16i32, None), ir.Constant(v16i32, [0] * 16))
                 lanes = builder.lshr(lanes, ir.Constant(v16i32, shifts))
             else:  # 48 bits: 64-bit lanes, narrowed
                 v16i64 = ir.VectorType(i64, 16)
-                lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i64, None), builder.zext(word, i64),
-                                                                      ir.Constant(i32, 0)),
-                                               ir.Constant(v16i64, None), ir.Constant(v16i32, [0] * 16))
+                first = builder.insert_element(ir.Constant(v16i64, None), builder.zext(word, i64), ir.Constant(i32, 0))
+                lanes = builder.shuffle_vector(first, ir.Constant(v16i64, None), ir.Constant(v16i32, [0] * 16))
                 lanes = builder.trunc(builder.lshr(lanes, ir.Constant(v16i64, shifts)), v16i32)
             idx = builder.and_(lanes, ir.Constant(v16i32, [(1 << bits) - 1] * 16))
             multiply_add(idx, builder.mul(m16, ir.Constant(i64, 16)), acc)
@@ -1327,6 +1331,12 @@ def binary_matmul_f32(w_packed, x):
     return _launch(_plane_par, _plane_rows, (w,), (xf, xf.sum(axis=1, dtype=np.float64)), *xf.shape)[0]
 
 
+def looked_up_in_registers(bits, n_in):
+    """Whether bits-bit indices over n_in inputs (LUT; VQ: 2 bits a pair, n_in pairs) run the register lookups
+    (_lookup_dot): at most LOOKUP_BITS bits, rows of whole 16s of items once padded to whole bytes."""
+    return bits <= LOOKUP_BITS and pack.ceil_div(n_in, 8) * 8 % 16 == 0
+
+
 def lut_matmul(w_idx, bits, lut, group_rows, x):
     """Same as lut_matmul_ref: w_idx (n_out, bits*ceil(n_in/8)) uint8, lut (n_groups, 2^bits) float32,
     group_rows None/0 (one LUT) or rows per LUT row, x (tokens, n_in) float32 -> (tokens, n_out) float32."""
@@ -1336,7 +1346,7 @@ def lut_matmul(w_idx, bits, lut, group_rows, x):
     w = check_packed(w_idx, pack.index_row_bytes(x.shape[1], bits), f"{bits}-bit indices")
     lut, g = _table(lut, (2 ** bits,), group_rows, w.shape[0], "lut")
     n_pad = w.shape[1] // bits * 8
-    if bits <= LOOKUP_BITS and n_pad % 16 == 0:
+    if looked_up_in_registers(bits, x.shape[1]):
         xs = np.empty((1, x.shape[0], n_pad), np.float32)
         _lookup_order(np.ascontiguousarray(x, dtype=np.float32), bits, xs[0])
         return _launch(_lookup16_par, _lookup16_rows, (w,), (bits, lut.reshape(*lut.shape, 1), g, xs),
@@ -1355,7 +1365,7 @@ def vq_matmul(w_idx, bits, codebook, group_rows, x):
     w = check_packed(w_idx, pack.index_row_bytes(pack.ceil_div(x.shape[1], 2), nbits), f"{nbits}-bit codes")
     cb, g = _table(codebook, (2 ** nbits, 2), group_rows, w.shape[0], "codebook")
     n_pairs = w.shape[1] // nbits * 8
-    if nbits <= LOOKUP_BITS and n_pairs % 16 == 0:
+    if looked_up_in_registers(nbits, pack.ceil_div(x.shape[1], 2)):
         xp = _padded(x, 2 * n_pairs, np.float32)
         xs = np.empty((2, x.shape[0], n_pairs), np.float32)  # the pairs' even inputs, their odd inputs
         for c in range(2):
@@ -1410,9 +1420,9 @@ def int8_matmul(w_q, x):
 def int8_block_matmul(w_q, d, x):
     """Same as int8_block_matmul_ref, bit for bit f32_matmul of the float32 weights w_q d (GGUF Q8_0): w_q (n_out,
     n_in) int8, d (n_out, n_in / SCALE_BLOCK) float16 values (float16 or float32), x (tokens, n_in) float32."""
-    d = np.asarray(d)
-    if d.dtype not in (np.float16, np.float32) or d.shape != (np.shape(w_q)[0], np.shape(w_q)[1] // SCALE_BLOCK) \
-            or np.shape(w_q)[1] % SCALE_BLOCK:
+    d, shape = np.asarray(d), np.shape(w_q)
+    if len(shape) != 2 or shape[1] % SCALE_BLOCK or d.dtype not in (np.float16, np.float32) \
+            or d.shape != (shape[0], shape[1] // SCALE_BLOCK):
         raise UsageError(f"int8 blocks: expected scales (n_out, n_in / {SCALE_BLOCK}) for int8 weights "
                          f"{np.shape(w_q)}, got {d.dtype} {d.shape}")
     return _dense_matmul(w_q, x, np.int8, "int8 block weights", np.ascontiguousarray(d, np.float32))
@@ -1423,7 +1433,7 @@ def f32_matmul(w, x):
     return _dense_matmul(w, x, np.float32, "float32 weights")
 
 
-# --- model.block's twin for one token of an all-ternary block, beside the kernels it inlines ------
+# --- model.block's twin for one token of an all-ternary or all-LUT block, beside the kernels it inlines ------
 @njit(cache=True)
 def _rms_norm(x, weight, eps, out):
     """out = weight * (x / sqrt(mean(x^2) + eps)): model.rms_norm of one token (out may be x)."""
@@ -1486,8 +1496,8 @@ def _lut_linears(ws, params, x, xs, ys, threads, min_work):
     lut_matmul)."""
     n_pad = (x.shape[0] + 7) // 8 * 8  # pack.index_row_bytes: whole bytes of 8 indices
     xs = xs[:, :, :n_pad]
-    for c in range(2):
-        _lookup_order(x.reshape((1, x.shape[0])), 4 * c, xs[c])
+    _lookup_order(x.reshape((1, x.shape[0])), 1, xs[0])  # as it is: 1-3-bit indices
+    _lookup_order(x.reshape((1, x.shape[0])), 4, xs[1])
     n_out = 0
     for m in range(len(ws)):
         n_out += ws[m].shape[0]
@@ -1571,7 +1581,8 @@ def attention_step(x, norms, ws, params, k_cache, v_cache, pos, cos, sin, work, 
     gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, params: model.BLOCK_NORMS weights (sub-norms empty: none),
     model.BLOCK_LINEARS' weights and their _step_linears params (model.decode_args); k_cache, v_cache (KV, max_len,
     hd): pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace(); threads, min_work: kernel_threads,
-    MIN_WORK_PER_THREAD. Returns 0, or the linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a NaN or Inf (x then partly updated)."""
+    MIN_WORK_PER_THREAD. Returns 0, or the linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a
+    NaN or Inf (x then partly updated; ternary blocks only: a LUT block's NaN flows on, as in lut_matmul)."""
     attn_norm, ffn_norm, attn_sub, _ = norms
     wq, wk, wv, wo, wg, wu, _ = ws
     sq, sk, sv, so, sg, su, _ = params

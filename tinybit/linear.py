@@ -11,10 +11,11 @@ A layer is a plain dict: {"scheme": spec, "n_out", "n_in", and the scheme's arra
     lut      palettized:   y[o] = sum_k lut[o, k] (sum of x_j with idx[o, j] = k)         w_idx, lut
     vq       2-D VQ:       the same with 2-D centroids over pairs of adjacent inputs      w_idx, codebook
     int8     int8 rows:    y = (x W_q^T) * scale, scale = max|w_row| / 127 (a smaller head)   w_q, scale
-  block scales, W = c d per block of `block` inputs of a row, d float16 (GGUF's 1-bit types):
+  block scales, W = c d per block of `block` inputs of a row, d float16 (GGUF's 1-bit types, Q8_0):
     ternary_block  c in {-1, 0, +1}, int8 x as ternary: y = (sum_b d_b (x_q . W~)_b) / s_x   w_packed, scale
     binary_block   c in {-1, +1}, float x:          y = sum_b d_b (x . c)_b (Q1_0)            w_idx, scale
     twobit_block   c in {-1, 0, +1, +2}, float x:   the same (Q2_0, PQ2_0)                    w_idx, scale
+    int8_block     c int8, float x:                 y = x (c d)^T, the float32 weights' sums (Q8_0)   w_q, scale
 Formulas and papers: docs/QUANTIZERS.md; bit layouts: docs/FORMAT.md. Adding a scheme is one
 record here, its quantizer (quant.py), its codec (pack.py) and its kernel (kernels.py).
 """
@@ -27,7 +28,7 @@ from . import kernels, pack, quant
 from .errors import ConfigError, UsageError
 
 LN_EPS = 1e-5  # LayerNorm epsilon of BitNet's SubLN and OneBit's output norm (torch's default)
-# Weight-only schemes (lut, vq, int8) run many-token inputs as BLAS products with the dequantized
+# Weight-only schemes (lut, vq, int8, int8_block) run many-token inputs as BLAS products with the dequantized
 # weight, DEQUANT_BYTES of it at a time: the same y in another summation order, far faster once
 # this many tokens share the unpack. int8's kernel (4 tokens x 4 rows a pass) stays ahead of the
 # unpack and BLAS to about 300 tokens (1 thread, Zen 4; 600 with 2).
@@ -220,7 +221,7 @@ INT8 = Scheme(
     dequantize=lambda layer: quant.int8_dequantize(layer["w_q"], layer["scale"]),
     bits=lambda spec: 8, gguf="Q8_0", rows=True)
 
-# --- block scales: codes times a float16 scale per block of inputs of a row (GGUF's 1-bit types) ------------------
+# --- block scales: codes times a float16 scale per block of inputs of a row (GGUF's 1-bit types, Q8_0) ------------
 
 def _block_scheme(name, blocks, quantize, codes, apply, apply_ref, code_dtype=np.uint8, **traits):
     """ternary_block, binary_block, twobit_block, int8_block: codes of the weight multiples c, and scale (n_out, n_in /

@@ -207,11 +207,13 @@ def step_weights(layer):
     if s is linear.TERNARY:
         w = layer["w_packed"]
         return kernels.check_packed(w, w.shape[1], "ternary planes"), np.array(layer["scale"], np.float32)
-    if s is linear.LUT and spec["bits"] <= kernels.LOOKUP_BITS and pack.ceil_div(layer["n_in"], 8) % 2 == 0:
+    if s is linear.LUT and kernels.looked_up_in_registers(spec["bits"], layer["n_in"]):
         w, lut, g = layer["w_idx"], np.asarray(layer["lut"], np.float32), spec.get("group_rows")
-        if g and len(lut) > 1:  # row r's table is lut[r // g]: as one per row
+        if g and g > 1 and len(lut) > 1:  # row r's table is lut[r // g]: as one per row
             lut = lut[np.arange(layer["n_out"]) // g]
-        return kernels.check_packed(w, w.shape[1], "lut indices"), np.ascontiguousarray(lut).reshape(*lut.shape, 1)
+        tables = np.ascontiguousarray(lut).reshape(*lut.shape, 1).view()  # (1 or n_out, 2^bits, 1)
+        tables.flags.writeable = False  # as the mapped ones: one compiled type for the block's tuple of tables
+        return kernels.check_packed(w, w.shape[1], "lut indices"), tables
     return None
 
 

