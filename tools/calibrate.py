@@ -163,9 +163,7 @@ def chat_sample(frame, text_ids):
 
 
 # Instructions the float model answers to write its own chat calibration text (--calibrate-self). Varied in kind
-# (explain, write, list, advise, compare, code, summarise) and in form (prose, code in several languages, tables,
-# configuration files, tab-separated and CSV data, formal text: characters such as tabs and "|" that chats and plain
-# continuations rarely write); none is a question of data/qa.jsonl, the QA evaluation.
+# (explain, write, list, advise, compare, code, summarise); none is a question of data/qa.jsonl, the QA evaluation.
 SELF_INSTRUCTIONS = (
     "Explain how a rainbow forms.", "Write a short story about a lighthouse keeper.",
     "Give me three tips for sleeping better.", "Describe the water cycle in simple words.",
@@ -187,17 +185,6 @@ SELF_INSTRUCTIONS = (
     "Explain what an algorithm is with an example.", "Write a short dialogue between a customer and a baker.",
     "How can I be more productive when working from home?", "Explain how a refrigerator keeps food cold.",
     "Give me ideas for a rainy afternoon with children.", "What is the difference between a list and a tuple in Python?",
-    "Write a Makefile that builds a C program from two source files.", "Write a Go function that sums a slice of integers.",
-    "Show a table of four planets and their diameters, with the columns separated by tabs.",
-    "Write the help text of a command-line tool, listing its options.", "Write a short README for a small library.",
-    "Write a shell script that backs up a directory every night.", "Write a JSON configuration file for a web server.",
-    "Write a YAML file that describes a build pipeline.", "Write a C function that copies a string.",
-    "Write an HTML page with a title, a paragraph and a list.", "Write an INI configuration file with comments.",
-    "Describe how to install a program on Linux, with the commands to type.",
-    "Write a CSV file of five books with their title, author and year.",
-    "Write a Python class for a bank account, with docstrings.", "Write a changelog for version 2.0 of an app.",
-    "Write the terms of a return policy for an online shop.", "Summarize the rules of a board game in a numbered list.",
-    "Write a formal letter that answers a customer's complaint.",
 )
 SELF_TEMPERATURE, SELF_TOP_P = 0.7, 0.95  # moderate: varied text the model finds likely
 SELF_PENALTY, SELF_WINDOW = 1.2, 64  # CTRL's repetition penalty on the tokens of the last SELF_WINDOW: a small model's
