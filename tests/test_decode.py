@@ -137,15 +137,16 @@ def test_linears_equal_apply_many(threads, per_row, n_in):
 
 
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("bits,group_rows", [(4, 1), (2, None), (3, 3)])
+@pytest.mark.parametrize("bits,group_rows", [((4,) * 3, 1), ((2,) * 3, None), ((3,) * 3, 3), ((4, 2, 4), None)])
 @pytest.mark.parametrize("n_in", [48, 304])
 def test_lut_linears_equal_apply_many(threads, bits, group_rows, n_in):
     """One token through the step's LUT linears (one call over the rows of all matrices, parallel when min_work
-    allows; a table per group of rows given as one per row) gives linear.apply_many's floats exactly."""
-    rng = np.random.default_rng(n_in + bits)
-    spec = {"scheme": "lut", "bits": bits, "group_rows": group_rows}
+    allows; a table per group of rows given as one per row; 4-bit and 2-bit matrices in one call, each reading its
+    own input order) gives linear.apply_many's floats exactly."""
+    rng = np.random.default_rng(n_in + sum(bits))
+    specs = [{"scheme": "lut", "bits": b, "group_rows": group_rows} for b in bits]
     layers = [linear.make(spec, linear.quantize(rng.standard_normal((n, n_in)).astype(np.float32), spec), n, n_in)
-              for n in (8, 5, 13)]
+              for n, spec in zip((8, 5, 13), specs)]
     config = tiny_config(dim=n_in, ffn_dim=n_in, n_heads=1, n_kv_heads=1, head_dim=n_in)
     work = tbmodel.decode_workspace(config, 4)
     work[5][:] = 77.0  # stale values past n_in must not be read as inputs

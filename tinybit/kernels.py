@@ -1496,11 +1496,15 @@ def _lut_linears(ws, params, x, xs, ys, threads, min_work):
     lut_matmul)."""
     n_pad = (x.shape[0] + 7) // 8 * 8  # pack.index_row_bytes: whole bytes of 8 indices
     xs = xs[:, :, :n_pad]
-    _lookup_order(x.reshape((1, x.shape[0])), 1, xs[0])  # as it is: 1-3-bit indices
-    _lookup_order(x.reshape((1, x.shape[0])), 4, xs[1])
-    n_out = 0
+    n_out, plain, nibbles = 0, False, False  # the orders the matrices read: 1-3-bit indices, 4-bit ones
     for m in range(len(ws)):
         n_out += ws[m].shape[0]
+        nibbles |= params[m].shape[1] == 16
+        plain |= params[m].shape[1] < 16
+    if plain:
+        _lookup_order(x.reshape((1, x.shape[0])), 1, xs[0])  # as it is
+    if nibbles:
+        _lookup_order(x.reshape((1, x.shape[0])), 4, xs[1])
     n_chunks = _n_chunks(n_out, LOOKUP_COST * n_pad * n_out, threads, min_work)
     if n_chunks == 1:
         for m in range(len(ws)):

@@ -181,7 +181,7 @@ def tensors_by_linear(tensors):
     return by_linear
 
 
-# --- the compiled one-token block: block()'s fast twin for all-ternary and all-LUT blocks (kernels.attention_step) ---
+# --- the compiled one-token block: block()'s fast twin for all-ternary and all-LUT blocks (attention_step) ---
 
 def decode_workspace(c, max_len):
     """The scratch buffers of kernels.attention_step and down_step for config c and a cache of
@@ -199,8 +199,8 @@ def decode_workspace(c, max_len):
 
 
 def step_weights(layer):
-    """(weights, params) of a layer as kernels.attention_step reads them: ternary (w_packed, gamma); LUT of at most
-    kernels.LOOKUP_BITS bits over a multiple of 16 inputs (w_idx, its tables (1 or n_out, 2^bits, 1): one for all
+    """(weights, params) of a layer as kernels.attention_step reads them: ternary (w_packed, gamma); LUT whose indices
+    the register lookups read (kernels.looked_up_in_registers) (w_idx, its tables (1 or n_out, 2^bits, 1): one for all
     rows or one per row); else None: no compiled step. Weights are read-only views (one compiled version for mapped and
     in-memory weights)."""
     s, spec = linear.scheme(layer["scheme"]), layer["scheme"]
@@ -221,8 +221,10 @@ def decode_args(norms, layers):
     """(norms, ws, params) of kernels.attention_step and down_step for one block, or None if its layers (q, k, v, o,
     gate, up, down: linear.make dicts) are not all ternary or all LUT with a step (step_weights). norms as block()
     takes them."""
+    if len({layer["scheme"]["scheme"] for layer in layers}) > 1:
+        return None
     weights = [step_weights(layer) for layer in layers]
-    if any(w is None for w in weights) or len({layer["scheme"]["scheme"] for layer in layers}) > 1:
+    if any(w is None for w in weights):
         return None
     norms = tuple(np.array(norms[name] if norms[name] is not None else (), np.float32) for name in BLOCK_NORMS)
     ws, params = zip(*weights)
