@@ -22,12 +22,24 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # 
 DEFAULT_MODEL = os.path.join(PACKAGE_PARENT, "models", "stdlib-b158")
 WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
 COMPILE_NOTICE_S = 2.0  # a warm-up still running after this long is compiling: say so on stderr
+NUCLEUS_CANDIDATES = 1024  # top-p sorts the likeliest 1024 first: a nucleus seldom holds more
 HELPER_TIMEOUT_S = 120  # warm_up waits this long at most for its second compiling process
+
+
+def likeliest(z, m):
+    """The indices of the m largest of z (V,), most likely first, ties in index order: the first m of a stable
+    descending argsort, which sorts only the values at or above the m-th largest."""
+    if m < len(z):
+        idx = np.flatnonzero(z >= np.partition(z, len(z) - m)[len(z) - m])  # (>= m,) in index order
+    else:
+        idx = np.arange(len(z))
+    return idx[np.argsort(-z[idx], kind="stable")][:m]
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     """Next token id from logits (vocab,): argmax if temperature is 0, else drawn with rng (a numpy Generator) from
-    softmax(logits / temperature) on the top_k likeliest (0: all), then on the fewest of mass >= top_p (nucleus)."""
+    softmax(logits / temperature) on the top_k likeliest (0: all), then on the fewest of mass >= top_p (nucleus).
+    The nucleus is looked for among the NUCLEUS_CANDIDATES likeliest first, and among all when they hold less."""
     if np.isnan(logits).any() or not np.isfinite(logits.max()):
         raise FormatError("the model's logits are NaN or Inf: its weights or scales overflow float32")
     if temperature == 0:
@@ -35,11 +47,16 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
     # z = (logits - max) / T <= 0 in float64, its largest 0: no inf - inf; a subnormal T sends the rest to -inf (greedy)
     with np.errstate(over="ignore"):
         z = (logits.astype(np.float64) - float(logits.max())) / temperature  # (vocab,)
-    order = np.argsort(-z, kind="stable")[:top_k if top_k > 0 else None]  # most likely first
-    p = np.exp(z[order])  # p[0] = exp(0) = 1: the sum is >= 1
-    p /= p.sum()
+    n = min(top_k, len(z)) if top_k > 0 else len(z)  # the tokens softmax runs over
+    mass = np.exp(np.partition(z, len(z) - n)[len(z) - n:]).sum()  # their sum of exp(z), >= exp(0) = 1
+    for m in ([min(n, NUCLEUS_CANDIDATES)] if top_p < 1.0 else []) + [n]:
+        order = likeliest(z, m)  # (m,) most likely first
+        p = np.exp(z[order]) / mass
+        cum = np.cumsum(p)
+        if top_p == 1.0 or cum[-1] >= top_p or m == n:
+            break
     if top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1  # smallest prefix with mass >= top_p
+        keep = int(np.searchsorted(cum, top_p)) + 1  # smallest prefix with mass >= top_p
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return int(order[rng.choice(len(p), p=p)])
 
