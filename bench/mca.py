@@ -41,8 +41,10 @@ LOOPS = {
                             lambda c: c["cvt"] * c["lanes"], 1.0, 1),
     "ternary GEMM (16 tokens)": ("_gemm_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
                                  lambda c: 4 * (c["paddw"]), 0.25, 16),
-    # one block of 4 rows: 4 vpsadbw for the plane bits' counts, 4 x 4 for 64 picked bytes of a row (AVX-512BW only)
-    "ternary GEMV (1 token)": ("_plane_rows", lambda c: c["psadbw"] == 20, lambda c: 1024, 0.25, 1),
+    # one block of 4 rows: 4 x 4 vpsadbw of 64 picked bytes of a row (AVX-512BW; AVX2: of 32, in a loop over half a
+    # block); a picked byte is a weight. The plane bits' counts run in a loop of their own (a vpopcntq of 64 bytes per
+    # block and row), not in this one
+    "ternary GEMV (1 token)": ("_plane_rows", lambda c: c["psadbw"] == 16, lambda c: c["sad_bytes"], 0.25, 1),
 }
 SPANNING = {"ternary GEMV (1 token)"}  # loops of several blocks: from the loop's label to its backward jump
 CHILD = """
@@ -113,7 +115,8 @@ def counts(body):
             "four_bit": "vpmovzxbd" in ops,
             "cvt": sum(o == "vcvtdq2ps" for o in ops), "fma": sum(o.startswith("vfmadd") for o in ops),
             "lanes": 16 if "zmm" in text else 8, "paddw": sum(o == "vpaddw" for o in ops),
-            "lanes16": bool(re.search(r"vpaddw\s+[^\n]*ymm", text)), "psadbw": sum(o == "vpsadbw" for o in ops)}
+            "lanes16": bool(re.search(r"vpaddw\s+[^\n]*ymm", text)), "psadbw": sum(o == "vpsadbw" for o in ops),
+            "sad_bytes": sum(64 if "zmm" in ln else 32 if "ymm" in ln else 16 for ln in body if ln.split()[0] == "vpsadbw")}
 
 
 def mca(body, mcpu, tool):

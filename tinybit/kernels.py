@@ -107,9 +107,8 @@ PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 3
 ROWS = 4  # output rows per pass of the plane kernels
 PREFETCH_ROWS = 16  # ... which prefetch the rows this far ahead: DRAM latency is not hidden otherwise
 ROW_LANES = ROWS * PLANE  # their int16 / int32 accumulator lanes (binary)
-SLICE = 2 * PLANE  # ternary: 64 weights, one byte vector: bits 2h and 2h + 1 of the 32 plane bytes
+SLICE = 2 * PLANE  # ternary: 64 weights, one byte vector, whose plane bits are one 64-bit word (_ternary_order)
 SLICE_SUMS = ROWS * 8  # ... whose picked bytes add up in 8 uint64 lanes per row
-ROW_PLANES = ROWS * 2 * SLICE  # the 4 rows' two planes of a block, each plane byte twice
 FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per lane, then into int32 lanes
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded with 0-row ones (one compile)
@@ -234,40 +233,54 @@ PSADBW = (("+avx512bw", "llvm.x86.avx512.psad.bw.512", 64), ("+avx2", "llvm.x86.
           ("+sse2", "llvm.x86.sse2.psad.bw", 16))  # (feature, intrinsic, bytes a vector), the widest first
 
 
+def _byte_sums(builder, a):
+    """IR: <8 x i64> s, s[i] = a[8 i] + ... + a[8 i + 7] of a <64 x i8> a. psadbw against zero (the sums of 8 bytes'
+    distances to 0) on the widest vectors the target has: 1 of 64 bytes (AVX-512BW), 2 of 32 (AVX2), 4 of 16 (SSE2);
+    else portable IR."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    v64i8 = ir.VectorType(i8, 64)
+    psadbw = next(((name, width) for feature, name, width in PSADBW if feature in TARGET_FEATURES), None)
+    if psadbw:
+        name, width = psadbw
+        vin, vout = ir.VectorType(i8, width), ir.VectorType(ir.IntType(64), width // 8)
+        fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vout, [vin, vin]))
+        parts = [builder.call(fn, [builder.shuffle_vector(a, ir.Constant(v64i8, None), ir.Constant(
+            ir.VectorType(i32, width), list(range(k, k + width)))), ir.Constant(vin, None)])
+            for k in range(0, 64, width)]
+        while len(parts) > 1:  # concatenated pairwise into <8 x i64>
+            n = 2 * parts[0].type.count
+            both = ir.Constant(ir.VectorType(i32, n), list(range(n)))
+            parts = [builder.shuffle_vector(parts[i], parts[i + 1], both) for i in range(0, len(parts), 2)]
+        return parts[0]
+    wide = builder.zext(a, ir.VectorType(ir.IntType(64), 64))  # s[i] = sum over k of a[8 i + k]: 8 strided shuffles
+    s = None
+    for k in range(8):
+        part = builder.shuffle_vector(wide, ir.Constant(wide.type, None),
+                                      ir.Constant(ir.VectorType(i32, 8), [8 * i + k for i in range(8)]))
+        s = part if s is None else builder.add(s, part)
+    return s
+
+
 @intrinsic
-def _add_byte_sums(typingctx, sums, a):
-    """sums[i] += a[8 i] + ... + a[8 i + 7], i < 8: sums (8,) uint64, a (64,) uint8. psadbw against zero (the sums of
-    8 bytes' distances to 0) on the widest vectors the target has: 1 of 64 bytes (AVX-512BW), 2 of 32 (AVX2), 4 of 16
-    (SSE2); else portable IR."""
+def _add_picks(typingctx, sums, xu, xn, w, o):
+    """One row's 64 weights against one slice of inputs: nz, ng = the 64-bit words at w[o], w[o + PLANE] (the row's
+    nonzero and negative planes, 8 bytes each), then
+        pick[q] = xn[q] if bit q of ng, else xu[q] if bit q of nz, else 0       (q < 64: a select on each plane's bits)
+        sums[i] += pick[8 i] + ... + pick[8 i + 7]                              (i < 8)
+    sums (8,) uint64; xu, xn (64,) uint8 in the words' bit order (_ternary_order); w uint8. The words become <64 x i1>
+    masks: on AVX-512 a mask register loaded from memory each (kmovq), then masked moves; on AVX2 bytes tested."""
     def codegen(context, builder, sig, args):
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        v64i8, v8i64 = ir.VectorType(i8, 64), ir.VectorType(i64, 8)
-        sums_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
-        a_ptr = builder.bitcast(context.make_array(sig.args[1])(context, builder, args[1]).data, v64i8.as_pointer())
-        a = builder.load(a_ptr, align=1)
-        psadbw = next(((name, width) for feature, name, width in PSADBW if feature in TARGET_FEATURES), None)
-        if psadbw:
-            name, width = psadbw
-            vin, vout = ir.VectorType(i8, width), ir.VectorType(i64, width // 8)
-            fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vout, [vin, vin]))
-            parts = [builder.call(fn, [builder.shuffle_vector(a, ir.Constant(v64i8, None), ir.Constant(
-                ir.VectorType(i32, width), list(range(k, k + width)))), ir.Constant(vin, None)])
-                for k in range(0, 64, width)]
-            while len(parts) > 1:  # concatenated pairwise into <8 x i64>
-                n = 2 * parts[0].type.count
-                both = ir.Constant(ir.VectorType(i32, n), list(range(n)))
-                parts = [builder.shuffle_vector(parts[i], parts[i + 1], both) for i in range(0, len(parts), 2)]
-            s = parts[0]
-        else:  # s[i] = sum over k of a[8 i + k]: 8 strided shuffles of the widened bytes, added
-            wide = builder.zext(a, ir.VectorType(ir.IntType(64), 64))
-            s = None
-            for k in range(8):
-                pick = ir.Constant(ir.VectorType(ir.IntType(32), 8), [8 * i + k for i in range(8)])
-                part = builder.shuffle_vector(wide, ir.Constant(wide.type, None), pick)
-                s = part if s is None else builder.add(s, part)
-        builder.store(builder.add(builder.load(sums_ptr, align=8), s), sums_ptr, align=8)
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        v64i8, v8i64, m64 = ir.VectorType(i8, 64), ir.VectorType(i64, 8), ir.VectorType(ir.IntType(1), 64)
+        ptrs = [context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:4], args[:4])]
+        sums_ptr = builder.bitcast(ptrs[0], v8i64.as_pointer())
+        xu, xn = (builder.load(builder.bitcast(p, v64i8.as_pointer()), align=1) for p in ptrs[1:3])
+        nz, ng = (builder.load(builder.bitcast(builder.gep(ptrs[3], [builder.add(args[4], i64(k))]), m64.as_pointer()),
+                               align=1) for k in (0, PLANE))
+        pick = builder.select(ng, xn, builder.select(nz, xu, ir.Constant(v64i8, None)))
+        builder.store(builder.add(builder.load(sums_ptr, align=8), _byte_sums(builder, pick)), sums_ptr, align=8)
         return context.get_dummy_value()
-    return types.none(sums, a), codegen
+    return types.none(sums, xu, xn, w, o), codegen
 
 
 @intrinsic
@@ -297,62 +310,63 @@ def _add_entries(typingctx, acc, tab, offsets, n, L):
 
 
 @intrinsic
-def _popcount(typingctx, v):
-    """The number of set bits of an integer (llvm.ctpop; vpopcntb in a vectorized byte loop)."""
-    return v(v), lambda context, builder, sig, args: builder.ctpop(args[0])
+def _add_block_counts(typingctx, counts, w, o):
+    """counts[k] += popcount of the 64-bit word k of w[o:o + 64] (k < 8): a block's two planes, so lanes 0-3 count
+    its nonzero weights and lanes 4-7 its negative ones. counts (8,) uint64; w uint8. llvm.ctpop on <8 x i64>:
+    vpopcntq where the CPU has it (AVX512-VPOPCNTDQ), else a byte-table sequence."""
+    def codegen(context, builder, sig, args):
+        v8i64 = ir.VectorType(ir.IntType(64), 8)
+        counts_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        words = builder.load(builder.bitcast(builder.gep(data, [args[2]]), v8i64.as_pointer()), align=1)
+        ctpop = builder.module.declare_intrinsic("llvm.ctpop.v8i64", fnty=ir.FunctionType(v8i64, [v8i64]))
+        builder.store(builder.add(builder.load(counts_ptr, align=8), builder.call(ctpop, [words])), counts_ptr, align=8)
+        return context.get_dummy_value()
+    return types.none(counts, w, o), codegen
+
+
+def _ternary_order(n_pad):
+    """(n_pad,) int64: the input at position 256 b + 64 i + q of _add_picks' slices is the weight of bit q of the
+    64-bit word i (bytes 8 i .. 8 i + 7) of block b's planes. pack.py puts weight 32 p + k of a block at bit p of byte
+    k, and bit q of the word is bit q % 8 of byte 8 i + q // 8: weight 32 (q % 8) + 8 i + q // 8."""
+    q = np.arange(SLICE)
+    return (BLOCK * np.arange(n_pad // BLOCK)[:, None, None] + (32 * (q % 8) + q // 8)[None, None, :]
+            + 8 * np.arange(4)[None, :, None]).reshape(n_pad)
+
+
+TERNARY_ORDER = _ternary_order(BLOCK)  # one block's: the same in every block, offset by 256 b
 
 
 @njit(cache=True)
 def _ternary_inputs(x_q, n, xu, xn):
-    """xu, xn (tokens, n_pad) uint8 = x + 128, 127 - x of x = x_q[:, :n] zero-padded: the inputs of _plane_rows."""
+    """xu, xn (tokens, n_pad) uint8 = x + 128, 127 - x of x = x_q[:, :n] zero-padded, in the words' bit order
+    (TERNARY_ORDER in each block of 256): the inputs of _plane_rows."""
+    order = TERNARY_ORDER
     for t in range(xu.shape[0]):
         for j in range(xu.shape[1]):
-            v = np.uint8(np.int16(x_q[t, j]) + 128) if j < n else np.uint8(128)
+            src = j - j % BLOCK + order[j % BLOCK]
+            v = np.uint8(np.int16(x_q[t, src]) + 128) if src < n else np.uint8(128)
             xu[t, j] = v
             xn[t, j] = ~v  # 255 - (x + 128)
 
 
 @njit(cache=True, inline="always")
-def _ternary_byte(nz, ng, bit, xu, xn, j):
-    """The byte weight j picks by its bits bit[j] of nz[j], ng[j] (ng implies nz): xu[j] (+1), xn[j] (-1) or 0."""
-    vu = xu[j]  # load both, then select (a select of two loads becomes a gather)
-    vn = xn[j]
-    v = vu if np.uint8(nz[j] & bit[j]) != 0 else np.uint8(0)
-    return vn if np.uint8(ng[j] & bit[j]) != 0 else v
-
-
-@njit(cache=True, inline="always")
-def _ternary_dot4(w0, w1, w2, w3, xu, xn, bits, planes, picked, sums, counts):
-    """4 rows . 1 token: sums[q], counts[q] (8,) uint64 = row q's picked bytes, plane bits (0-3: nz, 4-7: ng). uint8:
-    w0..w3 (nb*64,); xu, xn (nb*256,) = x + 128, 127 - x; bits[h, j]: weight 64 h + j's bit; planes, picked: scratch."""
+def _ternary_dot4(w0, w1, w2, w3, xu, xn, sums, counts):
+    """4 rows . 1 token: sums[q] (8,) uint64 = row q's picked bytes, counts[q] (8,) uint64 = its plane bits (lanes 0-3:
+    nonzero, 4-7: negative). w0..w3 (nb*64,) uint8 planes; xu, xn (nb*256,) = x + 128, 127 - x in TERNARY_ORDER."""
     nb = w0.shape[0] // (2 * PLANE)
     sums[:] = 0
     counts[:] = 0
-    p0, p1, p2, p3 = picked[0], picked[1], picked[2], picked[3]
-    nz0, nz1, nz2, nz3 = planes[0, 0], planes[1, 0], planes[2, 0], planes[3, 0]
-    ng0, ng1, ng2, ng3 = planes[0, 1], planes[1, 1], planes[2, 1], planes[3, 1]
     for b in range(nb):
-        o, e = 2 * PLANE * b, 2 * PLANE * (b + 1)  # slices outside the vector loop
-        wb0, wb1, wb2, wb3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
-        for i in range(SLICE):  # n_nz, n_ng (vpopcntb), in the pass that reads the weights anyway
-            p0[i], p1[i], p2[i], p3[i] = _popcount(wb0[i]), _popcount(wb1[i]), _popcount(wb2[i]), _popcount(wb3[i])
-        _add_byte_sums(counts[0], p0), _add_byte_sums(counts[1], p1)
-        _add_byte_sums(counts[2], p2), _add_byte_sums(counts[3], p3)
-        for j in range(PLANE):  # each plane byte twice: lanes j and 32 + j test bits 2h and 2h + 1
-            nz0[j], nz0[PLANE + j], ng0[j], ng0[PLANE + j] = wb0[j], wb0[j], wb0[PLANE + j], wb0[PLANE + j]
-            nz1[j], nz1[PLANE + j], ng1[j], ng1[PLANE + j] = wb1[j], wb1[j], wb1[PLANE + j], wb1[PLANE + j]
-            nz2[j], nz2[PLANE + j], ng2[j], ng2[PLANE + j] = wb2[j], wb2[j], wb2[PLANE + j], wb2[PLANE + j]
-            nz3[j], nz3[PLANE + j], ng3[j], ng3[PLANE + j] = wb3[j], wb3[j], wb3[PLANE + j], wb3[PLANE + j]
-        for h in range(4):  # weights 64 h .. 64 h + 63 of the block: bits 2 h, 2 h + 1 of the plane bytes
-            o = BLOCK * b + SLICE * h
-            xuh, xnh, bh = xu[o:o + SLICE], xn[o:o + SLICE], bits[h]
-            for j in range(SLICE):  # one 64-byte vector
-                p0[j] = _ternary_byte(nz0, ng0, bh, xuh, xnh, j)
-                p1[j] = _ternary_byte(nz1, ng1, bh, xuh, xnh, j)
-                p2[j] = _ternary_byte(nz2, ng2, bh, xuh, xnh, j)
-                p3[j] = _ternary_byte(nz3, ng3, bh, xuh, xnh, j)
-            _add_byte_sums(sums[0], p0), _add_byte_sums(sums[1], p1)
-            _add_byte_sums(sums[2], p2), _add_byte_sums(sums[3], p3)
+        for i in range(4):  # the 64-bit words 8 i .. 8 i + 7 of the block's two planes, and their 64 inputs
+            o, xo = 2 * PLANE * b + 8 * i, BLOCK * b + SLICE * i
+            xus, xns = xu[xo:xo + SLICE], xn[xo:xo + SLICE]
+            _add_picks(sums[0], xus, xns, w0, o), _add_picks(sums[1], xus, xns, w1, o)
+            _add_picks(sums[2], xus, xns, w2, o), _add_picks(sums[3], xus, xns, w3, o)
+    for b in range(nb):  # a loop of its own, the rows in L1 by now: the words above load straight into mask registers
+        o = 2 * PLANE * b
+        _add_block_counts(counts[0], w0, o), _add_block_counts(counts[1], w1, o)
+        _add_block_counts(counts[2], w2, o), _add_block_counts(counts[3], w3, o)
 
 
 @njit(cache=True, inline="always")
@@ -423,17 +437,9 @@ def _pass_scratch(xa, xb):
 
 @overload(_pass_scratch, inline="always")
 def _pass_scratch_layout(xa, xb):
-    if xb.ndim == 2:  # ternary: bits[h, j] = the plane bit of weight 64 h + j of a block; planes, picked, sums, counts
-        def ternary(xa, xb):
-            bits = numba.carray(_stack_array(BLOCK, np.uint8), (4, SLICE))
-            for h in range(4):
-                for j in range(PLANE):
-                    bits[h, j], bits[h, PLANE + j] = np.uint8(1 << (2 * h)), np.uint8(2 << (2 * h))
-            return (bits, numba.carray(_stack_array(ROW_PLANES, np.uint8), (ROWS, 2, SLICE)),
-                    numba.carray(_stack_array(BLOCK, np.uint8), (ROWS, SLICE)),
-                    numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)),
-                    numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)))
-        return ternary
+    if xb.ndim == 2:  # ternary: sums, counts
+        return lambda xa, xb: (numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)),
+                               numba.carray(_stack_array(SLICE_SUMS, np.uint64), (ROWS, 8)))
     if xa.dtype == types.int16:  # binary: int16 lanes, flushed into int32 ones
         return lambda xa, xb: (numba.carray(_stack_array(ROW_LANES, np.int16), (ROWS, PLANE)),
                                numba.carray(_stack_array(ROW_LANES, np.int32), (ROWS, PLANE)))
@@ -448,10 +454,10 @@ def _pass(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):
 def _pass_layout(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):
     if xb.ndim == 2:
         def ternary(w0, w1, w2, w3, xa, xb, t, scratch, y, r, n_rows):  # y = sum picked - 128 n_nz + n_ng
-            bits, planes, picked, sums, counts = scratch
-            _ternary_dot4(w0, w1, w2, w3, xa[t], xb[t], bits, planes, picked, sums, counts)
+            sums, counts = scratch
+            _ternary_dot4(w0, w1, w2, w3, xa[t], xb[t], sums, counts)
             for q in range(n_rows):
-                c = counts[q]
+                c = counts[q]  # lanes 0-3: nonzero plane, 4-7: negative plane
                 n_nz, n_ng = c[0] + c[1] + c[2] + c[3], c[4] + c[5] + c[6] + c[7]
                 y[t, r + q] = np.int64(sums[q].sum()) - 128 * np.int64(n_nz) + np.int64(n_ng)
         return ternary
