@@ -268,7 +268,7 @@ def _add_picks(typingctx, sums, xu, xn, w, o):
         pick[q] = xn[q] if bit q of ng, else xu[q] if bit q of nz, else 0       (q < 64: a select on each plane's bits)
         sums[i] += pick[8 i] + ... + pick[8 i + 7]                              (i < 8)
     sums (8,) uint64; xu, xn (64,) uint8 in the words' bit order (_ternary_order); w uint8. The words become <64 x i1>
-    masks: on AVX-512 a mask register loaded from memory each (kmovq), then masked moves; on AVX2 bytes tested."""
+    masks: on AVX-512 a mask register loaded from memory each (kmovq), then masked moves; on AVX2 byte masks."""
     def codegen(context, builder, sig, args):
         i8, i64 = ir.IntType(8), ir.IntType(64)
         v64i8, v8i64, m64 = ir.VectorType(i8, 64), ir.VectorType(i64, 8), ir.VectorType(ir.IntType(1), 64)
@@ -277,7 +277,10 @@ def _add_picks(typingctx, sums, xu, xn, w, o):
         xu, xn = (builder.load(builder.bitcast(p, v64i8.as_pointer()), align=1) for p in ptrs[1:3])
         nz, ng = (builder.load(builder.bitcast(builder.gep(ptrs[3], [builder.add(args[4], i64(k))]), m64.as_pointer()),
                                align=1) for k in (0, PLANE))
-        pick = builder.select(ng, xn, builder.select(nz, xu, ir.Constant(v64i8, None)))
+        if WIDE_VECTORS:  # two masked moves
+            pick = builder.select(ng, xn, builder.select(nz, xu, ir.Constant(v64i8, None)))
+        else:  # byte masks: (xu & nz) ^ ng, as xn = ~xu and ng implies nz (a vpand and a vpxor, not a vpblendvb)
+            pick = builder.xor(builder.and_(xu, builder.sext(nz, v64i8)), builder.sext(ng, v64i8))
         builder.store(builder.add(builder.load(sums_ptr, align=8), _byte_sums(builder, pick)), sums_ptr, align=8)
         return context.get_dummy_value()
     return types.none(sums, xu, xn, w, o), codegen
