@@ -115,6 +115,8 @@ MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded wi
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
 LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: SmolLM2-135M's LUT linears (0.3-1.8 M products)
 # gain from a second thread from 0.25 M products on (docs/performance.md)
+ATTENTION_COST = 16  # ... and a multiply-add of one-token attention (float, an exp per position) as 16: at 2 threads its
+# heads split from about 100 positions on (16 heads of 96)
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
 TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
                              else binding.get_host_cpu_features().flatten()).split(","))  # {"+avx2", "-avx512f", ...}
@@ -1615,7 +1617,7 @@ def attention_step(x, norms, ws, params, k_cache, v_cache, pos, cos, sin, work, 
             k_cache[g, pos, j] = k2[g, j]
             v_cache[g, pos, j] = v[g * hd + j]
     att2 = att.reshape((n_heads, hd))
-    n_chunks = min(threads, n_heads, n_heads * (pos + 1) * hd // min_work)
+    n_chunks = min(threads, n_heads, ATTENTION_COST * n_heads * (pos + 1) * hd // min_work)
     if n_chunks > 1:
         _attention_par(q2, k_cache, v_cache, pos + 1, scores, att2, n_chunks)
     else:
