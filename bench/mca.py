@@ -42,8 +42,8 @@ LOOPS = {
     "ternary GEMM (16 tokens)": ("_gemm_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
                                  lambda c: 4 * (c["paddw"]), 0.25, 16),
     # one block of 4 rows: 4 x 4 vpsadbw of 64 picked bytes of a row (AVX-512BW; AVX2: of 32, in a loop over half a
-    # block); a picked byte is a weight. The plane bits' counts run in a loop of their own (a vpopcntq of 64 bytes per
-    # block and row), not in this one
+    # block); a picked byte is a weight. The plane bits' counts run in a loop of their own (a vpopcntq of 64 bytes, or
+    # a vpshufb sequence, per block and row), not in this one
     "ternary GEMV (1 token)": ("_plane_rows", lambda c: c["psadbw"] == 16, lambda c: c["sad_bytes"], 0.25, 1),
 }
 SPANNING = {"ternary GEMV (1 token)"}  # loops of several blocks: from the loop's label to its backward jump

@@ -290,6 +290,41 @@ def test_top_k_and_top_p_never_sample_outside_the_set():
     assert all(generate.sample(peaked, 1.0, top_p=0.9, rng=rng) == 3 for _ in range(50))
 
 
+def _sample_full_sort(logits, temperature, top_k, top_p, rng):
+    """sample() by the textbook: softmax over a stable descending sort of all the logits, top_k, then the nucleus."""
+    with np.errstate(over="ignore"):  # a subnormal temperature: -inf but for the largest
+        z = (logits.astype(np.float64) - float(logits.max())) / temperature
+    order = np.argsort(-z, kind="stable")[:top_k if top_k > 0 else None]
+    p = np.exp(z[order])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(p), p=p)])
+
+
+@pytest.mark.parametrize("vocab", [5000, 49152])
+def test_nucleus_among_the_likeliest_draws_what_a_full_sort_draws(vocab):
+    """sample() looks for the nucleus among the NUCLEUS_CANDIDATES likeliest tokens, among all when they hold less:
+    the same tokens as a full sort under the same seed, for flat logits (a nucleus of more than 1024), peaked ones,
+    ties, top_k, and a subnormal temperature (every other logit -inf: greedy)."""
+    rng = np.random.default_rng(3)
+    flat, peaked = rng.standard_normal(vocab) * 0.3, rng.standard_normal(vocab) * 4
+    ties = np.round(rng.standard_normal(vocab) * 2)
+    cases = [(flat, 1.0, 0, 0.95), (flat, 0.7, 0, 0.9), (peaked, 0.7, 0, 0.95), (peaked, 1.0, 2000, 0.9),
+             (ties, 1.0, 0, 0.8), (ties, 0.5, 40, 0.99), (peaked, 1e-310, 0, 0.9), (flat, 1.0, 5 * vocab, 0.5)]
+    big_nucleus = 0
+    for logits, temperature, top_k, top_p in cases:
+        logits = logits.astype(np.float32)
+        for seed in range(20):
+            got = generate.sample(logits, temperature, top_k, top_p, np.random.default_rng(seed))
+            assert got == _sample_full_sort(logits, temperature, top_k, top_p, np.random.default_rng(seed))
+        with np.errstate(over="ignore"):
+            z = np.sort((logits.astype(np.float64) - logits.max()) / temperature)[::-1]
+            big_nucleus += np.cumsum(np.exp(z))[generate.NUCLEUS_CANDIDATES - 1] < top_p * np.exp(z).sum()
+    assert big_nucleus  # the fallback to all the tokens ran too
+
+
 def test_sampling_follows_the_distribution():
     rng = np.random.default_rng(2)
     logits = np.log(np.array([0.5, 0.3, 0.2]))

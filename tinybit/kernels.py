@@ -116,7 +116,7 @@ MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a
 LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: SmolLM2-135M's LUT linears (0.3-1.8 M products)
 # gain from a second thread from 0.25 M products on (docs/performance.md)
 ATTENTION_COST = 16  # ... and a multiply-add of one-token attention (float, an exp per position) as 16: at 2 threads its
-# heads split from about 100 positions on (16 heads of 96)
+# heads split from 86 positions on (16 heads of 96)
 # The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's): what an instruction choice follows.
 TARGET_FEATURES = frozenset((config.CPU_FEATURES if config.CPU_FEATURES is not None
                              else binding.get_host_cpu_features().flatten()).split(","))  # {"+avx2", "-avx512f", ...}
@@ -270,7 +270,9 @@ def _add_picks(typingctx, sums, xu, xn, w, o):
         pick[q] = xn[q] if bit q of ng, else xu[q] if bit q of nz, else 0       (q < 64: a select on each plane's bits)
         sums[i] += pick[8 i] + ... + pick[8 i + 7]                              (i < 8)
     sums (8,) uint64; xu, xn (64,) uint8 in the words' bit order (_ternary_order); w uint8. The words become <64 x i1>
-    masks: on AVX-512 a mask register loaded from memory each (kmovq), then masked moves; on AVX2 byte masks."""
+    masks: on AVX-512BW a mask register loaded from memory each (kmovq), then masked moves; else byte masks, and the
+    pick is (xu & nz) ^ ng, which is the same for legal planes (xn = ~xu; a negative bit only on a nonzero weight:
+    pack.check_ternary_planes)."""
     def codegen(context, builder, sig, args):
         i8, i64 = ir.IntType(8), ir.IntType(64)
         v64i8, v8i64, m64 = ir.VectorType(i8, 64), ir.VectorType(i64, 8), ir.VectorType(ir.IntType(1), 64)
@@ -279,7 +281,7 @@ def _add_picks(typingctx, sums, xu, xn, w, o):
         xu, xn = (builder.load(builder.bitcast(p, v64i8.as_pointer()), align=1) for p in ptrs[1:3])
         nz, ng = (builder.load(builder.bitcast(builder.gep(ptrs[3], [builder.add(args[4], i64(k))]), m64.as_pointer()),
                                align=1) for k in (0, PLANE))
-        if WIDE_VECTORS:  # two masked moves
+        if "+avx512bw" in TARGET_FEATURES:  # two masked byte moves
             pick = builder.select(ng, xn, builder.select(nz, xu, ir.Constant(v64i8, None)))
         else:  # byte masks: (xu & nz) ^ ng, as xn = ~xu and ng implies nz (a vpand and a vpxor, not a vpblendvb)
             pick = builder.xor(builder.and_(xu, builder.sext(nz, v64i8)), builder.sext(ng, v64i8))
@@ -318,7 +320,7 @@ def _add_entries(typingctx, acc, tab, offsets, n, L):
 def _add_block_counts(typingctx, counts, w, o):
     """counts[k] += popcount of the 64-bit word k of w[o:o + 64] (k < 8): a block's two planes, so lanes 0-3 count
     its nonzero weights and lanes 4-7 its negative ones. counts (8,) uint64; w uint8. llvm.ctpop on <8 x i64>:
-    vpopcntq where the CPU has it (AVX512-VPOPCNTDQ), else a byte-table sequence."""
+    vpopcntq where the CPU has it (AVX512-VPOPCNTDQ), else a byte-table sequence (vpshufb, vpsadbw)."""
     def codegen(context, builder, sig, args):
         v8i64 = ir.VectorType(ir.IntType(64), 8)
         counts_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v8i64.as_pointer())
@@ -330,16 +332,15 @@ def _add_block_counts(typingctx, counts, w, o):
     return types.none(counts, w, o), codegen
 
 
-def _ternary_order(n_pad):
-    """(n_pad,) int64: the input at position 256 b + 64 i + q of _add_picks' slices is the weight of bit q of the
-    64-bit word i (bytes 8 i .. 8 i + 7) of block b's planes. pack.py puts weight 32 p + k of a block at bit p of byte
-    k, and bit q of the word is bit q % 8 of byte 8 i + q // 8: weight 32 (q % 8) + 8 i + q // 8."""
+def _ternary_order():
+    """(256,) int64: the input at position 64 i + q of a block's _add_picks slices is the weight of bit q of the 64-bit
+    word i (bytes 8 i .. 8 i + 7) of the block's planes. pack.py puts weight 32 p + k of a block at bit p of byte k,
+    and bit q of the word is bit q % 8 of byte 8 i + q // 8: weight 32 (q % 8) + 8 i + q // 8."""
     q = np.arange(SLICE)
-    return (BLOCK * np.arange(n_pad // BLOCK)[:, None, None] + (32 * (q % 8) + q // 8)[None, None, :]
-            + 8 * np.arange(4)[None, :, None]).reshape(n_pad)
+    return ((32 * (q % 8) + q // 8)[None, :] + 8 * np.arange(4)[:, None]).reshape(BLOCK)
 
 
-TERNARY_ORDER = _ternary_order(BLOCK)  # one block's: the same in every block, offset by 256 b
+TERNARY_ORDER = _ternary_order()  # the same in every block of 256 inputs
 
 
 @njit(cache=True)

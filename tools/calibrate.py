@@ -189,7 +189,7 @@ SELF_INSTRUCTIONS = (
 SELF_TEMPERATURE, SELF_TOP_P = 0.7, 0.95  # moderate: varied text the model finds likely
 SELF_PENALTY, SELF_WINDOW = 1.2, 64  # CTRL's repetition penalty on the tokens of the last SELF_WINDOW: a small model's
 # text at 0.7 falls into loops ("it is very high in fat." 50 times), which calibrate on one state over and over
-SELF_BATCH = 64  # sequences written together: one pass reads each weight once for all of them (2.8x the tok/s of 16;
+SELF_BATCH = 64  # sequences written together: one pass reads each weight once for all of them (1.7x the tok/s of 16;
 # their KV caches take 64 x 24 MB for SmolLM2-135M at 512 tokens)
 
 
