@@ -1128,9 +1128,10 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums, d):
     k < n_tokens (constants), r_i = min(r0 + i, last row), t_k = min(t0 + k, last token): one fused multiply-add of
     <L x float> per chunk, row and token, in chunk order. w (n_out, n_in) int8 (widened, exactly) or float32 and x
     (tokens, n_in) float32, C-contiguous; sums (n_rows, n_tokens, DENSE_LANES) float32. d: None, or int8 w's block
-    scales (n_out, n_in / SCALE_BLOCK) float32 (float16 values: numba has no float16 arrays), C-contiguous: each
-    widened weight vector is multiplied by its block's d first (exactly: 8 by 11 significant bits), so the sums are
-    those of the float32 weights w d."""
+    scales (n_out, n_in / SCALE_BLOCK), C-contiguous: float16 as their uint16 bits (numba has no float16 arrays; widened
+    here by F16C's vcvtph2ps, so a mapped file's scales are read as they are), or float32 where the target has no F16C
+    (LLVM would call a runtime function numba does not link): each widened weight vector is multiplied by its block's
+    d first (exactly: 8 by 11 significant bits), so the sums are those of the float32 weights w d."""
     if not (isinstance(n_rows, types.IntegerLiteral) and isinstance(n_tokens, types.IntegerLiteral)):
         return None
     n_r, n_k = n_rows.literal_value, n_tokens.literal_value
@@ -1163,6 +1164,8 @@ def _dense_lane_sums(typingctx, w, r0, x, t0, n_rows, n_tokens, sums, d):
                 wv = builder.sitofp(wv, vec) if isinstance(wvec.element, ir.IntType) else wv
                 if scaled:  # times the block's d, broadcast
                     di = builder.load(builder.gep(d_rows[i], [builder.udiv(j, i64(SCALE_BLOCK))]))
+                    if isinstance(di.type, ir.IntType):  # float16 bits
+                        di = builder.fpext(builder.bitcast(di, ir.HalfType()), ir.FloatType())
                     lanes = ir.VectorType(ir.IntType(32), DENSE_LANES)
                     wv = builder.fmul(wv, builder.shuffle_vector(
                         builder.insert_element(ir.Constant(vec, None), di, ir.Constant(ir.IntType(32), 0)),
@@ -1437,7 +1440,11 @@ def int8_block_matmul(w_q, d, x):
             or d.shape != (shape[0], shape[1] // SCALE_BLOCK):
         raise UsageError(f"int8 blocks: expected scales (n_out, n_in / {SCALE_BLOCK}) for int8 weights "
                          f"{np.shape(w_q)}, got {d.dtype} {d.shape}")
-    return _dense_matmul(w_q, x, np.int8, "int8 block weights", np.ascontiguousarray(d, np.float32))
+    if d.dtype == np.float16 and "+f16c" in TARGET_FEATURES:  # widened in the kernel: no copy a call
+        d = np.ascontiguousarray(d).view(np.uint16)
+    else:
+        d = np.ascontiguousarray(d, np.float32)
+    return _dense_matmul(w_q, x, np.int8, "int8 block weights", d)
 
 
 def f32_matmul(w, x):
