@@ -74,6 +74,28 @@ def test_rope_equals_model():
         np.testing.assert_array_equal(x, want)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("tokens", [1, 3, 300])  # 300 x 2560 and x 20 x 128: split among the threads
+def test_many_token_twins_equal_model(threads, tokens):
+    """kernels.rms_norm (over a last axis, q/k norms' (T, heads, hd) too) and kernels.rope, the prefill's, give
+    model.rms_norm's and model.rope's floats."""
+    kernels.set_threads(threads)
+    try:
+        rng = np.random.default_rng(tokens)
+        x = (rng.standard_normal((tokens, 2560)) * rng.uniform(1e-3, 1e4, (tokens, 1))).astype(np.float32)
+        w = rng.standard_normal(2560).astype(np.float32)
+        np.testing.assert_array_equal(kernels.rms_norm(x, w, 1e-5), tbmodel.rms_norm(x, w, 1e-5))
+        qk = rng.standard_normal((tokens, 20, 128)).astype(np.float32)
+        np.testing.assert_array_equal(kernels.rms_norm(qk, w[:128], 1e-6), tbmodel.rms_norm(qk, w[:128], 1e-6))
+        cos, sin = rng.standard_normal((2, tokens, 64)).astype(np.float32)
+        np.testing.assert_array_equal(kernels.rope(qk, cos, sin), tbmodel.rope(qk, cos, sin))
+        view = qk[:, ::2]  # a strided view (q or k of one projection) is read, not rotated in place
+        np.testing.assert_array_equal(kernels.rope(view, cos, sin), tbmodel.rope(view, cos, sin))
+        np.testing.assert_array_equal(view, qk[:, ::2])
+    finally:
+        kernels.set_threads()
+
+
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("n_pos", [1, 2, 9, 130])
 @pytest.mark.parametrize("q_scale", [1, 20])  # 20: many scores below e^-60 of the largest (weight 0 in both)

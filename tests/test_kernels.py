@@ -345,6 +345,31 @@ def test_absmax_quantize_equals_ref(shape, seed, scale):
             kernels.absmax_quantize(y)
 
 
+@per_thread_count
+@pytest.mark.parametrize("per_row", [False, True])
+def test_many_token_absmax_and_scales_equal_ref(threads, per_row):
+    """Enough tokens to split among the threads (kernels.MIN_ELEMENTS_PER_THREAD): the int8 activations, their scales
+    and the scaled int32 sums equal the references bit for bit; a NaN or Inf in any token's run is refused."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(7)
+    tokens, n = 67, 3 * kernels.MIN_ELEMENTS_PER_THREAD // 67 + 5
+    x = (rng.standard_normal((tokens, n)) * rng.uniform(1e-3, 1e3, (tokens, 1))).astype(np.float32)
+    x[3] = 0  # a zero row: the EPS floor
+    x_q, sx = kernels.absmax_quantize(x)
+    ref_q, ref_s = kernels.absmax_quantize_ref(x)
+    np.testing.assert_array_equal(x_q, ref_q)
+    np.testing.assert_array_equal(sx, ref_s)
+    acc = rng.integers(-2 ** 20, 2 ** 20, (tokens, 4000)).astype(np.int32)
+    row_scale = rng.uniform(0.01, 2, 4000 if per_row else 1).astype(np.float32)
+    np.testing.assert_array_equal(kernels.scale_sums(acc, row_scale, sx), kernels.scale_sums_ref(acc, row_scale, sx))
+    for t in (0, tokens // 2, tokens - 1):
+        for bad in (np.nan, -np.inf):
+            y = x.copy()
+            y[t, rng.integers(n)] = bad
+            with pytest.raises(TinybitError, match="NaN or Inf"):
+                kernels.absmax_quantize(y)
+
+
 # --- overflow: int16 lanes are flushed before they can overflow ---------------------------------
 
 @per_thread_count

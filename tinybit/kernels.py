@@ -10,6 +10,8 @@ y (tokens, n_out); scales are the caller's.
     int8_matmul, f32_matmul               dense rows (an int8 head; a float head's few-token GEMV)
     int8_block_matmul                     int8 rows, a float16 scale per block of 32 inputs (Q8_0), as f32_matmul
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
+    scale_sums                            int32 sums of int8 activations -> floats, times their scales
+    rms_norm, rope                        model.rms_norm and model.rope of many tokens, on the kernels' threads
     attention_step, down_step             model.block for one token of an all-ternary or all-LUT block (its twin)
 Ternary and binary: additions, selects, bit tests; table lookups from GEMM_MIN_TOKENS on. How, why: docs/KERNELS.md."""
 import ctypes
@@ -101,6 +103,12 @@ f32_matmul_ref = int8_matmul_ref  # w (n_out, n_in) float32: the same product
 absmax_quantize_ref = quant.absmax_quantize  # the reference activation quantizer (8 bits, per token)
 
 
+def scale_sums_ref(acc, row_scale, s_x):
+    """An int8-activation layer's float output: acc (tokens, n_out) int32 sums, row_scale (1,) or (n_out,) its gamma or
+    beta, s_x (tokens, 1) the absmax scale -> acc * row_scale / s_x (tokens, n_out) float32, the scales divided first."""
+    return acc.astype(np.float32) * (row_scale / s_x)
+
+
 # --- fast Numba kernels ------------------------------------------------------------------------
 BLOCK = pack.BLOCK  # 256 weights per plane block
 PLANE = pack.PLANE_BYTES  # 32 bytes per plane and block = one int16 vector of 32 lanes
@@ -113,6 +121,7 @@ FLUSH_BLOCKS = 32767 // (8 * 128)  # = 31 blocks of 8 int16 terms |x| <= 128 per
 X_TILE_BYTES = 256 * 1024  # GEMM: activations of one token tile (kept in L2 while all rows pass)
 MATRICES = 3  # matrices of one parallel call at most (q, k, v), fewer padded with 0-row ones (one compile)
 MIN_WORK_PER_THREAD = 1 << 20  # products per thread, else one thread runs it (a parallel region costs tens of µs)
+MIN_ELEMENTS_PER_THREAD = 1 << 16  # ... and elements of an elementwise pass over many tokens (absmax, scales, norms)
 LOOKUP_COST = 4  # ... a looked-up product (LUT, VQ) counting as 4: SmolLM2-135M's LUT linears (0.3-1.8 M products)
 # gain from a second thread from 0.25 M products on (docs/performance.md)
 ATTENTION_COST = 16  # ... and a multiply-add of one-token attention (float, an exp per position) as 16: at 2 threads its
@@ -1228,23 +1237,65 @@ def _dense_par(ws, d, x, ys, n_chunks):
 
 
 @njit(cache=True)
-def _absmax_rows(x, x_q, scale):
-    """x (tokens, n) float32 -> x_q int8, scale (tokens, 1) float32 as absmax_quantize_ref; False on a NaN/Inf."""
+def _absmax_rows(x, x_q, scale, t0, t1):
+    """Tokens t0..t1-1 of x (tokens, n) float32 -> x_q int8, scale (tokens, 1) float32 as absmax_quantize_ref; False
+    on a NaN/Inf. max|x| is taken on the bits: |x| is the float's bits without the sign, ordered as integers, and
+    at least those of +Inf on an Inf or a NaN (an integer max vectorizes; a float max stops at NaN checks)."""
     q = np.float32(127)
-    for t in range(x.shape[0]):
-        xt, g, nan = x[t], np.float32(0), False
-        for j in range(xt.shape[0]):
-            a = abs(xt[j])
-            g = max(g, a)
-            nan |= a != a  # max() skips a NaN: seen here (no temporary array per row)
-        if nan or not np.isfinite(g):
+    bits, top = x.view(np.int32), np.empty(1, np.int32)
+    for t in range(t0, t1):
+        row, m = bits[t], np.int32(0)
+        for j in range(row.shape[0]):
+            m = max(m, row[j] & 0x7FFFFFFF)
+        if m >= 0x7F800000:
             return False
-        s = q / max(g, np.float32(quant.EPS))
+        top[0] = m
+        s = q / max(top.view(np.float32)[0], np.float32(quant.EPS))
         scale[t, 0] = s
-        xqt = x_q[t]
+        xt, xqt = x[t], x_q[t]
         for j in range(xt.shape[0]):
             xqt[j] = np.int8(min(max(np.rint(xt[j] * s), -q), q))
     return True
+
+
+@njit(cache=True, parallel=True)
+def _absmax_par(x, x_q, scale, n_chunks):
+    ok = np.ones(n_chunks, np.bool_)
+    for c in prange(n_chunks):
+        ok[c] = _absmax_rows(x, x_q, scale, *_token_chunk(c, n_chunks, x.shape[0]))
+    return ok.all()
+
+
+@njit(cache=True)
+def _scale_rows(acc, row_scale, s_x, y, t0, t1):
+    """Tokens t0..t1-1 of y (tokens, n_out) float32 = scale_sums_ref(acc, row_scale, s_x)."""
+    per_row = row_scale.shape[0] > 1
+    for t in range(t0, t1):
+        a, yt, sx = acc[t], y[t], s_x[t, 0]
+        if per_row:
+            for o in range(a.shape[0]):
+                yt[o] = np.float32(a[o]) * (row_scale[o] / sx)
+        else:
+            f = row_scale[0] / sx
+            for o in range(a.shape[0]):
+                yt[o] = np.float32(a[o]) * f
+
+
+@njit(cache=True, parallel=True)
+def _scale_par(acc, row_scale, s_x, y, n_chunks):
+    for c in prange(n_chunks):
+        _scale_rows(acc, row_scale, s_x, y, *_token_chunk(c, n_chunks, acc.shape[0]))
+
+
+@njit(cache=True)
+def _token_chunk(c, n_chunks, tokens):
+    """(t0, t1) of chunk c of n_chunks even runs of tokens."""
+    return c * tokens // n_chunks, (c + 1) * tokens // n_chunks
+
+
+def _token_chunks(tokens, n):
+    """Runs of tokens for an elementwise pass over (tokens, n): one per thread, each >= MIN_ELEMENTS_PER_THREAD."""
+    return max(1, min(kernel_threads, tokens, tokens * n // MIN_ELEMENTS_PER_THREAD))
 
 
 # --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
@@ -1290,9 +1341,22 @@ def absmax_quantize(x):
     if x.shape[1] == 0:
         raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
     x_q, scale = np.empty(x.shape, np.int8), np.empty((x.shape[0], 1), np.float32)
-    if not _absmax_rows(x, x_q, scale):
+    n_chunks = _token_chunks(*x.shape)
+    if not (_absmax_par(x, x_q, scale, n_chunks) if n_chunks > 1 else _absmax_rows(x, x_q, scale, 0, x.shape[0])):
         raise QuantError("activation contains NaN or Inf; cannot quantize")
     return x_q, scale
+
+
+def scale_sums(acc, row_scale, s_x):
+    """Same as scale_sums_ref: acc (tokens, n_out) int32, row_scale (1,) or (n_out,), s_x (tokens, 1) float32."""
+    y = np.empty(acc.shape, np.float32)
+    row_scale = np.ascontiguousarray(row_scale, np.float32)
+    n_chunks = _token_chunks(*acc.shape)
+    if n_chunks > 1:
+        _scale_par(acc, row_scale, s_x, y, n_chunks)
+    else:
+        _scale_rows(acc, row_scale, s_x, y, 0, acc.shape[0])
+    return y
 
 
 def ternary_matmul(w_packed, x_q):
@@ -1465,11 +1529,60 @@ def _rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True)
+def _rms_norm_rows(x, weight, eps, out, t0, t1):
+    for t in range(t0, t1):
+        _rms_norm(x[t], weight, eps, out[t])
+
+
+@njit(cache=True, parallel=True)
+def _rms_norm_par(x, weight, eps, out, n_chunks):
+    for c in prange(n_chunks):
+        _rms_norm_rows(x, weight, eps, out, *_token_chunk(c, n_chunks, x.shape[0]))
+
+
+def rms_norm(x, weight, eps):
+    """model.rms_norm of many tokens on the kernels' threads: x (..., d) float32 -> a new array. The same floats
+    but where the mean of squares, summed in float64 in another order, rounds to float32 across a tie."""
+    rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])  # (tokens, d)
+    out = np.empty_like(rows)
+    weight, eps, n_chunks = np.ascontiguousarray(weight, np.float32), np.float32(eps), _token_chunks(*rows.shape)
+    if n_chunks > 1:
+        _rms_norm_par(rows, weight, eps, out, n_chunks)
+    else:
+        _rms_norm_rows(rows, weight, eps, out, 0, len(rows))
+    return out.reshape(x.shape)
+
+
+@njit(cache=True)
+def _rope_rows(x, cos, sin, t0, t1):
+    for t in range(t0, t1):
+        _rope(x[t], cos[t], sin[t])
+
+
+@njit(cache=True, parallel=True)
+def _rope_par(x, cos, sin, n_chunks):
+    for c in prange(n_chunks):
+        _rope_rows(x, cos, sin, *_token_chunk(c, n_chunks, x.shape[0]))
+
+
+def rope(x, cos, sin):
+    """model.rope of many tokens on the kernels' threads, bit for bit: x (T, heads, hd); cos, sin (T, hd/2) float32."""
+    out = np.array(x, np.float32, order="C")  # (T, heads, hd), rotated in place
+    cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
+    n_chunks = _token_chunks(len(out), out[0].size)
+    if n_chunks > 1:
+        _rope_par(out, cos, sin, n_chunks)
+    else:
+        _rope_rows(out, cos, sin, 0, len(out))
+    return out
+
+
+@njit(cache=True)
 def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     """linear.apply_many, one token x (n_in,), ternary ws: ys[m] = (x_q W_m~^T) * scale_m / s_x; False on x NaN/Inf.
     ws, scales, accs, ys: MATRICES each, those past the layer's matrices 0-row slices (one compile for 1, 2, 3)."""
     n = x.shape[0]
-    if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1))):
+    if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1)), 0, 1):
         return False
     xu, xn = x8
     n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK  # the kernels read n_pad inputs: zeros past n
@@ -1483,10 +1596,8 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
             _plane_rows(ws[m], xu, xn, accs[m], np.int64(0), ws[m].shape[0])
     else:
         _plane_par(ws, xu, xn, accs, n_chunks)
-    for m in range(len(ws)):
-        scale, y = scales[m], ys[m]
-        for r in range(y.shape[0]):  # gamma per tensor (1,) or per row (n_out,)
-            y[r] = np.float32(accs[m][0, r]) * (scale[r if scale.shape[0] > 1 else 0] / s_x[0])
+    for m in range(len(ws)):  # gamma per tensor (1,) or per row (n_out,)
+        _scale_rows(accs[m], scales[m], s_x.reshape((1, 1)), ys[m].reshape((1, ys[m].shape[0])), 0, 1)
     return True
 
 

@@ -101,13 +101,13 @@ def _float(name, dtype):
 
 # --- int8 activations: ternary, binary -----------------------------------------------------------
 
-def _integer_apply(absmax, matmuls):
+def _integer_apply(absmax, matmuls, scale_sums):
     """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x (after
     a LayerNorm for binary's ln) and one kernel call for all of them (q, k, v; gate, up)."""
     def apply(layers, x):
         x_q, s_x = absmax(layer_norm(x) if layers[0]["scheme"].get("ln") else x)  # (tokens, n_in) int8, (tokens, 1)
         accs = matmuls([layer["w_packed"] for layer in layers], x_q)  # [(tokens, n_out) int32]
-        return [acc.astype(np.float32) * (_row_scales(layer) / s_x) for acc, layer in zip(accs, layers)]
+        return [scale_sums(acc, _row_scales(layer), s_x) for acc, layer in zip(accs, layers)]
     return apply
 
 
@@ -127,8 +127,9 @@ def _int8_scheme(name, params, n_scales, quantize, dequantize, planes, **traits)
         quantize=quantize,
         encode=lambda spec, codes, scale: {"w_packed": pack_planes(codes), "scale": np.asarray(scale, np.float32)},
         check=lambda spec, t, n_in, where: check_planes(t["w_packed"], n_in, f"{where}.w_packed"),
-        apply=_integer_apply(kernels.absmax_quantize, matmuls),
-        apply_ref=_integer_apply(kernels.absmax_quantize_ref, lambda ws, x_q: [matmul_ref(w, x_q) for w in ws]),
+        apply=_integer_apply(kernels.absmax_quantize, matmuls, kernels.scale_sums),
+        apply_ref=_integer_apply(kernels.absmax_quantize_ref, lambda ws, x_q: [matmul_ref(w, x_q) for w in ws],
+                                 kernels.scale_sums_ref),
         dequantize=lambda layer: dequantize(unpack_planes(layer["w_packed"], layer["n_in"]), layer),
         bits=lambda spec: n_planes, int8_act=True, **traits)
 

@@ -146,12 +146,13 @@ def attention(q, k, v, start):
     return out.reshape(KV, group, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
-def block(c, norms, x, cos, sin, attend, linears):
+def block(c, norms, x, cos, sin, attend, linears, rms_norm=rms_norm, rope=rope):
     """The transformer block, the reference (one token: its twin kernels.attention_step): x (T, dim) -> (T, dim).
     norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm", "q_norm", "k_norm"} weights (sub-norms,
     q/k norms: None without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
     attention of the rotated queries over the past and these rotated keys and values (a KV cache,
-    or the calibration batch's own sequences); linears(names, x) -> [y]: the linears that read x."""
+    or the calibration batch's own sequences); linears(names, x) -> [y]: the linears that read x;
+    rms_norm, rope: these references, or their many-token twins kernels.rms_norm and kernels.rope."""
     T, H, KV, hd, eps = len(x), c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
     # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     h = rms_norm(x, norms["attn_norm"], eps)                                    # (T, dim)
@@ -353,8 +354,9 @@ class Model:
                 cache.v[i, :, start:end] = v[r0:r1].transpose(1, 0, 2)
                 out[r0:r1] = attention(q[r0:r1], cache.k[i, :, :end], cache.v[i, :, :end], start)
             return out
+        twins = {} if self.ref else {"rms_norm": kernels.rms_norm, "rope": kernels.rope}
         return block(self.config, self.block_norms[i], x, cos, sin, attend,
-                     lambda names, h: self.linears_of([p + name for name in names], h))
+                     lambda names, h: self.linears_of([p + name for name in names], h), **twins)
 
     def _block_step(self, i, x, cache, cos, sin):
         """block() for one token, x (1, dim), in compiled steps: x is updated in place."""
