@@ -1582,7 +1582,7 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     """linear.apply_many, one token x (n_in,), ternary ws: ys[m] = (x_q W_m~^T) * scale_m / s_x; False on x NaN/Inf.
     ws, scales, accs, ys: MATRICES each, those past the layer's matrices 0-row slices (one compile for 1, 2, 3)."""
     n = x.shape[0]
-    if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1)), 0, 1):
+    if not _absmax_rows(x.reshape((1, n)), x_q, s_x.reshape((1, 1)), np.int64(0), np.int64(1)):
         return False
     xu, xn = x8
     n_pad = ws[0].shape[1] // (2 * PLANE) * BLOCK  # the kernels read n_pad inputs: zeros past n
@@ -1597,7 +1597,8 @@ def _linears(ws, scales, x, x_q, x8, s_x, accs, ys, threads, min_work):
     else:
         _plane_par(ws, xu, xn, accs, n_chunks)
     for m in range(len(ws)):  # gamma per tensor (1,) or per row (n_out,)
-        _scale_rows(accs[m], scales[m], s_x.reshape((1, 1)), ys[m].reshape((1, ys[m].shape[0])), 0, 1)
+        _scale_rows(accs[m], scales[m], s_x.reshape((1, 1)), ys[m].reshape((1, ys[m].shape[0])), np.int64(0),
+                    np.int64(1))
     return True
 
 
