@@ -516,7 +516,7 @@ def test_kernels_without_avx512(cpu):
     ternary kernel's byte sums take psadbw of 32 bytes (AVX2) or 16 (SSE2), the table GEMM's quad codes vpshufb
     (haswell) or their digits' arithmetic (x86-64), the LUT/VQ lookups vpermps of 8-float halves (haswell) or
     scalar loads (x86-64), and all still equal the references, overflow stress included; the dense kernel runs
-    8-lane sums in AVX2-sized blocks."""
+    8-lane sums in AVX2-sized blocks; the prefill's absmax and scaling of the sums equal theirs too."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": CPUS_WITHOUT_AVX512[cpu]} if x86 else {}
     out = _run("""
@@ -549,6 +549,19 @@ def test_kernels_without_avx512(cpu):
                 cb = rng.integers(-50, 51, (1, 4 ** bits, 2)).astype(np.float32)
                 xv = rng.integers(-99, 100, (2, 4 * n_in)).astype(np.float32)
                 assert (k.vq_matmul(wv, bits, cb, None, xv) == k.vq_matmul_ref(wv, bits, cb, None, xv)).all(), bits
+        x = (rng.standard_normal((70, 3000)) * 50).astype(np.float32)  # the prefill's steps, split among threads
+        x[5, 7] = np.nan
+        for rows in (x[:1], x[6:]):
+            x_q, sx = k.absmax_quantize(rows)
+            ref_q, ref_s = k.absmax_quantize_ref(rows)
+            assert (x_q == ref_q).all() and (sx == ref_s).all()
+            acc, gamma = rng.integers(-2 ** 20, 2 ** 20, (len(rows), 300)).astype(np.int32), np.float32([0.3])
+            assert (k.scale_sums(acc, gamma, sx) == k.scale_sums_ref(acc, gamma, sx)).all()
+        try:
+            k.absmax_quantize(x)
+            raise AssertionError("a NaN was quantized")
+        except k.QuantError:
+            pass
         asm = " ".join(k._plane_rows.inspect_asm().values())
         print(re.search("psadbw[^%]*%([xyz])mm", asm).group(1), k.DENSE_LANES, k.LOOKUP_ISA)
     """, **env)
