@@ -1293,9 +1293,11 @@ def _token_chunk(c, n_chunks, tokens):
     return c * tokens // n_chunks, (c + 1) * tokens // n_chunks
 
 
-def _token_chunks(tokens, n):
-    """Runs of tokens for an elementwise pass over (tokens, n): one per thread, each >= MIN_ELEMENTS_PER_THREAD."""
-    return max(1, min(kernel_threads, tokens, tokens * n // MIN_ELEMENTS_PER_THREAD))
+def _by_tokens(rows, par, tokens, n, *args):
+    """An elementwise pass over (tokens, n): rows(*args, 0, tokens), or par(*args, n_chunks) over runs of the tokens,
+    one per thread and each of at least MIN_ELEMENTS_PER_THREAD elements (a parallel region costs tens of µs)."""
+    n_chunks = max(1, min(kernel_threads, tokens, tokens * n // MIN_ELEMENTS_PER_THREAD))
+    return par(*args, n_chunks) if n_chunks > 1 else rows(*args, 0, tokens)
 
 
 # --- public fast kernels: check shapes, pad x, allocate y, call the parallel kernel -----------
@@ -1341,8 +1343,7 @@ def absmax_quantize(x):
     if x.shape[1] == 0:
         raise QuantError(f"activation: nothing to take the absmax of, shape {x.shape}")
     x_q, scale = np.empty(x.shape, np.int8), np.empty((x.shape[0], 1), np.float32)
-    n_chunks = _token_chunks(*x.shape)
-    if not (_absmax_par(x, x_q, scale, n_chunks) if n_chunks > 1 else _absmax_rows(x, x_q, scale, 0, x.shape[0])):
+    if not _by_tokens(_absmax_rows, _absmax_par, *x.shape, x, x_q, scale):
         raise QuantError("activation contains NaN or Inf; cannot quantize")
     return x_q, scale
 
@@ -1350,12 +1351,7 @@ def absmax_quantize(x):
 def scale_sums(acc, row_scale, s_x):
     """Same as scale_sums_ref: acc (tokens, n_out) int32, row_scale (1,) or (n_out,), s_x (tokens, 1) float32."""
     y = np.empty(acc.shape, np.float32)
-    row_scale = np.ascontiguousarray(row_scale, np.float32)
-    n_chunks = _token_chunks(*acc.shape)
-    if n_chunks > 1:
-        _scale_par(acc, row_scale, s_x, y, n_chunks)
-    else:
-        _scale_rows(acc, row_scale, s_x, y, 0, acc.shape[0])
+    _by_tokens(_scale_rows, _scale_par, *acc.shape, acc, np.ascontiguousarray(row_scale, np.float32), s_x, y)
     return y
 
 
@@ -1545,11 +1541,8 @@ def rms_norm(x, weight, eps):
     but where the mean of squares, summed in float64 in another order, rounds to float32 across a tie."""
     rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])  # (tokens, d)
     out = np.empty_like(rows)
-    weight, eps, n_chunks = np.ascontiguousarray(weight, np.float32), np.float32(eps), _token_chunks(*rows.shape)
-    if n_chunks > 1:
-        _rms_norm_par(rows, weight, eps, out, n_chunks)
-    else:
-        _rms_norm_rows(rows, weight, eps, out, 0, len(rows))
+    _by_tokens(_rms_norm_rows, _rms_norm_par, *rows.shape, rows, np.ascontiguousarray(weight, np.float32),
+               np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -1568,12 +1561,8 @@ def _rope_par(x, cos, sin, n_chunks):
 def rope(x, cos, sin):
     """model.rope of many tokens on the kernels' threads, bit for bit: x (T, heads, hd); cos, sin (T, hd/2) float32."""
     out = np.array(x, np.float32, order="C")  # (T, heads, hd), rotated in place
-    cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
-    n_chunks = _token_chunks(len(out), out[0].size)
-    if n_chunks > 1:
-        _rope_par(out, cos, sin, n_chunks)
-    else:
-        _rope_rows(out, cos, sin, 0, len(out))
+    _by_tokens(_rope_rows, _rope_par, len(out), out[0].size, out, np.ascontiguousarray(cos, np.float32),
+               np.ascontiguousarray(sin, np.float32))
     return out
 
 
