@@ -139,6 +139,39 @@ def test_initial_grids_on_threads_change_nothing(name):
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_shrunk_scales_the_correlations_and_keeps_the_diagonal():
+    _, x = correlated_layer(seed=9)
+    H = 2 * x.T @ x / len(x)
+    S = calibrate.shrunk(H, 0.3)
+    off = ~np.eye(len(H), dtype=bool)
+    np.testing.assert_allclose(np.diag(S), np.diag(H), rtol=1e-15)  # 0.7 H_jj + 0.3 H_jj, rounded
+    np.testing.assert_allclose(S[off], 0.7 * H[off], rtol=1e-15)
+    assert np.array_equal(calibrate.shrunk(H, 0.0), H)
+    assert np.array_equal(calibrate.shrunk(H, 1.0), np.diag(np.diag(H)))
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 5])
+def test_shrink_falls_with_depth(monkeypatch, n_layers):
+    """Each block's four Hessians (q,k,v | o | gate,up | down) pass through shrunk with one a per block: falling
+    linearly from below 2 shrink to above 0, shrink on average; shrink=0 shrinks none."""
+    c = tiny_config(n_layers=n_layers)
+    t = random_float_tensors(c, seed=6)
+    ids = np.random.default_rng(1).integers(0, c.vocab_size, (3, 12))
+    for shrink in (0.25, 0.0):
+        seen = []
+        monkeypatch.setattr(calibrate, "shrunk", lambda H, a, f=calibrate.shrunk: seen.append(a) or f(H, a))
+        _, _, lines = calibrate.calibrate_model(c, t, ids, SPECS["lut3-row"], log=lambda m: None, shrink=shrink)
+        monkeypatch.undo()
+        a = np.array(seen).reshape(n_layers, 4)
+        assert (a == a[:, :1]).all()
+        a = a[:, 0]
+        if shrink:
+            assert a[0] < 2 * shrink and a[-1] > 0 and np.isclose(a.mean(), shrink)
+            assert np.allclose(np.diff(a), -2 * shrink / n_layers) and "shrunk toward their diagonals by" in lines[0]
+        else:
+            assert (a == 0).all() and "Hessians not shrunk" in lines[0]
+
+
 # --- the converter ------------------------------------------------------------------------------
 
 TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
@@ -399,9 +432,19 @@ def test_a_hessian_without_a_cholesky_factor_is_a_usage_error(damp, needle):
 def test_convert_damp_without_a_cholesky_factor(hf_dir, tmp_path, capsys, damp, needle):
     """The fixture's text has fewer distinct tokens than the model's 64 inputs: X has rank < 64."""
     rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
-                       str(hf_dir / "calib.txt"), "--calib-samples", "6", "--calib-len", "24", "--damp", damp])
+                       str(hf_dir / "calib.txt"), "--calib-samples", "6", "--calib-len", "24", "--damp", damp,
+                       "--shrink", "0"])  # (a shrunk Hessian has its diagonal added: never singular)
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "--damp" in err and "layers.0.q, layers.0.k, layers.0.v" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["-0.1", "0.6", "nan"])
+def test_shrink_outside_0_1_is_a_usage_error(hf_dir, tmp_path, capsys, value):
+    rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
+                       str(hf_dir / "calib.txt"), "--calib-len", "24", "--shrink", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--shrink {float(value)}: expected 0 <= A <= 0.5" in err, err
     assert os.listdir(tmp_path) == []
 
 

@@ -12,7 +12,10 @@ for a linear y = W x whose inputs on the calibration tokens are X (n, n_in),
     H  = 2 XᵀX / n + damp · mean(diag H) · I          (the Hessian of ||W X - Q X||² in W, damped)
     H⁻¹ = Uᵀ U                                         (U upper triangular: the Cholesky factor of H⁻¹)
 
-the input columns are quantized one unit at a time (a unit is 1 column, or 2 adjacent columns for
+H is first shrunk toward its diagonal, (1 - a) H + a diag(H) (shrunk), by an a that falls with the block's depth
+(depth_shrink), so that GPTQ leans less, most of all in the early blocks, on the calibration text's correlations
+between inputs.
+The input columns are quantized one unit at a time (a unit is 1 column, or 2 adjacent columns for
 2-D VQ), in order of decreasing diag(H) with act-order, and the rounding error of each column j is
 pushed onto the columns not yet quantized:  e = (w_j - q_j) / U_jj,  W[:, j+1:] -= e ⊗ U[j, j+1:].
 A 2-D VQ unit picks the centroid c that minimises ||(w - c) U_b⁻¹||², U_b the 2x2 block of U on its
@@ -49,6 +52,8 @@ from tinybit.errors import FormatError, UsageError
 from tinybit.generate import sample
 
 DAMP = 0.01     # GPTQ's default percdamp: damp · mean(diag H) is added to diag H
+SHRINK = 0.2    # the mean over the blocks of depth_shrink (docs/quality.md: on SmolLM2 it lowers the perplexity of
+# text unlike the calibration's; shrinking the later blocks as much as the early ones costs answers)
 BLOCK = 128     # columns per lazy-batch block (GPTQ); a multiple of 2 so that a VQ pair never straddles two
 ROUNDS = 4      # most GPTQ passes; each after the first uses the grid least-squares fitted to the previous codes
 RIDGE = 1e-6    # relative ridge of the least-squares grid fits (keeps an empty LUT entry where it was)
@@ -256,6 +261,23 @@ def self_samples(config, float_tensors, tokenizer_json, n, length, seed, batch=S
 
 
 # --- the GPTQ core ----------------------------------------------------------------------------------
+
+def shrunk(H, shrink):
+    """(1 - shrink) H + shrink diag(H): the Hessian shrunk toward its diagonal, as a covariance is shrunk toward a
+    diagonal target (Ledoit & Wolf 2004). The correlations between inputs that the calibration text shows are
+    trusted less, each input's own scale kept; shrink = 1 leaves the diagonal only (no error feedback across
+    inputs). H (n_in, n_in) -> float64."""
+    H = np.asarray(H, dtype=np.float64)
+    return (1 - shrink) * H + shrink * np.diag(np.diag(H))
+
+
+def depth_shrink(shrink, i, n_layers):
+    """The a of shrunk in block i of n_layers: 2 shrink (1 - (i + 1/2) / n_layers), falling linearly from about
+    2 shrink in the first block to about 0 in the last, shrink on average. The early blocks' inputs are close to
+    the tokens themselves, and which tokens the calibration text holds carries over least to other text; the
+    later blocks hold what the model answers with."""
+    return shrink * 2 * (1 - (i + 0.5) / n_layers)
+
 
 def damped(H, damp):
     """H + damp · mean(diag H) · I, float64; an input that is always 0 (H_jj = 0) gets H_jj = 1 so the
@@ -624,12 +646,13 @@ def dense_apply(spec, w_hat, x):
 
 
 def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, rounds=ROUNDS,
-                    onebit_method="svd", log=_log, threads=None):
+                    onebit_method="svd", log=_log, threads=None, shrink=SHRINK):
     """Quantize the block linears of a model with calibrated error feedback, block after block.
 
     config: the model's config with float ("f32") block linears; tensors: its tensors (the block linears
     as "{name}.weight" (n_out, n_in)); ids (n_seq, L) calibration token ids; spec: the block scheme.
-    Each linear's Hessian comes from its inputs computed through the already-quantized earlier linears.
+    Each linear's Hessian comes from its inputs computed through the already-quantized earlier linears, and is
+    shrunk by depth_shrink(shrink, i, n_layers) in block i.
     The data-free initial grids of a block's linears (they need no Hessian) are computed first, on `threads`
     Python threads (default: the Numba thread count, tinybit's -t; NumPy releases the GIL in the k-means).
     Returns (tensors with the block linears stored as `spec`, stats rows (name, params, bytes,
@@ -644,7 +667,8 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     def lin(name, x):
         return dense_apply(spec, w_hat[name], x) if name in w_hat else x @ tensors[name + ".weight"].T
 
-    def quantize(names, H):  # the linears `names`, which read the same inputs, of Hessian H
+    def quantize(names, H, shrink):  # the linears `names`, which read the same inputs, of Hessian H
+        H = shrunk(H, shrink)
         try:
             prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
             for name in names:
@@ -661,8 +685,12 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
 
     X = model.embed_rows(ids.reshape(-1)).astype(np.float32).reshape(*ids.shape, -1)  # (n_seq, L, dim)
     t0 = time.time()
+    n = config.n_layers
+    shrinking = (f"Hessians shrunk toward their diagonals by {depth_shrink(shrink, 0, n):.3f} (block 0) to "
+                 f"{depth_shrink(shrink, n - 1, n):.3f} (block {n - 1}), the errors below under them" if shrink
+                 else "Hessians not shrunk")
     lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
-             f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear",
+             f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear, {shrinking}",
              "  relative output error ||WX - QX|| / ||WX|| on the calibration inputs, round-to-nearest -> feedback:"]
     with ThreadPoolExecutor(threads or numba.get_num_threads()) as pool:
         for i in range(config.n_layers):
@@ -670,7 +698,7 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
             names = [n for n in shapes if n.startswith(p)]
             grids = dict(zip(names, pool.map(lambda n: initial_grid(tensors[n + ".weight"], spec, onebit_method),
                                               names)))
-            X = block_pass(model, i, X, lin, quantize)
+            X = block_pass(model, i, X, lin, lambda names, H: quantize(names, H, depth_shrink(shrink, i, n)))
             items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in names]
             lines.append(f"    layers.{i}: " + "  ".join(items))
             log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))

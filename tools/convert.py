@@ -1077,6 +1077,9 @@ def make_parser():
                    help="cut this fraction of the calibration sequences into chat turns in the model's chat "
                         "template (default 0)")
     p.add_argument("--damp", type=float, default=calibrate.DAMP, help="Hessian damping (default 0.01)")
+    p.add_argument("--shrink", type=float, default=calibrate.SHRINK, metavar="A",
+                   help="shrink the Hessians toward their diagonal, (1 - a) H + a diag(H), a falling linearly from "
+                        f"2A in the first block to 0 past the last: 0 <= A <= 0.5 (default {calibrate.SHRINK}; 0: none)")
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets and of "
                                                         "--calibrate-self's sampling (default 0)")
@@ -1138,6 +1141,9 @@ def calibration_ids(args, src, config, family):
     if not args.calibrate and not args.calibrate_self:
         return None
     scheme = config.quant["scheme"]
+    if not 0 <= args.shrink <= 0.5:
+        raise UsageError(f"--shrink {args.shrink}: expected 0 <= A <= 0.5 (the first block's Hessians are shrunk by "
+                         "about 2A, at most all the way to their diagonal)")
     if family != "llama" or linear.scheme(config.quant).calibrate is None or not 0 <= args.damp < math.inf:
         calibrated = ", ".join(n for n, s in linear.SCHEMES.items() if s.calibrate)
         raise UsageError(f"--calibrate/--calibrate-self apply to float checkpoints (family llama) with a --scheme of "
@@ -1162,7 +1168,7 @@ def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):
     -> (tensors, stats of the block linears and the head, report lines of the output errors)."""
     tensors, calib_stats, calib_lines = calibrate.calibrate_model(
         config, tensors, calib_ids, block_spec, act_order=not args.no_act_order, damp=args.damp,
-        onebit_method=args.onebit_method)
+        onebit_method=args.onebit_method, shrink=args.shrink)
     config.quant = block_spec
     io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
     return tensors, calib_stats + [s for s in stats if s[0] == "head"], calib_lines
