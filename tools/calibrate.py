@@ -685,20 +685,21 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
 
     X = model.embed_rows(ids.reshape(-1)).astype(np.float32).reshape(*ids.shape, -1)  # (n_seq, L, dim)
     t0 = time.time()
-    n = config.n_layers
-    shrinking = (f"Hessians shrunk toward their diagonals by {depth_shrink(shrink, 0, n):.3f} (block 0) to "
-                 f"{depth_shrink(shrink, n - 1, n):.3f} (block {n - 1}), the errors below under them" if shrink
+    n_layers = config.n_layers
+    shrinking = (f"Hessians shrunk toward their diagonals by {depth_shrink(shrink, 0, n_layers):.3f} (block 0) to "
+                 f"{depth_shrink(shrink, n_layers - 1, n_layers):.3f} (block {n_layers - 1}), the errors below "
+                 "under them" if shrink
                  else "Hessians not shrunk")
     lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
              f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear, {shrinking}",
              "  relative output error ||WX - QX|| / ||WX|| on the calibration inputs, round-to-nearest -> feedback:"]
     with ThreadPoolExecutor(threads or numba.get_num_threads()) as pool:
-        for i in range(config.n_layers):
+        for i in range(n_layers):
             p = f"layers.{i}."
             names = [n for n in shapes if n.startswith(p)]
             grids = dict(zip(names, pool.map(lambda n: initial_grid(tensors[n + ".weight"], spec, onebit_method),
                                               names)))
-            X = block_pass(model, i, X, lin, lambda names, H: quantize(names, H, depth_shrink(shrink, i, n)))
+            X = block_pass(model, i, X, lin, lambda names, H: quantize(names, H, depth_shrink(shrink, i, n_layers)))
             items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in names]
             lines.append(f"    layers.{i}: " + "  ".join(items))
             log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
