@@ -440,7 +440,7 @@ def test_convert_damp_without_a_cholesky_factor(hf_dir, tmp_path, capsys, damp, 
 
 
 @pytest.mark.parametrize("value", ["-0.1", "0.6", "nan"])
-def test_shrink_outside_0_1_is_a_usage_error(hf_dir, tmp_path, capsys, value):
+def test_shrink_outside_its_range_is_a_usage_error(hf_dir, tmp_path, capsys, value):
     rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
                        str(hf_dir / "calib.txt"), "--calib-len", "24", "--shrink", value])
     err = capsys.readouterr().err

@@ -667,8 +667,7 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     def lin(name, x):
         return dense_apply(spec, w_hat[name], x) if name in w_hat else x @ tensors[name + ".weight"].T
 
-    def quantize(names, H, shrink):  # the linears `names`, which read the same inputs, of Hessian H
-        H = shrunk(H, shrink)
+    def quantize(names, H):  # the linears `names`, which read the same inputs, of Hessian H
         try:
             prep = prepare(H, damp, d, act_order) if H.shape[0] % d == 0 else None  # shared by the group
             for name in names:
@@ -686,10 +685,9 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
     X = model.embed_rows(ids.reshape(-1)).astype(np.float32).reshape(*ids.shape, -1)  # (n_seq, L, dim)
     t0 = time.time()
     n_layers = config.n_layers
-    shrinking = (f"Hessians shrunk toward their diagonals by {depth_shrink(shrink, 0, n_layers):.3f} (block 0) to "
-                 f"{depth_shrink(shrink, n_layers - 1, n_layers):.3f} (block {n_layers - 1}), the errors below "
-                 "under them" if shrink
-                 else "Hessians not shrunk")
+    a = [depth_shrink(shrink, i, n_layers) for i in range(n_layers)]  # each block's shrinkage of its Hessians
+    shrinking = (f"Hessians shrunk toward their diagonals by {a[0]:.3f} (block 0) to {a[-1]:.3f} (block "
+                 f"{n_layers - 1}), the errors below under them" if shrink else "Hessians not shrunk")
     lines = [f"  calibration: {ids.shape[0]} sequences x {ids.shape[1]} tokens, damp {damp}, "
              f"act-order {'on' if act_order else 'off'}, at most {rounds} GPTQ passes per linear, {shrinking}",
              "  relative output error ||WX - QX|| / ||WX|| on the calibration inputs, round-to-nearest -> feedback:"]
@@ -699,10 +697,10 @@ def calibrate_model(config, tensors, ids, spec, act_order=True, damp=DAMP, round
             names = [n for n in shapes if n.startswith(p)]
             grids = dict(zip(names, pool.map(lambda n: initial_grid(tensors[n + ".weight"], spec, onebit_method),
                                               names)))
-            X = block_pass(model, i, X, lin, lambda names, H: quantize(names, H, depth_shrink(shrink, i, n_layers)))
+            X = block_pass(model, i, X, lin, lambda names, H: quantize(names, shrunk(H, a[i])))
             items = [f"{n.rsplit('.', 1)[1]} {errs[n][0]:.3f}->{errs[n][1]:.3f}" for n in names]
             lines.append(f"    layers.{i}: " + "  ".join(items))
-            log(f"calibrate: [{i + 1}/{config.n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
+            log(f"calibrate: [{i + 1}/{n_layers}] layers.{i} {time.time() - t0:.0f}s  " + "  ".join(items))
     e = np.array(list(errs.values()))
     lines.append(f"    mean: {e[:, 0].mean():.4f} -> {e[:, 1].mean():.4f}")
     order = list(shapes)
