@@ -8,7 +8,7 @@ import pytest
 import tinybit
 from tinybit import io, kernels, linear
 from tinybit import model as tbmodel
-from tinybit.errors import FormatError
+from tinybit.errors import FormatError, UsageError
 from util import quantize_tensors, random_float_tensors, save_random_model, tiny_config
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "stdlib-b158")
@@ -128,6 +128,62 @@ def test_attention_nan_score_is_nan_as_in_model():
     kernels._attention_heads(q, k_cache, v_cache, 5, np.zeros((4, 6), np.float32), out, 0, 4)
     assert np.isnan(want[:2]).all() and np.isnan(out[:2]).all()
     np.testing.assert_allclose(out[2:], want[2:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("T,start", [(1, 0), (5, 0), (70, 0), (3, 60), (130, 9)])  # 70, 130: more than one tile
+@pytest.mark.parametrize("q_scale", [1, 20])
+def test_many_token_attention_equals_model(monkeypatch, n_heads, n_kv, T, start, q_scale):
+    """kernels.attention, the prefill's: model.attention of T queries after `start` cached positions, read from a
+    cache longer than that (its later positions garbage, not read), to float32 rounding as the one-token step
+    (each query the sums of _attention_heads); split among 2 or 3 chunks of rows, the same floats."""
+    rng = np.random.default_rng(T + start)
+    hd, max_len = 16, 150
+    q = (q_scale * rng.standard_normal((T, n_heads, hd))).astype(np.float32)
+    k_cache, v_cache = rng.standard_normal((2, n_kv, max_len, hd)).astype(np.float32)
+    n_pos = start + T
+    want = tbmodel.attention(q, k_cache[:, :n_pos], v_cache[:, :n_pos], start)
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)
+    try:
+        kernels.set_threads(1)
+        got = kernels.attention(q, k_cache, v_cache, start)
+        assert got.shape == (T, n_heads * hd) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * q_scale * np.abs(want).max())
+        for threads in sorted({2, 3} & set(range(1, numba.config.NUMBA_NUM_THREADS + 1))):
+            kernels.set_threads(threads)
+            np.testing.assert_array_equal(kernels.attention(q, k_cache, v_cache, start), got)
+        for c in range(3):  # the chunks the parallel region would run, on this thread: each row as alone
+            part = np.full((T, n_heads, hd), np.nan, np.float32)
+            for t0 in range(0, T, kernels.ATTENTION_TILE):
+                t1 = min(T, t0 + kernels.ATTENTION_TILE)
+                e = np.empty((t1 - t0, n_heads, start + t1), np.float32)
+                kernels._attention_exponents(q, k_cache, start, t0, e, c, 3)
+                np.exp(e, out=e)
+                kernels._attention_values(e, v_cache, start, t0, part, c, 3)
+            i = np.arange(T)[:, None] % kernels.ATTENTION_TILE  # query t0 + i: row KV (i // 4) + h // group
+            rows = (n_kv * (i // kernels.ATTENTION_QUERIES) + np.arange(n_heads) // (n_heads // n_kv)) % 3 == c
+            np.testing.assert_array_equal(part[rows], got.reshape(T, n_heads, hd)[rows])
+    finally:
+        kernels.set_threads()
+
+
+def test_many_token_attention_nan_and_shapes():
+    """A NaN key: the heads that read it NaN from its position on, as in model.attention; the others equal.
+    Caches shorter than the positions, or of another head size or head count, are one clear error."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    k_cache, v_cache = rng.standard_normal((2, 2, 10, 8)).astype(np.float32)
+    k_cache[0, 3, 5] = np.nan  # KV head 0 (query heads 0, 1) at position 3: queries 3.. see it
+    want = tbmodel.attention(q, k_cache[:, :6], v_cache[:, :6], 0).reshape(6, 4, 8)
+    got = kernels.attention(q, k_cache, v_cache, 0).reshape(6, 4, 8)
+    assert np.isnan(want[3:, :2]).all() and np.isnan(got[3:, :2]).all()
+    assert not np.isnan(got[:3]).any() and not np.isnan(got[:, 2:]).any()
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, 2:], want[:, 2:], rtol=1e-5, atol=1e-6)
+    for k, v, start in ((k_cache, v_cache, 5), (k_cache[..., :4], v_cache[..., :4], 0),
+                        (k_cache[:, :, :4], v_cache, 0), (k_cache[:1].repeat(3, 0), v_cache[:1].repeat(3, 0), 0)):
+        with pytest.raises(UsageError, match=r"attention: expected k, v caches \(KV, >= \d+, 8\)"):
+            kernels.attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), start)
 
 
 @pytest.mark.parametrize("threads", THREADS)

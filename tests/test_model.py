@@ -201,6 +201,24 @@ def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("arch", ["bitnet-2b4t", "llama-f16-mha", "qwen3-ternary-qk-norm"])
+def test_many_token_attention_equals_reference(models, arch):
+    """From kernels.ATTENTION_MIN_TOKENS new tokens of a sequence on, its attention is kernels.attention's: a prompt
+    of that many, then as many more after it in the cache, and two sequences in one batch give the reference path's
+    logits and cache (up to the sums' float order)."""
+    fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
+    n = kernels.ATTENTION_MIN_TOKENS
+    ids = (IDS * 8)[:2 * n]
+    got, want = [], []
+    for m, logits in ((fast, got), (ref, want)):
+        cache = m.new_cache(2 * n)
+        logits += [m.forward(ids[:n], cache), m.forward(ids[n:], cache)]
+        logits.append(m.forward_batch([ids[:n + 1], ids[3:]], [m.new_cache(2 * n), m.new_cache(2 * n)]))
+        logits.append(cache.k)
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
 @pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t"])
 def test_load_in_memory(models, arch):
     """load(in_memory=True): the same logits as over the map, from tensors that are no longer mapped (but an

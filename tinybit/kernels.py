@@ -11,7 +11,8 @@ y (tokens, n_out); scales are the caller's.
     int8_block_matmul                     int8 rows, a float16 scale per block of 32 inputs (Q8_0), as f32_matmul
     absmax_quantize                       quant.absmax_quantize's int8 activations, one pass per token
     scale_sums                            int32 sums of int8 activations -> floats, times their scales
-    rms_norm, rope                        model.rms_norm and model.rope of many tokens, on the kernels' threads
+    rms_norm, rope, attention             model.rms_norm, model.rope and model.attention of many tokens, on the
+                                          kernels' threads
     attention_step, down_step             model.block for one token of an all-ternary or all-LUT block (its twin)
 Ternary and binary: additions, selects, bit tests; table lookups from GEMM_MIN_TOKENS on. How, why: docs/KERNELS.md."""
 import ctypes
@@ -1697,6 +1698,150 @@ def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
     H = q.shape[0]
     for c in prange(n_chunks):
         _attention_heads(q, k_cache, v_cache, n_pos, scores, out, c * H // n_chunks, (c + 1) * H // n_chunks)
+
+
+ATTENTION_TILE = 64  # queries per tile of kernels.attention: their exponents (64, H, positions) float32 at a time
+ATTENTION_MIN_TOKENS = 32  # model.Model attends with kernels.attention from this many new tokens of a sequence on
+# (1.4-3.4x model.attention's speed from an empty cache; docs/KERNELS.md): a short prompt leaves it uncompiled
+
+
+ATTENTION_QUERIES = 4  # queries per row of the many-token attention: each key and value read once for all of them
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products vectorized
+def _attention_exponents(q, k_cache, start, t0, e, c, n_chunks):
+    """Rows r = c, c + n_chunks, ... of the tile's (queries, KV head) pairs, r = KV b + g: queries t = t0 + i, i in
+    block b of ATTENTION_QUERIES, query t at position start + t, with the query heads h of KV head g. For each:
+    e[i, h, s] = d if d >= -60 else -inf, d = q[t, h] . k_s hd^-1/2 - (its max over s <= start + t), and -inf for the
+    later s; all NaN if a score is. These are the exponents of model.attention's weights (np.exp of them).
+    q (T, H, hd); k_cache (KV, max_len, hd); e (tile, H, n_pos), n_pos = start + t0 + tile. Four keys at a time up to
+    the first query's position, each read once for the row's queries and heads (from L1 after the first); the rest
+    key by key."""
+    tile, H, hd, KV = e.shape[0], e.shape[1], q.shape[2], k_cache.shape[0]
+    group = H // KV  # query heads per KV head
+    scale = np.float32(hd ** -0.5)
+    for r in range(c, (tile + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * KV, n_chunks):
+        b, g = r // KV, r % KV
+        i0, i1 = ATTENTION_QUERIES * b, min(ATTENTION_QUERIES * (b + 1), tile)
+        kh = k_cache[g]
+        n4 = (start + t0 + i0 + 1) // 4 * 4  # positions every query of the row attends to, in fours
+        for s in range(0, n4, 4):
+            k0, k1, k2, k3 = kh[s], kh[s + 1], kh[s + 2], kh[s + 3]
+            for i in range(i0, i1):
+                for h in range(g * group, (g + 1) * group):
+                    qh = q[t0 + i, h]
+                    d0 = d1 = d2 = d3 = np.float32(0)
+                    for j in range(hd):
+                        d0 += qh[j] * k0[j]
+                        d1 += qh[j] * k1[j]
+                        d2 += qh[j] * k2[j]
+                        d3 += qh[j] * k3[j]
+                    row = e[i, h]
+                    row[s], row[s + 1], row[s + 2], row[s + 3] = d0 * scale, d1 * scale, d2 * scale, d3 * scale
+        for i in range(i0, i1):
+            n = start + t0 + i + 1
+            for h in range(g * group, (g + 1) * group):
+                qh, row = q[t0 + i, h], e[i, h]
+                for s in range(n4, n):
+                    ks = kh[s]
+                    d = np.float32(0)
+                    for j in range(hd):
+                        d += qh[j] * ks[j]
+                    row[s] = d * scale
+                top, nan = np.float32(-np.inf), False
+                for s in range(n):
+                    top = max(top, row[s])
+                    nan |= row[s] != row[s]
+                for s in range(n):
+                    d = row[s] - top
+                    row[s] = np.float32(np.nan) if nan else d if d >= -60 else np.float32(-np.inf)
+                row[n:] = -np.inf
+
+
+@njit(cache=True, fastmath={"reassoc"})  # vectorized
+def _sum(row, n):
+    """row[0] + ... + row[n - 1], in vector lanes."""
+    total = np.float32(0)
+    for s in range(n):
+        total += row[s]
+    return total
+
+
+@njit(cache=True, fastmath={"contract"})  # not reassoc: LLVM would move the division by the total into the j loop
+def _attention_values(w, v_cache, start, t0, out, c, n_chunks):
+    """The same rows: out[t, h] = sum_s (w[i, h, s] / total) v_s over s <= start + t, total = sum_s w[i, h, s]: the
+    weights normalized, then their product with the values, as model.attention. w (tile, H, n_pos) = np.exp(e);
+    v_cache (KV, max_len, hd); out (T, H, hd). Four values at a time, each read once for the row's queries and heads."""
+    tile, H, hd, KV = w.shape[0], w.shape[1], out.shape[2], v_cache.shape[0]
+    group = H // KV
+    o = np.empty((ATTENTION_QUERIES, group, hd), np.float32)  # the row's sums, this thread's: out written once
+    totals = np.empty((ATTENTION_QUERIES, group), np.float32)
+    for r in range(c, (tile + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * KV, n_chunks):
+        b, g = r // KV, r % KV
+        i0, i1 = ATTENTION_QUERIES * b, min(ATTENTION_QUERIES * (b + 1), tile)
+        vh = v_cache[g]
+        n4 = (start + t0 + i0 + 1) // 4 * 4
+        for i in range(i0, i1):
+            for a in range(group):
+                totals[i - i0, a] = _sum(w[i, g * group + a], start + t0 + i + 1)
+        o[:] = 0
+        for s in range(0, n4, 4):
+            v0, v1, v2, v3 = vh[s], vh[s + 1], vh[s + 2], vh[s + 3]
+            for i in range(i0, i1):
+                for a in range(group):
+                    row, total, oa = w[i, g * group + a], totals[i - i0, a], o[i - i0, a]
+                    p0, p1, p2, p3 = row[s] / total, row[s + 1] / total, row[s + 2] / total, row[s + 3] / total
+                    for j in range(hd):
+                        oa[j] += p0 * v0[j] + p1 * v1[j] + p2 * v2[j] + p3 * v3[j]
+        for i in range(i0, i1):
+            for a in range(group):
+                row, oa, out_row = w[i, g * group + a], o[i - i0, a], out[t0 + i, g * group + a]
+                for s in range(n4, start + t0 + i + 1):
+                    p, vs = row[s] / totals[i - i0, a], vh[s]
+                    for j in range(hd):
+                        oa[j] += p * vs[j]
+                for j in range(hd):  # (element by element: a slice assignment compiles numba's shape-mismatch message)
+                    out_row[j] = oa[j]
+
+
+@njit(cache=True, parallel=True)
+def _attention_queries_par(stage, q, k_cache, v_cache, start, t0, e, out, n_chunks):
+    """Stage 0: _attention_exponents, 1: _attention_values, in n_chunks strided chunks of rows (one compiled region)."""
+    for c in prange(n_chunks):
+        if stage == 0:
+            _attention_exponents(q, k_cache, start, t0, e, c, n_chunks)
+        else:
+            _attention_values(e, v_cache, start, t0, out, c, n_chunks)
+
+
+def attention(q, k_cache, v_cache, start):
+    """model.attention of many queries on the kernels' threads: the same up to the dot products' and sums' float
+    order. q (T, H, hd) at positions start..start+T-1; k_cache, v_cache (KV, max_len, hd) C-contiguous (a KVCache's
+    layer), positions < start + T filled (later ones are not read). -> (T, H * hd). Per tile of ATTENTION_TILE
+    queries: the weights' exponents (compiled), np.exp of them all at once (NumPy's vectorized exp), the weighted
+    values (compiled). Rows (ATTENTION_QUERIES queries' heads of one KV head) are dealt to the threads in turn, so
+    each gets early (short) and late (long) queries."""
+    q = np.ascontiguousarray(q, np.float32)
+    (T, H, hd), n_pos = q.shape, start + len(q)
+    if k_cache.shape[1] < n_pos or v_cache.shape != k_cache.shape or k_cache.shape[2] != hd or H % k_cache.shape[0]:
+        raise UsageError(f"attention: expected k, v caches (KV, >= {n_pos}, {hd}) with KV dividing {H} heads, got "
+                         f"{k_cache.shape} and {v_cache.shape}")
+    out = np.empty((T, H, hd), np.float32)
+    for t0 in range(0, T, ATTENTION_TILE):
+        t1 = min(T, t0 + ATTENTION_TILE)
+        e = np.empty((t1 - t0, H, start + t1), np.float32)  # (tile, H, positions) exponents, then weights
+        work = ATTENTION_COST * H * hd * (t1 - t0) * (start + t1)  # multiply-adds, at most
+        rows = (t1 - t0 + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * k_cache.shape[0]
+        n_chunks = max(1, min(kernel_threads, rows, work // MIN_WORK_PER_THREAD))
+        if n_chunks > 1:
+            _attention_queries_par(0, q, k_cache, v_cache, start, t0, e, out, n_chunks)
+            np.exp(e, out=e)
+            _attention_queries_par(1, q, k_cache, v_cache, start, t0, e, out, n_chunks)
+        else:
+            _attention_exponents(q, k_cache, start, t0, e, 0, 1)
+            np.exp(e, out=e)
+            _attention_values(e, v_cache, start, t0, out, 0, 1)
+    return out.reshape(T, H * hd)
 
 
 @njit(cache=True)
