@@ -1700,12 +1700,72 @@ def _attention_par(q, k_cache, v_cache, n_pos, scores, out, n_chunks):
         _attention_heads(q, k_cache, v_cache, n_pos, scores, out, c * H // n_chunks, (c + 1) * H // n_chunks)
 
 
-ATTENTION_TILE = 64  # queries per tile of kernels.attention: their exponents (64, H, positions) float32 at a time
+@njit(cache=True)
+def attention_step(x, norms, ws, params, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
+    """model.Model.block for one token at pos, up to the MLP's activation: x (dim,) float32 += o(attention), then work's
+    gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, params: model.BLOCK_NORMS weights (sub-norms empty: none),
+    model.BLOCK_LINEARS' weights and their _step_linears params (model.decode_args); k_cache, v_cache (KV, max_len,
+    hd): pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace(); threads, min_work: kernel_threads,
+    MIN_WORK_PER_THREAD. Returns 0, or the linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a
+    NaN or Inf (x then partly updated; ternary blocks only: a LUT block's NaN flows on, as in lut_matmul)."""
+    attn_norm, ffn_norm, attn_sub, _ = norms
+    wq, wk, wv, wo, wg, wu, _ = ws
+    sq, sk, sv, so, sg, su, _ = params
+    (h, q, k, v, att, y, gate, up, _), _, _, accs, scores, _ = work
+    aq, ak, av, ao, ag, au, _ = accs
+    n_kv, hd = k_cache.shape[0], k_cache.shape[2]
+    n_heads = q.shape[0] // hd
+    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+    _rms_norm(x, attn_norm, eps, h)
+    if not _step_linears((wq, wk, wv), (sq, sk, sv), h, work, (aq, ak, av), (q, k, v), threads, min_work):
+        return 1
+    q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
+    _rope(q2, cos, sin)
+    _rope(k2, cos, sin)
+    for g in range(n_kv):  # (element loops: a slice assignment compiles numba's shape-mismatch message, ~1 s)
+        for j in range(hd):
+            k_cache[g, pos, j] = k2[g, j]
+            v_cache[g, pos, j] = v[g * hd + j]
+    att2 = att.reshape((n_heads, hd))
+    n_chunks = min(threads, n_heads, ATTENTION_COST * n_heads * (pos + 1) * hd // min_work)
+    if n_chunks > 1:
+        _attention_par(q2, k_cache, v_cache, pos + 1, scores, att2, n_chunks)
+    else:
+        _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, np.int64(0), n_heads)
+    if attn_sub.shape[0]:
+        _rms_norm(att, attn_sub, eps, att)
+    if not _step_linears((wo, wo[:0], wo[:0]), (so, so, so), att, work, (ao, ao[:0], ao[:0]), (y, y[:0], y[:0]),
+                         threads, min_work):
+        return 2
+    x += y
+    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
+    _rms_norm(x, ffn_norm, eps, h)
+    if not _step_linears((wg, wu, wu[:0]), (sg, su, su), h, work, (ag, au, au[:0]), (gate, up, up[:0]), threads,
+                         min_work):
+        return 3
+    return 0
+
+
+@njit(cache=True)
+def down_step(x, m, norms, ws, params, work, eps, threads, min_work):
+    """The rest: x += down(ffn_sub_norm(m)), m = act(gate) * up by the caller (in NumPy); 0, or 4 on a NaN/Inf in m."""
+    ffn_sub, wd, sd = norms[3], ws[6], params[6]
+    y, accs = work[0][5], work[3]
+    if ffn_sub.shape[0]:
+        _rms_norm(m, ffn_sub, eps, m)
+    ad = accs[6]
+    if not _step_linears((wd, wd[:0], wd[:0]), (sd, sd, sd), m, work, (ad, ad[:0], ad[:0]), (y, y[:0], y[:0]),
+                         threads, min_work):
+        return 4
+    x += y
+    return 0
+
+
+# --- model.attention's twin for many tokens: the weights' exponents compiled, NumPy's exp, the weighted values compiled
 ATTENTION_MIN_TOKENS = 32  # model.Model attends with kernels.attention from this many new tokens of a sequence on
 # (1.4-3.4x model.attention's speed from an empty cache; docs/KERNELS.md): a short prompt leaves it uncompiled
-
-
-ATTENTION_QUERIES = 4  # queries per row of the many-token attention: each key and value read once for all of them
+ATTENTION_TILE = 64  # queries per tile: their exponents (64, H, positions) float32 at a time
+ATTENTION_QUERIES = 4  # queries per row of work: each key and value read once for all of them
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products vectorized
@@ -1842,64 +1902,3 @@ def attention(q, k_cache, v_cache, start):
             np.exp(e, out=e)
             _attention_values(e, v_cache, start, t0, out, 0, 1)
     return out.reshape(T, H * hd)
-
-
-@njit(cache=True)
-def attention_step(x, norms, ws, params, k_cache, v_cache, pos, cos, sin, work, eps, threads, min_work):
-    """model.Model.block for one token at pos, up to the MLP's activation: x (dim,) float32 += o(attention), then work's
-    gate, up = gate(h), up(h), h = ffn_norm(x). norms, ws, params: model.BLOCK_NORMS weights (sub-norms empty: none),
-    model.BLOCK_LINEARS' weights and their _step_linears params (model.decode_args); k_cache, v_cache (KV, max_len,
-    hd): pos written here; cos, sin (hd/2,) of pos; work: model.decode_workspace(); threads, min_work: kernel_threads,
-    MIN_WORK_PER_THREAD. Returns 0, or the linear (1: q/k/v, 2: o, 3: gate/up: model.BLOCK_CALLS) whose input had a
-    NaN or Inf (x then partly updated; ternary blocks only: a LUT block's NaN flows on, as in lut_matmul)."""
-    attn_norm, ffn_norm, attn_sub, _ = norms
-    wq, wk, wv, wo, wg, wu, _ = ws
-    sq, sk, sv, so, sg, su, _ = params
-    (h, q, k, v, att, y, gate, up, _), _, _, accs, scores, _ = work
-    aq, ak, av, ao, ag, au, _ = accs
-    n_kv, hd = k_cache.shape[0], k_cache.shape[2]
-    n_heads = q.shape[0] // hd
-    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-    _rms_norm(x, attn_norm, eps, h)
-    if not _step_linears((wq, wk, wv), (sq, sk, sv), h, work, (aq, ak, av), (q, k, v), threads, min_work):
-        return 1
-    q2, k2 = q.reshape((n_heads, hd)), k.reshape((n_kv, hd))
-    _rope(q2, cos, sin)
-    _rope(k2, cos, sin)
-    for g in range(n_kv):  # (element loops: a slice assignment compiles numba's shape-mismatch message, ~1 s)
-        for j in range(hd):
-            k_cache[g, pos, j] = k2[g, j]
-            v_cache[g, pos, j] = v[g * hd + j]
-    att2 = att.reshape((n_heads, hd))
-    n_chunks = min(threads, n_heads, ATTENTION_COST * n_heads * (pos + 1) * hd // min_work)
-    if n_chunks > 1:
-        _attention_par(q2, k_cache, v_cache, pos + 1, scores, att2, n_chunks)
-    else:
-        _attention_heads(q2, k_cache, v_cache, pos + 1, scores, att2, np.int64(0), n_heads)
-    if attn_sub.shape[0]:
-        _rms_norm(att, attn_sub, eps, att)
-    if not _step_linears((wo, wo[:0], wo[:0]), (so, so, so), att, work, (ao, ao[:0], ao[:0]), (y, y[:0], y[:0]),
-                         threads, min_work):
-        return 2
-    x += y
-    # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x): here gate(h), up(h)
-    _rms_norm(x, ffn_norm, eps, h)
-    if not _step_linears((wg, wu, wu[:0]), (sg, su, su), h, work, (ag, au, au[:0]), (gate, up, up[:0]), threads,
-                         min_work):
-        return 3
-    return 0
-
-
-@njit(cache=True)
-def down_step(x, m, norms, ws, params, work, eps, threads, min_work):
-    """The rest: x += down(ffn_sub_norm(m)), m = act(gate) * up by the caller (in NumPy); 0, or 4 on a NaN/Inf in m."""
-    ffn_sub, wd, sd = norms[3], ws[6], params[6]
-    y, accs = work[0][5], work[3]
-    if ffn_sub.shape[0]:
-        _rms_norm(m, ffn_sub, eps, m)
-    ad = accs[6]
-    if not _step_linears((wd, wd[:0], wd[:0]), (sd, sd, sd), m, work, (ad, ad[:0], ad[:0]), (y, y[:0], y[:0]),
-                         threads, min_work):
-        return 4
-    x += y
-    return 0
