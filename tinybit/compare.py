@@ -30,7 +30,7 @@ from . import linear
 from .cli import OneLineParser, check_threads, exit_on_error, write_out
 from .errors import UsageError
 from .eval import log_softmax
-from .model import attention, block, gate_activation, load, rms_norm
+from .model import block, gate_activation, load, rms_norm
 
 # The text compared on by default: plain English, written for this project.
 TEXT = """The river that runs past the old mill is not deep, but it is cold all year, because it comes down \
@@ -79,10 +79,10 @@ def near_ties(x):
 
 def block_stages(model, i, x, cos, sin, want=None):
     """model.block(i) over x (T, dim) at positions 0..T-1, run by model.block's reference function with the model's
-    linears: ({stage: (T, n) float32}, (T,) bool: the tokens with a near-tie int8 activation). With want (the
-    reference's stages of this block, x its input), every step reads the reference's values and passes the
-    reference's result on: each stage is the model's computation of that one step (the residual adds: with the
-    model's o and down)."""
+    linears and attention (Model.attend, as its forward runs them): ({stage: (T, n) float32}, (T,) bool: the tokens
+    with a near-tie int8 activation). With want (the reference's stages of this block, x its input), every step reads
+    the reference's values and passes the reference's result on: each stage is the model's computation of that one
+    step (the residual adds: with the model's o and down)."""
     c, p, st = model.config, f"layers.{i}.", {}
     ties = np.zeros(len(x), bool)
 
@@ -91,7 +91,8 @@ def block_stages(model, i, x, cos, sin, want=None):
         return value if want is None else want[stage]
 
     def attend(q, k, v):  # (T, H, hd), (T, KV, hd) x 2: a fresh sequence, keys and values as the cache holds them
-        return given("attn", attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0))
+        k_cache, v_cache = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (k, v))  # (KV, T, hd) each
+        return given("attn", model.attend(q, k_cache, v_cache, 0))  # as its forward attends
 
     def linears(names, h):
         h = given(LINEAR_INPUT[names[0]], h)

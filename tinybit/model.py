@@ -352,14 +352,20 @@ class Model:
                 start, end = cache.length, cache.length + r1 - r0
                 cache.k[i, :, start:end] = k[r0:r1].transpose(1, 0, 2)
                 cache.v[i, :, start:end] = v[r0:r1].transpose(1, 0, 2)
-                if self.ref or r1 - r0 < kernels.ATTENTION_MIN_TOKENS:
-                    out[r0:r1] = attention(q[r0:r1], cache.k[i, :, :end], cache.v[i, :, :end], start)
-                else:  # its twin, which reads the layer's whole cache
-                    out[r0:r1] = kernels.attention(q[r0:r1], cache.k[i], cache.v[i], start)
+                out[r0:r1] = self.attend(q[r0:r1], cache.k[i], cache.v[i], start)
             return out
         twins = {} if self.ref else {"rms_norm": kernels.rms_norm, "rope": kernels.rope}
         return block(self.config, self.block_norms[i], x, cos, sin, attend,
                      lambda names, h: self.linears_of([p + name for name in names], h), **twins)
+
+    def attend(self, q, k_cache, v_cache, start):
+        """attention() of q (T, H, hd) at positions start.. over the first start + T positions of k_cache, v_cache
+        (KV, max_len, hd), as this model runs it: through its twin kernels.attention from ATTENTION_MIN_TOKENS new
+        tokens on (the reference path: always attention()). -> (T, H * hd)."""
+        if self.ref or len(q) < kernels.ATTENTION_MIN_TOKENS:
+            end = start + len(q)
+            return attention(q, k_cache[:, :end], v_cache[:, :end], start)
+        return kernels.attention(q, k_cache, v_cache, start)
 
     def _block_step(self, i, x, cache, cos, sin):
         """block() for one token, x (1, dim), in compiled steps: x is updated in place."""
