@@ -156,7 +156,7 @@ def test_many_token_attention_equals_model(monkeypatch, n_heads, n_kv, T, start,
             part = np.full((T, n_heads, hd), np.nan, np.float32)
             for t0 in range(0, T, kernels.ATTENTION_TILE):
                 t1 = min(T, t0 + kernels.ATTENTION_TILE)
-                e = np.empty((t1 - t0, n_heads, start + t1), np.float32)
+                e = np.full((t1 - t0, n_heads, start + t1), -np.inf, np.float32)  # (other chunks: weight 0)
                 kernels._attention_exponents(q, k_cache, start, t0, e, c, 3)
                 np.exp(e, out=e)
                 kernels._attention_values(e, v_cache, start, t0, part, c, 3)
