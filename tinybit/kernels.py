@@ -1763,7 +1763,7 @@ def down_step(x, m, norms, ws, params, work, eps, threads, min_work):
 
 # --- model.attention's twin for many tokens: the weights' exponents compiled, NumPy's exp, the weighted values compiled
 ATTENTION_MIN_TOKENS = 32  # model.Model attends with kernels.attention from this many new tokens of a sequence on
-# (1.4-3.4x model.attention's speed from an empty cache; docs/KERNELS.md): a short prompt leaves it uncompiled
+# (1.3-4.4x model.attention's speed from an empty cache; docs/KERNELS.md): a short prompt leaves it uncompiled
 ATTENTION_TILE = 64  # queries per tile: their exponents (64, H, positions) float32 at a time
 ATTENTION_QUERIES = 4  # queries per row of work: each key and value read once for all of them
 
