@@ -201,11 +201,14 @@ def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch", ["bitnet-2b4t", "llama-f16-mha", "qwen3-ternary-qk-norm"])
-def test_many_token_attention_equals_reference(models, arch):
+@pytest.mark.parametrize("arch", ["bitnet-2b4t", "1bitllm", "lut4-rows", "qwen3-ternary-qk-norm"])
+def test_many_token_attention_equals_reference(monkeypatch, models, arch):
     """From kernels.ATTENTION_MIN_TOKENS new tokens of a sequence on, its attention is kernels.attention's: a prompt
     of that many, then as many more after it in the cache, and two sequences in one batch give the reference path's
     logits and cache (up to the sums' float order)."""
+    calls = []
+    twin = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda q, *a: calls.append(len(q)) or twin(q, *a))
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
     n = kernels.ATTENTION_MIN_TOKENS
     ids = (IDS * 8)[:2 * n]
@@ -217,6 +220,28 @@ def test_many_token_attention_equals_reference(models, arch):
         logits.append(cache.k)
     for a, b in zip(got, want):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert calls == [n] * fast.config.n_layers * 2 + [n + 1, 2 * n - 3] * fast.config.n_layers
+    m = tinybit.load(models[arch])
+    m.forward(ids[:n - 1], m.new_cache(n))  # fewer new tokens: model.attention
+    assert len(calls) == 4 * fast.config.n_layers
+
+
+@pytest.mark.parametrize("threads", sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}))
+def test_float_model_attends_in_numpy_on_blas_threads(monkeypatch, models, threads):
+    """A float model's linears run on OpenBLAS's threads: its attention stays in NumPy beside them (the kernels'
+    threads would contend with OpenBLAS's spinning ones), unless they are one thread."""
+    calls = []
+    twin = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda q, *a: calls.append(len(q)) or twin(q, *a))
+    m = tinybit.load(models["llama-f32-gqa-untied"], threads=threads)
+    try:
+        n = kernels.ATTENTION_MIN_TOKENS
+        got = m.logits((IDS * 8)[:n])
+        want = tinybit.load(models["llama-f32-gqa-untied"], ref=True, threads=threads).logits((IDS * 8)[:n])
+    finally:
+        kernels.set_threads()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert len(calls) == (m.config.n_layers if threads == 1 else 0)
 
 
 @pytest.mark.parametrize("arch", ["llama-f32-gqa-untied", "bitnet-2b4t"])

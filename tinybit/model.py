@@ -361,8 +361,9 @@ class Model:
     def attend(self, q, k_cache, v_cache, start):
         """attention() of q (T, H, hd) at positions start.. over the first start + T positions of k_cache, v_cache
         (KV, max_len, hd), as this model runs it: through its twin kernels.attention from ATTENTION_MIN_TOKENS new
-        tokens on (the reference path: always attention()). -> (T, H * hd)."""
-        if self.ref or len(q) < kernels.ATTENTION_MIN_TOKENS:
+        tokens on; attention() on the reference path, and where BLAS has the threads (a float model: the kernels'
+        threads and OpenBLAS's, which spin between its calls, would take the cores from each other). -> (T, H * hd)."""
+        if self.ref or len(q) < kernels.ATTENTION_MIN_TOKENS or kernels.blas_threads > 1:
             end = start + len(q)
             return attention(q, k_cache[:, :end], v_cache[:, :end], start)
         return kernels.attention(q, k_cache, v_cache, start)
