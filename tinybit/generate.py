@@ -20,7 +20,8 @@ from .model import check_token_ids, load
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `import tinybit` finds this one
 DEFAULT_MODEL = os.path.join(PACKAGE_PARENT, "models", "stdlib-b158")
-WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS)  # every prefill path from here on
+WARM_TOKENS = max(*kernels.GEMM_MIN_TOKENS.values(), linear.DEQUANT_MIN_TOKENS,  # every prefill path from here on
+                  kernels.ATTENTION_MIN_TOKENS)
 COMPILE_NOTICE_S = 2.0  # a warm-up still running after this long is compiling: say so on stderr
 NUCLEUS_CANDIDATES = 1024  # top-p sorts the likeliest 1024 first: a nucleus seldom holds more
 HELPER_TIMEOUT_S = 120  # warm_up waits this long at most for its second compiling process
