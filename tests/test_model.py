@@ -201,14 +201,20 @@ def test_many_token_path_equals_reference(monkeypatch, models, arch, block_rows)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """The query counts of the calls of kernels.attention, which runs as before."""
+    calls, twin = [], kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda q, *a: calls.append(len(q)) or twin(q, *a))
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["bitnet-2b4t", "1bitllm", "lut4-rows", "qwen3-ternary-qk-norm"])
-def test_many_token_attention_equals_reference(monkeypatch, models, arch):
+def test_many_token_attention_equals_reference(models, attention_calls, arch):
     """From kernels.ATTENTION_MIN_TOKENS new tokens of a sequence on, its attention is kernels.attention's: a prompt
     of that many, then as many more after it in the cache, and two sequences in one batch give the reference path's
     logits and cache (up to the sums' float order)."""
-    calls = []
-    twin = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda q, *a: calls.append(len(q)) or twin(q, *a))
+    calls = attention_calls
     fast, ref = tinybit.load(models[arch]), tinybit.load(models[arch], ref=True)
     n = kernels.ATTENTION_MIN_TOKENS
     ids = (IDS * 8)[:2 * n]
@@ -227,12 +233,10 @@ def test_many_token_attention_equals_reference(monkeypatch, models, arch):
 
 
 @pytest.mark.parametrize("threads", sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}))
-def test_float_model_attends_in_numpy_on_blas_threads(monkeypatch, models, threads):
+def test_float_model_attends_in_numpy_on_blas_threads(models, attention_calls, threads):
     """A float model's linears run on OpenBLAS's threads: its attention stays in NumPy beside them (the kernels'
     threads would contend with OpenBLAS's spinning ones), unless they are one thread."""
-    calls = []
-    twin = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda q, *a: calls.append(len(q)) or twin(q, *a))
+    calls = attention_calls
     m = tinybit.load(models["llama-f32-gqa-untied"], threads=threads)
     try:
         n = kernels.ATTENTION_MIN_TOKENS

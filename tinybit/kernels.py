@@ -1660,6 +1660,19 @@ def _rope(x, cos, sin):
             x[h, half + j] = x2 * cos[j] + x1 * sin[j]
 
 
+@njit(cache=True)
+def _exponents(row, n):
+    """row[:n] = d if d >= -60 else -inf, d = row[s] - max(row[:n]), all NaN if one is (NumPy's max is NaN then):
+    np.exp of them are model.attention's weights before their sum divides them (below e^-60 of the largest: 0)."""
+    top, nan = np.float32(-np.inf), False
+    for s in range(n):
+        top = max(top, row[s])
+        nan |= row[s] != row[s]
+    for s in range(n):
+        d = row[s] - top
+        row[s] = np.float32(np.nan) if nan else d if d >= -60 else np.float32(-np.inf)
+
+
 @njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products and sums vectorized
 def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
     """Heads h0..h1-1 of model.attention for one query at position n_pos - 1: q, out (H, hd); k_cache, v_cache
@@ -1669,22 +1682,16 @@ def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
     scale = np.float32(hd ** -0.5)
     for h in range(h0, h1):
         qh, kh, vh, sc, o = q[h], k_cache[h // group], v_cache[h // group], scores[h], out[h]
-        top, nan = -np.inf, False
         for s in range(n_pos):
             ks = kh[s]
             d = np.float32(0)
             for j in range(hd):
                 d += qh[j] * ks[j]
             sc[s] = d * scale
-            top = max(top, sc[s])
-            nan |= sc[s] != sc[s]
-        if nan:  # NumPy's max is NaN, so is the head's output (max() above skips a NaN)
-            o[:] = np.nan
-            continue
+        _exponents(sc, n_pos)
         total = np.float32(0)
         for s in range(n_pos):
-            d = sc[s] - top
-            sc[s] = np.exp(d) if d >= -60 else np.float32(0)
+            sc[s] = np.exp(sc[s])  # (a NaN row: NaN weights, so the head's output is NaN)
             total += sc[s]
         o[:] = 0
         for s in range(n_pos):
@@ -1768,6 +1775,21 @@ ATTENTION_TILE = 64  # queries per tile: their exponents (64, H, positions) floa
 ATTENTION_QUERIES = 4  # queries per row of work: each key and value read once for all of them
 
 
+@njit(cache=True)
+def _n_query_rows(tile, n_kv):
+    """Rows of work of a tile: blocks of ATTENTION_QUERIES queries times KV heads."""
+    return (tile + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * n_kv
+
+
+@njit(cache=True)
+def _query_row(r, n_kv, tile, start, t0):
+    """Row r = KV b + g: (g, i0, i1, n4), its KV head g, its queries t0 + i for i0 <= i < i1 (block b), and n4 the
+    positions all of them attend to, in whole fours (the first one's: start + t0 + i0 + 1, rounded down)."""
+    b, g = r // n_kv, r % n_kv
+    i0 = ATTENTION_QUERIES * b
+    return g, i0, min(i0 + ATTENTION_QUERIES, tile), (start + t0 + i0 + 1) // 4 * 4
+
+
 @njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products vectorized
 def _attention_exponents(q, k_cache, start, t0, e, c, n_chunks):
     """Rows r = c, c + n_chunks, ... of the tile's (queries, KV head) pairs, r = KV b + g: queries t = t0 + i, i in
@@ -1780,11 +1802,9 @@ def _attention_exponents(q, k_cache, start, t0, e, c, n_chunks):
     tile, H, hd, KV = e.shape[0], e.shape[1], q.shape[2], k_cache.shape[0]
     group = H // KV  # query heads per KV head
     scale = np.float32(hd ** -0.5)
-    for r in range(c, (tile + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * KV, n_chunks):
-        b, g = r // KV, r % KV
-        i0, i1 = ATTENTION_QUERIES * b, min(ATTENTION_QUERIES * (b + 1), tile)
+    for r in range(c, _n_query_rows(tile, KV), n_chunks):
+        g, i0, i1, n4 = _query_row(r, KV, tile, start, t0)
         kh = k_cache[g]
-        n4 = (start + t0 + i0 + 1) // 4 * 4  # positions every query of the row attends to, in fours
         for s in range(0, n4, 4):
             k0, k1, k2, k3 = kh[s], kh[s + 1], kh[s + 2], kh[s + 3]
             for i in range(i0, i1):
@@ -1808,13 +1828,7 @@ def _attention_exponents(q, k_cache, start, t0, e, c, n_chunks):
                     for j in range(hd):
                         d += qh[j] * ks[j]
                     row[s] = d * scale
-                top, nan = np.float32(-np.inf), False
-                for s in range(n):
-                    top = max(top, row[s])
-                    nan |= row[s] != row[s]
-                for s in range(n):
-                    d = row[s] - top
-                    row[s] = np.float32(np.nan) if nan else d if d >= -60 else np.float32(-np.inf)
+                _exponents(row, n)
                 row[n:] = -np.inf
 
 
@@ -1836,11 +1850,9 @@ def _attention_values(w, v_cache, start, t0, out, c, n_chunks):
     group = H // KV
     o = np.empty((ATTENTION_QUERIES, group, hd), np.float32)  # the row's sums, this thread's: out written once
     totals = np.empty((ATTENTION_QUERIES, group), np.float32)
-    for r in range(c, (tile + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * KV, n_chunks):
-        b, g = r // KV, r % KV
-        i0, i1 = ATTENTION_QUERIES * b, min(ATTENTION_QUERIES * (b + 1), tile)
+    for r in range(c, _n_query_rows(tile, KV), n_chunks):
+        g, i0, i1, n4 = _query_row(r, KV, tile, start, t0)
         vh = v_cache[g]
-        n4 = (start + t0 + i0 + 1) // 4 * 4
         for i in range(i0, i1):
             for a in range(group):
                 totals[i - i0, a] = _sum(w[i, g * group + a], start + t0 + i + 1)
@@ -1891,8 +1903,7 @@ def attention(q, k_cache, v_cache, start):
         t1 = min(T, t0 + ATTENTION_TILE)
         e = np.empty((t1 - t0, H, start + t1), np.float32)  # (tile, H, positions) exponents, then weights
         work = ATTENTION_COST * H * hd * (t1 - t0) * (start + t1)  # multiply-adds, at most
-        rows = (t1 - t0 + ATTENTION_QUERIES - 1) // ATTENTION_QUERIES * k_cache.shape[0]
-        n_chunks = max(1, min(kernel_threads, rows, work // MIN_WORK_PER_THREAD))
+        n_chunks = max(1, min(kernel_threads, _n_query_rows(t1 - t0, k_cache.shape[0]), work // MIN_WORK_PER_THREAD))
         if n_chunks > 1:
             _attention_queries_par(0, q, k_cache, v_cache, start, t0, e, out, n_chunks)
             np.exp(e, out=e)
