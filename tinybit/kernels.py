@@ -1673,6 +1673,17 @@ def _exponents(row, n):
         row[s] = np.float32(np.nan) if nan else d if d >= -60 else np.float32(-np.inf)
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products vectorized
+def _scores(qh, kh, s0, s1, scale, row):
+    """row[s] = (qh . kh[s]) scale for s0 <= s < s1: one query head's scores, key by key. qh (hd,); kh (max_len, hd)."""
+    for s in range(s0, s1):
+        ks = kh[s]
+        d = np.float32(0)
+        for j in range(qh.shape[0]):
+            d += qh[j] * ks[j]
+        row[s] = d * scale
+
+
 @njit(cache=True, fastmath={"reassoc", "contract"})  # the dot products and sums vectorized
 def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
     """Heads h0..h1-1 of model.attention for one query at position n_pos - 1: q, out (H, hd); k_cache, v_cache
@@ -1682,12 +1693,7 @@ def _attention_heads(q, k_cache, v_cache, n_pos, scores, out, h0, h1):
     scale = np.float32(hd ** -0.5)
     for h in range(h0, h1):
         qh, kh, vh, sc, o = q[h], k_cache[h // group], v_cache[h // group], scores[h], out[h]
-        for s in range(n_pos):
-            ks = kh[s]
-            d = np.float32(0)
-            for j in range(hd):
-                d += qh[j] * ks[j]
-            sc[s] = d * scale
+        _scores(qh, kh, 0, n_pos, scale, sc)
         _exponents(sc, n_pos)
         total = np.float32(0)
         for s in range(n_pos):
@@ -1821,13 +1827,8 @@ def _attention_exponents(q, k_cache, start, t0, e, c, n_chunks):
         for i in range(i0, i1):
             n = start + t0 + i + 1
             for h in range(g * group, (g + 1) * group):
-                qh, row = q[t0 + i, h], e[i, h]
-                for s in range(n4, n):
-                    ks = kh[s]
-                    d = np.float32(0)
-                    for j in range(hd):
-                        d += qh[j] * ks[j]
-                    row[s] = d * scale
+                row = e[i, h]
+                _scores(q[t0 + i, h], kh, n4, n, scale, row)
                 _exponents(row, n)
                 row[n:] = -np.inf
 
