@@ -282,7 +282,8 @@ def test_several_matrices_in_one_call(threads, path, n_outs, tokens, n_in, seed)
 def test_table_gemm_row_blocks(threads):
     """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
     kernels.set_threads(threads)
-    _plane_kernels_equal_refs(np.random.default_rng(2), kernels.GEMM_LANES + 3, kernels.GEMM_ROWS + 45, 520)
+    _plane_kernels_equal_refs(np.random.default_rng(2), max(kernels.GEMM_LANES.values()) + 3, kernels.GEMM_ROWS + 45,
+                              520)
     # 16-lane tiles (4 x as many rows per block)
     _plane_kernels_equal_refs(np.random.default_rng(3), kernels.NARROW_LANES + 1, kernels.ACC_SIZE // kernels.NARROW_LANES
                               + 45, 300)
@@ -292,7 +293,7 @@ def test_gemm_scratch_on_cache_lines():
     """The table GEMM's heap buffers (tokens-on-lanes x, int32 sums) start on a 64-byte line: numba's
     np.empty promises 32 bytes and NumPy's 16. (Its tables and int16 sums are stack arrays, aligned by
     _stack_array.)"""
-    for tokens, lanes in itertools.product((1, 7, 300), (kernels.NARROW_LANES, kernels.GEMM_LANES)):
+    for tokens, lanes in itertools.product((1, 7, 300), (kernels.NARROW_LANES, *kernels.GEMM_LANES.values())):
         x_q = np.ones((tokens, 300), np.int8)
         xt = kernels._lanes_major(x_q, 512, lanes)
         assert xt.ctypes.data % kernels.ALIGN == 0
@@ -456,9 +457,9 @@ def test_plane_kernels_are_multiply_free(cpu):
             k._plane_rows(w2, x_u, ~x_u, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled version per layout
             k._plane_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._plane_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
-            xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES)  # (one compiled _gemm_tile has all widths)
-            k._gemm_rows(w2, xT, False, np.zeros((tokens, 6), np.int32), 0, 6)  # ternary and binary: one
-            k._gemm_rows(w1, xT, True, np.zeros((tokens, 6), np.int32), 0, 6)  # compiled _gemm_tile
+            for w, binary in ((w2, False), (w1, True)):  # ternary and binary, every width: one compiled _gemm_tile
+                xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES["binary" if binary else "ternary"])
+                k._gemm_rows(w, xT, binary, np.zeros((tokens, 6), np.int32), 0, 6)
         sigs = k._plane_rows.inspect_asm()
         assert len(sigs) == 3, sigs.keys()
         for sig, text in sigs.items():  # (w, xa, xb, ...): the layout is told by xa's and xb's types

@@ -517,17 +517,19 @@ def _plane_par(ws, xa, xb, ys, n_chunks):
 
 # --- GEMM: tokens on the lanes, tables of the sums of each quad of inputs ----------------------
 ALIGN = 64  # bytes: one cache line = one AVX-512 vector; a vector load across two lines costs two
-GEMM_LANES = 64  # tokens per tile: 2 x 32 int16 lanes
-NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: a quarter of the adds per row
+TERNARY_LANES = 32  # tokens per tile: one 512-bit int16 vector (ternary), two (binary): their step tables fit L1
+BINARY_LANES = 64
+GEMM_LANES = {"ternary": TERNARY_LANES, "binary": BINARY_LANES}
+NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: fewer idle lanes
 GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
-NARROW_MAX_TOKENS = {"ternary": 48, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
+NARROW_MAX_TOKENS = {"ternary": 16, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
 QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
-TERNARY_STEP_QUADS = 4  # input quads per step: 4 quads x 81 entries x 64 lanes x 2 B = 41 KB of tables
+TERNARY_STEP_QUADS = 8  # input quads per step: 8 quads x 81 entries x 32 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
 NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
-TABLE_SIZE = 81 * TERNARY_STEP_QUADS * GEMM_LANES  # int16 table entries (the largest of the three)
-ACC_SIZE = GEMM_ROWS * GEMM_LANES  # int16 row sums: GEMM_ROWS rows of up to 64 lanes
+TABLE_SIZE = 81 * TERNARY_STEP_QUADS * TERNARY_LANES  # int16 table entries (the largest of the three)
+ACC_SIZE = GEMM_ROWS * BINARY_LANES  # int16 row sums: GEMM_ROWS rows of up to 64 lanes
 
 
 @intrinsic
@@ -581,11 +583,12 @@ BASE3 = [sum(3 ** i for i in range(4) if v >> i & 1) for v in range(16)]  # nibb
 
 
 @intrinsic
-def _quad_offsets(typingctx, out, wr, i0, shift, binary, n_quads, L):
-    """out[:16] uint16 = 2 L (n_entries (j % n_quads) + e_j), the byte offset of quad j's entry in a step's tables
-    of L lanes, for the 16 quads of nibble shift / 4 of plane bytes wr[i0 + j] (ternary: nz; ng 32 bytes on);
-    n_entries = 16 (binary) or 81. At most 2 x 64 x 324 < 2^16. One vector of 16 bytes: base3 by vpshufb from a
-    16-entry table (SSSE3 on), else by its digits' arithmetic; then widened, shifted by log2(2 L), offset."""
+def _quad_offsets(typingctx, out, o, stride, wr, i0, shift, binary, n_quads, L):
+    """out[o + (j // n_quads) stride + j % n_quads] uint16 = 2 L (n_entries (j % n_quads) + e_j), the byte offset of
+    quad j's entry in its step's tables of L lanes, for the 16 quads of nibble shift / 4 of plane bytes wr[i0 + j]
+    (ternary: nz; ng 32 bytes on); n_entries = 16 (binary) or 81. At most 2 x 32 x 648 < 2^16. One vector of 16
+    bytes: base3 by vpshufb from a 16-entry table (SSSE3 on), else by its digits' arithmetic; then widened, shifted
+    by log2(2 L), offset, and stored as 16 / n_quads pieces."""
     if not all(isinstance(a, (types.IntegerLiteral, types.BooleanLiteral)) for a in (binary, n_quads, L)):
         return None
     is_binary, quads, lanes = binary.literal_value, n_quads.literal_value, L.literal_value
@@ -594,8 +597,10 @@ def _quad_offsets(typingctx, out, wr, i0, shift, binary, n_quads, L):
     def codegen(context, builder, sig, args):
         i8, i16 = ir.IntType(8), ir.IntType(16)
         v16i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i16, 16)
-        out_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, args[0]).data, v16i16.as_pointer())
-        row = context.make_array(sig.args[1])(context, builder, args[1]).data
+        out_ptr = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]])
+        stride = args[2]
+        row = context.make_array(sig.args[3])(context, builder, args[3]).data
+        args = args[:1] + args[3:]  # (out, wr, i0, shift, ...)
 
         def load(at):
             return builder.load(builder.bitcast(builder.gep(row, [at]), v16i8.as_pointer()), align=1)
@@ -627,22 +632,31 @@ def _quad_offsets(typingctx, out, wr, i0, shift, binary, n_quads, L):
                     return builder.add(lo, builder.add(builder.shl(hi, splat(3)), hi))
             e = builder.add(base3(nibble(nz)), base3(nibble(ng)))
         wide = builder.shl(builder.zext(e, v16i16), ir.Constant(v16i16, [int(math.log2(2 * lanes))] * 16))
-        builder.store(builder.add(wide, ir.Constant(v16i16, steps)), out_ptr, align=2)
+        offsets = builder.add(wide, ir.Constant(v16i16, steps))
+        for c in range(16 // quads):  # the quads of one step together, steps `stride` apart
+            part = builder.shuffle_vector(offsets, offsets, ir.Constant(ir.VectorType(ir.IntType(32), quads),
+                                                                          list(range(c * quads, (c + 1) * quads))))
+            at = builder.gep(out_ptr, [builder.mul(ir.Constant(stride.type, c), stride)])
+            builder.store(part, builder.bitcast(at, ir.VectorType(i16, quads).as_pointer()), align=2)
         return context.get_dummy_value()
-    return types.none(out, wr, i0, shift, binary, n_quads, L), codegen
+    return types.none(out, o, stride, wr, i0, shift, binary, n_quads, L), codegen
 
 
 @njit(cache=True, inline="always")
 def _quad_codes(w, r0, r1, codes, binary, n_quads, L):
-    """codes (2 nb, >= r1 - r0, PLANE) uint16: codes[2 b + h, r - r0, j] = _quad_offsets of quad (2 b + h, j) of row r
+    """codes (2 nb PLANE / n_quads, >= r1 - r0, n_quads) uint16: codes[s, r - r0, m] = _quad_offsets of quad m of step
+    s of row r, step s = quads n_quads s .. n_quads (s + 1) - 1 of half block s // (PLANE / n_quads); quad (2 b + h, j)
+    is bits 4 h + i of plane byte j of block b. Step-major, so that the rows of a step read their codes in one stream
     (computed once per block of rows, read by every tile; binary, n_quads, L constants)."""
     block_bytes = PLANE if binary else 2 * PLANE
+    flat, n_rows = codes.reshape(codes.size), codes.shape[1]
     for b in range(w.shape[1] // block_bytes):
         for h in range(2):
-            c = codes[2 * b + h]
             for r in range(r0, r1):
                 for k in range(0, PLANE, 16):
-                    _quad_offsets(c[r - r0, k:], w[r], block_bytes * b + k, 4 * h, binary, n_quads, L)
+                    s = (2 * b + h) * (PLANE // n_quads) + k // n_quads
+                    _quad_offsets(flat, (s * n_rows + r - r0) * n_quads, n_rows * n_quads, w[r], block_bytes * b + k,
+                                  4 * h, binary, n_quads, L)
 
 
 @njit(cache=True, inline="always")
@@ -695,17 +709,17 @@ def _flush(acc16, acc32):
 
 @njit(cache=True)
 def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (2 nb, >= n_rows,
-    PLANE) uint16 (_quad_codes), xt (n_pad, L) int16, L = GEMM_LANES or NARROW_LANES. Each case is a copy of
-    _gemm_steps with its constants."""
+    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (steps,
+    >= n_rows, quads a step) uint16 (_quad_codes), xt (n_pad, L) int16, L = NARROW_LANES or the kind's GEMM_LANES.
+    Each case is a copy of _gemm_steps with its constants."""
     if xt.shape[1] == NARROW_LANES and binary:
         _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
     elif xt.shape[1] == NARROW_LANES:
         _gemm_steps(codes, xt, False, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
     elif binary:
-        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, GEMM_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, BINARY_LANES, n_rows, acc32)
     else:
-        _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, GEMM_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, TERNARY_LANES, n_rows, acc32)
 
 
 @njit(cache=True, inline="always")
@@ -713,23 +727,20 @@ def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
     """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed before 32767."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
-    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 15 steps (ternary), 7 (binary), 3 (narrow)
-    n_steps = codes.shape[0] * (PLANE // n_quads)
+    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 7 steps (ternary, binary), 3 (narrow)
+    n_steps = codes.shape[0]
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
-    s = 0
-    for hb in range(codes.shape[0]):  # half blocks: 128 inputs
-        for q in range(PLANE // n_quads):
-            base = 128 * hb + n_quads * q
-            if binary:  # (the constant quad counts let each inlined copy unroll)
-                _binary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
-            else:
-                _ternary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
-            for r in range(n_rows):
-                _add_entries(acc16[r], tab, codes[hb, r, n_quads * q:], n_quads, L)
-            s += 1
-            if s % flush_steps == 0 or s == n_steps:
-                _flush(acc16[:n_rows], acc32[:n_rows])
+    for s in range(n_steps):  # steps of n_quads quads: 128 inputs are PLANE // n_quads steps
+        base = 128 * (s // (PLANE // n_quads)) + n_quads * (s % (PLANE // n_quads))
+        if binary:  # (the constant quad counts let each inlined copy unroll)
+            _binary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
+        else:
+            _ternary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
+        for r in range(n_rows):
+            _add_entries(acc16[r], tab, codes[s, r], n_quads, L)
+        if (s + 1) % flush_steps == 0 or s + 1 == n_steps:
+            _flush(acc16[:n_rows], acc32[:n_rows])
 
 
 @njit(cache=True, inline="always")
@@ -758,7 +769,8 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
     L = xT.shape[2]
     block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
     acc32 = _aligned_empty(block_rows * L, np.int32).reshape((block_rows, L))
-    codes = np.empty((2 * nb, block_rows, PLANE), np.uint16)
+    n_quads = (NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS)
+    codes = np.empty((2 * nb * (PLANE // n_quads), block_rows, n_quads), np.uint16)
     for rb0 in range(r0, r1, block_rows):
         rb1 = min(rb0 + block_rows, r1)
         if L == NARROW_LANES and binary:  # (constants: one inlined copy each)
@@ -766,9 +778,9 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
         elif L == NARROW_LANES:
             _quad_codes(w, rb0, rb1, codes, False, NARROW_STEP_QUADS, NARROW_LANES)
         elif binary:
-            _quad_codes(w, rb0, rb1, codes, True, BINARY_STEP_QUADS, GEMM_LANES)
+            _quad_codes(w, rb0, rb1, codes, True, BINARY_STEP_QUADS, BINARY_LANES)
         else:
-            _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, GEMM_LANES)
+            _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, TERNARY_LANES)
         for tile in range(xT.shape[0]):
             _gemm_tile(codes, xT[tile], binary, rb1 - rb0, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
@@ -1386,7 +1398,7 @@ def _plane_matmuls(ws, x_q, binary):
     n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
     name = "binary" if binary else "ternary"
     if x_q.shape[0] >= GEMM_MIN_TOKENS[name]:
-        lanes = NARROW_LANES if x_q.shape[0] <= NARROW_MAX_TOKENS[name] else GEMM_LANES
+        lanes = NARROW_LANES if x_q.shape[0] <= NARROW_MAX_TOKENS[name] else GEMM_LANES[name]
         par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad, lanes), binary)
     elif binary:
         x = _padded(x_q, n_pad, np.int16)
