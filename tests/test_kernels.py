@@ -376,16 +376,20 @@ def test_many_token_absmax_and_scales_equal_ref(threads, per_row):
 @per_thread_count
 @pytest.mark.parametrize("x_val", [127, -127, -128])
 @pytest.mark.parametrize("w_val", [1, -1])
-@pytest.mark.parametrize("path", ["per-token", "table"])
-def test_integer_kernels_exact_at_extremes(monkeypatch, threads, x_val, w_val, path):
+@pytest.mark.parametrize("path, tokens", [("per-token", 2), ("table", 2), ("table", 70)])  # 16-lane or wide tiles
+def test_integer_kernels_exact_at_extremes(monkeypatch, threads, x_val, w_val, path, tokens):
+    """Every token at the extreme, or only the last one (the table GEMM flushes by its largest lane, here in a tile
+    of one token among zeros)."""
     kernels.set_threads(threads)
     monkeypatch.setattr(kernels, "GEMM_MIN_TOKENS", dict.fromkeys(("ternary", "binary"), 2 if path == "table" else 3))
     n_in = 17920  # 70 blocks: more than two int16 flush periods of either path
-    x_q = np.full((2, n_in), x_val, np.int8)
     w = np.full((5, n_in), w_val)
-    expect = np.full((2, 5), x_val * w_val * n_in, np.int64)
-    np.testing.assert_array_equal(kernels.ternary_matmul(pack.pack_ternary(w), x_q), expect)
-    np.testing.assert_array_equal(kernels.binary_matmul(pack.pack_binary(w), x_q), expect)
+    for first in (x_val, 0):
+        x_q = np.full((tokens, n_in), first, np.int8)
+        x_q[-1] = x_val
+        expect = x_q.sum(axis=1, dtype=np.int64)[:, None] * w_val * np.ones(5, np.int64)
+        np.testing.assert_array_equal(kernels.ternary_matmul(pack.pack_ternary(w), x_q), expect)
+        np.testing.assert_array_equal(kernels.binary_matmul(pack.pack_binary(w), x_q), expect)
 
 
 def test_empty_and_bad_inputs():
