@@ -524,6 +524,7 @@ NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS toke
 GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
 NARROW_MAX_TOKENS = {"ternary": 16, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
+QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
 TERNARY_STEP_QUADS = 8  # input quads per step: 8 quads x 81 entries x 32 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
 NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
@@ -722,44 +723,24 @@ def _gemm_tile(codes, xt, binary, n_rows, acc32):
 
 
 @njit(cache=True, inline="always")
-def _step_bound(xt, base, n_quads, L):
-    """The largest |sum| a row's entries of a step can add to a lane: max over lanes l of sum_i |x_i[l]| over the
-    step's 4 n_quads inputs (xt rows base + m + 32 i, m < n_quads, i < 4): an entry's sum is at most its quad's."""
-    sums = numba.carray(_stack_array(BINARY_LANES, np.int32), (L,))
-    sums[:] = 0
-    for m in range(n_quads):
-        for i in range(4):
-            x = xt[base + m + 32 * i]
-            for l in range(L):
-                sums[l] += abs(np.int32(x[l]))
-    return sums.max()
-
-
-@njit(cache=True, inline="always")
 def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
-    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed into acc32 before a step
-    whose bound (_step_bound) could take them past 32767: every 7 steps (ternary, binary) or 3 (narrow) where the
-    activations are all at +-128, every few tens of steps for a prompt's."""
+    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed before 32767."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
+    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 7 steps (ternary, binary), 3 (narrow)
     n_steps = codes.shape[0]
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
-    bound = 0  # of |acc16|
     for s in range(n_steps):  # steps of n_quads quads: 128 inputs are PLANE // n_quads steps
         base = 128 * (s // (PLANE // n_quads)) + n_quads * (s % (PLANE // n_quads))
-        step = _step_bound(xt, base, n_quads, L)
-        if bound + step > 32767:
-            _flush(acc16[:n_rows], acc32[:n_rows])
-            bound = 0
-        bound += step
         if binary:  # (the constant quad counts let each inlined copy unroll)
             _binary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
         else:
             _ternary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
         for r in range(n_rows):
             _add_entries(acc16[r], tab, codes[s, r], n_quads, L)
-    _flush(acc16[:n_rows], acc32[:n_rows])
+        if (s + 1) % flush_steps == 0 or s + 1 == n_steps:
+            _flush(acc16[:n_rows], acc32[:n_rows])
 
 
 @njit(cache=True, inline="always")
