@@ -39,7 +39,7 @@ LOOPS = {
                       0.25, 1),
     "int8 head (1 token)": ("_dense_rows", lambda c: c["cvt"] >= 4 and c["fma"] == c["cvt"],
                             lambda c: c["cvt"] * c["lanes"], 1.0, 1),
-    "ternary GEMM (16 tokens)": ("_gemm_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
+    "ternary GEMM (16 tokens)": ("_ternary_tile", lambda c: c["paddw"] == 16 and c["lanes16"],
                                  lambda c: 4 * (c["paddw"]), 0.25, 16),
     # one block of 4 rows: 4 x 4 vpsadbw of 64 picked bytes of a row (AVX-512BW; AVX2: of 32, in a loop over half a
     # block); a picked byte is a weight. The plane bits' counts run in a loop of their own (a vpopcntq of 64 bytes, or

@@ -461,17 +461,18 @@ def test_plane_kernels_are_multiply_free(cpu):
             k._plane_rows(w2, x_u, ~x_u, np.zeros((tokens, 6), np.int32), 0, 6)  # one compiled version per layout
             k._plane_rows(w1, x16, x16.sum(1), np.zeros((tokens, 6), np.int32), 0, 6)
             k._plane_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
-            for w, binary in ((w2, False), (w1, True)):  # ternary and binary, every width: one compiled _gemm_tile
-                xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES["binary" if binary else "ternary"])
-                k._gemm_rows(w, xT, binary, np.zeros((tokens, 6), np.int32), 0, 6)
+            for w, kind, rows in ((w2, "ternary", k._ternary_gemm_rows), (w1, "binary", k._binary_gemm_rows)):
+                xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES[kind])  # (a tile function has all widths)
+                rows(w, xT, np.zeros((tokens, 6), np.int32), 0, 6)
         sigs = k._plane_rows.inspect_asm()
         assert len(sigs) == 3, sigs.keys()
         for sig, text in sigs.items():  # (w, xa, xb, ...): the layout is told by xa's and xb's types
             layout = "ternary" if sig[2].ndim == 2 else "binary_f32" if sig[1].dtype.name == "float32" else "binary"
             asm[layout] = text
-        sigs = k._gemm_tile.inspect_asm()
-        assert len(sigs) == 1, sigs.keys()
-        asm["gemm_tile"] = list(sigs.values())[0]
+        for kind in ("ternary", "binary"):
+            sigs = getattr(k, f"_{kind}_tile").inspect_asm()
+            assert len(sigs) == 1, sigs.keys()
+            asm[f"{kind}_tile"] = list(sigs.values())[0]
         print(json.dumps(asm))
     """, **env)
     import json

@@ -524,7 +524,6 @@ NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS toke
 GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
 NARROW_MAX_TOKENS = {"ternary": 16, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
-QUAD_LIMIT = 4 * 128  # a quad's entry is at most 4 x 128 in size
 TERNARY_STEP_QUADS = 8  # input quads per step: 8 quads x 81 entries x 32 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
 NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
@@ -708,39 +707,67 @@ def _flush(acc16, acc32):
 
 
 @njit(cache=True)
-def _gemm_tile(codes, xt, binary, n_rows, acc32):
-    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows: codes (steps,
-    >= n_rows, quads a step) uint16 (_quad_codes), xt (n_pad, L) int16, L = NARROW_LANES or the kind's GEMM_LANES.
-    Each case is a copy of _gemm_steps with its constants."""
-    if xt.shape[1] == NARROW_LANES and binary:
-        _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
-    elif xt.shape[1] == NARROW_LANES:
+def _ternary_tile(codes, xt, n_rows, acc32):
+    """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows of ternary planes:
+    codes (steps, >= n_rows, quads a step) uint16 (_quad_codes), xt (n_pad, L) int16, L = NARROW_LANES or
+    TERNARY_LANES. Each case is a copy of _gemm_steps with its constants."""
+    if xt.shape[1] == NARROW_LANES:
         _gemm_steps(codes, xt, False, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
-    elif binary:
-        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, BINARY_LANES, n_rows, acc32)
     else:
         _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, TERNARY_LANES, n_rows, acc32)
 
 
+@njit(cache=True)
+def _binary_tile(codes, xt, n_rows, acc32):
+    """_ternary_tile for binary planes: L = NARROW_LANES or BINARY_LANES."""
+    if xt.shape[1] == NARROW_LANES:
+        _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
+    else:
+        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, BINARY_LANES, n_rows, acc32)
+
+
+@njit(cache=True, inline="always")
+def _step_bound(xt, base, n_quads, L):
+    """The largest |sum| a row's entries of a step can add to a lane: max over lanes l of sum_i |x_i[l]| over the
+    step's 4 n_quads inputs (xt rows base + m + 32 i, m < n_quads, i < 4): an entry's sum is at most its quad's."""
+    sums = numba.carray(_stack_array(BINARY_LANES, np.int32), (L,))
+    sums[:] = 0
+    for m in range(n_quads):
+        for i in range(4):
+            x = xt[base + m + 32 * i]
+            for l in range(L):
+                sums[l] += abs(np.int32(x[l]))
+    best = np.int32(0)  # (a loop: sums.max() costs the first run 0.4 s more of compiling)
+    for l in range(L):
+        best = max(best, sums[l])
+    return best
+
+
 @njit(cache=True, inline="always")
 def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
-    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed before 32767."""
+    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed into acc32 before a step
+    whose bound (_step_bound) could take them past 32767: every 7 steps (ternary, binary) or 3 (narrow) where the
+    activations are all at +-128, about every 30 for a prompt's."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
-    flush_steps = 32767 // (QUAD_LIMIT * n_quads)  # = 7 steps (ternary, binary), 3 (narrow)
     n_steps = codes.shape[0]
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
+    bound = 0  # of |acc16|
     for s in range(n_steps):  # steps of n_quads quads: 128 inputs are PLANE // n_quads steps
         base = 128 * (s // (PLANE // n_quads)) + n_quads * (s % (PLANE // n_quads))
+        step = _step_bound(xt, base, n_quads, L)
+        if bound + step > 32767:
+            _flush(acc16[:n_rows], acc32[:n_rows])
+            bound = 0
+        bound += step
         if binary:  # (the constant quad counts let each inlined copy unroll)
             _binary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
         else:
             _ternary_tables(xt, base, tab.reshape(TABLE_SIZE), n_quads, L)
         for r in range(n_rows):
             _add_entries(acc16[r], tab, codes[s, r], n_quads, L)
-        if (s + 1) % flush_steps == 0 or s + 1 == n_steps:
-            _flush(acc16[:n_rows], acc32[:n_rows])
+    _flush(acc16[:n_rows], acc32[:n_rows])
 
 
 @njit(cache=True, inline="always")
@@ -761,35 +788,59 @@ def _store_tile(acc32, y, tile, rb0, rb1):
                     yl[r] = acc32[r - rb0, l]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gemm_rows(w, xT, binary, y, r0, r1):
     """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
-    binary ones if `binary`; xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L); y (tokens, n_out) int32."""
-    nb = w.shape[1] // PLANE if binary else w.shape[1] // (2 * PLANE)
+    binary ones if `binary` (a constant: each kind's functions below compile only its own tables);
+    xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L); y (tokens, n_out) int32."""
     L = xT.shape[2]
+    if binary:
+        nb, n_quads = w.shape[1] // PLANE, NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS
+    else:
+        nb, n_quads = w.shape[1] // (2 * PLANE), NARROW_STEP_QUADS if L == NARROW_LANES else TERNARY_STEP_QUADS
     block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
     acc32 = _aligned_empty(block_rows * L, np.int32).reshape((block_rows, L))
-    n_quads = (NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS if binary else TERNARY_STEP_QUADS)
     codes = np.empty((2 * nb * (PLANE // n_quads), block_rows, n_quads), np.uint16)
     for rb0 in range(r0, r1, block_rows):
         rb1 = min(rb0 + block_rows, r1)
-        if L == NARROW_LANES and binary:  # (constants: one inlined copy each)
-            _quad_codes(w, rb0, rb1, codes, True, NARROW_STEP_QUADS, NARROW_LANES)
-        elif L == NARROW_LANES:
-            _quad_codes(w, rb0, rb1, codes, False, NARROW_STEP_QUADS, NARROW_LANES)
-        elif binary:
-            _quad_codes(w, rb0, rb1, codes, True, BINARY_STEP_QUADS, BINARY_LANES)
+        if binary:  # (constants: one inlined copy each)
+            if L == NARROW_LANES:
+                _quad_codes(w, rb0, rb1, codes, True, NARROW_STEP_QUADS, NARROW_LANES)
+            else:
+                _quad_codes(w, rb0, rb1, codes, True, BINARY_STEP_QUADS, BINARY_LANES)
         else:
-            _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, TERNARY_LANES)
+            if L == NARROW_LANES:
+                _quad_codes(w, rb0, rb1, codes, False, NARROW_STEP_QUADS, NARROW_LANES)
+            else:
+                _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, TERNARY_LANES)
         for tile in range(xT.shape[0]):
-            _gemm_tile(codes, xT[tile], binary, rb1 - rb0, acc32)
+            if binary:
+                _binary_tile(codes, xT[tile], rb1 - rb0, acc32)
+            else:
+                _ternary_tile(codes, xT[tile], rb1 - rb0, acc32)
             _store_tile(acc32, y, tile, rb0, rb1)
 
 
+@njit(cache=True)
+def _ternary_gemm_rows(w, xT, y, r0, r1):
+    _gemm_rows(w, xT, False, y, r0, r1)
+
+
+@njit(cache=True)
+def _binary_gemm_rows(w, xT, y, r0, r1):
+    _gemm_rows(w, xT, True, y, r0, r1)
+
+
 @njit(cache=True, parallel=True)
-def _gemm_par(ws, xT, binary, ys, n_chunks):
+def _ternary_gemm_par(ws, xT, ys, n_chunks):
     for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _gemm_rows(ws[i % len(ws)], xT, binary, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+        _ternary_gemm_rows(ws[i % len(ws)], xT, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+
+
+@njit(cache=True, parallel=True)
+def _binary_gemm_par(ws, xT, ys, n_chunks):
+    for i in prange(n_chunks * len(ws)):
+        _binary_gemm_rows(ws[i % len(ws)], xT, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
 
 
 # --- LUT / VQ: 16 indices at a time looked up in registers, products added in float32 ---------------------------
@@ -1399,7 +1450,8 @@ def _plane_matmuls(ws, x_q, binary):
     name = "binary" if binary else "ternary"
     if x_q.shape[0] >= GEMM_MIN_TOKENS[name]:
         lanes = NARROW_LANES if x_q.shape[0] <= NARROW_MAX_TOKENS[name] else GEMM_LANES[name]
-        par, rows, args = _gemm_par, _gemm_rows, (_lanes_major(x_q, n_pad, lanes), binary)
+        par, rows = (_binary_gemm_par, _binary_gemm_rows) if binary else (_ternary_gemm_par, _ternary_gemm_rows)
+        args = (_lanes_major(x_q, n_pad, lanes),)
     elif binary:
         x = _padded(x_q, n_pad, np.int16)
         par, rows, args = _plane_par, _plane_rows, (x, x.sum(axis=1, dtype=np.int64))
