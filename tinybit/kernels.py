@@ -745,9 +745,9 @@ def _step_bound(xt, base, n_quads, L):
 
 @njit(cache=True, inline="always")
 def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
-    """_gemm_tile for L lanes, n_quads quads a step: stack tables and int16 sums, flushed into acc32 before a step
-    whose bound (_step_bound) could take them past 32767: every 7 steps (ternary, binary) or 3 (narrow) where the
-    activations are all at +-128, about every 30 for a prompt's."""
+    """A tile function's body (_ternary_tile, _binary_tile) for L lanes, n_quads quads a step: stack tables and int16
+    sums, flushed into acc32 before a step whose bound (_step_bound) could take them past 32767: every 7 steps
+    (ternary, binary) or 3 (narrow) where the activations are all at +-128, about every 30 for a prompt's."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
     acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
     n_steps = codes.shape[0]
