@@ -596,27 +596,26 @@ def _quad_offsets(typingctx, out, o, stride, wr, i0, shift, binary, n_quads, L):
     def codegen(context, builder, sig, args):
         i8, i16 = ir.IntType(8), ir.IntType(16)
         v16i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i16, 16)
-        out_ptr = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]])
-        stride = args[2]
+        o, stride, i0, shift = args[1], args[2], args[4], args[5]
+        out_ptr = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [o])
         row = context.make_array(sig.args[3])(context, builder, args[3]).data
-        args = args[:1] + args[3:]  # (out, wr, i0, shift, ...)
 
         def load(at):
             return builder.load(builder.bitcast(builder.gep(row, [at]), v16i8.as_pointer()), align=1)
 
         def splat(v):
             return ir.Constant(v16i8, [v] * 16)
-        nib = builder.trunc(args[3], i8)
+        nib = builder.trunc(shift, i8)
         nib = builder.insert_element(ir.Constant(v16i8, None), nib, ir.Constant(ir.IntType(32), 0))
         nib = builder.shuffle_vector(nib, ir.Constant(v16i8, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
 
         def nibble(v):
             return builder.and_(builder.lshr(v, nib), splat(15))
-        nz = load(args[2])
+        nz = load(i0)
         if is_binary:
             e = nibble(nz)
         else:
-            ng = builder.and_(load(builder.add(args[2], ir.Constant(args[2].type, PLANE))), nz)
+            ng = builder.and_(load(builder.add(i0, ir.Constant(i0.type, PLANE))), nz)
             if "+ssse3" in TARGET_FEATURES:
                 pshufb = builder.module.declare_intrinsic("llvm.x86.ssse3.pshuf.b.128",
                                                           fnty=ir.FunctionType(v16i8, [v16i8, v16i8]))
