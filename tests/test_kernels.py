@@ -279,6 +279,45 @@ def test_several_matrices_in_one_call(threads, path, n_outs, tokens, n_in, seed)
 
 
 @per_thread_count
+@pytest.mark.parametrize("tokens", [1, 9, 70])  # per token, then scale_sums; the 16-lane and the wide table GEMM
+@pytest.mark.parametrize("per_row", [False, True])
+def test_linears_equal_scaled_refs(threads, tokens, per_row):
+    """ternary_linears / binary_linears: each output equals scale_sums_ref of its matrix's reference sums, bit for bit
+    (the table GEMM scales them as it stores them), over more rows than one GEMM_ROWS block."""
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(tokens)
+    n_outs, n_in = (kernels.GEMM_ROWS + 45, 7, 300), 700
+    x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
+    s_x = rng.uniform(1e-3, 2, (tokens, 1)).astype(np.float32)
+    scales = [rng.uniform(0.01, 2, n if per_row else 1).astype(np.float32) for n in n_outs]
+    for linears, ref, w in ((kernels.ternary_linears, kernels.ternary_matmul_ref, rng.integers(-1, 2, (max(n_outs), n_in))),
+                            (kernels.binary_linears, kernels.binary_matmul_ref, rng.choice([-1, 1], (max(n_outs), n_in)))):
+        ws = [(pack.pack_ternary if linears is kernels.ternary_linears else pack.pack_binary)(w[:n]) for n in n_outs]
+        ys = linears(ws, scales, x_q, s_x)
+        for wp, rs, y in zip(ws, scales, ys, strict=True):
+            assert y.dtype == np.float32
+            np.testing.assert_array_equal(y, kernels.scale_sums_ref(ref(wp, x_q), rs, s_x))
+    with pytest.raises(TinybitError, match="activation scales"):
+        linears(ws[:1], scales[:1], x_q, s_x[:, 0])
+    with pytest.raises(TinybitError, match="row scales"):
+        linears(ws[:1], [np.ones(2, np.float32)], x_q, s_x)
+
+
+def test_freed_memory_is_reused():
+    """After reuse_freed_memory (glibc), an activation-sized array freed and allocated again lands on mapped pages:
+    touching it faults in far fewer than its 1024 pages."""
+    import resource
+    if not kernels.reuse_freed_memory():
+        assert platform.libc_ver()[0] != "glibc"
+        return
+    a = np.ones(1 << 20, np.float32)  # 4 MB
+    del a
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b = np.ones(1 << 20, np.float32)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 100 and b[-1] == 1
+
+
+@per_thread_count
 def test_table_gemm_row_blocks(threads):
     """More rows than one GEMM_ROWS block and more tokens than one lane tile."""
     kernels.set_threads(threads)
@@ -463,7 +502,8 @@ def test_plane_kernels_are_multiply_free(cpu):
             k._plane_rows(w1, xf, xf.sum(1, dtype=np.float64), np.zeros((tokens, 6), np.float32), 0, 6)
             for w, kind, rows in ((w2, "ternary", k._ternary_gemm_rows), (w1, "binary", k._binary_gemm_rows)):
                 xT = k._lanes_major(x16.astype(np.int8), 512, k.GEMM_LANES[kind])  # (a tile function has all widths)
-                rows(w, xT, np.zeros((tokens, 6), np.int32), 0, 6)
+                rows(w, np.ones(6, np.float32), xT, np.ones((tokens, 1), np.float32), np.zeros((tokens, 6), np.float32),
+                     0, 6)  # (the sums' float scaling is in the rows function, outside the tiles)
         sigs = k._plane_rows.inspect_asm()
         assert len(sigs) == 3, sigs.keys()
         for sig, text in sigs.items():  # (w, xa, xb, ...): the layout is told by xa's and xb's types

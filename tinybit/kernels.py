@@ -3,6 +3,7 @@
 Each Numba kernel sits beside the NumPy function it must equal (`*_ref`, tests hold them equal); x (tokens, n_in),
 y (tokens, n_out); scales are the caller's.
     ternary_matmul(s), binary_matmul(s)   planes x int8 -> exact int32 (several matrices, one x: q/k/v)
+    ternary_linears, binary_linears       the same, times scale_sums' scales: an int8-activation layer's output
     binary_matmul_f32                     binary planes x float32 (OneBit, W1A16)
     ternary_block_matmul                  ternary planes x int8, a float scale per block of 256 inputs (TQ1_0, TQ2_0)
     code_block_matmul                     1-/2-bit codes x float32, a float scale per block (Q1_0, Q2_0, PQ2_0)
@@ -19,6 +20,7 @@ import ctypes
 import glob
 import math
 import os
+import platform
 
 import numba
 import numpy as np
@@ -167,6 +169,22 @@ def set_threads(n=None, blas=True):
         _SET_BLAS_THREADS(blas_threads)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest M_MMAP_THRESHOLD glibc takes on 64-bit CPUs
+
+
+def reuse_freed_memory():
+    """Have glibc's malloc hand the memory NumPy frees out again: arrays up to MMAP_THRESHOLD_MAX from the heap, not
+    each from a fresh map, and the heap's free top kept, not trimmed. A forward pass's activations and temporaries (MBs
+    each, allocated and freed per layer) then land on pages already mapped, not on fresh ones that fault on first touch
+    (bench/e2e.py's large shape, 128-token prefill at 2 threads: 27,000 minor faults -> 300, docs/performance.md).
+    The process keeps its peak memory mapped. Another C library: nothing (returns False)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 @intrinsic
 def _prefetch(typingctx, arr, i):
     """Ask the CPU to start loading the cache line of arr[i] (llvm.prefetch: read, all cache levels)."""
@@ -202,20 +220,23 @@ def _n_chunks(n_out, work, threads, min_work):
     return max(1, min(threads, (n_out + ROWS - 1) // ROWS, work // min_work))
 
 
-def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32, cost=1):
+def _launch(par, rows, ws, args, tokens, n_in, dtype=np.float32, cost=1, row_scales=None):
     """ys[m] (tokens, n_out) dtype = matrix ws[m]'s output, n_in inputs (q/k/v: one call), by rows(ws[m], *args, ys[m],
     r0, r1): par(ws, *args, ys, n_chunks) over all the matrices' rows, or per matrix (no parallel region) if 1 chunk.
     par gets MATRICES matrices, ws padded with 0-row ones: one compiled region for 1, 2 and 3 matrices. cost: the
-    work of a product (LOOKUP_COST)."""
+    work of a product (LOOKUP_COST). row_scales: a (n_out,) float32 array per matrix, then rows(ws[m], row_scales[m],
+    *args, ys[m], r0, r1) and par(ws, row_scales, *args, ys, n_chunks)."""
     n_out = sum(w.shape[0] for w in ws)
     ys = tuple(np.empty((tokens, w.shape[0]), dtype) for w in ws)
+    per_matrix = () if row_scales is None else (tuple(row_scales),)
     n_chunks = _n_chunks(n_out, cost * tokens * n_in * n_out, kernel_threads, MIN_WORK_PER_THREAD)
     if n_chunks == 1:
-        for w, y in zip(ws, ys):
-            rows(w, *args, y, 0, w.shape[0])
+        for m, (w, y) in enumerate(zip(ws, ys)):
+            rows(w, *(p[m] for p in per_matrix), *args, y, 0, w.shape[0])
     else:
         pad = max(0, MATRICES - len(ws))
-        par(ws + (ws[0][:0],) * pad, *args, ys + (np.empty((tokens, 0), dtype),) * pad, n_chunks)
+        par(ws + (ws[0][:0],) * pad, *(p + (p[0][:0],) * pad for p in per_matrix), *args,
+            ys + (np.empty((tokens, 0), dtype),) * pad, n_chunks)
     return ys
 
 
@@ -521,6 +542,7 @@ TERNARY_LANES = 32  # tokens per tile: one 512-bit int16 vector (ternary), two (
 BINARY_LANES = 64
 GEMM_LANES = {"ternary": TERNARY_LANES, "binary": BINARY_LANES}
 NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: fewer idle lanes
+EXACT_SUM_INPUTS = 2 ** 24 // 128  # int8 sums over this many inputs are exact in float32 (the GEMM stores floats)
 GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
 NARROW_MAX_TOKENS = {"ternary": 16, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
@@ -553,17 +575,30 @@ def _aligned_empty(n, dtype):
     return buf[off:off + n]
 
 
-@njit(cache=True)
 def _lanes_major(x_q, n_pad, lanes):
     """x_q (tokens, n_in) int8 -> xt (n_tiles, n_pad, L) int16, L = lanes, aligned: xt[i, j, l] = x_q[L i + l, j]
-    or 0 past the tokens and n_in; 4 inputs per pass (docs/KERNELS.md)."""
-    L = lanes
-    n_tiles, n_in = (x_q.shape[0] + L - 1) // L, x_q.shape[1]
-    xt = _aligned_empty(n_tiles * n_pad * L, np.int16).reshape((n_tiles, n_pad, L))
-    xt[:] = 0
+    or 0 past the tokens and n_in; the tiles split among the threads (docs/KERNELS.md)."""
+    xt = _aligned_tiles(-(-x_q.shape[0] // lanes), n_pad, lanes)
+    _by_tokens(_lanes_tiles, _lanes_par, xt.shape[0], n_pad * lanes, x_q, xt)
+    return xt
+
+
+@njit(cache=True)
+def _aligned_tiles(n_tiles, n_pad, L):
+    return _aligned_empty(n_tiles * n_pad * L, np.int16).reshape((n_tiles, n_pad, L))
+
+
+@njit(cache=True)
+def _lanes_tiles(x_q, xt, i0, i1):
+    """Tiles i0..i1-1 of _lanes_major's xt, 4 inputs per pass."""
+    L, n_in = xt.shape[2], x_q.shape[1]
     n_fours = n_in - n_in % 4
-    for i in range(n_tiles):
+    for i in range(i0, i1):
         x_tile = x_q[L * i:L * (i + 1)]
+        if x_tile.shape[0] < L:
+            xt[i] = 0
+        else:
+            xt[i, n_in:] = 0
         for j0 in range(0, n_fours, 4):
             o0, o1, o2, o3 = xt[i, j0], xt[i, j0 + 1], xt[i, j0 + 2], xt[i, j0 + 3]
             for l in range(x_tile.shape[0]):
@@ -572,7 +607,12 @@ def _lanes_major(x_q, n_pad, lanes):
         for j in range(n_fours, n_in):
             for l in range(x_tile.shape[0]):
                 xt[i, j, l] = x_tile[l, j]
-    return xt
+
+
+@njit(cache=True, parallel=True)
+def _lanes_par(x_q, xt, n_chunks):
+    for c in prange(n_chunks):
+        _lanes_tiles(x_q, xt, *_token_chunk(c, n_chunks, xt.shape[0]))
 
 
 # Quad (2 b + h, j): bits 4 h + i of plane byte j of block b, the weights of inputs 128 (2 b + h) + 32 i + j, i < 4.
@@ -770,28 +810,31 @@ def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
 
 
 @njit(cache=True, inline="always")
-def _store_tile(acc32, y, tile, rb0, rb1):
-    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes), transposed by lanes in strips of 16 rows."""
+def _store_tile(acc32, row_scale, s_x, y, tile, rb0, rb1):
+    """y[tokens of the tile, rows rb0..rb1-1] = acc32 (rows, lanes) * (row_scale / s_x), scale_sums_ref's formula
+    (row_scale (n_out,), s_x (tokens, 1) float32), transposed by lanes in strips of 16 rows."""
     t0 = tile * acc32.shape[1]
     n_lanes = min(acc32.shape[1], y.shape[0] - t0)
     for q0 in range(rb0, rb1, 16):
         if q0 + 16 <= rb1:
+            scales = row_scale[q0:q0 + 16]
             for l in range(n_lanes):
-                yl, a = y[t0 + l, q0:q0 + 16], acc32[q0 - rb0:q0 - rb0 + 16, l]
+                yl, a, sx = y[t0 + l, q0:q0 + 16], acc32[q0 - rb0:q0 - rb0 + 16, l], s_x[t0 + l, 0]
                 for r in range(16):
-                    yl[r] = a[r]
+                    yl[r] = np.float32(a[r]) * (scales[r] / sx)
         else:
             for l in range(n_lanes):
-                yl = y[t0 + l]
+                yl, sx = y[t0 + l], s_x[t0 + l, 0]
                 for r in range(q0, rb1):
-                    yl[r] = acc32[r - rb0, l]
+                    yl[r] = np.float32(acc32[r - rb0, l]) * (row_scale[r] / sx)
 
 
 @njit(cache=True, inline="always")
-def _gemm_rows(w, xT, binary, y, r0, r1):
-    """Rows r0..r1-1 of y = x W~^T by tables. w (n_out, nb*64) uint8 ternary planes, or (n_out, nb*32)
-    binary ones if `binary` (a constant: each kind's functions below compile only its own tables);
-    xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L); y (tokens, n_out) int32."""
+def _gemm_rows(w, row_scale, xT, s_x, binary, y, r0, r1):
+    """Rows r0..r1-1 of y = (x W~^T) * (row_scale / s_x) by tables. w (n_out, nb*64) uint8 ternary planes, or
+    (n_out, nb*32) binary ones if `binary` (a constant: each kind's functions below compile only its own tables);
+    row_scale (n_out,), xT (n_tiles, nb*256, L) int16 = _lanes_major(x, L), s_x (tokens, 1); y (tokens, n_out)
+    float32."""
     L = xT.shape[2]
     if binary:
         nb, n_quads = w.shape[1] // PLANE, NARROW_STEP_QUADS if L == NARROW_LANES else BINARY_STEP_QUADS
@@ -817,29 +860,31 @@ def _gemm_rows(w, xT, binary, y, r0, r1):
                 _binary_tile(codes, xT[tile], rb1 - rb0, acc32)
             else:
                 _ternary_tile(codes, xT[tile], rb1 - rb0, acc32)
-            _store_tile(acc32, y, tile, rb0, rb1)
+            _store_tile(acc32, row_scale, s_x, y, tile, rb0, rb1)
 
 
 @njit(cache=True)
-def _ternary_gemm_rows(w, xT, y, r0, r1):
-    _gemm_rows(w, xT, False, y, r0, r1)
+def _ternary_gemm_rows(w, row_scale, xT, s_x, y, r0, r1):
+    _gemm_rows(w, row_scale, xT, s_x, False, y, r0, r1)
 
 
 @njit(cache=True)
-def _binary_gemm_rows(w, xT, y, r0, r1):
-    _gemm_rows(w, xT, True, y, r0, r1)
+def _binary_gemm_rows(w, row_scale, xT, s_x, y, r0, r1):
+    _gemm_rows(w, row_scale, xT, s_x, True, y, r0, r1)
 
 
 @njit(cache=True, parallel=True)
-def _ternary_gemm_par(ws, xT, ys, n_chunks):
+def _ternary_gemm_par(ws, row_scales, xT, s_x, ys, n_chunks):
     for i in prange(n_chunks * len(ws)):  # (chunk, matrix) pairs, chunk-major
-        _ternary_gemm_rows(ws[i % len(ws)], xT, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+        m = i % len(ws)
+        _ternary_gemm_rows(ws[m], row_scales[m], xT, s_x, ys[m], *_chunk(i, n_chunks, ws))
 
 
 @njit(cache=True, parallel=True)
-def _binary_gemm_par(ws, xT, ys, n_chunks):
+def _binary_gemm_par(ws, row_scales, xT, s_x, ys, n_chunks):
     for i in prange(n_chunks * len(ws)):
-        _binary_gemm_rows(ws[i % len(ws)], xT, ys[i % len(ws)], *_chunk(i, n_chunks, ws))
+        m = i % len(ws)
+        _binary_gemm_rows(ws[m], row_scales[m], xT, s_x, ys[m], *_chunk(i, n_chunks, ws))
 
 
 # --- LUT / VQ: 16 indices at a time looked up in registers, products added in float32 ---------------------------
@@ -1428,6 +1473,12 @@ def ternary_matmuls(ws, x_q):
     return _plane_matmuls(ws, x_q, binary=False)
 
 
+def ternary_linears(ws, row_scales, x_q, s_x):
+    """[scale_sums_ref(ternary_matmul_ref(w, x_q), row_scale, s_x) for ...] in one call: the float outputs of the
+    ternary layers ws reading x_q, row_scales[m] (1,) or (n_out,), s_x (tokens, 1) float32."""
+    return _plane_matmuls(ws, x_q, binary=False, row_scales=row_scales, s_x=s_x)
+
+
 def binary_matmul(w_packed, x_q):
     """Same as binary_matmul_ref: (n_out, n_blocks*32) uint8, (tokens, n_in) int8 -> (tokens, n_out) int32."""
     return binary_matmuls((w_packed,), x_q)[0]
@@ -1438,27 +1489,53 @@ def binary_matmuls(ws, x_q):
     return _plane_matmuls(ws, x_q, binary=True)
 
 
-def _plane_matmuls(ws, x_q, binary):
-    """ternary_matmuls, or binary_matmuls if `binary`: the table GEMM from GEMM_MIN_TOKENS tokens on, else per token."""
+def binary_linears(ws, row_scales, x_q, s_x):
+    """ternary_linears for binary planes."""
+    return _plane_matmuls(ws, x_q, binary=True, row_scales=row_scales, s_x=s_x)
+
+
+def _plane_matmuls(ws, x_q, binary, row_scales=None, s_x=None):
+    """ternary_matmuls, or binary_matmuls if `binary`; with row_scales and s_x, ternary_linears or binary_linears. The
+    table GEMM from GEMM_MIN_TOKENS tokens on (its store scales the sums: unit scales give the int32 sums while they
+    are exact in float32, up to EXACT_SUM_INPUTS inputs), else per token (and scale_sums)."""
     x_q = _check_x(x_q, np.int8)
     planes, what = (1, "binary planes") if binary else (2, "ternary planes")
     ws = tuple(check_packed(w, planes * pack.plane_row_bytes(x_q.shape[1]), what) for w in ws)
     if not ws:
         raise UsageError(f"{what}: no weight matrices")
+    scaled, tokens = row_scales is not None, x_q.shape[0]
+    if scaled:
+        row_scales = tuple(_row_scale(rs, w.shape[0]) for rs, w in zip(row_scales, ws, strict=True))
+        s_x = np.asarray(s_x)
+        if s_x.dtype != np.float32 or s_x.shape != (tokens, 1):
+            raise UsageError(f"activation scales: expected ({tokens}, 1) float32, got {s_x.dtype} {s_x.shape}")
     n_pad = ws[0].shape[1] // (planes * PLANE) * BLOCK
     name = "binary" if binary else "ternary"
-    if x_q.shape[0] >= GEMM_MIN_TOKENS[name]:
-        lanes = NARROW_LANES if x_q.shape[0] <= NARROW_MAX_TOKENS[name] else GEMM_LANES[name]
+    if tokens >= GEMM_MIN_TOKENS[name] and (scaled or n_pad <= EXACT_SUM_INPUTS):
+        lanes = NARROW_LANES if tokens <= NARROW_MAX_TOKENS[name] else GEMM_LANES[name]
         par, rows = (_binary_gemm_par, _binary_gemm_rows) if binary else (_ternary_gemm_par, _ternary_gemm_rows)
-        args = (_lanes_major(x_q, n_pad, lanes),)
-    elif binary:
+        if not scaled:
+            row_scales, s_x = tuple(np.ones(w.shape[0], np.float32) for w in ws), np.ones((tokens, 1), np.float32)
+        ys = _launch(par, rows, ws, (_lanes_major(x_q, n_pad, lanes), np.ascontiguousarray(s_x)), tokens, n_pad,
+                     row_scales=row_scales)
+        return list(ys) if scaled else [y.astype(np.int32) for y in ys]
+    if binary:
         x = _padded(x_q, n_pad, np.int16)
         par, rows, args = _plane_par, _plane_rows, (x, x.sum(axis=1, dtype=np.int64))
     else:
-        xu, xn = np.empty((x_q.shape[0], n_pad), np.uint8), np.empty((x_q.shape[0], n_pad), np.uint8)
+        xu, xn = np.empty((tokens, n_pad), np.uint8), np.empty((tokens, n_pad), np.uint8)
         _ternary_inputs(x_q, x_q.shape[1], xu, xn)
         par, rows, args = _plane_par, _plane_rows, (xu, xn)
-    return list(_launch(par, rows, ws, args, x_q.shape[0], n_pad, np.int32))
+    accs = _launch(par, rows, ws, args, tokens, n_pad, np.int32)
+    return [scale_sums(acc, rs, s_x) for acc, rs in zip(accs, row_scales)] if scaled else list(accs)
+
+
+def _row_scale(row_scale, n_out):
+    """A layer's gamma or beta, (1,) or (n_out,), as a (n_out,) float32 array."""
+    rs = np.asarray(row_scale, np.float32)
+    if rs.shape not in ((1,), (n_out,)):
+        raise UsageError(f"row scales: expected (1,) or ({n_out},), got {rs.shape}")
+    return np.ascontiguousarray(np.broadcast_to(rs, (n_out,)))
 
 
 def binary_matmul_f32(w_packed, x):

@@ -101,13 +101,12 @@ def _float(name, dtype):
 
 # --- int8 activations: ternary, binary -----------------------------------------------------------
 
-def _integer_apply(absmax, matmuls, scale_sums):
-    """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x (after
-    a LayerNorm for binary's ln) and one kernel call for all of them (q, k, v; gate, up)."""
+def _integer_apply(absmax, linears):
+    """apply for ternary / binary layers of one spec reading one x: one absmax quantization of x (after a LayerNorm
+    for binary's ln) and one kernel call for all of them (q, k, v; gate, up), each output acc * (row scale / s_x)."""
     def apply(layers, x):
         x_q, s_x = absmax(layer_norm(x) if layers[0]["scheme"].get("ln") else x)  # (tokens, n_in) int8, (tokens, 1)
-        accs = matmuls([layer["w_packed"] for layer in layers], x_q)  # [(tokens, n_out) int32]
-        return [scale_sums(acc, _row_scales(layer), s_x) for acc, layer in zip(accs, layers)]
+        return linears([layer["w_packed"] for layer in layers], [_row_scales(layer) for layer in layers], x_q, s_x)
     return apply
 
 
@@ -119,24 +118,24 @@ def _row_scales(layer):
 
 def _int8_scheme(name, params, n_scales, quantize, dequantize, planes, **traits):
     """ternary and binary: bit planes (pack.py) read by the int8-activation kernels, one scale per tensor, row or
-    group of rows (n_scales(spec, n_out)). planes: (planes per block, pack, unpack, check, matmuls, matmul_ref)."""
-    n_planes, pack_planes, unpack_planes, check_planes, matmuls, matmul_ref = planes
+    group of rows (n_scales(spec, n_out)). planes: (planes per block, pack, unpack, check, linears, matmul_ref)."""
+    n_planes, pack_planes, unpack_planes, check_planes, linears, matmul_ref = planes
     return Scheme(
         name, params, lambda spec, n_out, n_in: {"w_packed": (np.uint8, (n_out, n_planes * pack.plane_row_bytes(n_in))),
                                                  "scale": (np.float32, (n_scales(spec, n_out),))},
         quantize=quantize,
         encode=lambda spec, codes, scale: {"w_packed": pack_planes(codes), "scale": np.asarray(scale, np.float32)},
         check=lambda spec, t, n_in, where: check_planes(t["w_packed"], n_in, f"{where}.w_packed"),
-        apply=_integer_apply(kernels.absmax_quantize, matmuls, kernels.scale_sums),
-        apply_ref=_integer_apply(kernels.absmax_quantize_ref, lambda ws, x_q: [matmul_ref(w, x_q) for w in ws],
-                                 kernels.scale_sums_ref),
+        apply=_integer_apply(kernels.absmax_quantize, linears),
+        apply_ref=_integer_apply(kernels.absmax_quantize_ref, lambda ws, row_scales, x_q, s_x: [
+            kernels.scale_sums_ref(matmul_ref(w, x_q), rs, s_x) for w, rs in zip(ws, row_scales)]),
         dequantize=lambda layer: dequantize(unpack_planes(layer["w_packed"], layer["n_in"]), layer),
         bits=lambda spec: n_planes, int8_act=True, **traits)
 
 
-TERNARY_PLANES = (2, pack.pack_ternary, pack.unpack_ternary, pack.check_ternary_planes, kernels.ternary_matmuls,
+TERNARY_PLANES = (2, pack.pack_ternary, pack.unpack_ternary, pack.check_ternary_planes, kernels.ternary_linears,
                   kernels.ternary_matmul_ref)
-BINARY_PLANES = (1, pack.pack_binary, pack.unpack_binary, pack.check_binary_planes, kernels.binary_matmuls,
+BINARY_PLANES = (1, pack.pack_binary, pack.unpack_binary, pack.check_binary_planes, kernels.binary_linears,
                  kernels.binary_matmul_ref)
 TERNARY = _int8_scheme("ternary", {"per_row": bool}, lambda spec, n_out: n_out if spec.get("per_row") else 1,
                        lambda w, spec, method: quant.ternarize(w, per_row=spec.get("per_row", False)),

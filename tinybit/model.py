@@ -412,6 +412,7 @@ def load(path, threads=None, ref=False, in_memory=False):
     # BLAS threads only for a float model: they would spin against the kernels' threads
     float_only = all(linear.scheme(config.scheme_of(name)).blas for name, _, _ in linear_shapes(config))
     kernels.set_threads(threads, blas=float_only)
+    kernels.reuse_freed_memory()  # activations on mapped pages
     # an untied embedding is only gathered from: read its rows from the file, not the memory map
     embed_rows = io.row_reader(st_path, tensors["embed.weight"]) if float_embed and not config.tie_embeddings else None
     if in_memory:
