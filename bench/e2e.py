@@ -13,7 +13,8 @@ The model is saved with tinybit.io.save_model to a temporary directory; every me
 a fresh process (a first one only warms numba's cache):
     load_s       tinybit.load (config, safetensors header, mmap, tensor checks)
     warm_start_s the first forward (1 token) after load, with a warm numba cache
-    prefill      one forward over --prefill random tokens, tok/s
+    prefill      a forward over --prefill random tokens, the mean tok/s of PREFILL_REPS, as llama-bench -r
+                 (the KV cache allocated before them, cleared between them)
     decode       --decode single-token forwards after the prefill, tok/s = 1 / median step time
     peak RSS     VmHWM of that process (mapped weights it touched included),
                  beside the target 1.2 x model file + KV cache
@@ -27,7 +28,7 @@ the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a
 anchor (not measured here; Q6_K head there; docs/BENCHMARKS.md).
 With --ik-bench DIR (ik_llama.cpp's build/bin), the same weights also run in ik_llama.cpp, the fastest CPU engine
 for ternary models: the TQ2_0 export to F16 by llama.cpp, to IQ2_BN by ik's llama-quantize (head as above), then
-its llama-bench -p/-n as here, -r 3, -rtr 1 (repacked to IQ2_BN_R4 at load); the tinybit rows get ratio_vs_ik.
+its llama-bench -p/-n as here, -r PREFILL_REPS, -rtr 1 (repacked to IQ2_BN_R4 at load); the tinybit rows get ratio_vs_ik.
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and
@@ -58,6 +59,7 @@ SHAPES = {  # (vocab, dim, layers, heads, kv heads, head_dim, ffn)
 }
 # llama-bench pp128 / tg128 medians, TQ2_0 (Q6_K tied head), 2-vCPU AMD EPYC Zen 4
 # (docs/BENCHMARKS.md): {shape: {threads: (prefill, decode)}}
+PREFILL_REPS = 3  # ik_llama.cpp's llama-bench runs with -r 3
 ANCHORS = {"2b4t": {1: (26.8, 18.1), 2: (52.5, 24.9)}, "large": {1: (76.9, 46.0), 2: (148.0, 57.0)}}
 
 
@@ -141,15 +143,18 @@ def child_tinybit(model_dir, threads, n_prefill, n_decode, warm_only):
         return {}
     cache = m.new_cache(n_prefill + n_decode)
     ids = prompt(m.config.vocab_size, n_prefill + n_decode)
-    t = time.perf_counter()
-    m.forward(ids[:n_prefill], cache, last_only=True)
-    prefill_s = time.perf_counter() - t
+    prefill_s = []
+    for _ in range(PREFILL_REPS):  # as llama-bench -r: the cache allocated before, cleared between the repetitions
+        cache.clear()
+        t = time.perf_counter()
+        m.forward(ids[:n_prefill], cache, last_only=True)
+        prefill_s.append(time.perf_counter() - t)
     steps, cpu0, wall0 = [], cpu_s(), time.perf_counter()
     for tok in ids[n_prefill:]:
         t = time.perf_counter()
         m.forward([tok], cache, last_only=True)
         steps.append(time.perf_counter() - t)
-    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=n_prefill / prefill_s,
+    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=float(np.mean([n_prefill / t for t in prefill_s])),
                 decode_tok_s=1 / float(np.median(steps)), peak_rss_mb=rss_mb(), base_rss_mb=base_mb,
                 decode_cpu_per_wall=(cpu_s() - cpu0) / (time.perf_counter() - wall0))
 
@@ -180,16 +185,18 @@ def child_llamacpp(gguf_path, threads, n_prefill, n_decode):
     t = time.perf_counter()
     llm.eval([2])
     warm_s = time.perf_counter() - t
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids[:n_prefill])
-    prefill_s = time.perf_counter() - t
+    prefill_s = []
+    for _ in range(PREFILL_REPS):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:n_prefill])
+        prefill_s.append(time.perf_counter() - t)
     steps = []
     for tok in ids[n_prefill:]:
         t = time.perf_counter()
         llm.eval([tok])
         steps.append(time.perf_counter() - t)
-    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=n_prefill / prefill_s,
+    return dict(load_s=load_s, warm_start_s=warm_s, prefill_tok_s=float(np.mean([n_prefill / t for t in prefill_s])),
                 decode_tok_s=1 / float(np.median(steps)), peak_rss_mb=rss_mb())
 
 
@@ -214,9 +221,9 @@ def ik_model(ik_dir, gguf_path, tied):
 
 
 def ik_bench(ik_dir, path, threads, args):
-    """ik_llama.cpp's llama-bench on `path`: {"prefill_tok_s", "decode_tok_s"} (-r 3 means, -rtr 1: IQ2_BN_R4)."""
+    """ik_llama.cpp's llama-bench on `path`: {"prefill_tok_s", "decode_tok_s"} (-r PREFILL_REPS means, -rtr 1: IQ2_BN_R4)."""
     out = subprocess.run([os.path.join(ik_dir, "llama-bench"), "-m", path, "-p", str(args.prefill), "-n",
-                          str(args.decode), "-r", "3", "-rtr", "1", "-t", str(threads), "-o", "json"],
+                          str(args.decode), "-r", str(PREFILL_REPS), "-rtr", "1", "-t", str(threads), "-o", "json"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"e2e.py: {ik_dir}/llama-bench failed ({out.returncode}):\n{out.stderr[-2000:]}")

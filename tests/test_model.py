@@ -281,9 +281,11 @@ def test_kv_cache_decode_equals_full_recompute(models, arch):
     pre = m.forward(IDS[:5], cache)
     dec = np.concatenate([m.forward([t], cache) for t in IDS[5:]])
     assert np.abs(np.concatenate([pre, dec]) - steps).max() <= 1e-5 * np.abs(full).max()
-    # last_only returns the last row
+    # last_only returns the last row; a cleared cache starts over at position 0
     cache = m.new_cache(len(IDS))
     assert np.allclose(m.forward(IDS, cache, last_only=True), full[-1:], rtol=0, atol=1e-5 * np.abs(full).max())
+    cache.clear()
+    np.testing.assert_array_equal(m.forward(IDS[:5], cache), m.forward(IDS[:5], m.new_cache(len(IDS))))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
