@@ -323,15 +323,13 @@ def test_table_gemm_row_blocks(threads):
     kernels.set_threads(threads)
     _plane_kernels_equal_refs(np.random.default_rng(2), max(kernels.GEMM_LANES.values()) + 3, kernels.GEMM_ROWS + 45,
                               520)
-    # 16-lane tiles (4 x as many rows per block)
-    _plane_kernels_equal_refs(np.random.default_rng(3), kernels.NARROW_LANES + 1, kernels.ACC_SIZE // kernels.NARROW_LANES
-                              + 45, 300)
+    # 16-lane tiles
+    _plane_kernels_equal_refs(np.random.default_rng(3), kernels.NARROW_LANES + 1, kernels.GEMM_ROWS + 45, 300)
 
 
 def test_gemm_scratch_on_cache_lines():
-    """The table GEMM's heap buffers (tokens-on-lanes x, int32 sums) start on a 64-byte line: numba's
-    np.empty promises 32 bytes and NumPy's 16. (Its tables and int16 sums are stack arrays, aligned by
-    _stack_array.)"""
+    """The table GEMM's heap buffers (tokens-on-lanes x, int16 and int32 sums) start on a 64-byte line: numba's
+    np.empty promises 32 bytes and NumPy's 16. (Its tables are a stack array, aligned by _stack_array.)"""
     for tokens, lanes in itertools.product((1, 7, 300), (kernels.NARROW_LANES, *kernels.GEMM_LANES.values())):
         x_q = np.ones((tokens, 300), np.int8)
         xt = kernels._lanes_major(x_q, 512, lanes)
@@ -339,7 +337,7 @@ def test_gemm_scratch_on_cache_lines():
         assert xt.shape == (-(-tokens // lanes), 512, lanes)
         assert xt[0, :300, :min(tokens, lanes)].all() and not xt[0, 300:].any()
     offset = numba.njit(lambda n: kernels._aligned_empty(n, np.int16).ctypes.data % kernels.ALIGN)
-    assert [offset(n) for n in (1, 33, kernels.ACC_SIZE, 40000)] == [0, 0, 0, 0]
+    assert [offset(n) for n in (1, 33, 2 ** 17, 40000)] == [0, 0, 0, 0]
 
 
 def _plane_kernels_equal_refs(rng, tokens, n_out, n_in):

@@ -551,14 +551,13 @@ BINARY_LANES = 64
 GEMM_LANES = {"ternary": TERNARY_LANES, "binary": BINARY_LANES}
 NARROW_LANES = 16  # ... or 16 (one 256-bit vector) up to NARROW_MAX_TOKENS tokens: fewer idle lanes
 EXACT_SUM_INPUTS = 2 ** 24 // 128  # int8 sums over this many inputs are exact in float32 (the GEMM stores floats)
-GEMM_ROWS = 1024  # rows per block: their int16 and int32 sums (<= 128 + 256 KB) and codes (1.3 MB at 2560 inputs) in L2
+GEMM_ROWS = 2048  # rows per block: their int16 and int32 sums (<= 256 + 512 KB) in L2; codes: 1 MB per 1000 inputs
 GEMM_MIN_TOKENS = {"ternary": 7, "binary": 8}  # from here on the tables beat per-token (docs/KERNELS.md)
 NARROW_MAX_TOKENS = {"ternary": 16, "binary": 32}  # ... in tiles of NARROW_LANES tokens up to here, then GEMM_LANES
 TERNARY_STEP_QUADS = 8  # input quads per step: 8 quads x 81 entries x 32 lanes x 2 B = 41 KB of tables
 BINARY_STEP_QUADS = 8  # 8 quads x 16 entries x 64 lanes x 2 B = 16 KB
 NARROW_STEP_QUADS = 16  # 16 lanes, both: 16 x 81 x 16 x 2 B = 41 KB (ternary); a row adds its 16 entries at once
 TABLE_SIZE = 81 * TERNARY_STEP_QUADS * TERNARY_LANES  # int16 table entries (the largest of the three)
-ACC_SIZE = GEMM_ROWS * BINARY_LANES  # int16 row sums: GEMM_ROWS rows of up to 64 lanes
 
 
 @intrinsic
@@ -754,23 +753,23 @@ def _flush(acc16, acc32):
 
 
 @njit(cache=True)
-def _ternary_tile(codes, xt, n_rows, acc32):
+def _ternary_tile(codes, xt, n_rows, acc16, acc32):
     """acc32[:n_rows] (>= n_rows, L) int32 = one token tile's sums for n_rows <= GEMM_ROWS rows of ternary planes:
     codes (steps, >= n_rows, quads a step) uint16 (_quad_codes), xt (n_pad, L) int16, L = NARROW_LANES or
-    TERNARY_LANES. Each case is a copy of _gemm_steps with its constants."""
+    TERNARY_LANES; acc16 (>= n_rows, L) int16 scratch. Each case is a copy of _gemm_steps with its constants."""
     if xt.shape[1] == NARROW_LANES:
-        _gemm_steps(codes, xt, False, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, False, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc16, acc32)
     else:
-        _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, TERNARY_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, False, TERNARY_STEP_QUADS, TERNARY_LANES, n_rows, acc16, acc32)
 
 
 @njit(cache=True)
-def _binary_tile(codes, xt, n_rows, acc32):
+def _binary_tile(codes, xt, n_rows, acc16, acc32):
     """_ternary_tile for binary planes: L = NARROW_LANES or BINARY_LANES."""
     if xt.shape[1] == NARROW_LANES:
-        _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, True, NARROW_STEP_QUADS, NARROW_LANES, n_rows, acc16, acc32)
     else:
-        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, BINARY_LANES, n_rows, acc32)
+        _gemm_steps(codes, xt, True, BINARY_STEP_QUADS, BINARY_LANES, n_rows, acc16, acc32)
 
 
 @njit(cache=True, inline="always")
@@ -791,12 +790,11 @@ def _step_bound(xt, base, n_quads, L):
 
 
 @njit(cache=True, inline="always")
-def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc32):
-    """A tile function's body (_ternary_tile, _binary_tile) for L lanes, n_quads quads a step: stack tables and int16
-    sums, flushed into acc32 before a step whose bound (_step_bound) could take them past 32767: every 7 steps
-    (ternary, binary) or 3 (narrow) where the activations are all at +-128, about every 30 for a prompt's."""
+def _gemm_steps(codes, xt, binary, n_quads, L, n_rows, acc16, acc32):
+    """A tile function's body (_ternary_tile, _binary_tile) for L lanes, n_quads quads a step: stack tables, int16
+    sums in acc16, flushed into acc32 before a step whose bound (_step_bound) could take them past 32767: every 7
+    steps (ternary, binary) or 3 (narrow) where the activations are all at +-128, about every 30 for a prompt's."""
     tab = numba.carray(_stack_array(TABLE_SIZE, np.int16), (TABLE_SIZE // L, L))
-    acc16 = numba.carray(_stack_array(ACC_SIZE, np.int16), (ACC_SIZE // L, L))
     n_steps = codes.shape[0]
     acc16[:n_rows] = 0
     acc32[:n_rows] = 0
@@ -849,6 +847,7 @@ def _gemm_rows(w, row_scale, xT, s_x, binary, y, r0, r1):
     else:
         nb, n_quads = w.shape[1] // (2 * PLANE), NARROW_STEP_QUADS if L == NARROW_LANES else TERNARY_STEP_QUADS
     block_rows = max(1, min(GEMM_ROWS, r1 - r0))  # (k / v of a small model: fewer rows than a block)
+    acc16 = _aligned_empty(block_rows * L, np.int16).reshape((block_rows, L))
     acc32 = _aligned_empty(block_rows * L, np.int32).reshape((block_rows, L))
     codes = np.empty((2 * nb * (PLANE // n_quads), block_rows, n_quads), np.uint16)
     for rb0 in range(r0, r1, block_rows):
@@ -865,9 +864,9 @@ def _gemm_rows(w, row_scale, xT, s_x, binary, y, r0, r1):
                 _quad_codes(w, rb0, rb1, codes, False, TERNARY_STEP_QUADS, TERNARY_LANES)
         for tile in range(xT.shape[0]):
             if binary:
-                _binary_tile(codes, xT[tile], rb1 - rb0, acc32)
+                _binary_tile(codes, xT[tile], rb1 - rb0, acc16, acc32)
             else:
-                _ternary_tile(codes, xT[tile], rb1 - rb0, acc32)
+                _ternary_tile(codes, xT[tile], rb1 - rb0, acc16, acc32)
             _store_tile(acc32, row_scale, s_x, y, tile, rb0, rb1)
 
 
