@@ -77,8 +77,9 @@ def test_rope_equals_model():
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("tokens", [1, 3, 300])  # 300 x 2560 and x 20 x 128: split among the threads
 def test_many_token_twins_equal_model(threads, tokens):
-    """kernels.rms_norm (over a last axis, q/k norms' (T, heads, hd) too), kernels.rope and kernels.in_row_runs of the
-    gate activations, the prefill's, give model.rms_norm's, model.rope's and the activations' floats."""
+    """kernels.rms_norm (over a last axis, q/k norms' (T, heads, hd) too), kernels.rope and kernels.gated (every
+    activation; NaN, -0 and infinities too), the prefill's, give model.rms_norm's, model.rope's and model.gated's
+    floats."""
     kernels.set_threads(threads)
     try:
         rng = np.random.default_rng(tokens)
@@ -92,10 +93,11 @@ def test_many_token_twins_equal_model(threads, tokens):
         view = qk[:, ::2]  # a strided view (q or k of one projection) is read, not rotated in place
         np.testing.assert_array_equal(kernels.rope(view, cos, sin), tbmodel.rope(view, cos, sin))
         np.testing.assert_array_equal(view, qk[:, ::2])
-        gate, up = (rng.standard_normal((2, tokens, 6912)) * 4).astype(np.float32)  # runs of 4 rows (3 tokens: one short run)
-        for act in ("silu", "relu2", "gelu_tanh"):
-            f = lambda g, u: tbmodel.gate_activation(g, act) * u  # noqa: E731
-            np.testing.assert_array_equal(kernels.in_row_runs(f, gate, up), f(gate, up))
+        gate, up = (rng.standard_normal((2, tokens, 6912)) * 4).astype(np.float32)
+        gate[0, :4] = [np.nan, -0.0, np.inf, -np.inf]
+        for act in io.ACTIVATIONS:
+            with np.errstate(invalid="ignore"):  # inf * 0
+                np.testing.assert_array_equal(kernels.gated(gate, up, act), tbmodel.gated(gate, up, act))
     finally:
         kernels.set_threads()
 

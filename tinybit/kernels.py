@@ -14,7 +14,8 @@ y (tokens, n_out); scales are the caller's.
     scale_sums                            int32 sums of int8 activations -> floats, times their scales
     rms_norm, rope, attention             model.rms_norm, model.rope and model.attention of many tokens, on the
                                           kernels' threads
-    in_row_runs                           an elementwise NumPy function in runs of rows that stay in L2
+    gated                                 model.gated (the gate activation times up) of many tokens, its
+                                          arithmetic on the kernels' threads
     attention_step, down_step             model.block for one token of an all-ternary or all-LUT block (its twin)
 Ternary and binary: additions, selects, bit tests; table lookups from GEMM_MIN_TOKENS on. How, why: docs/KERNELS.md."""
 import ctypes
@@ -1714,19 +1715,52 @@ def rope(x, cos, sin):
     return out
 
 
-ROW_RUN_BYTES = 128 * 1024  # in_row_runs: rows of an input per run, its temporaries (several such) in L2
+# --- the gate activation times up: model.gated of many tokens ------------------------------------------------
+GATED = ("silu", "relu2", "gelu_tanh")  # io.ACTIVATIONS (io imports the kernels), numbered as _gated_rows reads them
+GELU_SCALE = np.float32(math.sqrt(2 / math.pi))
 
 
-def in_row_runs(f, *arrays):
-    """f(*arrays) for an elementwise NumPy function f of (T, n) float32 arrays (model.block's gate activation times
-    up), the same values, computed a run of rows at a time: NumPy's temporaries of a run stay in L2 where the whole
-    arrays' go to memory (1.3-1.5x faster at 128 tokens of 4096 and 6912, docs/performance.md)."""
-    T, n = arrays[0].shape
-    out = np.empty((T, n), np.float32)
-    run = max(1, ROW_RUN_BYTES // (4 * max(1, n)))
-    for r in range(0, T, run):
-        out[r:r + run] = f(*(a[r:r + run] for a in arrays))
-    return out
+@njit(cache=True)
+def _gated_rows(stage, act, x, t, up, y, t0, t1):
+    """Rows t0..t1-1 of model.gated's arithmetic, act an index of GATED, all float32 as NumPy computes it. Stage 0,
+    before NumPy's tanh: t = 0.5 x (silu), or sqrt(2/pi) (x + 0.044715 t) with t = x ** 3 (gelu_tanh). Stage 1,
+    after it: y = x (0.5 + 0.5 t) up (silu), (0.5 x)(1 + t) up (gelu_tanh), or max(x, 0)^2 up (relu2; NaN kept, as
+    np.maximum keeps it)."""
+    half, one = np.float32(0.5), np.float32(1)
+    for r in range(t0, t1):
+        xr, tr, ur, yr = x[r], t[r], up[r], y[r]
+        for j in range(xr.shape[0]):
+            v = xr[j]
+            if stage == 0:
+                tr[j] = half * v if act == 0 else GELU_SCALE * (v + np.float32(0.044715) * tr[j])
+            elif act == 0:
+                yr[j] = v * (half + half * tr[j]) * ur[j]
+            elif act == 1:
+                m = v if v >= 0 or v != v else np.float32(0)
+                yr[j] = m * m * ur[j]
+            else:
+                yr[j] = half * v * (one + tr[j]) * ur[j]
+
+
+@njit(cache=True, parallel=True)
+def _gated_par(stage, act, x, t, up, y, n_chunks):
+    for c in prange(n_chunks):
+        _gated_rows(stage, act, x, t, up, y, *_token_chunk(c, n_chunks, x.shape[0]))
+
+
+def gated(gate, up, name):
+    """model.gated(gate, up, name) of many tokens, bit for bit: its arithmetic compiled, on the kernels' threads, and
+    its tanh (and gelu_tanh's x ** 3) NumPy's, of the whole array in place (numba's tanh differs from NumPy's in the
+    last bit of a third of the floats). gate, up (T, ffn_dim) float32."""
+    x, up = np.ascontiguousarray(gate, np.float32), np.ascontiguousarray(up, np.float32)
+    act, y = GATED.index(name), np.empty(x.shape, np.float32)
+    t = y  # (relu2: no tanh)
+    if name != "relu2":
+        t = x ** 3 if name == "gelu_tanh" else np.empty(x.shape, np.float32)
+        _by_tokens(_gated_rows, _gated_par, *x.shape, 0, act, x, t, up, y)
+        np.tanh(t, out=t)
+    _by_tokens(_gated_rows, _gated_par, *x.shape, 1, act, x, t, up, y)
+    return y
 
 
 @njit(cache=True)

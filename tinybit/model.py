@@ -98,6 +98,11 @@ def gate_activation(x, name):
     raise ValueError(name)
 
 
+def gated(gate, up, name):
+    """The MLP's product act(gate) * up, (T, ffn_dim) float32 each."""
+    return gate_activation(gate, name) * up
+
+
 def rope_inv_freq(config):
     """Rotary inverse frequencies (head_dim/2,), with HF's 'linear' or 'llama3' scaling."""
     hd = config.head_dim
@@ -146,15 +151,14 @@ def attention(q, k, v, start):
     return out.reshape(KV, group, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
-def block(c, norms, x, cos, sin, attend, linears, rms_norm=rms_norm, rope=rope,
-          elementwise=lambda f, *xs: f(*xs)):
+def block(c, norms, x, cos, sin, attend, linears, rms_norm=rms_norm, rope=rope, gated=gated):
     """The transformer block, the reference (one token: its twin kernels.attention_step): x (T, dim) -> (T, dim).
     norms: {"attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm", "q_norm", "k_norm"} weights (sub-norms,
     q/k norms: None without them); cos, sin (T, hd/2) of each token's position; attend(q, k, v) -> (T, H * hd): the
     attention of the rotated queries over the past and these rotated keys and values (a KV cache,
     or the calibration batch's own sequences); linears(names, x) -> [y]: the linears that read x;
-    rms_norm, rope: these references, or their many-token twins kernels.rms_norm and kernels.rope; elementwise(f,
-    *arrays) = f(*arrays), or its twin kernels.in_row_runs."""
+    rms_norm, rope, gated: these references, or their many-token twins kernels.rms_norm, kernels.rope and
+    kernels.gated."""
     T, H, KV, hd, eps = len(x), c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
     # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     h = rms_norm(x, norms["attn_norm"], eps)                                    # (T, dim)
@@ -169,7 +173,7 @@ def block(c, norms, x, cos, sin, attend, linears, rms_norm=rms_norm, rope=rope,
     # mlp: x + down(act(gate(h)) * up(h)),  h = ffn_norm(x)
     h = rms_norm(x, norms["ffn_norm"], eps)
     gate, up = linears(("gate", "up"), h)                                        # (T, ffn_dim) x 2
-    m = elementwise(lambda g, u: gate_activation(g, c.activation) * u, gate, up)  # (T, ffn_dim)
+    m = gated(gate, up, c.activation)                                            # (T, ffn_dim)
     if c.sub_norms:
         m = rms_norm(m, norms["ffn_sub_norm"], eps)
     return x + linears(("down",), m)[0]
@@ -361,7 +365,7 @@ class Model:
                 out[r0:r1] = self.attend(q[r0:r1], cache.k[i], cache.v[i], start)
             return out
         twins = {} if self.ref else {"rms_norm": kernels.rms_norm, "rope": kernels.rope,
-                                     "elementwise": kernels.in_row_runs}
+                                     "gated": kernels.gated}
         return block(self.config, self.block_norms[i], x, cos, sin, attend,
                      lambda names, h: self.linears_of([p + name for name in names], h), **twins)
 
