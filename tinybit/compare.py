@@ -30,7 +30,7 @@ from . import linear
 from .cli import OneLineParser, check_threads, exit_on_error, write_out
 from .errors import UsageError
 from .eval import log_softmax
-from .model import block, gate_activation, load, rms_norm
+from .model import block, gated, load, rms_norm
 
 # The text compared on by default: plain English, written for this project.
 TEXT = """The river that runs past the old mill is not deep, but it is cold all year, because it comes down \
@@ -102,7 +102,7 @@ def block_stages(model, i, x, cos, sin, want=None):
     out = block(c, model.block_norms[i], x, cos, sin, attend, linears)
     ran = st if want is None else want  # the values the steps after each one read
     st["mid"] = x + st["o"]  # block()'s residual after attention, the same float32 sum
-    st["act"] = gate_activation(ran["gate"], c.activation) * ran["up"]
+    st["act"] = gated(ran["gate"], ran["up"], c.activation)
     st["out"] = out if want is None else want["mid"] + st["down"]
     return st, ties
 

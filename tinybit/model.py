@@ -391,7 +391,7 @@ class Model:
                                         work, eps, *threads)
         if not failed:
             gate, up = work[0][6:8]  # (ffn_dim,) each
-            m = gate_activation(gate, c.activation) * up
+            m = gated(gate, up, c.activation)
             failed = kernels.down_step(x[0], m, *args, work, eps, *threads)
         if failed:
             p = f"layers.{i}."
