@@ -2038,35 +2038,39 @@ def _sum(row, n):
     return total
 
 
-@njit(cache=True, fastmath={"contract"})  # not reassoc: LLVM would move the division by the total into the j loop
+@njit(cache=True, fastmath={"contract"})
 def _attention_values(w, v_cache, start, t0, out, c, n_chunks):
     """The same rows: out[t, h] = sum_s (w[i, h, s] / total) v_s over s <= start + t, total = sum_s w[i, h, s]: the
-    weights normalized, then their product with the values, as model.attention. w (tile, H, n_pos) = np.exp(e);
-    v_cache (KV, max_len, hd); out (T, H, hd). Four values at a time, each read once for the row's queries and heads."""
+    weights normalized (in place, in vectors), then their product with the values, as model.attention. w (tile, H,
+    n_pos) = np.exp(e); v_cache (KV, max_len, hd); out (T, H, hd). Four values at a time, each read once for the
+    row's queries and heads."""
     tile, H, hd, KV = w.shape[0], w.shape[1], out.shape[2], v_cache.shape[0]
     group = H // KV
     o = np.empty((ATTENTION_QUERIES, group, hd), np.float32)  # the row's sums, this thread's: out written once
-    totals = np.empty((ATTENTION_QUERIES, group), np.float32)
     for r in range(c, _n_query_rows(tile, KV), n_chunks):
         g, i0, i1, n4 = _query_row(r, KV, tile, start, t0)
         vh = v_cache[g]
         for i in range(i0, i1):
+            n = start + t0 + i + 1
             for a in range(group):
-                totals[i - i0, a] = _sum(w[i, g * group + a], start + t0 + i + 1)
+                row = w[i, g * group + a]
+                total = _sum(row, n)
+                for s in range(n):
+                    row[s] = row[s] / total
         o[:] = 0
         for s in range(0, n4, 4):
             v0, v1, v2, v3 = vh[s], vh[s + 1], vh[s + 2], vh[s + 3]
             for i in range(i0, i1):
                 for a in range(group):
-                    row, total, oa = w[i, g * group + a], totals[i - i0, a], o[i - i0, a]
-                    p0, p1, p2, p3 = row[s] / total, row[s + 1] / total, row[s + 2] / total, row[s + 3] / total
+                    row, oa = w[i, g * group + a], o[i - i0, a]
+                    p0, p1, p2, p3 = row[s], row[s + 1], row[s + 2], row[s + 3]
                     for j in range(hd):
                         oa[j] += p0 * v0[j] + p1 * v1[j] + p2 * v2[j] + p3 * v3[j]
         for i in range(i0, i1):
             for a in range(group):
                 row, oa, out_row = w[i, g * group + a], o[i - i0, a], out[t0 + i, g * group + a]
                 for s in range(n4, start + t0 + i + 1):
-                    p, vs = row[s] / totals[i - i0, a], vh[s]
+                    p, vs = row[s], vh[s]
                     for j in range(hd):
                         oa[j] += p * vs[j]
                 for j in range(hd):  # (element by element: a slice assignment compiles numba's shape-mismatch message)
