@@ -87,8 +87,7 @@ def self_loops(text):
             if re.match(r"^\.LBB\d+_\d+:", lines[j]):
                 break
             if re.search(rf"\bj\w+\s+{re.escape(m.group(1))}\b", lines[j]):
-                out.append((m.group(1), [ln.split("#")[0].rstrip() for ln in lines[i + 1:j + 1]
-                                         if ln.startswith("\t") and not ln.startswith("\t.")]))
+                out.append((m.group(1), instructions(lines[i + 1:j + 1])))
                 break
     return out
 
@@ -101,9 +100,14 @@ def spanning_loops(text):
     for j, line in enumerate(lines):
         m = re.search(r"\bj\w+\s+(\.LBB\d+_\d+)\b", line)
         if m and where.get(m.group(1), j) < j:
-            out.append((m.group(1), [ln.split("#")[0].rstrip() for ln in lines[where[m.group(1)] + 1:j + 1]
-                                     if ln.startswith("\t") and not ln.startswith("\t.")]))
+            out.append((m.group(1), instructions(lines[where[m.group(1)] + 1:j + 1])))
     return sorted(out, key=lambda item: len(item[1]))
+
+
+def instructions(lines):
+    """The instructions of assembly lines: tab-indented ones but directives, comments cut (an inline asm's #APP and
+    #NO_APP markers: nothing left)."""
+    return [code for ln in lines if ln.startswith("\t") and not ln.startswith("\t.") and (code := ln.split("#")[0].rstrip())]
 
 
 def counts(body):

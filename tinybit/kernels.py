@@ -593,6 +593,7 @@ def _lanes_major(x_q, n_pad, lanes):
 
 @njit(cache=True)
 def _aligned_tiles(n_tiles, n_pad, L):
+    """An uninitialized (n_tiles, n_pad, L) int16 array on a cache line."""
     return _aligned_empty(n_tiles * n_pad * L, np.int16).reshape((n_tiles, n_pad, L))
 
 
@@ -1750,8 +1751,8 @@ def _gated_par(stage, act, x, t, up, y, n_chunks):
 
 def gated(gate, up, name):
     """model.gated(gate, up, name) of many tokens, bit for bit: its arithmetic compiled, on the kernels' threads, and
-    its tanh (and gelu_tanh's x ** 3) NumPy's, of the whole array in place (numba's tanh differs from NumPy's in the
-    last bit of a third of the floats). gate, up (T, ffn_dim) float32."""
+    its tanh (and gelu_tanh's x ** 3) NumPy's, of the whole array in place (numba's tanh differs from NumPy's by an ulp
+    or two in a third of the floats). gate, up (T, ffn_dim) float32."""
     x, up = np.ascontiguousarray(gate, np.float32), np.ascontiguousarray(up, np.float32)
     act, y = GATED.index(name), np.empty(x.shape, np.float32)
     t = y  # (relu2: no tanh)
