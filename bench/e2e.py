@@ -28,7 +28,8 @@ the table shows the llama-bench figures measured on a 2-vCPU AMD EPYC Zen 4 as a
 anchor (not measured here; Q6_K head there; docs/BENCHMARKS.md).
 With --ik-bench DIR (ik_llama.cpp's build/bin), the same weights also run in ik_llama.cpp, the fastest CPU engine
 for ternary models: the TQ2_0 export to F16 by llama.cpp, to IQ2_BN by ik's llama-quantize (head as above), then
-its llama-bench -p/-n as here, -r PREFILL_REPS, -rtr 1 (repacked to IQ2_BN_R4 at load); the tinybit rows get ratio_vs_ik.
+its llama-bench -p/-n as here, -r PREFILL_REPS, -rtr 1 (repacked to IQ2_BN_R4 at load); the tinybit rows get
+ratio_vs_ik.
 --json prints one JSON object per line: engine, shape, threads, phase, tok_s (+ ms_per_token,
 gb_per_s, and for tinybit peak_rss_mb, base_rss_mb, load_s, warm_start_s, cpu_per_wall of decode (CPU
 seconds of all threads / wall seconds: below the thread count, the machine was busy), and
@@ -221,7 +222,8 @@ def ik_model(ik_dir, gguf_path, tied):
 
 
 def ik_bench(ik_dir, path, threads, args):
-    """ik_llama.cpp's llama-bench on `path`: {"prefill_tok_s", "decode_tok_s"} (-r PREFILL_REPS means, -rtr 1: IQ2_BN_R4)."""
+    """ik_llama.cpp's llama-bench on `path`: {"prefill_tok_s", "decode_tok_s"} (means of -r PREFILL_REPS; -rtr 1:
+    IQ2_BN_R4)."""
     out = subprocess.run([os.path.join(ik_dir, "llama-bench"), "-m", path, "-p", str(args.prefill), "-n",
                           str(args.decode), "-r", str(PREFILL_REPS), "-rtr", "1", "-t", str(threads), "-o", "json"],
                          capture_output=True, text=True)

@@ -107,7 +107,8 @@ def spanning_loops(text):
 def instructions(lines):
     """The instructions of assembly lines: tab-indented ones but directives, comments cut (an inline asm's #APP and
     #NO_APP markers: nothing left)."""
-    return [code for ln in lines if ln.startswith("\t") and not ln.startswith("\t.") and (code := ln.split("#")[0].rstrip())]
+    return [code for ln in lines
+            if ln.startswith("\t") and not ln.startswith("\t.") and (code := ln.split("#")[0].rstrip())]
 
 
 def counts(body):

@@ -290,9 +290,10 @@ def test_linears_equal_scaled_refs(threads, tokens, per_row):
     x_q = rng.integers(-128, 128, (tokens, n_in)).astype(np.int8)
     s_x = rng.uniform(1e-3, 2, (tokens, 1)).astype(np.float32)
     scales = [rng.uniform(0.01, 2, n if per_row else 1).astype(np.float32) for n in n_outs]
-    for linears, ref, w in ((kernels.ternary_linears, kernels.ternary_matmul_ref, rng.integers(-1, 2, (max(n_outs), n_in))),
-                            (kernels.binary_linears, kernels.binary_matmul_ref, rng.choice([-1, 1], (max(n_outs), n_in)))):
-        ws = [(pack.pack_ternary if linears is kernels.ternary_linears else pack.pack_binary)(w[:n]) for n in n_outs]
+    wt, wb = rng.integers(-1, 2, (max(n_outs), n_in)), rng.choice([-1, 1], (max(n_outs), n_in))
+    for linears, ref, ws in (
+            (kernels.ternary_linears, kernels.ternary_matmul_ref, [pack.pack_ternary(wt[:n]) for n in n_outs]),
+            (kernels.binary_linears, kernels.binary_matmul_ref, [pack.pack_binary(wb[:n]) for n in n_outs])):
         ys = linears(ws, scales, x_q, s_x)
         for wp, rs, y in zip(ws, scales, ys, strict=True):
             assert y.dtype == np.float32
