@@ -329,7 +329,7 @@ def _add_entries(typingctx, acc, tab, offsets, n, L):
     <L x i16> vectors, an aligned load each (vpaddw on 1, 2 or 4 registers). Written as loops, the 16-lane copy is
     unrolled before LLVM's vectorizer sees it and stays scalar; the byte offsets also save a shift per entry. The
     offsets are read 4 to a 64-bit word (n a multiple of 4) and split by shifts: loads bound the loop (an empty asm
-    keeps LLVM from narrowing the word back into a 16-bit load per offset; 1.03-1.05x the GEMM, docs/KERNELS.md)."""
+    keeps LLVM from narrowing the word back into a 16-bit load per offset; docs/KERNELS.md)."""
     if not (isinstance(n, types.IntegerLiteral) and isinstance(L, types.IntegerLiteral)) or n.literal_value % 4:
         return None
     n_rows, lanes = n.literal_value, L.literal_value
