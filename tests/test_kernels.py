@@ -473,18 +473,19 @@ def _run(code, **env):
     return p.stdout
 
 
-VECTOR_MULTIPLY = re.compile(  # AVX spellings, and SSE's without the v
-    r"\b(v?pmull[wdq]|v?pmulh\w*|v?pmul[u]?dq|v?pmaddubsw|v?pmaddwd|vpdpbusds?|vpdpwssds?"
-    r"|v?mul[ps][sd]|vf[n]?m(add|sub)\w*)\b")
+INTEGER_MULTIPLY = r"v?pmull[wdq]|v?pmulh\w*|v?pmul[u]?dq|v?pmaddubsw|v?pmaddwd|vpdpbusds?|vpdpwssds?"  # AVX, SSE
+INTEGER_VECTOR_MULTIPLY = re.compile(rf"\b({INTEGER_MULTIPLY})\b")
+VECTOR_MULTIPLY = re.compile(rf"\b({INTEGER_MULTIPLY}|v?mul[ps][sd]|vf[n]?m(add|sub)\w*)\b")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @pytest.mark.parametrize("cpu", ["native", "haswell", "x86-64"] if X86 else ["native"])
 def test_plane_kernels_are_multiply_free(cpu):
-    """The compiled row kernels (per-token and table GEMM) contain no multiply instruction
+    """The compiled row kernels (per-token and the table GEMM's tiles) contain no multiply instruction
     on vectors or floats anywhere in the function (only scalar imul for row/index arithmetic),
     and do contain vector adds (vpaddw for int16 lanes, vpsadbw for the ternary byte sums, vaddps for
-    float32): not vacuous. Compiled for the host, for AVX2 (haswell) and for SSE2 only (x86-64) on x86."""
+    float32): not vacuous. The GEMM's row functions around the tiles have no integer multiply: their float one is
+    the store's scaling of each sum. Compiled for the host, for AVX2 (haswell) and for SSE2 only (x86-64) on x86."""
     env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": CPUS_WITHOUT_AVX512[cpu]} if cpu != "native" else {}
     out = _run("""
         import json, numpy as np
@@ -509,9 +510,10 @@ def test_plane_kernels_are_multiply_free(cpu):
             layout = "ternary" if sig[2].ndim == 2 else "binary_f32" if sig[1].dtype.name == "float32" else "binary"
             asm[layout] = text
         for kind in ("ternary", "binary"):
-            sigs = getattr(k, f"_{kind}_tile").inspect_asm()
-            assert len(sigs) == 1, sigs.keys()
-            asm[f"{kind}_tile"] = list(sigs.values())[0]
+            for fn in ("tile", "gemm_rows"):
+                sigs = getattr(k, f"_{kind}_{fn}").inspect_asm()
+                assert len(sigs) == 1, sigs.keys()
+                asm[f"{kind}_{fn}"] = list(sigs.values())[0]
         print(json.dumps(asm))
     """, **env)
     import json
@@ -520,6 +522,10 @@ def test_plane_kernels_are_multiply_free(cpu):
         code = [ln.split("#")[0] for ln in text.splitlines() if ln.startswith("\t") and not ln.startswith("\t.")]
         body = "\n".join(code)
         assert len(code) > 100, name
+        if name.endswith("gemm_rows"):  # around the tiles: codes, and the store's float scaling (acc * scale)
+            bad = sorted({m.group(0) for m in INTEGER_VECTOR_MULTIPLY.finditer(body)})
+            assert not bad, f"{name}: integer multiply instructions {bad}"
+            continue
         bad = sorted({m.group(0) for m in VECTOR_MULTIPLY.finditer(body)})
         assert not bad, f"{name}: multiply instructions {bad}"
         add = {"ternary": "psadbw", "binary_f32": "addps"}.get(name, "paddw")
