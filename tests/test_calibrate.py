@@ -150,10 +150,10 @@ def test_shrunk_scales_the_correlations_and_keeps_the_diagonal():
     assert np.array_equal(calibrate.shrunk(H, 1.0), np.diag(np.diag(H)))
 
 
-@pytest.mark.parametrize("n_layers", [1, 2, 5])
-def test_shrink_falls_with_depth(monkeypatch, n_layers):
-    """Each block's four Hessians (q,k,v | o | gate,up | down) pass through shrunk with one a per block: falling
-    linearly from below 2 shrink to above 0, shrink on average; shrink=0 shrinks none."""
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_shrink_is_the_same_in_every_block(monkeypatch, n_layers):
+    """Each block's four Hessians (q,k,v | o | gate,up | down) pass through shrunk with a = shrink in every block,
+    and the report says so; shrink=0 shrinks none."""
     c = tiny_config(n_layers=n_layers)
     t = random_float_tensors(c, seed=6)
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (3, 12))
@@ -162,14 +162,11 @@ def test_shrink_falls_with_depth(monkeypatch, n_layers):
         monkeypatch.setattr(calibrate, "shrunk", lambda H, a, f=calibrate.shrunk: seen.append(a) or f(H, a))
         _, _, lines = calibrate.calibrate_model(c, t, ids, SPECS["lut3-row"], log=lambda m: None, shrink=shrink)
         monkeypatch.undo()
-        a = np.array(seen).reshape(n_layers, 4)
-        assert (a == a[:, :1]).all()
-        a = a[:, 0]
+        assert seen == [shrink] * (4 * n_layers)
         if shrink:
-            assert a[0] < 2 * shrink and a[-1] > 0 and np.isclose(a.mean(), shrink)
-            assert np.allclose(np.diff(a), -2 * shrink / n_layers) and "shrunk toward their diagonals by" in lines[0]
+            assert f"Hessians shrunk toward their diagonals by {shrink}," in lines[0]
         else:
-            assert (a == 0).all() and "Hessians not shrunk" in lines[0]
+            assert "Hessians not shrunk" in lines[0]
 
 
 # --- the converter ------------------------------------------------------------------------------
@@ -439,12 +436,12 @@ def test_convert_damp_without_a_cholesky_factor(hf_dir, tmp_path, capsys, damp, 
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("value", ["-0.1", "0.6", "nan"])
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
 def test_shrink_outside_its_range_is_a_usage_error(hf_dir, tmp_path, capsys, value):
     rc = convert.main([str(hf_dir), str(tmp_path / "out"), "--scheme", "lut2", "--calibrate",
                        str(hf_dir / "calib.txt"), "--calib-len", "24", "--shrink", value])
     err = capsys.readouterr().err
-    assert rc == 2 and f"--shrink {float(value)}: expected 0 <= A <= 0.5" in err, err
+    assert rc == 2 and f"--shrink {float(value)}: expected 0 <= A <= 1" in err, err
     assert os.listdir(tmp_path) == []
 
 

@@ -1078,8 +1078,8 @@ def make_parser():
                         "template (default 0)")
     p.add_argument("--damp", type=float, default=calibrate.DAMP, help="Hessian damping (default 0.01)")
     p.add_argument("--shrink", type=float, default=calibrate.SHRINK, metavar="A",
-                   help="shrink the Hessians toward their diagonal, (1 - a) H + a diag(H), a falling linearly from "
-                        f"2A in the first block to 0 past the last: 0 <= A <= 0.5 (default {calibrate.SHRINK}; 0: none)")
+                   help="shrink the Hessians toward their diagonal, (1 - A) H + A diag(H), in every block: 0 <= A <= 1 "
+                        f"(default {calibrate.SHRINK}; 0: none; 1: the diagonal only)")
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets and of "
                                                         "--calibrate-self's sampling (default 0)")
@@ -1141,9 +1141,9 @@ def calibration_ids(args, src, config, family):
     if not args.calibrate and not args.calibrate_self:
         return None
     scheme = config.quant["scheme"]
-    if not 0 <= args.shrink <= 0.5:
-        raise UsageError(f"--shrink {args.shrink}: expected 0 <= A <= 0.5 (the first block's Hessians are shrunk by "
-                         "about 2A, at most all the way to their diagonal)")
+    if not 0 <= args.shrink <= 1:
+        raise UsageError(f"--shrink {args.shrink}: expected 0 <= A <= 1 (a Hessian shrunk at most all the way to its "
+                         "diagonal)")
     if family != "llama" or linear.scheme(config.quant).calibrate is None or not 0 <= args.damp < math.inf:
         calibrated = ", ".join(n for n, s in linear.SCHEMES.items() if s.calibrate)
         raise UsageError(f"--calibrate/--calibrate-self apply to float checkpoints (family llama) with a --scheme of "
