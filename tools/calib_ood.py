@@ -33,8 +33,11 @@ WINDOWS, LENGTH = 8, 512  # of each --text
 
 def text_windows(tok, path, bos):
     """(WINDOWS, LENGTH) ids: each window the start token and the next LENGTH - 1 tokens of the file."""
-    with open(path, encoding="utf-8") as f:
-        ids = tok.encode(f.read(), add_special_tokens=False).ids
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = tok.encode(f.read(), add_special_tokens=False).ids
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"calib_ood.py: error: --text {path}: not a readable UTF-8 text file ({e})")
     if len(ids) < WINDOWS * (LENGTH - 1):
         sys.exit(f"calib_ood.py: error: {path}: {len(ids)} tokens, fewer than {WINDOWS} x {LENGTH - 1}")
     return np.array([[bos] + ids[k * (LENGTH - 1):(k + 1) * (LENGTH - 1)] for k in range(WINDOWS)])
@@ -52,16 +55,16 @@ def main():
     ap.add_argument("--shrink", default=f"0,{calibrate.SHRINK}", help="comma-separated values of a")
     args = ap.parse_args()
     config = io.load_config(args.model)
-    tensors = dict(io.read_safetensors(os.path.join(args.model, "model.safetensors")))
-    with open(os.path.join(args.model, "tokenizer.json"), encoding="utf-8") as f:
-        tokenizer_json = f.read()
+    tensors = io.read_safetensors(os.path.join(args.model, "model.safetensors"))
     tok = io.load_tokenizer(args.model)
+    if tok is None:
+        sys.exit(f"calib_ood.py: error: {args.model}: no tokenizer.json (--calibrate-self needs the model's tokenizer)")
     spec = convert.parse_scheme(args.scheme, args.group_size)[0]
     layers = [int(x) for x in args.layers.split(",")]
     settings = [float(a) for a in args.shrink.split(",")]
-    sets = {"calibration": calibrate.self_samples(config, tensors, tokenizer_json, args.calibrate_self, LENGTH,
-                                                  args.seed)}
-    sets.update({os.path.basename(p): text_windows(tok, p, config.bos_token_id) for p in args.text})
+    texts = {os.path.basename(p): text_windows(tok, p, config.bos_token_id) for p in args.text}  # read before writing
+    sets = {"calibration": calibrate.self_samples(config, tensors, tok.to_str(), args.calibrate_self, LENGTH,
+                                                  args.seed), **texts}
     model = tbmodel.Model(config, tensors)
     X = {k: model.embed_rows(v.reshape(-1)).astype(np.float32).reshape(*v.shape, -1) for k, v in sets.items()}
 
