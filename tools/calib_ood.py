@@ -60,6 +60,7 @@ def main():
     if tok is None:
         sys.exit(f"calib_ood.py: error: {args.model}: no tokenizer.json (--calibrate-self needs the model's tokenizer)")
     spec = convert.parse_scheme(args.scheme, args.group_size)[0]
+    unit = linear.scheme(spec).unit  # columns per GPTQ unit (2 for 2-D VQ)
     layers = [int(x) for x in args.layers.split(",")]
     settings = [float(a) for a in args.shrink.split(",")]
     texts = {os.path.basename(p): text_windows(tok, p, config.bos_token_id) for p in args.text}  # read before writing
@@ -77,11 +78,13 @@ def main():
             X[k] = calibrate.block_pass(model, i, X[k], lin, (lambda names, H, k=k: hess.__setitem__(
                 (k, tuple(names)), H)) if i in layers else None)
         for names in [n for s, n in hess if s == "calibration"]:
+            grids = {name: calibrate.initial_grid(tensors[name + ".weight"], spec) for name in names}  # need no H
             for s in settings:
                 H = calibrate.shrunk(hess[("calibration", names)], s)
+                prep = calibrate.prepare(H, d=unit) if H.shape[0] % unit == 0 else None  # shared by the group
                 for name in names:
                     w = tensors[name + ".weight"]
-                    stored, _ = calibrate.quantize_calibrated(w, H, spec)
+                    stored, _ = calibrate.quantize_calibrated(w, H, spec, prep=prep, grid=grids[name])
                     delta = linear.dequantize(linear.make(spec, stored, *w.shape)) - w
                     for k in sets:
                         Ht = hess[(k, names)]
