@@ -339,6 +339,31 @@ def test_calibrate_self_conversion(hf_dir, tmp_path, capsys):
     assert rc == 2 and "--calibrate-self needs N >= 0" in capsys.readouterr().err
 
 
+def test_tune_epochs(hf_dir, tmp_path, capsys, monkeypatch):
+    """A calibrated lut or vq model's tables are tuned end to end by default (tools/tune.py: the report says so, a
+    progress line per step), its codes kept; --tune-epochs 0 keeps GPTQ's tables; bad flags are refused by name
+    before anything is written."""
+    from tinybit import io
+    run_convert(hf_dir, tmp_path / "a", "--scheme", "lut3")
+    out, err = capsys.readouterr()
+    assert "tuned 14 tables end to end on 6 x 24 tokens, 2 steps of 4 sequences" in out and "tune: step 2/2" in err
+    run_convert(hf_dir, tmp_path / "b", "--scheme", "lut3", "--tune-epochs", "0")
+    assert "tuned" not in capsys.readouterr().out
+    a, b = (io.read_safetensors(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(np.array_equal(a[k], b[k]) != k.endswith(".lut") for k in a if k.startswith("layers."))
+    torch_found = importlib.util.find_spec("torch") is not None
+    monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None if name == "torch" else torch_found)
+    for flags, needle in ((["--scheme", "ternary", "--tune-epochs", "1"], "--tune-epochs trains the tables of lut and "
+                                                                          "vq; scheme ternary has none"),
+                          (["--scheme", "vq2", "--tune-epochs", "-1"], "--tune-epochs -1.0: expected a number"),
+                          (["--scheme", "lut3", "--tune-epochs", "0", "--tune-lr", "1e-3"], "--tune-lr 0.001: expected"),
+                          (["--scheme", "lut3", "--tune-lr", "0"], "--tune-lr 0.0: expected a learning rate > 0"),
+                          (["--scheme", "lut3"], "--tune-epochs: tuning the tables needs torch")):
+        rc = convert.main([str(hf_dir), str(tmp_path / "x"), "--calibrate", str(hf_dir / "calib.txt"),
+                           "--calib-len", "24", *flags])
+        assert rc == 2 and needle in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):
     with pytest.raises(TinybitError, match="--calibrate/--calibrate-self apply to float checkpoints"):
         run_convert(hf_dir, tmp_path / "x")

@@ -3,7 +3,8 @@
 
     python tools/convert.py SRC OUT [--scheme S] [--group-size G] [--head-scheme S] [--head-group-size G] [--family F]
                             [--config CONFIG.json] [--embed-dtype f32|f16] [--force] [--debug]
-                            [--to tinybit|gguf] [--gguf-ternary TQ2_0|TQ1_0|I2_S] [--calibrate FILE...] ...
+                            [--to tinybit|gguf] [--gguf-ternary TQ2_0|TQ1_0|I2_S] [--calibrate FILE...]
+                            [--calibrate-self N] [--tune-epochs E] ...
 
 SRC is a Hugging Face model directory (config.json + model.safetensors, sharded *.safetensors with
 an index, or pytorch_model.bin read with torch.load(weights_only=True)), a raw state-dict file
@@ -22,10 +23,11 @@ Families (detected from the config, --family overrides):
 Everything is checked before anything is written; the output appears (renamed from a temporary
 directory) only when complete. Errors are tinybit.errors.TinybitError subclasses; the CLI prints
 one line `convert.py: error: ...` and exits 2 (--debug shows the traceback).
-torch is imported only to read .bin/.pt/.pth files.
+torch is imported only to read .bin/.pt/.pth files and to tune calibrated tables (--tune-epochs, tools/tune.py).
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1081,6 +1083,12 @@ def make_parser():
                    help="shrink the Hessians toward their diagonal, (1 - A) H + A diag(H), in every block: 0 <= A <= 1 "
                         f"(default {calibrate.SHRINK}; 0: none; 1: the diagonal only)")
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
+    p.add_argument("--tune-epochs", type=float, metavar="E",
+                   help="after calibration, train the lut/vq tables (codes fixed) to the float model's outputs on the "
+                        "calibration sequences for E passes (tools/tune.py; needs torch; default 1 for lut and vq; "
+                        "0: none)")
+    p.add_argument("--tune-lr", type=float, default=None, metavar="LR",
+                   help="peak learning rate of --tune-epochs (default 3e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets and of "
                                                         "--calibrate-self's sampling (default 0)")
     p.add_argument("--to", choices=("tinybit", "gguf"), default="tinybit",
@@ -1154,6 +1162,7 @@ def calibration_ids(args, src, config, family):
     if args.calibrate_self < 0 or args.calibrate_self and src.tokenizer_json is None:
         raise UsageError(f"--calibrate-self needs N >= 0 (got {args.calibrate_self}) and the model's tokenizer")
     calibrate.check_memory(config, args.calib_samples * bool(args.calibrate) + args.calibrate_self, args.calib_len)
+    check_tuning(args, config, scheme)
     if not args.calibrate:
         return np.zeros((0, args.calib_len), np.int64)
     return calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
@@ -1163,13 +1172,41 @@ def calibration_ids(args, src, config, family):
                                       config.eos_token_ids[0] if config.eos_token_ids else None)
 
 
+TUNED_SCHEMES = ("lut", "vq")  # the schemes with tables tools/tune.py trains
+
+
+def check_tuning(args, config, scheme):
+    """Resolve --tune-epochs (1 for a scheme with tables, else 0) and refuse what tuning cannot do, before any
+    weight is converted: epochs or a learning rate out of range, a scheme without tables, torch missing, too little
+    memory."""
+    if args.tune_epochs is not None and not 0 <= args.tune_epochs < math.inf:
+        raise UsageError(f"--tune-epochs {args.tune_epochs}: expected a number of passes >= 0")
+    if args.tune_epochs and scheme not in TUNED_SCHEMES:
+        raise UsageError(f"--tune-epochs trains the tables of {' and '.join(TUNED_SCHEMES)}; scheme {scheme} has none")
+    args.tune_epochs = (1.0 if scheme in TUNED_SCHEMES else 0.0) if args.tune_epochs is None else args.tune_epochs
+    if args.tune_lr is not None and not (args.tune_epochs and 0 < args.tune_lr < math.inf):
+        raise UsageError(f"--tune-lr {args.tune_lr}: expected a learning rate > 0, with --tune-epochs > 0")
+    if args.tune_epochs and importlib.util.find_spec("torch") is None:
+        raise UsageError("--tune-epochs: tuning the tables needs torch (pip install -e \".[convert]\"); "
+                         "--tune-epochs 0 calibrates without it")
+    if args.tune_epochs:
+        import tune  # tools/tune.py: torch, imported only when tables are tuned
+        tune.check_memory(config, args.calib_len)
+
+
 def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):
     """Quantize the float block linears of convert_weights as block_spec with calibrate.calibrate_model.
     -> (tensors, stats of the block linears and the head, report lines of the output errors)."""
+    float_config, float_tensors = dataclasses.replace(config), tensors
     tensors, calib_stats, calib_lines = calibrate.calibrate_model(
         config, tensors, calib_ids, block_spec, act_order=not args.no_act_order, damp=args.damp,
         onebit_method=args.onebit_method, shrink=args.shrink)
     config.quant = block_spec
+    if args.tune_epochs:
+        import tune  # (checked and imported by check_tuning)
+        tensors, tune_lines = tune.tune_tables(config, float_config, float_tensors, tensors, calib_ids,
+                                               args.tune_epochs, args.tune_lr or tune.LR, args.seed)
+        calib_lines = calib_lines + tune_lines
     io.check_tensors(tensors, tbmodel.expected_tensors(config), "converted model")
     return tensors, calib_stats + [s for s in stats if s[0] == "head"], calib_lines
 
