@@ -362,6 +362,9 @@ def test_tune_epochs(hf_dir, tmp_path, capsys, monkeypatch):
         rc = convert.main([str(hf_dir), str(tmp_path / "x"), "--calibrate", str(hf_dir / "calib.txt"),
                            "--calib-len", "24", *flags])
         assert rc == 2 and needle in capsys.readouterr().err and not (tmp_path / "x").exists()
+    rc = convert.main([str(hf_dir), str(tmp_path / "x"), "--scheme", "lut3", "--tune-epochs", "1"])
+    assert rc == 2 and "--tune-epochs/--tune-lr tune a calibrated model's tables: they need --calibrate" in \
+        capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_calibrate_needs_a_quantized_scheme(hf_dir, tmp_path):

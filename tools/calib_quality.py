@@ -14,7 +14,9 @@ then measure (kept in WORK/ROW.json)
   - `python -m tinybit.eval --qa data/qa.jsonl` (greedy, 32 tokens): questions answered of 64.
 The rows: each of lut4 and lut3 with a table per row, data-free; calibrated on CALIB_FILES (other licenses and
 READMEs, 128 x 512 tokens: docs/calibrate.md); on SELF sequences the float model writes itself; on both (64 windows
-of the files, then the SELF sequences); lut4 on SELF sequences written with --seed 1 and --seed 2 as well.
+of the files, then the SELF sequences); lut4 on SELF sequences written with --seed 1 and --seed 2 as well. A
+calibrated row's tables are then tuned end to end (tools/tune.py, convert.py's default); ROW-gptq is the same
+conversion with --tune-epochs 0, the tables as GPTQ leaves them.
 """
 import argparse
 import contextlib
@@ -48,6 +50,8 @@ for bits in (4, 3):
                                                        "--calibrate-self", str(SELF)]
 for seed in (1, 2):  # other draws of the same kind of text
     ROWS[f"lut4-row-self{SELF}-seed{seed}"] = ROWS[f"lut4-row-self{SELF}"] + ["--seed", str(seed)]
+for row in [r for r, flags in ROWS.items() if "--calibrate" in flags or "--calibrate-self" in flags]:
+    ROWS[row + "-gptq"] = ROWS[row] + ["--tune-epochs", "0"]  # the tables as GPTQ leaves them (tools/tune.py)
 BEGIN, END = "<!-- table: tools/calib_quality.py -->", "<!-- end of calibration table -->"
 
 

@@ -1147,6 +1147,9 @@ def calibration_ids(args, src, config, family):
     every calibration error is raised here, before any weight is converted (--calibrate-self's sequences are
     written later, by the converted float model)."""
     if not args.calibrate and not args.calibrate_self:
+        if args.tune_epochs is not None or args.tune_lr is not None:
+            raise UsageError("--tune-epochs/--tune-lr tune a calibrated model's tables: they need --calibrate or "
+                             "--calibrate-self")
         return None
     scheme = config.quant["scheme"]
     if not 0 <= args.shrink <= 1:

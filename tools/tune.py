@@ -57,10 +57,6 @@ def check_memory(config, length, batch=BATCH):
                          f"machine's {have / 2**30:.1f} GiB of memory; --tune-epochs 0 calibrates without it")
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 class TableLinear(nn.Module):
     """y = x Wᵀ, W (n_out, n_in) gathered from the trainable table by the layer's fixed codes."""
 
@@ -127,8 +123,10 @@ def torch_model(config, tensors, tune):
 def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR, seed=0, batch=BATCH):
     """Tune the lut/vq tables of the quantized model (config, tensors) against the float model (float_config,
     float_tensors) on the token ids (n, length), epochs passes. -> (tensors with the tuned tables, report lines)."""
+    if epochs <= 0 or len(ids) == 0:
+        return tensors, []
     student, tables = torch_model(config, tensors, tune=True)
-    if not tables or epochs <= 0 or len(ids) == 0:
+    if not tables:
         return tensors, []
     teacher, _ = torch_model(float_config, float_tensors, tune=False)
     teacher.eval()
@@ -150,7 +148,8 @@ def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        log(f"tune: step {step + 1}/{steps}, KL {losses[-1]:.4f}, {time.time() - t0:.0f} s")
+        print(f"tune: step {step + 1}/{steps}, KL {losses[-1]:.4f}, {time.time() - t0:.0f} s", file=sys.stderr,
+              flush=True)
     out = dict(tensors)
     for name, t in tables.items():
         out.update({f"{name}.{k}": v for k, v in t.stored().items()})
