@@ -7,7 +7,7 @@ lut and vq; torch, from the convert extras):
     tensors, lines = tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr, seed)
 
 GPTQ fits each linear to its own output on the calibration text, one block after another; the errors it leaves add
-up through the 30 blocks. Here the whole quantized model (the student) learns its tables against the float model
+up through the blocks. Here the whole quantized model (the student) learns its tables against the float model
 (the teacher) on the same sequences, the codes held fixed, as AQLM's end-to-end fine-tuning does (Egiazarian et al.
 2024, arXiv 2401.06118):
 
