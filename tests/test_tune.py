@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from tinybit import io, linear, model, pack, quant  # noqa: E402
 from tinybit.errors import UsageError  # noqa: E402
+from tinybit.eval import log_softmax  # noqa: E402
 
 from util import load_tool, quantize_tensors, random_float_tensors, tiny_config  # noqa: E402
 
@@ -42,9 +43,7 @@ def kl(float_model, quant_model, ids):
     """Mean KL(float || quantized) per token of tinybit's models over the sequences ids (n, length)."""
     total = 0.0
     for seq in ids:
-        p, q = (m.logits(seq).astype(np.float64) for m in (float_model, quant_model))
-        lp, lq = (x - x.max(1, keepdims=True) for x in (p, q))
-        lp, lq = (x - np.log(np.exp(x).sum(1, keepdims=True)) for x in (lp, lq))
+        lp, lq = (log_softmax(m.logits(seq)) for m in (float_model, quant_model))
         total += (np.exp(lp) * (lp - lq)).sum(1).mean()
     return total / len(ids)
 

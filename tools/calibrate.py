@@ -114,13 +114,18 @@ def read_calibration(paths, tokenizer_json, n_samples, length, seed, bos_token_i
     return ids
 
 
+def physical_memory():
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_memory(config, n_samples, length):
     """Refuse a calibration set whose activations cannot fit in this machine's memory (it would fail, or
     swap, in the model pass). The pass runs model.block on all calibration tokens at once; per token it holds
     its id (int64) and float32 vectors: the block's input and output (dim each) and, at its peak, the MLP's
     gate, up, activation and product with the sub-norm's float64 squares (~6 ffn_dim; attention needs less)."""
     need = n_samples * length * (8 + 4 * (2 * config.dim + 6 * max(config.n_heads * config.head_dim, config.ffn_dim)))
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = physical_memory()
     if need > have:
         raise UsageError(f"--calib-samples {n_samples} x --calib-len {length}: the calibration activations need "
                          f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB of memory")

@@ -1175,26 +1175,26 @@ def calibration_ids(args, src, config, family):
                                       config.eos_token_ids[0] if config.eos_token_ids else None)
 
 
-TUNED_SCHEMES = ("lut", "vq")  # the schemes with tables tools/tune.py trains
-
-
 def check_tuning(args, config, scheme):
     """Resolve --tune-epochs (1 for a scheme with tables, else 0) and refuse what tuning cannot do, before any
     weight is converted: epochs or a learning rate out of range, a scheme without tables, torch missing, too little
     memory."""
     if args.tune_epochs is not None and not 0 <= args.tune_epochs < math.inf:
         raise UsageError(f"--tune-epochs {args.tune_epochs}: expected a number of passes >= 0")
-    if args.tune_epochs and scheme not in TUNED_SCHEMES:
-        raise UsageError(f"--tune-epochs trains the tables of {' and '.join(TUNED_SCHEMES)}; scheme {scheme} has none")
-    args.tune_epochs = (1.0 if scheme in TUNED_SCHEMES else 0.0) if args.tune_epochs is None else args.tune_epochs
+    has_tables = linear.scheme(config.quant).calibrate == "table"  # the grid calibrate.py fits is a table
+    if args.tune_epochs and not has_tables:
+        tabled = " and ".join(n for n, s in linear.SCHEMES.items() if s.calibrate == "table")
+        raise UsageError(f"--tune-epochs trains the tables of {tabled}; scheme {scheme} has none")
+    args.tune_epochs = float(has_tables) if args.tune_epochs is None else args.tune_epochs
     if args.tune_lr is not None and not (args.tune_epochs and 0 < args.tune_lr < math.inf):
         raise UsageError(f"--tune-lr {args.tune_lr}: expected a learning rate > 0, with --tune-epochs > 0")
-    if args.tune_epochs and importlib.util.find_spec("torch") is None:
+    if not args.tune_epochs:
+        return
+    if importlib.util.find_spec("torch") is None:
         raise UsageError("--tune-epochs: tuning the tables needs torch (pip install -e \".[convert]\"); "
                          "--tune-epochs 0 calibrates without it")
-    if args.tune_epochs:
-        import tune  # tools/tune.py: torch, imported only when tables are tuned
-        tune.check_memory(config, args.calib_len)
+    import tune  # tools/tune.py: torch, imported only when tables are tuned
+    tune.check_memory(config, args.calib_len)
 
 
 def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):

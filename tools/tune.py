@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import calibrate  # noqa: E402  (tools/calibrate.py: physical_memory)
 import distill  # noqa: E402  (tools/distill.py: kl_loss)
 import train  # noqa: E402  (tools/train.py: the torch model of tinybit.model.block)
 from tinybit import linear, pack, quant  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
 from tinybit.errors import UsageError  # noqa: E402
 
-TABLES = {"lut": "lut", "vq": "codebook"}  # scheme -> its table's tensor suffix: what is tuned
+TABLES = {"lut": "lut", "vq": "codebook"}  # the schemes whose grid is a table (Scheme.calibrate "table") -> its suffix
 LR = 3e-4  # peak learning rate: Adam moves an entry by about lr a step (SmolLM2's tables span ~0.02-0.2)
 BATCH = 4  # sequences a step
 
@@ -51,7 +52,7 @@ def check_memory(config, length, batch=BATCH):
     weights = sum(n_out * n_in for name, n_out, n_in in tbmodel.linear_shapes(config) if name != "head")
     per_token = 4 * (config.n_layers * (10 * config.dim + 4 * config.ffn_dim) + 5 * config.vocab_size)
     need = 12 * weights + 8 * config.vocab_size * config.dim + batch * length * per_token
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = calibrate.physical_memory()
     if need > have:
         raise UsageError(f"--tune-epochs: tuning the tables needs about {need / 2**30:.1f} GiB, more than this "
                          f"machine's {have / 2**30:.1f} GiB of memory; --tune-epochs 0 calibrates without it")
