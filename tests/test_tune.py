@@ -61,19 +61,23 @@ def test_student_computes_the_model(name, tied):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_table_gradient_is_the_sum_over_its_codes():
-    spec = {"scheme": "lut", "bits": 3, "group_rows": 4}
-    w = np.random.default_rng(0).standard_normal((8, 20))
-    layer = linear.make(spec, linear.quantize(w, spec), 8, 20)
+@pytest.mark.parametrize("spec, n_in", [({"scheme": "lut", "bits": 3, "group_rows": 4}, 20),
+                                         ({"scheme": "vq", "bits": 2, "group_rows": 4}, 21)])  # 21: a pair cut
+def test_table_gradient_is_the_sum_over_its_codes(spec, n_in):
+    w = np.random.default_rng(0).standard_normal((8, n_in))
+    layer = linear.make(spec, linear.quantize(w, spec), 8, n_in)
     t = tune.TableLinear(layer)
     x, r = (torch.from_numpy(np.random.default_rng(s).standard_normal(shape).astype(np.float32))
-            for s, shape in ((1, (5, 20)), (2, (5, 8))))
+            for s, shape in ((1, (5, n_in)), (2, (5, 8))))
     (t(x) * r).sum().backward()
-    grad_w = (r.T @ x).numpy()  # ∂/∂W of sum(r ⊙ x Wᵀ)
-    idx = pack.unpack_indices(layer["w_idx"], 20, 3)
-    want = np.zeros((2, 8))
-    np.add.at(want, (quant.row_groups(8, 4)[:, None], idx), grad_w)
-    assert np.allclose(t.table.grad.numpy().reshape(2, 8), want, atol=1e-5)
+    unit = linear.scheme(spec).unit  # weights a code stands for
+    n_codes = pack.ceil_div(n_in, unit)
+    grad_w = np.zeros((8, n_codes * unit))
+    grad_w[:, :n_in] = (r.T @ x).numpy()  # ∂/∂W of sum(r ⊙ x Wᵀ); the cut weight of the last pair has none
+    idx = pack.unpack_indices(layer["w_idx"], n_codes, unit * spec["bits"])  # (8, n_codes)
+    want = np.zeros(t.table.shape).reshape(2, -1, unit)  # (groups, k, unit)
+    np.add.at(want, (quant.row_groups(8, 4)[:, None], idx), grad_w.reshape(8, n_codes, unit))
+    assert np.allclose(t.table.grad.numpy().reshape(want.shape), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lut3", "vq2-row"])
@@ -106,8 +110,8 @@ def test_check_memory_refuses_what_does_not_fit(monkeypatch):
     c = tiny_config(vocab_size=49152, dim=576, ffn_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64)
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 8 * 2**18}  # 8 GiB
     monkeypatch.setattr(tune.os, "sysconf", pages.get)
-    tune.check_memory(c, 512)  # SmolLM2-135M's shape, 4 x 512 tokens a step: about 6 GiB
+    tune.check_memory(c, 64, 512)  # SmolLM2-135M, 64 sequences of 512 tokens, 4 a step: about 6.1 GiB
     pages["SC_PHYS_PAGES"] = 4 * 2**18
-    with pytest.raises(UsageError, match=r"--tune-epochs: tuning the tables needs about 6\.0 GiB, more than this "
+    with pytest.raises(UsageError, match=r"--tune-epochs: tuning the tables needs about 6\.1 GiB, more than this "
                                          r"machine's 4\.0 GiB"):
-        tune.check_memory(c, 512)
+        tune.check_memory(c, 64, 512)

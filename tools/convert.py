@@ -1164,8 +1164,9 @@ def calibration_ids(args, src, config, family):
                          "tokens): it would calibrate on positions the model never runs")
     if args.calibrate_self < 0 or args.calibrate_self and src.tokenizer_json is None:
         raise UsageError(f"--calibrate-self needs N >= 0 (got {args.calibrate_self}) and the model's tokenizer")
-    calibrate.check_memory(config, args.calib_samples * bool(args.calibrate) + args.calibrate_self, args.calib_len)
-    check_tuning(args, config, scheme)
+    n_samples = args.calib_samples * bool(args.calibrate) + args.calibrate_self  # at most this many sequences
+    calibrate.check_memory(config, n_samples, args.calib_len)
+    check_tuning(args, config, scheme, n_samples)
     if not args.calibrate:
         return np.zeros((0, args.calib_len), np.int64)
     return calibrate.read_calibration(args.calibrate, src.tokenizer_json, args.calib_samples,
@@ -1175,10 +1176,10 @@ def calibration_ids(args, src, config, family):
                                       config.eos_token_ids[0] if config.eos_token_ids else None)
 
 
-def check_tuning(args, config, scheme):
+def check_tuning(args, config, scheme, n_samples):
     """Resolve --tune-epochs (1 for a scheme with tables, else 0) and refuse what tuning cannot do, before any
     weight is converted: epochs or a learning rate out of range, a scheme without tables, torch missing, too little
-    memory."""
+    memory for n_samples sequences."""
     if args.tune_epochs is not None and not 0 <= args.tune_epochs < math.inf:
         raise UsageError(f"--tune-epochs {args.tune_epochs}: expected a number of passes >= 0")
     has_tables = linear.scheme(config.quant).calibrate == "table"  # the grid calibrate.py fits is a table
@@ -1194,7 +1195,7 @@ def check_tuning(args, config, scheme):
         raise UsageError("--tune-epochs: tuning the tables needs torch (pip install -e \".[convert]\"); "
                          "--tune-epochs 0 calibrates without it")
     import tune  # tools/tune.py: torch, imported only when tables are tuned
-    tune.check_memory(config, args.calib_len)
+    tune.check_memory(config, n_samples, args.calib_len)
 
 
 def calibrate_weights(args, config, tensors, stats, calib_ids, block_spec):

@@ -167,6 +167,10 @@ class BitNetLM(nn.Module):
 
     def forward(self, ids, hidden=None):
         """ids (B, T) -> logits (B, T, vocab); each block's output appended to the list hidden if given."""
+        return self.logits(self.blocks(ids, hidden))
+
+    def blocks(self, ids, hidden=None):
+        """ids (B, T) -> the last block's output (B, T, dim); each block's output appended to hidden if given."""
         angles = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device)[:, None] * self.inv_freq[None]
         cos, sin = angles.cos().float(), angles.sin().float()  # (T, hd/2), as Model.rope_tables
         x = self.embed(ids)
@@ -174,6 +178,10 @@ class BitNetLM(nn.Module):
             x = layer(x, cos, sin)
             if hidden is not None:
                 hidden.append(x)
+        return x
+
+    def logits(self, x):
+        """The last block's output x (B, T, dim) -> logits (B, T, vocab)."""
         return self.norm(x) @ (self.embed.weight if self.c.tie_embeddings else self.head.weight).T
 
     def hf_state_dict(self):

@@ -17,7 +17,8 @@ up through the blocks. Here the whole quantized model (the student) learns its t
     ∂loss/∂lut[g, k] = sum of ∂loss/∂W[o, j] over the weights of group g coded k   (the gather's gradient)
 
 Adam (betas 0.9, 0.95), the learning rate falling from lr to 0 by a cosine over the steps; BATCH sequences a
-step, `epochs` passes over the sequences, each pass a permutation drawn from [seed, pass]. Everything else stays as
+step, `epochs` passes over the sequences, each pass a permutation drawn from [seed, pass]. The teacher's blocks run
+once, before the first step; each step applies its norm and head to their stored last output. Everything else stays as
 converted: the embedding, the head, the norms, and block linears of other schemes (those multiply by their
 dequantized weights; an int8-activation scheme's rounding of x is left out of the student, its tensors unchanged).
 """
@@ -44,18 +45,37 @@ LR = 3e-4  # peak learning rate: Adam moves an entry by about lr a step (SmolLM2
 BATCH = 4  # sequences a step
 
 
-def check_memory(config, length, batch=BATCH):
-    """Refuse a tuning run that cannot fit in this machine's memory. Per block weight: the teacher's float32, the
-    student's int32 code and its gathered float32 W (kept for the backward pass); the embedding dequantized twice;
-    per token of a batch: each block's activations kept for the backward pass (~10 dim + 4 ffn_dim float32) and the
-    logits (teacher's, student's, their log-softmaxes and gradient: ~5 vocab float32)."""
+def check_memory(config, n, length, batch=BATCH):
+    """Refuse a tuning run on n sequences of length tokens that cannot fit in this machine's memory. Per block
+    weight: the teacher's float32, the student's int32 index and its gathered float32 W (kept for the backward
+    pass); the embedding dequantized twice; the teacher's last states (n * length * dim float32); per token of a
+    batch: each block's activations kept for the backward pass (~10 dim + 4 ffn_dim float32) and the logits
+    (teacher's, student's, their log-softmaxes and gradient: ~5 vocab float32)."""
     weights = sum(n_out * n_in for name, n_out, n_in in tbmodel.linear_shapes(config) if name != "head")
     per_token = 4 * (config.n_layers * (10 * config.dim + 4 * config.ffn_dim) + 5 * config.vocab_size)
-    need = 12 * weights + 8 * config.vocab_size * config.dim + batch * length * per_token
+    need = (12 * weights + 8 * config.vocab_size * config.dim + 4 * n * length * config.dim
+            + batch * length * per_token)
     have = calibrate.physical_memory()
     if need > have:
         raise UsageError(f"--tune-epochs: tuning the tables needs about {need / 2**30:.1f} GiB, more than this "
                          f"machine's {have / 2**30:.1f} GiB of memory; --tune-epochs 0 calibrates without it")
+
+
+class Gather(torch.autograd.Function):
+    """W = table.flatten()[index]; ∂L/∂table.flatten()[e] = the sum of ∂L/∂W over the weights whose index is e.
+    (F.embedding computes the same; on a CPU its backward is ~30x slower, a third of a tuning step.)"""
+
+    @staticmethod
+    def forward(ctx, table, index):
+        ctx.save_for_backward(index)
+        ctx.table_shape = table.shape
+        return table.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        flat = torch.zeros(math.prod(ctx.table_shape), dtype=grad.dtype)
+        return flat.index_add_(0, index.reshape(-1), grad.reshape(-1)).view(ctx.table_shape), None
 
 
 class TableLinear(nn.Module):
@@ -64,25 +84,26 @@ class TableLinear(nn.Module):
     def __init__(self, layer):
         super().__init__()
         spec, s = layer["scheme"], linear.scheme(layer["scheme"])
-        self.n_in, self.key, n_codes = layer["n_in"], TABLES[spec["scheme"]], pack.ceil_div(layer["n_in"], s.unit)
+        self.key, n_in, n_codes = TABLES[spec["scheme"]], layer["n_in"], pack.ceil_div(layer["n_in"], s.unit)
         table = np.asarray(layer[self.key], np.float32)  # (groups, k) lut; (groups, k, 2) codebook
-        groups, k = table.shape[:2]
+        k = table.shape[1]
         idx = pack.unpack_indices(layer["w_idx"], n_codes, s.unit * spec["bits"])  # (n_out, n_codes) uint8
         row_group = quant.row_groups(layer["n_out"], spec.get("group_rows"))  # (n_out,)
-        # each code's row of the flat table (groups * k, unit); int32 (F.embedding takes it): 4 bytes a code
-        self.register_buffer("flat", torch.from_numpy((row_group[:, None] * k + idx).astype(np.int32)))
-        self.table = nn.Parameter(torch.from_numpy(table.reshape(groups * k, s.unit).copy()))
-        self.shape = table.shape
+        code = (row_group[:, None] * k + idx).astype(np.int32)[:, :, None]  # (n_out, n_codes, 1) entry of the table
+        # each weight's entry of table.flatten(), int32: 4 bytes a weight
+        index = (code * s.unit + np.arange(s.unit, dtype=np.int32)).reshape(len(code), -1)[:, :n_in]  # (n_out, n_in)
+        self.register_buffer("index", torch.from_numpy(np.ascontiguousarray(index)))
+        self.table = nn.Parameter(torch.from_numpy(table.copy()))
 
     def weight(self):
-        return F.embedding(self.flat, self.table).reshape(len(self.flat), -1)[:, :self.n_in]  # (n_out, n_in)
+        return Gather.apply(self.table, self.index)  # (n_out, n_in)
 
     def forward(self, x):
         return F.linear(x, self.weight())
 
     def stored(self):
         """{suffix: array}: the tuned table as the model file stores it."""
-        return {self.key: self.table.detach().numpy().reshape(self.shape).astype(np.float32)}
+        return {self.key: self.table.detach().numpy().astype(np.float32)}
 
 
 def frozen_linear(w):
@@ -130,20 +151,27 @@ def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR
     if not tables:
         return tensors, []
     teacher, _ = torch_model(float_config, float_tensors, tune=False)
-    teacher.eval()
+    t0 = time.time()
+    with torch.no_grad():  # the teacher's blocks run once: every pass reads their last output from here
+        states = torch.cat([teacher.blocks(torch.from_numpy(np.ascontiguousarray(ids[i:i + batch], np.int64)))
+                            for i in range(0, len(ids), batch)])                    # (n, length, dim)
+    teacher.layers = nn.ModuleList()  # free the teacher's block weights; its norm and head stay
+    print(f"tune: the float model's last states of {len(ids)} sequences, {time.time() - t0:.0f} s", file=sys.stderr,
+          flush=True)
     params = [t.table for t in tables.values()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
     n = len(ids)
     steps = max(1, math.ceil(epochs * n / batch))
     order = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
                             for e in range(math.ceil(steps * batch / n))])  # (passes * n,) sequence indices
-    losses, t0 = [], time.time()
+    losses = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = torch.from_numpy(np.ascontiguousarray(ids[order[step * batch:(step + 1) * batch]], np.int64))
+        rows = order[step * batch:(step + 1) * batch]                               # (batch,) sequence indices
+        x = torch.from_numpy(np.ascontiguousarray(ids[rows], np.int64))             # (batch, length)
         with torch.no_grad():
-            t_logits = teacher(x)                                                    # (batch, length, vocab)
+            t_logits = teacher.logits(states[torch.from_numpy(rows)])               # (batch, length, vocab)
         loss = distill.kl_loss(t_logits, student(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
