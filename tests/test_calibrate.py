@@ -346,7 +346,7 @@ def test_tune_epochs(hf_dir, tmp_path, capsys, monkeypatch):
     from tinybit import io
     run_convert(hf_dir, tmp_path / "a", "--scheme", "lut3")
     out, err = capsys.readouterr()
-    assert "tuned 14 tables end to end on 6 x 24 tokens, 2 steps of 4 sequences" in out and "tune: step 2/2" in err
+    assert "tuned 14 tables end to end on 6 x 24 tokens, 3 steps of 4 sequences" in out and "tune: step 3/3" in err
     run_convert(hf_dir, tmp_path / "b", "--scheme", "lut3", "--tune-epochs", "0")
     assert "tuned" not in capsys.readouterr().out
     a, b = (io.read_safetensors(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))

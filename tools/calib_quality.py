@@ -14,9 +14,10 @@ then measure (kept in WORK/ROW.json)
   - `python -m tinybit.eval --qa data/qa.jsonl` (greedy, 32 tokens): questions answered of 64.
 The rows: each of lut4 and lut3 with a table per row, data-free; calibrated on CALIB_FILES (other licenses and
 READMEs, 128 x 512 tokens: docs/calibrate.md); on SELF sequences the float model writes itself; on both (64 windows
-of the files, then the SELF sequences); lut4 on SELF sequences written with --seed 1 and --seed 2 as well. A
-calibrated row's tables are then tuned end to end (tools/tune.py, convert.py's default); ROW-gptq is the same
-conversion with --tune-epochs 0, the tables as GPTQ leaves them.
+of the files, then the SELF sequences); lut4 on SELF sequences written with --seed 1, 2 and 3 as well. A
+calibrated row's tables are then tuned end to end (tools/tune.py, convert.py's default: two passes); ROW-tune1 is
+the same conversion with one pass (--tune-epochs 1), ROW-gptq with none (--tune-epochs 0), the tables as GPTQ
+leaves them.
 """
 import argparse
 import contextlib
@@ -38,7 +39,7 @@ TEXTS = {"license (GPL-3)": "/usr/share/common-licenses/GPL-3", "prose docs (Vim
 CALIB_FILES = ["/usr/share/common-licenses/" + f for f in ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-1",
                                                            "GPL-2", "LGPL-2.1", "MPL-2.0")] + \
               ["/usr/share/doc/nodejs/README.md", "/usr/share/doc/cpp-12/README.Bugs", "/usr/share/doc/git/README.md"]
-SELF = 64  # --calibrate-self N: about 2.5 min to write, 14 min in all with the tuning (SmolLM2, 2 threads, Zen 5)
+SELF = 64  # --calibrate-self N: about 2.5 min to write, 17 min in all with the tuning (SmolLM2, 2 threads, Zen 5)
 QA = os.path.join(ROOT, "data", "qa.jsonl")
 ROWS = {"f32": ["--scheme", "f32"]}
 for bits in (4, 3):
@@ -48,10 +49,11 @@ for bits in (4, 3):
     ROWS[f"lut{bits}-row-self{SELF}"] = flags + ["--calibrate-self", str(SELF)]
     ROWS[f"lut{bits}-row-files+self{SELF}"] = flags + ["--calibrate", *CALIB_FILES, "--calib-samples", "64",
                                                        "--calibrate-self", str(SELF)]
-for seed in (1, 2):  # other draws of the same kind of text
+for seed in (1, 2, 3):  # other draws of the same kind of text
     ROWS[f"lut4-row-self{SELF}-seed{seed}"] = ROWS[f"lut4-row-self{SELF}"] + ["--seed", str(seed)]
 for row in [r for r, flags in ROWS.items() if "--calibrate" in flags or "--calibrate-self" in flags]:
-    ROWS[row + "-gptq"] = ROWS[row] + ["--tune-epochs", "0"]  # the tables as GPTQ leaves them (tools/tune.py)
+    ROWS[row + "-tune1"] = ROWS[row] + ["--tune-epochs", "1"]  # one pass of tools/tune.py
+    ROWS[row + "-gptq"] = ROWS[row] + ["--tune-epochs", "0"]  # the tables as GPTQ leaves them
 BEGIN, END = "<!-- table: tools/calib_quality.py -->", "<!-- end of calibration table -->"
 
 

@@ -71,6 +71,7 @@ SCHEME_SPECS = {**{f"{s.name}{v}" if v else s.name: ({"scheme": s.name, **({key:
                    for v in s.params.get(key, (None,))},
                 **SCHEME_ALIASES}
 SCHEME_NAMES = tuple(SCHEME_SPECS)
+TUNE_EPOCHS = 2.0  # --tune-epochs' default for lut and vq (docs/quality.md: one pass kept fewer answers)
 EPS = 1e-5  # transformers' clamp of mean|W| in BitNet weight quantization
 PROJ = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
         "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
@@ -1085,8 +1086,8 @@ def make_parser():
     p.add_argument("--no-act-order", action="store_true", help="quantize input columns in their stored order")
     p.add_argument("--tune-epochs", type=float, metavar="E",
                    help="after calibration, train the lut/vq tables (codes fixed) to the float model's outputs on the "
-                        "calibration sequences for E passes (tools/tune.py; needs torch; default 1 for lut and vq; "
-                        "0: none)")
+                        f"calibration sequences for E passes (tools/tune.py; needs torch; default {TUNE_EPOCHS:g} for "
+                        "lut and vq; 0: none)")
     p.add_argument("--tune-lr", type=float, default=None, metavar="LR",
                    help="peak learning rate of --tune-epochs (default 3e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample offsets and of "
@@ -1177,8 +1178,8 @@ def calibration_ids(args, src, config, family):
 
 
 def check_tuning(args, config, scheme, n_samples):
-    """Resolve --tune-epochs (1 for a scheme with tables, else 0) and refuse what tuning cannot do, before any
-    weight is converted: epochs or a learning rate out of range, a scheme without tables, torch missing, too little
+    """Resolve --tune-epochs (TUNE_EPOCHS for a scheme with tables, else 0) and refuse what tuning cannot do, before
+    any weight is converted: epochs or a learning rate out of range, a scheme without tables, torch missing, too little
     memory for n_samples sequences."""
     if args.tune_epochs is not None and not 0 <= args.tune_epochs < math.inf:
         raise UsageError(f"--tune-epochs {args.tune_epochs}: expected a number of passes >= 0")
@@ -1186,7 +1187,7 @@ def check_tuning(args, config, scheme, n_samples):
     if args.tune_epochs and not has_tables:
         tabled = " and ".join(n for n, s in linear.SCHEMES.items() if s.calibrate == "table")
         raise UsageError(f"--tune-epochs trains the tables of {tabled}; scheme {scheme} has none")
-    args.tune_epochs = float(has_tables) if args.tune_epochs is None else args.tune_epochs
+    args.tune_epochs = TUNE_EPOCHS * has_tables if args.tune_epochs is None else args.tune_epochs
     if args.tune_lr is not None and not (args.tune_epochs and 0 < args.tune_lr < math.inf):
         raise UsageError(f"--tune-lr {args.tune_lr}: expected a learning rate > 0, with --tune-epochs > 0")
     if not args.tune_epochs:
