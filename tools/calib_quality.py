@@ -39,7 +39,7 @@ TEXTS = {"license (GPL-3)": "/usr/share/common-licenses/GPL-3", "prose docs (Vim
 CALIB_FILES = ["/usr/share/common-licenses/" + f for f in ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-1",
                                                            "GPL-2", "LGPL-2.1", "MPL-2.0")] + \
               ["/usr/share/doc/nodejs/README.md", "/usr/share/doc/cpp-12/README.Bugs", "/usr/share/doc/git/README.md"]
-SELF = 64  # --calibrate-self N: about 2.5 min to write, 17 min in all with the tuning (SmolLM2, 2 threads, Zen 5)
+SELF = 64  # --calibrate-self N: about 2.5 min to write, 16.5 min in all with the tuning (SmolLM2, 2 threads, Zen 5)
 QA = os.path.join(ROOT, "data", "qa.jsonl")
 ROWS = {"f32": ["--scheme", "f32"]}
 for bits in (4, 3):
