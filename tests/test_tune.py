@@ -87,7 +87,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_tables(name):
     tuned, lines = tune.tune_tables(qc, fc, ft, qt, ids, epochs=4, seed=5, batch=2)
     fm, before, after = (model.Model(c, t, ref=True) for c, t in ((fc, ft), (qc, qt), (qc, tuned)))
     assert kl(fm, after, ids) < 0.9 * kl(fm, before, ids)
-    key = tune.TABLES[SPECS[name]["scheme"]]
+    key = linear.scheme(SPECS[name]).table
     changed = {k for k in qt if not np.array_equal(qt[k], tuned[k])}
     assert changed and all(k.endswith("." + key) for k in changed) and tuned.keys() == qt.keys()
     assert all(tuned[k].dtype == np.float32 and tuned[k].shape == qt[k].shape for k in changed)

@@ -55,6 +55,7 @@ class Scheme:
     dequantize: Callable  # layer -> W (n_out, n_in) float32: what the layer multiplies by
     bits: Callable        # spec -> stored bits per weight (scales aside)
     calibrate: str | None = None  # the grid tools/calibrate.py fits: "table", "roundclip", "sign", "onebit"
+    table: str | None = None  # the stored table the indices select from (lut "lut", vq "codebook"): what tune.py trains
     unit: int = 1         # input columns per code (2-D VQ: 2)
     int8_act: bool = False  # x is quantized to int8 by absmax before the product (ternary, binary)
     gguf: str | None = None  # the GGUF tensor type tools/gguf_export.py writes
@@ -202,7 +203,7 @@ def _index_scheme(name, table, bits, unit, kernel, kernel_ref, quantize, dequant
         dequantize=lambda layer: dequantize(
             pack.unpack_indices(layer["w_idx"], pack.ceil_div(layer["n_in"], unit), code_bits(layer["scheme"])),
             layer[table], layer["n_in"], layer["scheme"].get("group_rows")),
-        bits=lambda spec: spec["bits"], calibrate="table", unit=unit)
+        bits=lambda spec: spec["bits"], calibrate="table", table=table, unit=unit)
 
 
 LUT = _index_scheme("lut", "lut", quant.LUT_BITS, 1, kernels.lut_matmul, kernels.lut_matmul_ref, quant.lut_quantize,

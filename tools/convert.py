@@ -1183,9 +1183,9 @@ def check_tuning(args, config, scheme, n_samples):
     memory for n_samples sequences."""
     if args.tune_epochs is not None and not 0 <= args.tune_epochs < math.inf:
         raise UsageError(f"--tune-epochs {args.tune_epochs}: expected a number of passes >= 0")
-    has_tables = linear.scheme(config.quant).calibrate == "table"  # the grid calibrate.py fits is a table
+    has_tables = linear.scheme(config.quant).table is not None
     if args.tune_epochs and not has_tables:
-        tabled = " and ".join(n for n, s in linear.SCHEMES.items() if s.calibrate == "table")
+        tabled = " and ".join(n for n, s in linear.SCHEMES.items() if s.table)
         raise UsageError(f"--tune-epochs trains the tables of {tabled}; scheme {scheme} has none")
     args.tune_epochs = TUNE_EPOCHS * has_tables if args.tune_epochs is None else args.tune_epochs
     if args.tune_lr is not None and not (args.tune_epochs and 0 < args.tune_lr < math.inf):

@@ -40,7 +40,6 @@ from tinybit import linear, pack, quant  # noqa: E402
 from tinybit import model as tbmodel  # noqa: E402
 from tinybit.errors import UsageError  # noqa: E402
 
-TABLES = {"lut": "lut", "vq": "codebook"}  # the schemes whose grid is a table (Scheme.calibrate "table") -> its suffix
 LR = 3e-4  # peak learning rate: Adam moves an entry by about lr a step (SmolLM2's tables span ~0.02-0.2)
 BATCH = 4  # sequences a step
 
@@ -84,7 +83,7 @@ class TableLinear(nn.Module):
     def __init__(self, layer):
         super().__init__()
         spec, s = layer["scheme"], linear.scheme(layer["scheme"])
-        self.key, n_in, n_codes = TABLES[spec["scheme"]], layer["n_in"], pack.ceil_div(layer["n_in"], s.unit)
+        self.key, n_in, n_codes = s.table, layer["n_in"], pack.ceil_div(layer["n_in"], s.unit)
         table = np.asarray(layer[self.key], np.float32)  # (groups, k) lut; (groups, k, 2) codebook
         k = table.shape[1]
         idx = pack.unpack_indices(layer["w_idx"], n_codes, s.unit * spec["bits"])  # (n_out, n_codes) uint8
@@ -127,7 +126,7 @@ def torch_model(config, tensors, tune):
                 net.head = frozen_linear(linear.dequantize(layer))
             continue
         parent, attr = name.rsplit(".", 1)
-        tuned = tune and layer["scheme"]["scheme"] in TABLES
+        tuned = tune and linear.scheme(layer["scheme"]).table is not None
         module = TableLinear(layer) if tuned else frozen_linear(linear.dequantize(layer))
         setattr(net.get_submodule(parent), attr, module)
         if tuned:
@@ -151,16 +150,16 @@ def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR
     if not tables:
         return tensors, []
     teacher, _ = torch_model(float_config, float_tensors, tune=False)
-    t0 = time.time()
-    states = torch.empty(len(ids), ids.shape[1], float_config.dim)  # (n, length, dim) the teacher's last block output
+    t0, (n, length) = time.time(), ids.shape
+    tokens = torch.from_numpy(np.asarray(ids, np.int64))                            # (n, length)
+    states = torch.empty(n, length, float_config.dim)                              # (n, length, dim) last block output
     with torch.no_grad():  # the teacher's blocks run once: every pass reads their last output from here
-        for i in range(0, len(ids), batch):
-            states[i:i + batch] = teacher.blocks(torch.from_numpy(np.ascontiguousarray(ids[i:i + batch], np.int64)))
-    print(f"tune: the float model's last states of {len(ids)} sequences, {time.time() - t0:.0f} s", file=sys.stderr,
+        for i in range(0, n, batch):
+            states[i:i + batch] = teacher.blocks(tokens[i:i + batch])
+    print(f"tune: the float model's last states of {n} sequences, {time.time() - t0:.0f} s", file=sys.stderr,
           flush=True)
     params = [t.table for t in tables.values()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
-    n = len(ids)
     steps = max(1, math.ceil(epochs * n / batch))
     order = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
                             for e in range(math.ceil(steps * batch / n))])  # (passes * n,) sequence indices
@@ -168,11 +167,10 @@ def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        rows = order[step * batch:(step + 1) * batch]                               # (batch,) sequence indices
-        x = torch.from_numpy(np.ascontiguousarray(ids[rows], np.int64))             # (batch, length)
+        rows = torch.from_numpy(order[step * batch:(step + 1) * batch])             # (batch,) sequence indices
         with torch.no_grad():
-            t_logits = teacher.logits(states[torch.from_numpy(rows)])               # (batch, length, vocab)
-        loss = distill.kl_loss(t_logits, student(x))
+            t_logits = teacher.logits(states[rows])                                 # (batch, length, vocab)
+        loss = distill.kl_loss(t_logits, student(tokens[rows]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,7 +181,7 @@ def tune_tables(config, float_config, float_tensors, tensors, ids, epochs, lr=LR
     for name, t in tables.items():
         out.update({f"{name}.{k}": v for k, v in t.stored().items()})
     q = max(1, steps // 4)
-    lines = [f"tuned {len(tables)} tables end to end on {n} x {ids.shape[1]} tokens, {steps} steps of {batch} sequences "
+    lines = [f"tuned {len(tables)} tables end to end on {n} x {length} tokens, {steps} steps of {batch} sequences "
              f"(lr {lr:g}, seed {seed}): KL(float || quantized) per token {np.mean(losses[:q]):.4f} in the first "
              f"{q} steps, {np.mean(losses[-q:]):.4f} in the last {q}, {time.time() - t0:.0f} s"]
     return out, lines
